@@ -1,0 +1,129 @@
+// gpuq_layout.cuh -- the one definition of the queue's shared memory layout.
+//
+// Mirrored on the host by gpuq_driver/layout.py (ctypes); the layout probe kernel in
+// gpuq_queue.cu reports sizeof/offsetof of every struct here and the host refuses to start
+// if one differs.  Change both files together.
+//
+// Where each region lives and who writes it (exactly one writer per field on each side of PCIe):
+//
+//   region            memory                      writer            reader
+//   ---------------   -------------------------   ---------------   -----------------------
+//   GpuqCtrlHost      mapped pinned (host RAM)    host              device (front warp)
+//   GpuqCtrlDev       mapped pinned               device (block 0)  host
+//   req_hdr[cap]      mapped pinned               host              device (owning warp)
+//   req_data[cap]     mapped pinned               host              device (owning warp)
+//   res_hdr[cap]      mapped pinned               device            host
+//   res_data[cap]     mapped pinned               device            host
+//   warp_counters[W]  mapped pinned               device (warp w)   host
+//   vram_slots[cap]   VRAM                        device            device (plugin input)
+//   GpuqDevState      VRAM                        device            device
+//
+// Slot life (one ring of `capacity` slots, a power of two; message msg_id lives in slot
+// msg_id & (capacity - 1)):
+//
+//   EMPTY    -> READY     host writes req_data, then req_hdr {len, READY, msg_id}, then
+//                         GpuqCtrlHost.head = msg_id + 1 (the doorbell), in that order (x86 TSO)
+//   READY    -> INFLIGHT  a warp that claimed msg_id (atomicAdd on GpuqDevState.claim) sees
+//                         head > msg_id, copies the payload into its VRAM slot
+//   INFLIGHT -> DONE      the plugin writes res_data; __threadfence_system(); then res_hdr
+//                         {len, DONE} and, last, res_hdr.msg_id = msg_id (release, system scope)
+//   DONE     -> EMPTY     the host copies the result out; the slot may then take msg_id + capacity
+//
+// The host never writes a slot whose previous result it has not taken, so the device never sees
+// a slot reused under it.
+#pragma once
+
+#ifdef __CUDACC_RTC__
+#include <cuda/std/cstdint>
+using cuda::std::uint32_t;
+using cuda::std::uint64_t;
+using cuda::std::uint8_t;
+#else
+#include <cstdint>
+#endif
+
+#define GPUQ_LAYOUT_VERSION 1u
+
+// Slot states (GpuqSlotHeader.flags, low byte).
+#define GPUQ_EMPTY 0u
+#define GPUQ_READY 1u
+#define GPUQ_INFLIGHT 2u
+#define GPUQ_DONE 3u
+
+// GpuqCtrlHost.stop values.
+#define GPUQ_RUN 0u
+#define GPUQ_STOP_DRAIN 1u  // finish every published message, then exit
+#define GPUQ_STOP_ABORT 2u  // exit as soon as each warp is idle
+
+// GpuqCtrlDev.state values.
+#define GPUQ_KERNEL_NOT_STARTED 0u
+#define GPUQ_KERNEL_RUNNING 1u
+#define GPUQ_KERNEL_EXITED 2u
+
+// GpuqCtrlDev.error values (first protocol error the device saw; 0 = none).
+#define GPUQ_ERR_NONE 0u
+#define GPUQ_ERR_BAD_MSG_ID 1u  // req_hdr.msg_id differs from the claimed msg_id
+#define GPUQ_ERR_BAD_LEN 2u     // req_hdr.len > slot_bytes
+#define GPUQ_ERR_BAD_RESULT 3u  // plugin returned a length > slot_bytes
+
+#define GPUQ_NO_MSG 0xFFFFFFFFFFFFFFFFull  // msg_id of a slot never written
+
+// 16 B, 16-byte aligned: the header of every slot, in every ring.
+struct __align__(16) GpuqSlotHeader {
+  uint32_t len;     // payload bytes, 0..slot_bytes
+  uint32_t flags;   // GPUQ_* state
+  uint64_t msg_id;  // written last; GPUQ_NO_MSG until first use
+};
+
+// Host-written control line (128 B, its own cache line pair).
+struct __align__(128) GpuqCtrlHost {
+  uint64_t head;  // doorbell: number of messages published (next msg_id)
+  uint32_t stop;  // GPUQ_RUN / GPUQ_STOP_DRAIN / GPUQ_STOP_ABORT
+  uint32_t pad0;
+  uint64_t pad[14];
+};
+
+// Device-written control line (128 B); block 0 / thread 0 writes it.
+struct __align__(128) GpuqCtrlDev {
+  uint32_t state;       // GPUQ_KERNEL_*
+  uint32_t error;       // GPUQ_ERR_*
+  uint64_t error_msg_id;
+  uint32_t layout_version;
+  uint32_t warps;       // worker warps in the grid
+  uint64_t pad[13];
+};
+
+// Device-only scalars in VRAM; zeroed by the host before the launch.
+struct __align__(128) GpuqDevState {
+  uint64_t claim;   // next msg_id a warp may claim (atomicAdd)
+  uint64_t pad0[15];
+  uint64_t head;    // last doorbell value the front warp saw (atomicMax)
+  uint32_t stop;    // copy of GpuqCtrlHost.stop the front warp saw
+  uint32_t exited;  // warps that have left the loop
+  uint32_t error;   // first GPUQ_ERR_* (atomicCAS), mirrored to GpuqCtrlDev.error
+  uint32_t pad2;
+  uint64_t pad1[13];
+};
+
+// The persistent kernel's single argument (passed by value).
+struct GpuqParams {
+  GpuqCtrlHost* ctrl_host;
+  GpuqCtrlDev* ctrl_dev;
+  GpuqSlotHeader* req_hdr;
+  uint8_t* req_data;
+  GpuqSlotHeader* res_hdr;
+  uint8_t* res_data;
+  uint64_t* warp_counters;  // processed messages per warp
+  uint8_t* vram_slots;      // capacity * (16 + slot_bytes) bytes
+  GpuqDevState* dev;
+  uint32_t capacity;        // power of two
+  uint32_t slot_bytes;      // multiple of 16
+  uint32_t front_backoff_ns;
+  uint32_t idle_backoff_ns;
+};
+
+static_assert(sizeof(GpuqSlotHeader) == 16, "GpuqSlotHeader must be 16 bytes");
+static_assert(sizeof(GpuqCtrlHost) == 128, "GpuqCtrlHost must be 128 bytes");
+static_assert(sizeof(GpuqCtrlDev) == 128, "GpuqCtrlDev must be 128 bytes");
+static_assert(sizeof(GpuqDevState) == 256, "GpuqDevState must be 256 bytes");
+static_assert(sizeof(GpuqParams) == 88, "GpuqParams must be 88 bytes");

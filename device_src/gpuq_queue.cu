@@ -1,0 +1,166 @@
+// gpuq_queue.cu -- the persistent cooperative kernel that serves the queue, and its layout probe.
+//
+// One launch serves the queue for its whole life.  Every warp of the grid is a worker:
+//   1. lane 0 claims the next msg_id with atomicAdd on GpuqDevState.claim (VRAM);
+//   2. it waits until the doorbell has passed that msg_id.  Only the "front" warp, the one whose
+//      claim equals the last doorbell value seen, reads the host's doorbell over PCIe, so at most
+//      one or two PCIe polls are outstanding however large the grid; the others wait on the VRAM
+//      copy (GpuqDevState.head) with __nanosleep backoff;
+//   3. the warp copies the payload from the host-mapped request slot into its VRAM slot, runs the
+//      plugin's gpuq_process(), and publishes the result (data, fence, header, msg_id last).
+// gpuq_layout.cuh documents the memory placement and the one-writer rule.
+#include "gpuq_layout.cuh"
+
+#include "gpuq_sync.cuh"
+
+#ifndef GPUQ_PLUGIN_FILE
+#define GPUQ_PLUGIN_FILE "plugins/echo.cuh"
+#endif
+#include GPUQ_PLUGIN_FILE
+
+namespace {
+using namespace gpuq;
+
+constexpr unsigned kFullMask = 0xFFFFFFFFu;
+
+__device__ __forceinline__ void backoff(uint32_t& ns, uint32_t cap) {
+  if (cap != 0u) __nanosleep(ns < cap ? ns : cap);
+  if (ns < (1u << 20)) ns <<= 1;
+}
+
+// Record the first protocol error (VRAM CAS, then a plain store to the host-visible line).
+__device__ void report_error(const GpuqParams& p, uint32_t code, uint64_t msg_id) {
+  if (atomicCAS(&p.dev->error, 0u, code) == 0u) {
+    p.ctrl_dev->error_msg_id = msg_id;
+    __threadfence_system();
+    store_release_sys(&p.ctrl_dev->error, code);
+  }
+}
+
+// Lane 0 only: claim a msg_id and wait until it is published.  Returns GPUQ_NO_MSG to exit.
+__device__ uint64_t claim_and_wait(const GpuqParams& p) {
+  GpuqDevState* dev = p.dev;
+  const uint64_t s = atomicAdd(reinterpret_cast<unsigned long long*>(&dev->claim), 1ull);
+  uint32_t ns = 32u;
+  for (;;) {
+    const uint32_t stop = load_acquire_dev(&dev->stop);
+    if (stop == GPUQ_STOP_ABORT) return GPUQ_NO_MSG;
+    const uint64_t h = load_acquire_dev(&dev->head);
+    if (s < h) return s;
+    if (stop == GPUQ_STOP_DRAIN) return GPUQ_NO_MSG;  // head was final before stop was set
+    if (s == h) {
+      // Front warp: read the host's doorbell.  stop is read before head: the host writes head
+      // before stop, so a stop seen here comes with the final head.
+      const uint32_t hstop = load_acquire_sys(&p.ctrl_host->stop);
+      const uint64_t hh = load_acquire_sys(&p.ctrl_host->head);
+      if (hh > h) {
+        atomicMax(reinterpret_cast<unsigned long long*>(&dev->head), static_cast<unsigned long long>(hh));
+        __threadfence();
+      }
+      if (hstop != GPUQ_RUN) store_release_dev(&dev->stop, hstop);
+      if (hstop == GPUQ_STOP_ABORT) return GPUQ_NO_MSG;
+      if (s < hh) return s;
+      if (hstop == GPUQ_STOP_DRAIN) return GPUQ_NO_MSG;
+      backoff(ns, p.front_backoff_ns);
+    } else {
+      backoff(ns, p.idle_backoff_ns);
+    }
+  }
+}
+
+__device__ void process_one(const GpuqParams& p, uint64_t s, uint32_t lane) {
+  const uint32_t slot = static_cast<uint32_t>(s & (p.capacity - 1u));
+  const size_t data_off = static_cast<size_t>(slot) * p.slot_bytes;
+  uint32_t len = 0, code = GPUQ_ERR_NONE;
+  if (lane == 0) {
+    const volatile GpuqSlotHeader* rh = p.req_hdr + slot;
+    len = rh->len;
+    const uint64_t mid = rh->msg_id;
+    if (mid != s) code = GPUQ_ERR_BAD_MSG_ID;
+    if (len > p.slot_bytes) { code = GPUQ_ERR_BAD_LEN; len = p.slot_bytes; }
+    if (code != GPUQ_ERR_NONE) report_error(p, code, s);
+  }
+  len = __shfl_sync(kFullMask, len, 0);
+  code = __shfl_sync(kFullMask, code, 0);
+
+  // READY -> INFLIGHT: stage the payload in the message's VRAM slot.
+  uint8_t* vslot = p.vram_slots + static_cast<size_t>(slot) * (16u + p.slot_bytes);
+  uint8_t* vin = vslot + 16;
+  const uint8_t* src = p.req_data + data_off;
+  for (uint32_t off = lane * 16u; off < len; off += 32u * 16u) {
+    *reinterpret_cast<uint4*>(vin + off) = __ldcv(reinterpret_cast<const uint4*>(src + off));
+  }
+  GpuqSlotHeader* vh = reinterpret_cast<GpuqSlotHeader*>(vslot);
+  if (lane == 0) { vh->len = len; vh->flags = GPUQ_INFLIGHT; vh->msg_id = s; }
+  __syncwarp();
+
+  uint32_t out_len = 0;
+  if (code == GPUQ_ERR_NONE) {
+    out_len = gpuq_process(vin, len, p.res_data + data_off, p.slot_bytes, s, lane);
+    if (out_len > p.slot_bytes) {
+      if (lane == 0) report_error(p, GPUQ_ERR_BAD_RESULT, s);
+      code = GPUQ_ERR_BAD_RESULT;
+      out_len = 0;
+    }
+  }
+
+  // INFLIGHT -> DONE: result data, fence, header; msg_id last.
+  __threadfence_system();
+  __syncwarp();
+  if (lane == 0) {
+    GpuqSlotHeader* oh = p.res_hdr + slot;
+    const uint64_t len_flags = static_cast<uint64_t>(out_len) |
+                               (static_cast<uint64_t>(GPUQ_DONE | (code << 8)) << 32);
+    *reinterpret_cast<volatile uint64_t*>(oh) = len_flags;
+    store_release_sys(&oh->msg_id, s);
+    vh->flags = GPUQ_DONE;
+  }
+}
+
+}  // namespace
+
+extern "C" __global__ void gpuq_persistent(const GpuqParams p) {
+  const uint32_t lane = threadIdx.x & 31u;
+  const uint32_t warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+  const uint32_t warps = (gridDim.x * blockDim.x) >> 5;
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    p.ctrl_dev->layout_version = GPUQ_LAYOUT_VERSION;
+    p.ctrl_dev->warps = warps;
+    __threadfence_system();
+    store_release_sys(&p.ctrl_dev->state, GPUQ_KERNEL_RUNNING);
+  }
+  uint64_t processed = 0;
+  for (;;) {
+    uint64_t s = 0;
+    if (lane == 0) s = claim_and_wait(p);
+    s = __shfl_sync(kFullMask, s, 0);
+    if (s == GPUQ_NO_MSG) break;
+    process_one(p, s, lane);
+    ++processed;
+    if (lane == 0) *reinterpret_cast<volatile uint64_t*>(p.warp_counters + warp) = processed;
+  }
+  if (lane == 0) {
+    __threadfence_system();
+    const uint32_t gone = atomicAdd(&p.dev->exited, 1u) + 1u;
+    if (gone == warps) store_release_sys(&p.ctrl_dev->state, GPUQ_KERNEL_EXITED);
+  }
+}
+
+// Writes sizeof/offsetof of every shared struct, in the order gpuq_driver/layout.py expects.
+extern "C" __global__ void gpuq_layout_probe(uint64_t* out) {
+  if (blockIdx.x != 0 || threadIdx.x != 0) return;
+  const uint64_t v[] = {
+      GPUQ_LAYOUT_VERSION,
+      sizeof(GpuqSlotHeader), __builtin_offsetof(GpuqSlotHeader, len),
+      __builtin_offsetof(GpuqSlotHeader, flags), __builtin_offsetof(GpuqSlotHeader, msg_id),
+      sizeof(GpuqCtrlHost), __builtin_offsetof(GpuqCtrlHost, head),
+      __builtin_offsetof(GpuqCtrlHost, stop),
+      sizeof(GpuqCtrlDev), __builtin_offsetof(GpuqCtrlDev, state),
+      __builtin_offsetof(GpuqCtrlDev, error), __builtin_offsetof(GpuqCtrlDev, error_msg_id),
+      __builtin_offsetof(GpuqCtrlDev, layout_version), __builtin_offsetof(GpuqCtrlDev, warps),
+      sizeof(GpuqDevState), sizeof(GpuqParams),
+      __builtin_offsetof(GpuqParams, capacity), __builtin_offsetof(GpuqParams, slot_bytes),
+      __builtin_offsetof(GpuqParams, front_backoff_ns), __builtin_offsetof(GpuqParams, idle_backoff_ns),
+  };
+  for (unsigned i = 0; i < sizeof(v) / sizeof(v[0]); ++i) out[i] = v[i];
+}

@@ -1,0 +1,290 @@
+"""Thin, checked wrappers over the CUDA driver API (``cuda.bindings.driver``).
+
+Everything the queue holds on the GPU is one of these objects: ``Context`` (a device's primary
+context, retained once per process and made current in every thread that calls the driver),
+``Stream`` (always ``CU_STREAM_NON_BLOCKING``: a blocking stream would wait on the persistent
+kernel), ``MappedHostBuffer`` (``cuMemHostAlloc`` with DEVICEMAP, so host and device see the same
+bytes), ``DeviceBuffer`` (``cuMemAlloc``) and ``Module`` (a loaded CUBIN).  Each has an idempotent
+``close()`` and a ``weakref.finalize`` that frees it if the owner forgets; each keeps its
+context alive.  Every call goes through :func:`gpuq_driver.errors.check`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+import weakref
+from dataclasses import dataclass
+
+from .errors import CudaError, CudaUnavailable, GpuqError, check
+
+_init_lock = threading.Lock()
+_init_pid: int | None = None
+_contexts: dict[int, "Context"] = {}
+
+
+def _driver():
+    from cuda.bindings import driver
+
+    return driver
+
+
+def init() -> None:
+    """``cuInit(0)`` once per process.
+
+    Raises CudaUnavailable where no CUDA driver library can be loaded or no device exists, and
+    GpuqError in a process forked after CUDA was initialised (CUDA does not survive fork()).
+    Sets ``CUDA_MODULE_LOADING=EAGER`` unless the environment already chose: lazy loading can
+    deadlock against a running persistent kernel.
+    """
+    global _init_pid
+    with _init_lock:
+        if _init_pid is not None:
+            if _init_pid != os.getpid():
+                raise GpuqError(
+                    "CUDA was initialised in the parent process and this process was forked after "
+                    "cuInit; CUDA cannot be used here (start workers with multiprocessing 'spawn')"
+                )
+            return
+        os.environ.setdefault("CUDA_MODULE_LOADING", "EAGER")
+        try:
+            driver = _driver()
+            result = driver.cuInit(0)
+        except Exception as exc:  # cuda.pathfinder.DynamicLibNotFoundError, OSError, ImportError
+            raise CudaUnavailable(
+                -1, "NO_CUDA_DRIVER", f"no CUDA driver could be loaded ({type(exc).__name__}: {exc})", "cuInit"
+            ) from exc
+        check(result, "cuInit")
+        if check(driver.cuDeviceGetCount(), "cuDeviceGetCount") == 0:
+            raise CudaUnavailable(100, "CUDA_ERROR_NO_DEVICE", "no CUDA-capable device is detected", "cuDeviceGetCount")
+        _init_pid = os.getpid()
+
+
+def device_count() -> int:
+    """Number of CUDA devices; raises CudaUnavailable where there is no driver or device."""
+    init()
+    return int(check(_driver().cuDeviceGetCount(), "cuDeviceGetCount"))
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """What the queue needs to know of a device: ``arch`` is the NVRTC target, e.g. ``"sm_90"``."""
+
+    ordinal: int
+    name: str
+    major: int
+    minor: int
+    sm_count: int
+    cooperative: bool
+
+    @property
+    def arch(self) -> str:
+        return f"sm_{self.major}{self.minor}"
+
+
+def device_info(ordinal: int = 0) -> DeviceInfo:
+    """Name, compute capability and SM count of device ``ordinal``.  Raises CudaUnavailable, CudaError."""
+    init()
+    d = _driver()
+    dev = check(d.cuDeviceGet(ordinal), "cuDeviceGet")
+    attr = d.CUdevice_attribute
+
+    def get(a):
+        return int(check(d.cuDeviceGetAttribute(a, dev), "cuDeviceGetAttribute"))
+
+    name = check(d.cuDeviceGetName(256, dev), "cuDeviceGetName")
+    name = name.split(b"\0", 1)[0].decode() if isinstance(name, bytes) else str(name)
+    return DeviceInfo(
+        ordinal,
+        name,
+        get(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR),
+        get(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR),
+        get(attr.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT),
+        bool(get(attr.CU_DEVICE_ATTRIBUTE_COOPERATIVE_LAUNCH)),
+    )
+
+
+class Context:
+    """A device's primary context, retained once per process (see :func:`primary_context`)."""
+
+    def __init__(self, ordinal: int):
+        init()
+        d = _driver()
+        self.ordinal = ordinal
+        self.device = check(d.cuDeviceGet(ordinal), "cuDeviceGet")
+        self.handle = check(d.cuDevicePrimaryCtxRetain(self.device), "cuDevicePrimaryCtxRetain")
+        self._finalizer = weakref.finalize(self, _release_primary, self.device)
+
+    def make_current(self) -> None:
+        """Make this context current in the calling thread (the CUDA context is per thread)."""
+        check(_driver().cuCtxSetCurrent(self.handle), "cuCtxSetCurrent")
+
+
+def _release_primary(device) -> None:
+    try:
+        _driver().cuDevicePrimaryCtxRelease(device)
+    except Exception:
+        pass
+
+
+def primary_context(ordinal: int = 0) -> Context:
+    """The process-wide primary context of device ``ordinal``, made current in this thread."""
+    init()
+    with _init_lock:
+        ctx = _contexts.get(ordinal)
+        if ctx is None:
+            ctx = _contexts[ordinal] = Context(ordinal)
+    ctx.make_current()
+    return ctx
+
+
+class _Resource:
+    """Base of the freeable resources: ``close()`` is idempotent and also runs at garbage collection."""
+
+    _finalizer: weakref.finalize
+
+    def close(self) -> None:
+        self._finalizer()
+
+    @property
+    def closed(self) -> bool:
+        return not self._finalizer.alive
+
+
+def _free(ctx: Context, fn_name: str, handle) -> None:
+    try:
+        ctx.make_current()
+        getattr(_driver(), fn_name)(handle)
+    except Exception:
+        pass  # at interpreter exit the driver may already be gone
+
+
+class Stream(_Resource):
+    """A ``CU_STREAM_NON_BLOCKING`` stream."""
+
+    def __init__(self, ctx: Context):
+        d = _driver()
+        ctx.make_current()
+        self.ctx = ctx
+        self.handle = check(d.cuStreamCreate(d.CUstream_flags.CU_STREAM_NON_BLOCKING), "cuStreamCreate")
+        self._finalizer = weakref.finalize(self, _free, ctx, "cuStreamDestroy", self.handle)
+
+    def done(self) -> bool:
+        """True when all work on the stream has finished (``cuStreamQuery``); raises CudaError on a fault."""
+        d = _driver()
+        (status,) = d.cuStreamQuery(self.handle)
+        if status == d.CUresult.CUDA_ERROR_NOT_READY:
+            return False
+        check((status,), "cuStreamQuery")
+        return True
+
+    def synchronize(self) -> None:
+        check(_driver().cuStreamSynchronize(self.handle), "cuStreamSynchronize")
+
+
+class MappedHostBuffer(_Resource):
+    """``nbytes`` of page-locked host memory mapped into the device's address space.
+
+    ``host_ptr`` / ``device_ptr`` are integers; ``view`` is a writable ``memoryview`` (format
+    ``B``) over the host side, zero-filled at allocation.  Loads and stores through ``view`` are
+    plain CPU memory accesses: no driver call, no copy.
+    """
+
+    def __init__(self, ctx: Context, nbytes: int):
+        d = _driver()
+        ctx.make_current()
+        self.ctx, self.nbytes = ctx, int(nbytes)
+        flags = d.CU_MEMHOSTALLOC_DEVICEMAP | d.CU_MEMHOSTALLOC_PORTABLE
+        self.host_ptr = int(check(d.cuMemHostAlloc(self.nbytes, flags), "cuMemHostAlloc"))
+        self._finalizer = weakref.finalize(self, _free, ctx, "cuMemFreeHost", self.host_ptr)
+        self.device_ptr = int(check(d.cuMemHostGetDevicePointer(self.host_ptr, 0), "cuMemHostGetDevicePointer"))
+        self.view = memoryview((ctypes.c_ubyte * self.nbytes).from_address(self.host_ptr)).cast("B")
+        ctypes.memset(self.host_ptr, 0, self.nbytes)
+
+
+class DeviceBuffer(_Resource):
+    """``nbytes`` of device memory (``cuMemAlloc``); ``ptr`` is the device address."""
+
+    def __init__(self, ctx: Context, nbytes: int):
+        d = _driver()
+        ctx.make_current()
+        self.ctx, self.nbytes = ctx, int(nbytes)
+        self.ptr = int(check(d.cuMemAlloc(self.nbytes), "cuMemAlloc"))
+        self._finalizer = weakref.finalize(self, _free, ctx, "cuMemFree", self.ptr)
+
+
+class Module(_Resource):
+    """A loaded CUBIN.  ``function(name)`` returns a ``CUfunction`` handle, cached by name.
+
+    Get every handle you will need before launching a persistent kernel: loading code while one
+    runs can deadlock.
+    """
+
+    def __init__(self, ctx: Context, cubin: bytes):
+        ctx.make_current()
+        self.ctx = ctx
+        self.handle = check(_driver().cuModuleLoadData(cubin), "cuModuleLoadData")
+        self._finalizer = weakref.finalize(self, _free, ctx, "cuModuleUnload", self.handle)
+        self._functions: dict[str, object] = {}
+
+    def function(self, name: str):
+        fn = self._functions.get(name)
+        if fn is None:
+            fn = self._functions[name] = check(
+                _driver().cuModuleGetFunction(self.handle, name.encode()), f"cuModuleGetFunction({name})"
+            )
+        return fn
+
+
+def max_active_blocks(function, threads_per_block: int, shared_bytes: int = 0) -> int:
+    """Blocks of ``threads_per_block`` one SM can hold for ``function`` (cooperative-launch limit per SM)."""
+    return int(
+        check(
+            _driver().cuOccupancyMaxActiveBlocksPerMultiprocessor(function, threads_per_block, shared_bytes),
+            "cuOccupancyMaxActiveBlocksPerMultiprocessor",
+        )
+    )
+
+
+def launch(function, grid: int, block: int, args: list[ctypes._SimpleCData | ctypes.Structure],
+           stream: Stream, cooperative: bool = False, shared_bytes: int = 0) -> None:
+    """Launch ``function`` on ``stream`` with a 1-D grid; ``args`` are ctypes values, in order.
+
+    ``cooperative=True`` uses ``cuLaunchCooperativeKernel``: every block is resident at once, which
+    the caller must have checked against :func:`max_active_blocks` × SM count.  The argument
+    values are copied by the driver during the call.
+    """
+    d = _driver()
+    stream.ctx.make_current()
+    ptrs = (ctypes.c_void_p * max(1, len(args)))(*[ctypes.addressof(a) for a in args])
+    if cooperative:
+        result = d.cuLaunchCooperativeKernel(function, grid, 1, 1, block, 1, 1, shared_bytes, stream.handle,
+                                             ctypes.addressof(ptrs))
+        check(result, "cuLaunchCooperativeKernel")
+    else:
+        result = d.cuLaunchKernel(function, grid, 1, 1, block, 1, 1, shared_bytes, stream.handle,
+                                  ctypes.addressof(ptrs), 0)
+        check(result, "cuLaunchKernel")
+
+
+def copy_htod_async(dst: int, src_host_ptr: int, nbytes: int, stream: Stream) -> None:
+    """``cuMemcpyHtoDAsync`` of ``nbytes`` bytes (src should be pinned for a truly async copy)."""
+    check(_driver().cuMemcpyHtoDAsync(dst, src_host_ptr, nbytes, stream.handle), "cuMemcpyHtoDAsync")
+
+
+def copy_dtoh_async(dst_host_ptr: int, src: int, nbytes: int, stream: Stream) -> None:
+    """``cuMemcpyDtoHAsync`` of ``nbytes`` bytes into host memory at ``dst_host_ptr``."""
+    check(_driver().cuMemcpyDtoHAsync(dst_host_ptr, src, nbytes, stream.handle), "cuMemcpyDtoHAsync")
+
+
+def memset_async(ptr: int, value: int, nbytes: int, stream: Stream) -> None:
+    """``cuMemsetD8Async``: fill ``nbytes`` bytes of device memory with ``value``."""
+    check(_driver().cuMemsetD8Async(ptr, value, nbytes, stream.handle), "cuMemsetD8Async")
+
+
+__all__ = [
+    "Context", "CudaError", "DeviceBuffer", "DeviceInfo", "MappedHostBuffer", "Module", "Stream",
+    "copy_dtoh_async", "copy_htod_async", "device_count", "device_info", "init", "launch",
+    "max_active_blocks", "memset_async", "primary_context",
+]

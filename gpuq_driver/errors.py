@@ -1,0 +1,106 @@
+"""The package's exceptions: one small tree, and the one status check every CUDA call goes through.
+
+    GpuqError
+    ├── CudaError            a CUresult / nvrtcResult other than success (code, name, text)
+    │   └── CudaUnavailable  no CUDA driver, or no device
+    ├── CompileError         NVRTC rejected a source (log, source, options)
+    ├── ConfigError          a bad QueueConfig field (also a ValueError)
+    ├── PayloadError         a payload too large for a slot (also a ValueError)
+    │   └── PayloadTypeError a payload that is not a contiguous bytes-like object (also a TypeError)
+    ├── QueueFull            the ring stayed full for the whole timeout
+    ├── QueueClosed          the queue was shut down or closed
+    └── ProtocolError        the device saw a broken slot (a bug, not bad input)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class GpuqError(Exception):
+    """Base of every error raised by gpuq_driver."""
+
+
+class CudaError(GpuqError):
+    """A CUDA driver or NVRTC call failed.
+
+    Attributes: ``code`` (int), ``name`` (e.g. ``"CUDA_ERROR_OUT_OF_MEMORY"``), ``text`` (the
+    driver's description), ``call`` (the function that failed, where known).
+    """
+
+    def __init__(self, code: int, name: str, text: str, call: str = ""):
+        self.code, self.name, self.text, self.call = int(code), name, text, call
+        where = f" in {call}" if call else ""
+        super().__init__(f"{name} ({int(code)}){where}: {text}")
+
+
+class CudaUnavailable(CudaError):
+    """No usable CUDA driver or device on this machine (the queue cannot start here)."""
+
+
+class CompileError(GpuqError):
+    """NVRTC could not compile ``source``; ``log`` holds NVRTC's whole log."""
+
+    def __init__(self, source: str, options: tuple[str, ...], log: str):
+        self.source, self.options, self.log = source, tuple(options), log
+        super().__init__(f"NVRTC failed to compile {source} with {' '.join(options)}:\n{log}")
+
+
+class ConfigError(GpuqError, ValueError):
+    """A QueueConfig field is out of range; the message names the field and its limit."""
+
+
+class PayloadError(GpuqError, ValueError):
+    """A payload is larger than the slot (the message names its size and ``slot_bytes``)."""
+
+
+class PayloadTypeError(PayloadError, TypeError):
+    """A payload is not a C-contiguous bytes-like (buffer protocol) object."""
+
+
+class QueueFull(GpuqError):
+    """The ring stayed full for the whole enqueue timeout; nothing was enqueued."""
+
+
+class QueueClosed(GpuqError):
+    """The queue was shut down (no more enqueues) or closed (no more anything)."""
+
+
+class ProtocolError(GpuqError):
+    """The device reported a slot that broke the protocol (GpuqCtrlDev.error)."""
+
+
+def _enum_text(code: Any) -> tuple[str, str, bool]:
+    """(name, description, is_driver_error) of a CUresult or nvrtcResult."""
+    from cuda.bindings import driver, nvrtc
+
+    if isinstance(code, nvrtc.nvrtcResult):
+        err, text = nvrtc.nvrtcGetErrorString(code)
+        return code.name, text.decode() if isinstance(text, bytes) else str(text), False
+    name = getattr(code, "name", str(code))
+    err, text = driver.cuGetErrorString(code)
+    if err != driver.CUresult.CUDA_SUCCESS or text is None:
+        return name, "unknown error", True
+    return name, text.decode() if isinstance(text, bytes) else str(text), True
+
+
+_UNAVAILABLE = {"CUDA_ERROR_NO_DEVICE", "CUDA_ERROR_INSUFFICIENT_DRIVER", "CUDA_ERROR_SYSTEM_DRIVER_MISMATCH"}
+
+
+def check(result: Any, call: str = "") -> Any:
+    """Unwrap a cuda-python return tuple ``(status, *values)``.
+
+    Returns None, the single value, or a tuple of values.  Raises CudaError (CudaUnavailable for
+    "no device" / "driver too old") when the status is not success, naming the code and its text.
+    """
+    if isinstance(result, tuple):
+        status, values = result[0], result[1:]
+    else:
+        status, values = result, ()
+    if int(status) != 0:
+        name, text, _ = _enum_text(status)
+        cls = CudaUnavailable if name in _UNAVAILABLE else CudaError
+        raise cls(int(status), name, text, call)
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else values

@@ -1,0 +1,144 @@
+"""The persistent kernel's host side: build, check the layout, allocate, launch, stop, free.
+
+A ``PersistentKernel`` owns every driver resource of one queue: the mapped pinned block that holds
+the control lines, the request and result rings (layout.HostLayout), the VRAM slot ring, the
+device state, the stream and the module.  Everything is allocated and every function handle is
+taken *before* the cooperative launch; nothing is freed until the kernel has exited.
+
+The simulator (sim.py) has the same interface, so GpuQueue runs unchanged on either.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import time
+import warnings
+import weakref
+
+from . import driver
+from .compiler import CompileOptions, compile_cubin, plugins
+from .errors import ConfigError, GpuqError
+from .layout import (KERNEL_EXITED, KERNEL_RUNNING, STOP_ABORT, CtrlDev, DevState, HostLayout, Params,
+                     expected_probe)
+
+
+class PersistentKernel:
+    """One launch of ``gpuq_persistent`` serving a ring of ``capacity`` × ``slot_bytes`` slots.
+
+    ``mem`` is a writable memoryview over the mapped block (``layout.nbytes`` bytes) that the host
+    side of the protocol reads and writes directly.  Raises CudaUnavailable (no driver/device),
+    ConfigError (grid too large for a cooperative launch, unknown plugin or device), CompileError,
+    GpuqError (layout mismatch between host and device, kernel did not start).
+    """
+
+    backend = "cuda"
+
+    def __init__(self, config):
+        self.ctx = driver.primary_context(config.device) if config.device < driver.device_count() else None
+        if self.ctx is None:
+            raise ConfigError(f"device={config.device}: this machine has {driver.device_count()} CUDA device(s)")
+        self.info = info = driver.device_info(config.device)
+        if not info.cooperative:
+            raise GpuqError(f"{info.name} does not support cooperative launches")
+        if config.plugin not in plugins():
+            raise ConfigError(f"plugin={config.plugin!r}: device_src/plugins has {plugins()}")
+        cubin = compile_cubin("gpuq_queue.cu", CompileOptions(arch=info.arch, plugin=config.plugin))
+        self.module = driver.Module(self.ctx, cubin)
+        self._fn = self.module.function("gpuq_persistent")
+        probe_fn = self.module.function("gpuq_layout_probe")
+
+        per_sm = driver.max_active_blocks(self._fn, config.threads_per_block)
+        limit = per_sm * info.sm_count
+        self.blocks = config.blocks if config.blocks is not None else min(info.sm_count, limit)
+        if self.blocks > limit:
+            raise ConfigError(
+                f"blocks={self.blocks}: a cooperative launch of {config.threads_per_block}-thread blocks fits at most "
+                f"{limit} blocks on {info.name} ({per_sm} per SM x {info.sm_count} SMs)")
+        self.threads = config.threads_per_block
+        self.warps = self.blocks * self.threads // 32
+        self.layout = HostLayout(config.capacity, config.slot_bytes, self.warps)
+
+        # Everything is allocated before the launch.
+        self.stream = driver.Stream(self.ctx)
+        self.host = driver.MappedHostBuffer(self.ctx, self.layout.nbytes)
+        self.vram = driver.DeviceBuffer(self.ctx, self.layout.vram_bytes)
+        self.dev_state = driver.DeviceBuffer(self.ctx, ctypes.sizeof(DevState))
+        self.mem = self.host.view
+        self._check_layout(probe_fn)
+
+        off = self.layout.offsets
+        base = self.host.device_ptr
+        self.params = Params(
+            ctrl_host=base + off["ctrl_host"], ctrl_dev=base + off["ctrl_dev"], req_hdr=base + off["req_hdr"],
+            req_data=base + off["req_data"], res_hdr=base + off["res_hdr"], res_data=base + off["res_data"],
+            warp_counters=base + off["warp_counters"], vram_slots=self.vram.ptr, dev=self.dev_state.ptr,
+            capacity=config.capacity, slot_bytes=config.slot_bytes,
+            front_backoff_ns=config.front_backoff_ns, idle_backoff_ns=config.idle_backoff_ns)
+        self._ctrl_dev = CtrlDev.from_buffer(self.mem, off["ctrl_dev"])
+        self._stop_word = self.mem[off["ctrl_host"] + 8:off["ctrl_host"] + 12].cast("I")
+        self._launched = False
+        self._finalizer = weakref.finalize(self, _release, self._stop_word, self.stream,
+                                           [self.stream, self.host, self.vram, self.dev_state, self.module])
+
+    def _check_layout(self, probe_fn) -> None:
+        expected = expected_probe()
+        out = driver.MappedHostBuffer(self.ctx, 8 * 64)
+        try:
+            driver.launch(probe_fn, 1, 32, [ctypes.c_uint64(out.device_ptr)], self.stream)
+            self.stream.synchronize()
+            got = list(out.view.cast("Q")[:len(expected)])
+        finally:
+            out.close()
+        if got != expected:
+            raise GpuqError(f"device_src/gpuq_layout.cuh and gpuq_driver/layout.py disagree: device {got}, "
+                            f"host {expected}")
+
+    def start(self, timeout_s: float = 10.0) -> None:
+        """Zero the device state, launch cooperatively, wait until block 0 reports RUNNING."""
+        driver.memset_async(self.dev_state.ptr, 0, ctypes.sizeof(DevState), self.stream)
+        driver.launch(self._fn, self.blocks, self.threads, [self.params], self.stream, cooperative=True)
+        self._launched = True
+        deadline = time.monotonic() + timeout_s
+        while self._ctrl_dev.state != KERNEL_RUNNING:
+            if self.stream.done():
+                raise GpuqError("the persistent kernel exited before it started serving")
+            if time.monotonic() > deadline:
+                raise GpuqError(f"the persistent kernel did not report RUNNING within {timeout_s} s")
+            time.sleep(1e-4)
+
+    @property
+    def error(self) -> tuple[int, int]:
+        """(GPUQ_ERR_* code, msg_id) of the first protocol error the device saw; (0, 0) if none."""
+        return self._ctrl_dev.error, self._ctrl_dev.error_msg_id
+
+    def request_stop(self, mode: int) -> None:
+        """Write GpuqCtrlHost.stop (STOP_DRAIN or STOP_ABORT); the front warp picks it up."""
+        self._stop_word[0] = mode
+
+    def exited(self) -> bool:
+        """True once the kernel has returned (raises CudaError if it faulted)."""
+        if not self._launched:
+            return True
+        self.ctx.make_current()
+        return self._ctrl_dev.state == KERNEL_EXITED and self.stream.done()
+
+    def close(self) -> None:
+        """Free every resource, once the kernel has exited (aborting it first if it still runs)."""
+        self._finalizer()
+
+
+def _release(stop_word, stream, resources) -> None:
+    """Stop the kernel (abort) and free the resources; leak them if the kernel will not stop."""
+    try:
+        stop_word[0] = STOP_ABORT
+        stream.ctx.make_current()
+        deadline = time.monotonic() + 5.0
+        while not stream.done():
+            if time.monotonic() > deadline:
+                warnings.warn("gpuq_driver: persistent kernel did not stop; leaking its memory", RuntimeWarning)
+                return
+            time.sleep(1e-3)
+    except Exception:
+        return
+    for r in resources:
+        r.close()

@@ -1,0 +1,105 @@
+"""Host mirror of ``device_src/gpuq_layout.cuh`` (ctypes), and the ring's index math.
+
+The structs and constants here must match the header byte for byte.  Two checks hold them
+together: ``tests/test_layout.py`` reads every ``#define GPUQ_*`` and ``static_assert(sizeof...)``
+from the header and compares (no GPU needed), and :func:`expected_probe` is compared with what the
+``gpuq_layout_probe`` kernel reports from the device before the queue starts.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+LAYOUT_VERSION = 1
+
+EMPTY, READY, INFLIGHT, DONE = 0, 1, 2, 3
+RUN, STOP_DRAIN, STOP_ABORT = 0, 1, 2
+KERNEL_NOT_STARTED, KERNEL_RUNNING, KERNEL_EXITED = 0, 1, 2
+ERR_NONE, ERR_BAD_MSG_ID, ERR_BAD_LEN, ERR_BAD_RESULT = 0, 1, 2, 3
+ERROR_NAMES = {ERR_BAD_MSG_ID: "BAD_MSG_ID", ERR_BAD_LEN: "BAD_LEN", ERR_BAD_RESULT: "BAD_RESULT"}
+NO_MSG = 0xFFFFFFFFFFFFFFFF
+
+HEADER_BYTES = 16
+ALIGN = 128  # each region of the mapped block starts on its own 128-byte line
+
+
+class SlotHeader(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_uint32), ("flags", ctypes.c_uint32), ("msg_id", ctypes.c_uint64)]
+
+
+class CtrlHost(ctypes.Structure):
+    _fields_ = [("head", ctypes.c_uint64), ("stop", ctypes.c_uint32), ("pad0", ctypes.c_uint32),
+                ("pad", ctypes.c_uint64 * 14)]
+
+
+class CtrlDev(ctypes.Structure):
+    _fields_ = [("state", ctypes.c_uint32), ("error", ctypes.c_uint32), ("error_msg_id", ctypes.c_uint64),
+                ("layout_version", ctypes.c_uint32), ("warps", ctypes.c_uint32), ("pad", ctypes.c_uint64 * 13)]
+
+
+class DevState(ctypes.Structure):
+    _fields_ = [("claim", ctypes.c_uint64), ("pad0", ctypes.c_uint64 * 15), ("head", ctypes.c_uint64),
+                ("stop", ctypes.c_uint32), ("exited", ctypes.c_uint32), ("error", ctypes.c_uint32),
+                ("pad2", ctypes.c_uint32), ("pad1", ctypes.c_uint64 * 13)]
+
+
+class Params(ctypes.Structure):
+    """``GpuqParams``, the persistent kernel's one by-value argument."""
+
+    _fields_ = [(name, ctypes.c_uint64) for name in (
+        "ctrl_host", "ctrl_dev", "req_hdr", "req_data", "res_hdr", "res_data", "warp_counters",
+        "vram_slots", "dev")] + [(name, ctypes.c_uint32) for name in (
+            "capacity", "slot_bytes", "front_backoff_ns", "idle_backoff_ns")]
+
+
+def _off(struct, name: str) -> int:
+    return getattr(struct, name).offset
+
+
+def expected_probe() -> list[int]:
+    """What ``gpuq_layout_probe`` must report, in its order (see gpuq_queue.cu)."""
+    return [
+        LAYOUT_VERSION,
+        ctypes.sizeof(SlotHeader), _off(SlotHeader, "len"), _off(SlotHeader, "flags"), _off(SlotHeader, "msg_id"),
+        ctypes.sizeof(CtrlHost), _off(CtrlHost, "head"), _off(CtrlHost, "stop"),
+        ctypes.sizeof(CtrlDev), _off(CtrlDev, "state"), _off(CtrlDev, "error"), _off(CtrlDev, "error_msg_id"),
+        _off(CtrlDev, "layout_version"), _off(CtrlDev, "warps"),
+        ctypes.sizeof(DevState), ctypes.sizeof(Params),
+        _off(Params, "capacity"), _off(Params, "slot_bytes"), _off(Params, "front_backoff_ns"),
+        _off(Params, "idle_backoff_ns"),
+    ]
+
+
+def align_up(n: int, a: int = ALIGN) -> int:
+    """``n`` rounded up to a multiple of ``a`` (a power of two)."""
+    return (n + a - 1) & ~(a - 1)
+
+
+def slot_of(msg_id: int, capacity: int) -> int:
+    """Slot index of ``msg_id`` in a ring of ``capacity`` (a power of two) slots."""
+    return msg_id & (capacity - 1)
+
+
+def is_power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+class HostLayout:
+    """Byte offsets of each region inside the one mapped pinned block of a queue.
+
+    Regions (each 128-byte aligned): ctrl_host (128 B), ctrl_dev (128 B), req_hdr and res_hdr
+    (capacity × 16 B), warp_counters (warps × 8 B), req_data and res_data (capacity × slot_bytes).
+    """
+
+    def __init__(self, capacity: int, slot_bytes: int, warps: int):
+        self.capacity, self.slot_bytes, self.warps = capacity, slot_bytes, warps
+        off = 0
+        self.offsets: dict[str, int] = {}
+        for name, size in (("ctrl_host", ctypes.sizeof(CtrlHost)), ("ctrl_dev", ctypes.sizeof(CtrlDev)),
+                           ("req_hdr", capacity * HEADER_BYTES), ("res_hdr", capacity * HEADER_BYTES),
+                           ("warp_counters", warps * 8), ("req_data", capacity * slot_bytes),
+                           ("res_data", capacity * slot_bytes)):
+            self.offsets[name] = off
+            off = align_up(off + size)
+        self.nbytes = off
+        self.vram_bytes = capacity * (HEADER_BYTES + slot_bytes)

@@ -1,0 +1,355 @@
+"""GpuQueue: a message queue whose ring lives in GPU-visible memory, served by one persistent kernel.
+
+    with GpuQueue(QueueConfig(capacity=1024, slot_bytes=512)) as q:
+        msg_id = q.enqueue(b"hello")            # bytes-like, <= slot_bytes
+        while (result := q.try_dequeue_result(msg_id)) is None:
+            pass                                # or q.poll_completions() for many at once
+
+The host side is plain loads and stores into mapped pinned memory: ``enqueue`` copies the
+payload into its request slot, writes the slot header, then rings the doorbell (a 64-bit store);
+no CUDA call is made on the hot path.  ``docs/design.md`` gives the placement and the numbers
+behind it; ``device_src/gpuq_layout.cuh`` the protocol.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import (ConfigError, GpuqError, PayloadError, PayloadTypeError, ProtocolError, QueueClosed,
+                     QueueFull)
+from .layout import (DONE, ERROR_NAMES, KERNEL_EXITED, KERNEL_RUNNING, NO_MSG, READY, STOP_ABORT,
+                     STOP_DRAIN, is_power_of_two)
+
+MAX_CAPACITY = 1 << 22
+MAX_SLOT_BYTES = 1 << 20
+MAX_RING_BYTES = 1 << 32
+
+
+def _check_int(name: str, value, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name} must be an int, not {type(value).__name__}")
+    if not lo <= value <= hi:
+        raise ConfigError(f"{name}={value} is out of range: {lo} <= {name} <= {hi}")
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    """How a GpuQueue is built.  Every field is checked in ``__post_init__`` (ConfigError names it).
+
+    capacity:           slots in the ring, a power of two, 2 .. 4,194,304 (default 1024).
+    slot_bytes:         payload bytes per slot, a multiple of 16, 16 .. 1,048,576 (default 512);
+                        results are at most this long too.  capacity × slot_bytes <= 4 GiB.
+    plugin:             processing function, ``device_src/plugins/<plugin>.cuh`` (default "echo").
+    blocks:             blocks of the persistent grid; None (default) = one per SM.  Must fit a
+                        cooperative launch: <= occupancy × SM count.
+    threads_per_block:  a multiple of 32, 32 .. 1024 (default 64: two worker warps per block).
+    enqueue_timeout_s:  how long ``enqueue`` waits for a free slot before QueueFull (default 1.0 s).
+    shutdown_timeout_s: how long ``shutdown`` waits for the kernel to drain (default 10.0 s).
+    front_backoff_ns:   cap of the __nanosleep between the front warp's doorbell reads over PCIe
+                        (default 256 ns; 0 = spin).  Lower is lower latency, more PCIe reads.
+    idle_backoff_ns:    cap of the __nanosleep of the other idle warps, which poll VRAM
+                        (default 2000 ns).
+    device:             CUDA device ordinal (default 0).
+    backend:            "cuda" (default) or "sim" (the CPU simulator in sim.py, for tests).
+    """
+
+    capacity: int = 1024
+    slot_bytes: int = 512
+    plugin: str = "echo"
+    blocks: int | None = None
+    threads_per_block: int = 64
+    enqueue_timeout_s: float = 1.0
+    shutdown_timeout_s: float = 10.0
+    front_backoff_ns: int = 256
+    idle_backoff_ns: int = 2000
+    device: int = 0
+    backend: str = "cuda"
+
+    def __post_init__(self):
+        _check_int("capacity", self.capacity, 2, MAX_CAPACITY)
+        if not is_power_of_two(self.capacity):
+            raise ConfigError(f"capacity={self.capacity} must be a power of two (e.g. {1 << self.capacity.bit_length()})")
+        _check_int("slot_bytes", self.slot_bytes, 16, MAX_SLOT_BYTES)
+        if self.slot_bytes % 16:
+            raise ConfigError(f"slot_bytes={self.slot_bytes} must be a multiple of 16")
+        if self.capacity * self.slot_bytes > MAX_RING_BYTES:
+            raise ConfigError(f"capacity*slot_bytes={self.capacity * self.slot_bytes} exceeds {MAX_RING_BYTES} bytes")
+        if self.blocks is not None:
+            _check_int("blocks", self.blocks, 1, 65535)
+        _check_int("threads_per_block", self.threads_per_block, 32, 1024)
+        if self.threads_per_block % 32:
+            raise ConfigError(f"threads_per_block={self.threads_per_block} must be a multiple of 32")
+        for name in ("enqueue_timeout_s", "shutdown_timeout_s"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
+                raise ConfigError(f"{name}={v!r} must be a number >= 0")
+        _check_int("front_backoff_ns", self.front_backoff_ns, 0, 1_000_000)
+        _check_int("idle_backoff_ns", self.idle_backoff_ns, 0, 1_000_000)
+        _check_int("device", self.device, 0, 1023)
+        if not isinstance(self.plugin, str) or not self.plugin.isidentifier():
+            raise ConfigError(f"plugin={self.plugin!r} must be a plugin name such as 'echo'")
+        if self.backend not in ("cuda", "sim"):
+            raise ConfigError(f"backend={self.backend!r} must be 'cuda' or 'sim'")
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    """A snapshot of a queue's counters (message counts; no units).
+
+    enqueued:  messages accepted by ``enqueue`` (the doorbell value).
+    processed: results the device has published (sum of its per-warp counters, read in place).
+    taken:     results removed by ``try_dequeue_result``.
+    pending:   enqueued - processed: READY or INFLIGHT on the device.
+    occupied:  enqueued - taken: slots not EMPTY (the ring is full at ``capacity``).
+    capacity, slot_bytes, blocks, threads_per_block, warps: the running geometry.
+    kernel:    "running", "exited" or "not started".
+    backend:   "cuda" or "sim".
+    """
+
+    enqueued: int
+    processed: int
+    taken: int
+    pending: int
+    occupied: int
+    capacity: int
+    slot_bytes: int
+    blocks: int
+    threads_per_block: int
+    warps: int
+    kernel: str
+    backend: str
+
+
+class GpuQueue:
+    """A ring of ``capacity`` slots served by one persistent cooperative kernel.
+
+    Thread safety: any number of producer threads may call ``enqueue`` and any number of consumer
+    threads ``poll_completions`` / ``try_dequeue_result``; producers share one lock, consumers
+    another.  The CUDA calls it makes (start, stop, close) make the context current in the calling
+    thread.  Raises on construction: ConfigError, CudaUnavailable, CompileError, CudaError.
+    """
+
+    def __init__(self, config: QueueConfig | None = None):
+        config = config if config is not None else QueueConfig()
+        if not isinstance(config, QueueConfig):
+            raise ConfigError(f"config must be a QueueConfig, not {type(config).__name__}")
+        self.config = config
+        if config.backend == "sim":
+            from .sim import SimulatedKernel as Backend
+        else:
+            from .kernel import PersistentKernel as Backend
+        self._kernel = kernel = Backend(config)
+        self._finalizer = weakref.finalize(self, kernel.close)
+        lay, mem, cap, sb = kernel.layout, kernel.mem, config.capacity, config.slot_bytes
+        off = lay.offsets
+        self._cap, self._mask, self._sb = cap, cap - 1, sb
+        self._ctrl_head = mem[off["ctrl_host"]:off["ctrl_host"] + 8].cast("Q")
+        self._req_hdr = mem[off["req_hdr"]:off["req_hdr"] + 16 * cap].cast("Q")  # [2s] len|flags<<32, [2s+1] msg_id
+        self._res_hdr = mem[off["res_hdr"]:off["res_hdr"] + 16 * cap].cast("Q")
+        self._req_data = mem[off["req_data"]:off["req_data"] + sb * cap]
+        self._res_data = mem[off["res_data"]:off["res_data"] + sb * cap]
+        self._counters = np.frombuffer(mem, dtype=np.uint64, count=lay.warps, offset=off["warp_counters"])
+        for hdr in (self._req_hdr, self._res_hdr):
+            np.frombuffer(hdr, dtype=np.uint64)[1::2] = NO_MSG
+        self._ready = READY << 32
+        # producer state (under _plock) and consumer state (under _clock)
+        self._plock, self._clock = threading.Lock(), threading.Lock()
+        self._head = 0           # next msg_id; mirrors GpuqCtrlHost.head
+        self._tail = 0           # every msg_id below this has been taken
+        self._polled = 0         # poll_completions reported everything below this
+        self._taken = bytearray(cap)  # 1 = taken out of order, slot not yet behind _tail
+        self._taken_count = 0
+        self._accepting = True
+        self._stopped = False
+        kernel.start()
+
+    # -- producer ------------------------------------------------------------------------------
+
+    def enqueue(self, payload, timeout: float | None = None) -> int:
+        """Copy ``payload`` into the next slot and publish it; return its ``msg_id`` (0, 1, 2, ...).
+
+        payload: any C-contiguous bytes-like object (bytes, bytearray, memoryview, numpy array),
+                 at most ``slot_bytes`` bytes (0 is allowed).
+        timeout: seconds to wait while the ring is full (every slot holds a message or an untaken
+                 result); None = ``config.enqueue_timeout_s``; 0 = fail at once.
+        Raises PayloadError (too large), PayloadTypeError (not bytes-like), QueueFull (no slot freed
+        within the timeout; nothing enqueued), QueueClosed (after shutdown), GpuqError (the kernel
+        stopped while waiting).  Cost: ~0.6 µs from CPython, no CUDA call (benchmarks/NOTES.md).
+        """
+        if type(payload) is not bytes:
+            payload = _byte_view(payload)
+        n = len(payload)
+        if n > self._sb:
+            raise PayloadError(f"payload is {n} bytes; slot_bytes is {self._sb} (the limit per message)")
+        with self._plock:
+            if not self._accepting:
+                raise QueueClosed("queue is shut down: enqueue is no longer accepted")
+            seq = self._head
+            if seq - self._tail >= self._cap:
+                self._wait_for_slot(seq, timeout)
+            slot = seq & self._mask
+            off = slot * self._sb
+            self._req_data[off:off + n] = payload
+            self._req_hdr[slot << 1] = n | self._ready
+            self._req_hdr[(slot << 1) | 1] = seq
+            self._head = seq + 1
+            self._ctrl_head[0] = seq + 1  # the doorbell, last
+        return seq
+
+    def _wait_for_slot(self, seq: int, timeout: float | None) -> None:
+        timeout = self.config.enqueue_timeout_s if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        pause = 0.0
+        while seq - self._tail >= self._cap:
+            if time.monotonic() >= deadline:
+                raise QueueFull(f"ring full: all {self._cap} slots hold messages or untaken results "
+                                f"(waited {timeout} s); take results with try_dequeue_result()")
+            if self._kernel.exited():
+                raise GpuqError("the persistent kernel has stopped; the queue cannot make room")
+            time.sleep(pause)
+            pause = min(1e-3, pause * 2 or 1e-6)
+
+    # -- consumer ------------------------------------------------------------------------------
+
+    def poll_completions(self, max_items: int | None = None) -> list[int]:
+        """msg_ids whose results are ready and not yet taken, each reported once, in msg_id order.
+
+        Stops at the first message not yet done (a later one that finished early is reported
+        once the earlier ones have).  ``max_items`` caps the list.  Never blocks.
+        """
+        with self._clock:
+            if self._res_hdr is None:
+                raise QueueClosed("queue is closed: its memory has been freed")
+            seq = max(self._polled, self._tail)
+            end = self._head if max_items is None else min(self._head, seq + max_items)
+            ids, taken, mask = self._res_hdr, self._taken, self._mask
+            out = []
+            while seq < end and ids[((seq & mask) << 1) | 1] == seq:
+                if not taken[seq & mask]:
+                    out.append(seq)
+                seq += 1
+            self._polled = seq
+        return out
+
+    def try_dequeue_result(self, msg_id: int) -> bytes | None:
+        """The result of ``msg_id`` as bytes (and its slot freed), or None if not done yet.
+
+        None also for a msg_id already taken or never issued.  Raises ProtocolError if the device
+        flagged this slot as broken, QueueClosed after ``close()``.
+        """
+        with self._clock:
+            if self._res_hdr is None:
+                raise QueueClosed("queue is closed: its memory has been freed")
+            if msg_id < self._tail or msg_id >= self._head:
+                return None
+            slot = msg_id & self._mask
+            h = slot << 1
+            if self._res_hdr[h | 1] != msg_id or self._taken[slot]:
+                return None
+            len_flags = self._res_hdr[h]
+            n = len_flags & 0xFFFFFFFF
+            off = slot * self._sb
+            data = self._res_data[off:off + n].tobytes()
+            if msg_id == self._tail:
+                t, head, taken, mask = msg_id + 1, self._head, self._taken, self._mask
+                while t < head and taken[t & mask]:
+                    taken[t & mask] = 0
+                    t += 1
+                self._tail = t
+            else:
+                self._taken[slot] = 1
+            self._taken_count += 1
+        code = len_flags >> 40
+        if code or (len_flags >> 32) & 0xFF != DONE:
+            raise ProtocolError(f"msg_id {msg_id}: device reported {ERROR_NAMES.get(code, code)}")
+        return data
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def stats(self) -> QueueStats:
+        """A QueueStats snapshot (reads device counters in place; no copy, no CUDA call)."""
+        if self._res_hdr is None:
+            raise QueueClosed("queue is closed")
+        k = self._kernel
+        processed = int(self._counters.sum())
+        state = k._ctrl_dev.state
+        kernel = "running" if state == KERNEL_RUNNING else "exited" if state == KERNEL_EXITED else "not started"
+        head = self._head
+        return QueueStats(enqueued=head, processed=processed, taken=self._taken_count, pending=head - processed,
+                          occupied=head - self._taken_count, capacity=self._cap, slot_bytes=self._sb,
+                          blocks=k.blocks, threads_per_block=k.threads, warps=k.warps, kernel=kernel,
+                          backend=k.backend)
+
+    def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Stop accepting messages and stop the kernel.  Safe to call twice.
+
+        drain=True (default): the kernel first processes every message already enqueued, so each
+        one's result can still be taken (until ``close()``).  drain=False: it stops as soon as
+        possible; unprocessed messages get no result.  timeout: seconds (None =
+        ``config.shutdown_timeout_s``); past it the kernel is aborted and GpuqError is raised.
+        Raises ProtocolError if the device reported a broken slot during the queue's life.
+        """
+        with self._plock:
+            self._accepting = False
+            if self._stopped:
+                return
+            self._stopped = True
+        k = self._kernel
+        k.request_stop(STOP_DRAIN if drain else STOP_ABORT)
+        timeout = self.config.shutdown_timeout_s if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        while not k.exited():
+            if time.monotonic() > deadline:
+                k.request_stop(STOP_ABORT)
+                raise GpuqError(f"the kernel did not drain within {timeout} s; aborted "
+                                f"({self._head - int(self._counters.sum())} messages unprocessed)")
+            time.sleep(1e-4)
+        code, msg_id = k.error
+        if code:
+            raise ProtocolError(f"device reported {ERROR_NAMES.get(code, code)} at msg_id {msg_id}")
+
+    def close(self) -> None:
+        """Shut down (draining) if needed, then free all GPU and pinned memory.  Idempotent.
+
+        Results not taken are gone after this; every later call raises QueueClosed.
+        """
+        try:
+            if not self._stopped:
+                self.shutdown(drain=True)
+        finally:
+            with self._clock:
+                self._res_hdr = self._req_hdr = self._res_data = self._req_data = self._ctrl_head = None
+                self._counters = np.zeros(1, np.uint64)
+            self._finalizer()
+
+    @property
+    def closed(self) -> bool:
+        return not self._finalizer.alive
+
+    def __enter__(self) -> "GpuQueue":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "shut down" if self._stopped else "running"
+        return f"<GpuQueue {self._kernel.backend} capacity={self._cap} slot_bytes={self._sb} {state}>"
+
+
+def _byte_view(payload) -> memoryview:
+    """A flat byte view of any C-contiguous buffer; PayloadTypeError otherwise."""
+    try:
+        view = memoryview(payload)
+    except TypeError:
+        raise PayloadTypeError(
+            f"payload must be a bytes-like object (bytes, bytearray, memoryview, numpy array), "
+            f"not {type(payload).__name__}") from None
+    if not view.c_contiguous:
+        raise PayloadTypeError("payload must be C-contiguous")
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
