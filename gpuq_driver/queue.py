@@ -269,6 +269,28 @@ class GpuQueue:
             raise ProtocolError(f"msg_id {msg_id}: device reported {ERROR_NAMES.get(code, code)}")
         return data
 
+    def wait_result(self, msg_id: int, timeout: float = 1.0) -> bytes:
+        """Block until ``msg_id``'s result is ready, take it and return it.
+
+        Spins for the first ~50 µs (a round trip is a few µs), then sleeps in growing steps up to
+        1 ms.  Raises TimeoutError after ``timeout`` seconds (the result stays takeable), KeyError
+        for a msg_id already taken or never issued, ProtocolError, QueueClosed.
+        """
+        start = time.perf_counter()
+        pause = 0.0
+        while True:
+            result = self.try_dequeue_result(msg_id)
+            if result is not None:
+                return result
+            if not self._tail <= msg_id < self._head or self._taken[msg_id & self._mask]:
+                raise KeyError(f"msg_id {msg_id} was already taken or never issued")
+            waited = time.perf_counter() - start
+            if waited > timeout:
+                raise TimeoutError(f"no result for msg_id {msg_id} within {timeout} s")
+            if waited > 50e-6:
+                time.sleep(pause)
+                pause = min(1e-3, pause * 2 or 1e-6)
+
     # -- state ---------------------------------------------------------------------------------
 
     def stats(self) -> QueueStats:

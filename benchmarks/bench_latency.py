@@ -1,0 +1,265 @@
+#!/usr/bin/env python3
+"""Round-trip latency and enqueue throughput of GpuQueue, beside the launch-per-message baselines.
+
+Everything is measured in one process, one run, on one GPU:
+  floors      empty kernel launch + sync; 64 B H2D copy + sync; cuMemcpyHtoDAsync call alone;
+              flag ping-pong through mapped pinned memory with a one-thread persistent kernel
+  baselines   launch-per-message: (a) H2D copy, launch gpuq_batch, D2H copy, sync;
+              (b) launch gpuq_batch reading and writing mapped pinned memory, sync
+  queue       one message at a time, enqueue -> result bytes on the host (64 B, 512 B, 4 KB;
+              and 64 B under several front_backoff_ns); per-message enqueue throughput from one
+              Python thread (ring large enough for the burst, then the results are drained and
+              checked); enqueue + take interleaved in one thread (sustained, ring of 1024)
+Latencies are per-iteration perf_counter_ns deltas after a warm-up: p50 / p99 in µs.
+Writes <out>/bench_latency.json and <out>/bench_latency.png and prints a table.
+
+    PYTHONPATH=. python benchmarks/bench_latency.py --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from gpuq_driver import GpuQueue, QueueConfig, compile_cubin, driver  # noqa: E402
+from gpuq_driver.compiler import CompileOptions, nvrtc_version  # noqa: E402
+
+
+def pct(samples_ns) -> dict:
+    a = np.asarray(samples_ns, dtype=np.float64) / 1e3
+    return {"p50_us": float(np.percentile(a, 50)), "p99_us": float(np.percentile(a, 99)),
+            "mean_us": float(a.mean()), "n": int(a.size)}
+
+
+def timed(fn, iters: int, warmup: int) -> dict:
+    clock = time.perf_counter_ns
+    for _ in range(warmup):
+        fn()
+    out = np.empty(iters, dtype=np.int64)
+    for i in range(iters):
+        t = clock()
+        fn()
+        out[i] = clock() - t
+    return pct(out)
+
+
+def floors_and_baselines(ctx, info, iters: int) -> dict:
+    d = driver._driver()
+    opts = CompileOptions(arch=info.arch)
+    bench = driver.Module(ctx, compile_cubin("gpuq_bench.cu", opts))
+    batch = driver.Module(ctx, compile_cubin("gpuq_batch.cu", opts))
+    empty, pingpong, batch_fn = bench.function("gpuq_empty"), bench.function("gpuq_pingpong"), batch.function("gpuq_batch")
+    s = driver.Stream(ctx)
+    pinned = driver.MappedHostBuffer(ctx, 1 << 16)
+    dev = driver.DeviceBuffer(ctx, 1 << 16)
+    res = {}
+
+    res["empty_launch_sync"] = timed(lambda: (driver.launch(empty, 1, 32, [], s), s.synchronize()), iters, 500)
+    res["h2d_64B_sync"] = timed(
+        lambda: (driver.copy_htod_async(dev.ptr, pinned.host_ptr, 64, s), s.synchronize()), iters, 500)
+    res["h2d_64B_async_call_only"] = timed(lambda: driver.copy_htod_async(dev.ptr, pinned.host_ptr, 64, s), iters, 500)
+    s.synchronize()
+
+    # launch-per-message baseline (a): copies.  Layout in pinned/dev: [0:64) payload, [4096:4100) len,
+    # [8192:8256) result, [12288:12292) result len.
+    payload = np.random.default_rng(1).integers(0, 256, 64, dtype=np.uint8).tobytes()
+    pv = pinned.view
+    args_copy = [ctypes.c_uint64(dev.ptr), ctypes.c_uint64(dev.ptr + 4096), ctypes.c_uint64(dev.ptr + 8192),
+                 ctypes.c_uint64(dev.ptr + 12288), ctypes.c_uint32(1), ctypes.c_uint32(64), ctypes.c_uint64(0)]
+
+    def per_message_copies():
+        pv[0:64] = payload
+        pv[4096:4100] = (64).to_bytes(4, "little")
+        driver.copy_htod_async(dev.ptr, pinned.host_ptr, 64, s)
+        driver.copy_htod_async(dev.ptr + 4096, pinned.host_ptr + 4096, 4, s)
+        driver.launch(batch_fn, 1, 32, args_copy, s)
+        driver.copy_dtoh_async(pinned.host_ptr + 8192, dev.ptr + 8192, 64, s)
+        driver.copy_dtoh_async(pinned.host_ptr + 12288, dev.ptr + 12288, 4, s)
+        s.synchronize()
+
+    res["launch_per_message_copies_64B"] = timed(per_message_copies, iters, 500)
+    assert bytes(pv[8192:8256]) == payload, "launch-per-message baseline returned wrong bytes"
+
+    # (b): the kernel reads and writes mapped pinned memory directly: launch + sync only.
+    base = pinned.device_ptr
+    args_mapped = [ctypes.c_uint64(base), ctypes.c_uint64(base + 4096), ctypes.c_uint64(base + 8192),
+                   ctypes.c_uint64(base + 12288), ctypes.c_uint32(1), ctypes.c_uint32(64), ctypes.c_uint64(0)]
+    pv[8192:8256] = bytes(64)
+
+    def per_message_mapped():
+        pv[0:64] = payload
+        driver.launch(batch_fn, 1, 32, args_mapped, s)
+        s.synchronize()
+
+    res["launch_per_message_mapped_64B"] = timed(per_message_mapped, iters, 500)
+    assert bytes(pv[8192:8256]) == payload
+
+    # flag ping-pong floor
+    flags = pv[32768:32768 + 16].cast("Q")
+    flags[0] = flags[1] = 0
+    driver.launch(pingpong, 1, 32, [ctypes.c_uint64(base + 32768), ctypes.c_uint64(base + 32776)], s)
+    counter = [0]
+
+    def ping():
+        counter[0] += 1
+        v = counter[0]
+        flags[0] = v
+        while flags[1] != v:
+            pass
+
+    res["flag_pingpong_mapped"] = timed(ping, iters, 1000)
+    flags[0] = 0xFFFFFFFFFFFFFFFF
+    s.synchronize()
+
+    for r in (pinned, dev, s, bench, batch):
+        r.close()
+    return res
+
+
+def queue_round_trip(size: int, iters: int, **cfg) -> dict:
+    slot = max(64, size)
+    payloads = [np.random.default_rng(i).integers(0, 256, size, dtype=np.uint8).tobytes() for i in range(16)]
+    with GpuQueue(QueueConfig(capacity=1024, slot_bytes=slot, **cfg)) as q:
+        enqueue, take = q.enqueue, q.try_dequeue_result
+        bad = 0
+        clock = time.perf_counter_ns
+        samples = np.empty(iters, dtype=np.int64)
+        for i in range(iters + 1000):
+            p = payloads[i & 15]
+            t = clock()
+            mid = enqueue(p)
+            while (r := take(mid)) is None:
+                pass
+            dt = clock() - t
+            bad += r != p
+            if i >= 1000:
+                samples[i - 1000] = dt
+        stats = q.stats()
+    out = pct(samples)
+    out.update(mismatches=int(bad), blocks=stats.blocks, threads_per_block=stats.threads_per_block, **cfg)
+    return out
+
+
+def enqueue_throughput(n: int) -> dict:
+    cap = 1 << max(10, (n - 1).bit_length())
+    payloads = [np.random.default_rng(i).integers(0, 256, 64, dtype=np.uint8).tobytes() for i in range(1024)]
+    with GpuQueue(QueueConfig(capacity=cap, slot_bytes=64)) as q:
+        enqueue = q.enqueue
+        for p in payloads:  # warm-up, then free the slots
+            q.wait_result(enqueue(p))
+        t0 = time.perf_counter()
+        for i in range(n):
+            enqueue(payloads[i & 1023])
+        t_enq = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        bad = 0
+        first = 1024
+        take = q.try_dequeue_result
+        for mid in range(first, first + n):
+            r = take(mid)
+            while r is None:
+                r = take(mid)
+            bad += r != payloads[(mid - first) & 1023]
+        t_take = time.perf_counter() - t0
+        s = q.stats()
+    return {"messages": n, "capacity": cap, "enqueue_msg_per_s": n / t_enq, "enqueue_ns_per_msg": t_enq / n * 1e9,
+            "take_msg_per_s": n / t_take, "mismatches": int(bad), "processed": s.processed}
+
+
+def sustained_one_thread(n: int) -> dict:
+    payloads = [np.random.default_rng(i).integers(0, 256, 64, dtype=np.uint8).tobytes() for i in range(256)]
+    with GpuQueue(QueueConfig(capacity=1024, slot_bytes=64)) as q:
+        enqueue, poll, take = q.enqueue, q.poll_completions, q.try_dequeue_result
+        bad = got = 0
+        t0 = time.perf_counter()
+        for i in range(n):
+            enqueue(payloads[i & 255], timeout=5)
+            if i & 255 == 255:
+                for mid in poll():
+                    bad += take(mid) != payloads[mid & 255]
+                    got += 1
+        while got < n:
+            for mid in poll():
+                bad += take(mid) != payloads[mid & 255]
+                got += 1
+        dt = time.perf_counter() - t0
+    return {"messages": n, "msg_per_s": n / dt, "mismatches": int(bad)}
+
+
+def plot(results: dict, path: Path) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    rows = [(k, v) for k, v in results["latency"].items()]
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.2))
+    names = [k for k, _ in rows]
+    ax.barh(names, [v["p50_us"] for _, v in rows], color="tab:blue", label="p50")
+    ax.barh(names, [v["p99_us"] - v["p50_us"] for _, v in rows], left=[v["p50_us"] for _, v in rows],
+            color="tab:orange", alpha=0.6, label="p99")
+    ax.set_xlabel("round trip, µs (Python host, one message at a time)")
+    ax.set_title(f"gpuq_driver on {results['env']['device']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description="GpuQueue latency and throughput vs launch-per-message")
+    ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    ap.add_argument("--iters", type=int, default=20000)
+    ap.add_argument("--enqueue-messages", type=int, default=1_000_000)
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    ctx = driver.primary_context(0)
+    info = driver.device_info(0)
+    import cuda.bindings
+
+    env = {"device": info.name, "arch": info.arch, "sm_count": info.sm_count,
+           "driver": int(driver.check(driver._driver().cuDriverGetVersion())),
+           "cuda_bindings": cuda.bindings.__version__, "nvrtc": "%d.%d" % nvrtc_version(),
+           "python": platform.python_version(), "numpy": np.__version__,
+           "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    results: dict = {"env": env, "latency": {}}
+    lat = results["latency"]
+    lat.update(floors_and_baselines(ctx, info, args.iters))
+    for size in (64, 512, 4096):
+        lat[f"gpuq_round_trip_{size}B"] = queue_round_trip(size, args.iters)
+    for fb in (0, 1000, 4000):
+        lat[f"gpuq_round_trip_64B_front_backoff_{fb}ns"] = queue_round_trip(64, args.iters // 2, front_backoff_ns=fb)
+    results["enqueue_throughput"] = enqueue_throughput(args.enqueue_messages)
+    results["sustained_one_thread"] = sustained_one_thread(args.enqueue_messages // 2)
+
+    (out / "bench_latency.json").write_text(json.dumps(results, indent=2))
+    plot(results, out / "bench_latency.png")
+
+    print(f"\n{env['device']} ({env['arch']}), driver {env['driver']}, cuda-bindings {env['cuda_bindings']}, "
+          f"NVRTC {env['nvrtc']}, Python {env['python']}")
+    print(f"{'round trip (one at a time)':52s} {'p50 us':>8s} {'p99 us':>8s}")
+    for k, v in lat.items():
+        print(f"{k:52s} {v['p50_us']:8.2f} {v['p99_us']:8.2f}")
+    e = results["enqueue_throughput"]
+    print(f"enqueue, one Python thread, 64 B: {e['enqueue_msg_per_s']:,.0f} msg/s ({e['enqueue_ns_per_msg']:.0f} ns/msg),"
+          f" then take {e['take_msg_per_s']:,.0f} msg/s, mismatches {e['mismatches']}")
+    su = results["sustained_one_thread"]
+    print(f"enqueue+take interleaved, one thread, ring 1024: {su['msg_per_s']:,.0f} msg/s, mismatches {su['mismatches']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+#!/usr/bin/env python3
+"""Print a dated benchmarks/NOTES.md entry from one gpu_session.sh run's folder (pytest.log,
+example.log, bench_latency.json).  Usage: python benchmarks/notes_entry.py OUT_DIR >> benchmarks/NOTES.md"""
+
+import json
+import re
+import sys
+from pathlib import Path
+
+
+def last_line(path: Path, pattern: str) -> str:
+    if not path.exists():
+        return "(missing)"
+    lines = [ln for ln in path.read_text(errors="replace").splitlines() if re.search(pattern, ln)]
+    return lines[-1].strip() if lines else "(not found)"
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    bench = json.loads((out / "bench_latency.json").read_text()) if (out / "bench_latency.json").exists() else {}
+    env = bench.get("env", {})
+    print(f"\n## {env.get('date', '(no benchmark)')} — {env.get('device', '?')} ({env.get('arch', '?')})\n")
+    print(f"- versions: driver {env.get('driver')}, cuda-bindings {env.get('cuda_bindings')}, NVRTC {env.get('nvrtc')}, "
+          f"Python {env.get('python')}, numpy {env.get('numpy')}")
+    print(f"- nvidia-smi: {(out / 'nvidia-smi.txt').read_text().strip() if (out / 'nvidia-smi.txt').exists() else '?'}")
+    print(f"- GPU tests: `{last_line(out / 'pytest.log', r'(passed|failed|error)')}`")
+    ex = out / "example.log"
+    for pat in ("^messages:", "^throughput:", "^round trip", "^(OK|FAILED)"):
+        print(f"- example: `{last_line(ex, pat)}`")
+    if bench:
+        print("\n| round trip, one message at a time | p50 µs | p99 µs |\n|---|---:|---:|")
+        for k, v in bench["latency"].items():
+            print(f"| {k} | {v['p50_us']:.2f} | {v['p99_us']:.2f} |")
+        e, s = bench["enqueue_throughput"], bench["sustained_one_thread"]
+        print(f"\n- enqueue from one Python thread, 64 B, {e['messages']:,} messages into a ring of {e['capacity']:,}: "
+              f"**{e['enqueue_msg_per_s']:,.0f} msg/s** ({e['enqueue_ns_per_msg']:.0f} ns/msg); "
+              f"taking the results: {e['take_msg_per_s']:,.0f} msg/s; mismatches {e['mismatches']}")
+        print(f"- enqueue + take interleaved in one thread, ring 1024: {s['msg_per_s']:,.0f} msg/s; mismatches {s['mismatches']}")
+
+
+if __name__ == "__main__":
+    main()

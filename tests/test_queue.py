@@ -1,0 +1,221 @@
+"""GpuQueue behaviour, on the CPU simulator everywhere and on the persistent kernel where a GPU exists."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from gpuq_driver import (GpuQueue, PayloadError, PayloadTypeError, QueueClosed, QueueConfig, QueueFull,
+                         QueueStats)
+
+
+def drain(q: GpuQueue, ids, timeout=10.0) -> dict[int, bytes]:
+    return {i: q.wait_result(i, timeout) for i in ids}
+
+
+def test_lifecycle(make_queue, backend):
+    q = make_queue(capacity=16, slot_bytes=64)
+    assert repr(q).startswith(f"<GpuQueue {backend}")
+    s = q.stats()
+    assert isinstance(s, QueueStats) and s.kernel == "running" and s.enqueued == 0 and s.backend == backend
+    mid = q.enqueue(b"hello")
+    assert mid == 0
+    assert q.wait_result(mid) == b"hello"
+    assert q.try_dequeue_result(mid) is None  # taken once only
+    q.shutdown()
+    assert q.stats().kernel == "exited"
+    q.shutdown()  # twice is fine
+    with pytest.raises(QueueClosed):
+        q.enqueue(b"late")
+    q.close()
+    q.close()
+    assert q.closed
+    with pytest.raises(QueueClosed):
+        q.try_dequeue_result(0)
+    with pytest.raises(QueueClosed):
+        q.stats()
+
+
+def test_context_manager_closes(backend):
+    with GpuQueue(QueueConfig(capacity=8, slot_bytes=16, backend=backend)) as q:
+        q.wait_result(q.enqueue(b"x" * 16))
+    assert q.closed
+
+
+def test_random_payloads_byte_for_byte(make_queue, backend):
+    """100,000 payloads of random length 0..slot_bytes on the GPU (5,000 on the simulator)."""
+    count = 100_000 if backend == "cuda" else 5_000
+    sb = 512
+    q = make_queue(capacity=1024, slot_bytes=sb)
+    rng = random.Random(1234)
+    sent: dict[int, bytes] = {}
+    got: dict[int, bytes] = {}
+    for _ in range(count):
+        p = rng.randbytes(rng.randint(0, sb))
+        while True:
+            try:
+                sent[q.enqueue(p, timeout=0)] = p
+                break
+            except QueueFull:
+                for i in q.poll_completions():
+                    got[i] = q.try_dequeue_result(i)
+    for i in sent.keys() - got.keys():
+        got[i] = q.wait_result(i, 10.0)
+    assert len(got) == count
+    assert [i for i in sent if got[i] != sent[i]] == []
+    s = q.stats()
+    assert s.enqueued == s.processed == s.taken == count and s.occupied == 0
+
+
+def test_ring_wraps_many_times(make_queue):
+    q = make_queue(capacity=8, slot_bytes=32)
+    for i in range(4000):  # 500 laps of the ring
+        p = i.to_bytes(4, "little") * (i % 9)
+        assert q.wait_result(q.enqueue(p)) == p
+
+
+def test_full_ring_backpressure(make_queue):
+    q = make_queue(capacity=4, slot_bytes=16)
+    ids = [q.enqueue(bytes([i]) * 3) for i in range(4)]
+    with pytest.raises(QueueFull, match="4 slots"):
+        q.enqueue(b"no room", timeout=0)
+    t0 = time.monotonic()
+    with pytest.raises(QueueFull):
+        q.enqueue(b"no room", timeout=0.2)
+    assert time.monotonic() - t0 >= 0.2
+    assert q.stats().enqueued == 4  # the refused messages were not enqueued
+    # a consumer frees a slot while the producer waits: the enqueue then succeeds
+    threading.Timer(0.05, lambda: q.wait_result(ids[0])).start()
+    late = q.enqueue(b"room now", timeout=5)
+    assert late == 4
+    assert [q.wait_result(i) for i in ids[1:]] == [bytes([i]) * 3 for i in range(1, 4)]
+    assert q.wait_result(late) == b"room now"
+
+
+def test_out_of_order_take_frees_in_order(make_queue):
+    q = make_queue(capacity=4, slot_bytes=16)
+    ids = [q.enqueue(bytes([i])) for i in range(4)]
+    assert q.wait_result(ids[2]) == b"\x02"
+    assert q.wait_result(ids[1]) == b"\x01"
+    with pytest.raises(QueueFull):  # slot 0 still holds an untaken result
+        q.enqueue(b"x", timeout=0)
+    assert q.poll_completions() == [0, 3]
+    assert q.wait_result(ids[0]) == b"\x00"
+    # 0, 1, 2 are now taken: three slots free
+    more = [q.enqueue(b"y", timeout=0) for _ in range(3)]
+    assert more == [4, 5, 6]
+    with pytest.raises(KeyError):
+        q.wait_result(ids[1])
+
+
+def test_poll_reports_each_once(make_queue):
+    q = make_queue(capacity=64, slot_bytes=16)
+    ids = [q.enqueue(bytes([i])) for i in range(50)]
+    seen: list[int] = []
+    deadline = time.monotonic() + 10
+    while len(seen) < 50 and time.monotonic() < deadline:
+        seen += q.poll_completions(max_items=7)
+    assert seen == ids
+    assert q.poll_completions() == []
+    assert all(q.try_dequeue_result(i) == bytes([i]) for i in ids)
+
+
+def test_shutdown_drains_messages_in_flight(make_queue, backend):
+    q = make_queue(capacity=2048, slot_bytes=64)
+    if backend == "sim":
+        q._kernel.delay_s = 1e-4  # keep messages in flight when shutdown starts
+    payloads = [i.to_bytes(8, "little") * 8 for i in range(2000)]
+    ids = [q.enqueue(p) for p in payloads]
+    assert q.stats().pending > 0 or backend == "cuda"
+    q.shutdown()  # drain=True: every enqueued message is processed first
+    s = q.stats()
+    assert s.kernel == "exited" and s.processed == 2000 and s.pending == 0
+    assert [q.try_dequeue_result(i) for i in ids] == payloads
+
+
+def test_shutdown_abort_stops_without_draining(make_queue, backend):
+    q = make_queue(capacity=4096, slot_bytes=16)
+    if backend == "sim":
+        q._kernel.delay_s = 1e-3
+    ids = [q.enqueue(b"a") for _ in range(4000)]
+    q.shutdown(drain=False)
+    s = q.stats()
+    assert s.kernel == "exited"
+    done = [i for i in ids if q.try_dequeue_result(i) is not None]
+    assert len(done) == s.processed  # a result exists exactly for each processed message
+    if backend == "sim":
+        assert s.processed < 4000
+
+
+def test_two_producer_threads(make_queue, backend):
+    per_thread = 50_000 if backend == "cuda" else 3_000
+    q = make_queue(capacity=256, slot_bytes=32)
+    results: dict[int, bytes] = {}
+    sent: dict[int, bytes] = {}
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def producer(tag: int):
+        for i in range(per_thread):
+            p = bytes([tag]) + i.to_bytes(4, "little")
+            mid = q.enqueue(p, timeout=10)
+            with lock:
+                sent[mid] = p
+
+    def consumer():
+        while not stop.is_set() or len(results) < 2 * per_thread:
+            for mid in q.poll_completions():
+                results[mid] = q.try_dequeue_result(mid)
+            time.sleep(0)
+
+    c = threading.Thread(target=consumer)
+    c.start()
+    ps = [threading.Thread(target=producer, args=(t,)) for t in (1, 2)]
+    for t in ps:
+        t.start()
+    for t in ps:
+        t.join()
+    stop.set()
+    c.join(60)
+    assert not c.is_alive()
+    assert len(sent) == len(results) == 2 * per_thread
+    assert sorted(sent) == list(range(2 * per_thread))
+    assert all(results[m] == p for m, p in sent.items())
+    for tag in (1, 2):  # each producer's messages kept their order
+        mine = [m for m in sorted(sent) if sent[m][0] == tag]
+        assert [int.from_bytes(sent[m][1:], "little") for m in mine] == list(range(per_thread))
+
+
+@pytest.mark.parametrize("payload", [bytearray(b"abc"), memoryview(b"abcdef")[1:4],
+                                     np.arange(4, dtype=np.float32), np.zeros((2, 3), np.uint8)])
+def test_buffer_protocol_payloads(make_queue, payload):
+    q = make_queue(capacity=8, slot_bytes=64)
+    assert q.wait_result(q.enqueue(payload)) == bytes(memoryview(payload).cast("B"))
+
+
+def test_bad_input_is_refused_and_nothing_queued_is_lost(make_queue):
+    q = make_queue(capacity=8, slot_bytes=32)
+    ids = [q.enqueue(b"keep%d" % i) for i in range(3)]
+    with pytest.raises(PayloadError, match="33 bytes; slot_bytes is 32"):
+        q.enqueue(b"x" * 33)
+    with pytest.raises(PayloadTypeError, match="str"):
+        q.enqueue("text")
+    with pytest.raises(TypeError):  # PayloadTypeError is a TypeError too
+        q.enqueue(12345)
+    with pytest.raises(PayloadTypeError, match="contiguous"):
+        q.enqueue(np.arange(16, dtype=np.uint8)[::2])
+    assert q.stats().enqueued == 3
+    assert [q.wait_result(i) for i in ids] == [b"keep0", b"keep1", b"keep2"]
+    assert q.wait_result(q.enqueue(b"x" * 32)) == b"x" * 32
+
+
+def test_unknown_ids_give_none(make_queue):
+    q = make_queue(capacity=8, slot_bytes=16)
+    assert q.try_dequeue_result(0) is None
+    assert q.try_dequeue_result(10**9) is None
+    with pytest.raises(KeyError):
+        q.wait_result(5)
