@@ -11,6 +11,8 @@ mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader | tee "$OUT/nvidia-smi.txt"
+# A quick smoke run first, so a broken build costs one minute, not the whole session.
+timeout 90 $PY benchmarks/smoke.py 2>&1 | tee "$OUT/smoke.log" || { echo "smoke run failed: stopping"; exit 1; }
 timeout 420 $PY -m pytest -q -rs -p no:cacheprovider ${PYTEST_ARGS:-tests properties} 2>&1 | tee "$OUT/pytest.log"
 timeout 120 $PY examples/producer_consumer.py --messages "${EXAMPLE_MESSAGES:-1000000}" 2>&1 | tee "$OUT/example.log"
 timeout 240 $PY benchmarks/bench_latency.py --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from .errors import CudaError, CudaUnavailable, GpuqError, check
 
-_init_lock = threading.Lock()
+_init_lock = threading.RLock()
 _init_pid: int | None = None
 _contexts: dict[int, "Context"] = {}
 
@@ -167,7 +167,7 @@ class Stream(_Resource):
         d = _driver()
         ctx.make_current()
         self.ctx = ctx
-        self.handle = check(d.cuStreamCreate(d.CUstream_flags.CU_STREAM_NON_BLOCKING), "cuStreamCreate")
+        self.handle = check(d.cuStreamCreate(int(d.CUstream_flags.CU_STREAM_NON_BLOCKING)), "cuStreamCreate")
         self._finalizer = weakref.finalize(self, _free, ctx, "cuStreamDestroy", self.handle)
 
     def done(self) -> bool:

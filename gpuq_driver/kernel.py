@@ -22,6 +22,10 @@ from .layout import (KERNEL_EXITED, KERNEL_RUNNING, STOP_ABORT, CtrlDev, DevStat
                      expected_probe)
 
 
+_live: dict[int, "weakref.ref[PersistentKernel]"] = {}
+"""device ordinal -> the queue kernel running there in this process (at most one, see __init__)."""
+
+
 class PersistentKernel:
     """One launch of ``gpuq_persistent`` serving a ring of ``capacity`` × ``slot_bytes`` slots.
 
@@ -34,6 +38,21 @@ class PersistentKernel:
     backend = "cuda"
 
     def __init__(self, config):
+        # One persistent queue kernel per device per process: while one runs, another queue's
+        # module load or cuMemFree could wait on it forever.
+        other = _live.get(config.device)
+        if other is not None and other() is not None and not other().closed:
+            raise GpuqError(f"a GpuQueue is already running on device {config.device} in this process; "
+                            "close it first (one persistent queue kernel per device per process)")
+        self.closed = False
+        _live[config.device] = weakref.ref(self)
+        try:
+            self._setup(config)
+        except BaseException:
+            self.closed = True
+            raise
+
+    def _setup(self, config):
         self.ctx = driver.primary_context(config.device) if config.device < driver.device_count() else None
         if self.ctx is None:
             raise ConfigError(f"device={config.device}: this machine has {driver.device_count()} CUDA device(s)")
@@ -125,6 +144,7 @@ class PersistentKernel:
     def close(self) -> None:
         """Free every resource, once the kernel has exited (aborting it first if it still runs)."""
         self._finalizer()
+        self.closed = True
 
 
 def _release(stop_word, stream, resources) -> None:

@@ -166,7 +166,11 @@ class GpuQueue:
         self._taken_count = 0
         self._accepting = True
         self._stopped = False
-        kernel.start()
+        try:
+            kernel.start()
+        except BaseException:
+            kernel.close()
+            raise
 
     # -- producer ------------------------------------------------------------------------------
 
