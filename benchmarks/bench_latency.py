@@ -228,11 +228,11 @@ def main() -> int:
 
     ctx = driver.primary_context(0)
     info = driver.device_info(0)
-    import cuda.bindings
+    from importlib.metadata import version
 
     env = {"device": info.name, "arch": info.arch, "sm_count": info.sm_count,
            "driver": int(driver.check(driver._driver().cuDriverGetVersion())),
-           "cuda_bindings": cuda.bindings.__version__, "nvrtc": "%d.%d" % nvrtc_version(),
+           "cuda_bindings": version("cuda-bindings"), "nvrtc": "%d.%d" % nvrtc_version(),
            "python": platform.python_version(), "numpy": np.__version__,
            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     results: dict = {"env": env, "latency": {}}

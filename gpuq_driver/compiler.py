@@ -71,20 +71,35 @@ def plugins() -> list[str]:
     return sorted(p.stem for p in (DEVICE_SRC / "plugins").glob("*.cuh"))
 
 
+def _has_cccl(folder: Path) -> bool:
+    return (folder / "cuda" / "atomic").is_file()
+
+
 @lru_cache(maxsize=1)
 def include_dirs() -> tuple[str, ...]:
-    """``device_src`` and the CCCL header directory; raises GpuqError if CCCL cannot be found."""
-    from cuda import pathfinder
+    """``device_src`` and the CCCL header directory.
 
+    Looks with ``cuda.pathfinder.find_nvidia_header_directory("cccl")`` (pip wheels, conda,
+    CUDA_HOME), then in ``$CUDA_HOME``/``$CUDA_PATH``/``/usr/local/cuda`` (``include/cccl`` or
+    ``include``).  Raises GpuqError naming what to install when none has ``<cuda/atomic>``.
+    """
+    candidates: list[Path] = []
     try:
-        cccl = pathfinder.find_nvidia_header_directory("cccl")
-    except Exception as exc:  # pragma: no cover - depends on the machine
-        raise GpuqError(f"cannot look for CCCL headers: {exc}") from exc
-    if not cccl:
-        raise GpuqError(
-            "CCCL headers (<cuda/atomic>) not found: pip install nvidia-cuda-cccl, or set CUDA_HOME to a CUDA toolkit"
-        )
-    return (str(DEVICE_SRC), str(cccl))
+        from cuda import pathfinder
+
+        found = pathfinder.find_nvidia_header_directory("cccl")
+        if found:
+            candidates.append(Path(found))
+    except Exception:  # an older cuda-pathfinder, or nothing found: try the toolkit folders
+        pass
+    for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if root:
+            candidates += [Path(root) / "include" / "cccl", Path(root) / "include"]
+    for folder in candidates:
+        if _has_cccl(folder):
+            return (str(DEVICE_SRC), str(folder))
+    raise GpuqError("CCCL headers (<cuda/atomic>) not found: pip install nvidia-cuda-cccl, "
+                    "or set CUDA_HOME to a CUDA toolkit")
 
 
 @lru_cache(maxsize=1)
