@@ -146,21 +146,24 @@ extern "C" __global__ void gpuq_persistent(const GpuqParams p) {
   }
 }
 
+// offsetof without <cstddef> or __builtin_offsetof (which NVRTC 13.0 rejects for these structs).
+#define GPUQ_OFFSETOF(T, m) (reinterpret_cast<size_t>(&reinterpret_cast<const T*>(0)->m))
+
 // Writes sizeof/offsetof of every shared struct, in the order gpuq_driver/layout.py expects.
 extern "C" __global__ void gpuq_layout_probe(uint64_t* out) {
   if (blockIdx.x != 0 || threadIdx.x != 0) return;
   const uint64_t v[] = {
       GPUQ_LAYOUT_VERSION,
-      sizeof(GpuqSlotHeader), __builtin_offsetof(GpuqSlotHeader, len),
-      __builtin_offsetof(GpuqSlotHeader, flags), __builtin_offsetof(GpuqSlotHeader, msg_id),
-      sizeof(GpuqCtrlHost), __builtin_offsetof(GpuqCtrlHost, head),
-      __builtin_offsetof(GpuqCtrlHost, stop),
-      sizeof(GpuqCtrlDev), __builtin_offsetof(GpuqCtrlDev, state),
-      __builtin_offsetof(GpuqCtrlDev, error), __builtin_offsetof(GpuqCtrlDev, error_msg_id),
-      __builtin_offsetof(GpuqCtrlDev, layout_version), __builtin_offsetof(GpuqCtrlDev, warps),
+      sizeof(GpuqSlotHeader), GPUQ_OFFSETOF(GpuqSlotHeader, len),
+      GPUQ_OFFSETOF(GpuqSlotHeader, flags), GPUQ_OFFSETOF(GpuqSlotHeader, msg_id),
+      sizeof(GpuqCtrlHost), GPUQ_OFFSETOF(GpuqCtrlHost, head),
+      GPUQ_OFFSETOF(GpuqCtrlHost, stop),
+      sizeof(GpuqCtrlDev), GPUQ_OFFSETOF(GpuqCtrlDev, state),
+      GPUQ_OFFSETOF(GpuqCtrlDev, error), GPUQ_OFFSETOF(GpuqCtrlDev, error_msg_id),
+      GPUQ_OFFSETOF(GpuqCtrlDev, layout_version), GPUQ_OFFSETOF(GpuqCtrlDev, warps),
       sizeof(GpuqDevState), sizeof(GpuqParams),
-      __builtin_offsetof(GpuqParams, capacity), __builtin_offsetof(GpuqParams, slot_bytes),
-      __builtin_offsetof(GpuqParams, front_backoff_ns), __builtin_offsetof(GpuqParams, idle_backoff_ns),
+      GPUQ_OFFSETOF(GpuqParams, capacity), GPUQ_OFFSETOF(GpuqParams, slot_bytes),
+      GPUQ_OFFSETOF(GpuqParams, front_backoff_ns), GPUQ_OFFSETOF(GpuqParams, idle_backoff_ns),
   };
   for (unsigned i = 0; i < sizeof(v) / sizeof(v[0]); ++i) out[i] = v[i];
 }
