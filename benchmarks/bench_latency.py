@@ -146,7 +146,9 @@ def queue_round_trip(size: int, iters: int, **cfg) -> dict:
                 samples[i - 1000] = dt
         stats = q.stats()
     out = pct(samples)
-    out.update(mismatches=int(bad), blocks=stats.blocks, threads_per_block=stats.threads_per_block, **cfg)
+    out.update(cfg)
+    out.update(mismatches=int(bad), blocks=stats.blocks, threads_per_block=stats.threads_per_block)
+    print(f"  round trip {size} B {cfg}: p50 {out['p50_us']:.2f} us, p99 {out['p99_us']:.2f} us", flush=True)
     return out
 
 
@@ -177,18 +179,21 @@ def enqueue_throughput(n: int) -> dict:
 
 
 def sustained_one_thread(n: int) -> dict:
+    """One thread alternates: enqueue until the ring is full (timeout 0), then take what is done."""
+    from gpuq_driver import QueueFull
+
     payloads = [np.random.default_rng(i).integers(0, 256, 64, dtype=np.uint8).tobytes() for i in range(256)]
     with GpuQueue(QueueConfig(capacity=1024, slot_bytes=64)) as q:
         enqueue, poll, take = q.enqueue, q.poll_completions, q.try_dequeue_result
-        bad = got = 0
+        bad = got = i = 0
         t0 = time.perf_counter()
-        for i in range(n):
-            enqueue(payloads[i & 255], timeout=5)
-            if i & 255 == 255:
-                for mid in poll():
-                    bad += take(mid) != payloads[mid & 255]
-                    got += 1
         while got < n:
+            try:
+                while i < n:
+                    enqueue(payloads[i & 255], timeout=0)
+                    i += 1
+            except QueueFull:
+                pass
             for mid in poll():
                 bad += take(mid) != payloads[mid & 255]
                 got += 1
@@ -222,7 +227,16 @@ def main() -> int:
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     ap.add_argument("--iters", type=int, default=20000)
     ap.add_argument("--enqueue-messages", type=int, default=1_000_000)
+    ap.add_argument("--sim", action="store_true", help="dry run of the queue parts on the CPU simulator")
     args = ap.parse_args()
+    if args.sim:  # checks the script itself where there is no GPU; its figures mean nothing
+        global GpuQueue
+        real = GpuQueue
+        GpuQueue = lambda cfg: real(QueueConfig(**{**cfg.__dict__, "backend": "sim"}))  # noqa: E731
+        for name, cfg in (("1_block_1_warp", {"blocks": 1, "threads_per_block": 32}),):
+            queue_round_trip(64, 200, **cfg)
+        print(enqueue_throughput(3000), sustained_one_thread(3000))
+        return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -240,8 +254,10 @@ def main() -> int:
     lat.update(floors_and_baselines(ctx, info, args.iters))
     for size in (64, 512, 4096):
         lat[f"gpuq_round_trip_{size}B"] = queue_round_trip(size, args.iters)
-    for fb in (0, 1000, 4000):
-        lat[f"gpuq_round_trip_64B_front_backoff_{fb}ns"] = queue_round_trip(64, args.iters // 2, front_backoff_ns=fb)
+    for name, cfg in (("idle_backoff_0ns", {"idle_backoff_ns": 0}),
+                      ("1_block_1_warp", {"blocks": 1, "threads_per_block": 32}),
+                      ("8_blocks_4_warps", {"blocks": 8, "threads_per_block": 128})):
+        lat[f"gpuq_round_trip_64B_{name}"] = queue_round_trip(64, args.iters // 2, **cfg)
     results["enqueue_throughput"] = enqueue_throughput(args.enqueue_messages)
     results["sustained_one_thread"] = sustained_one_thread(args.enqueue_messages // 2)
 

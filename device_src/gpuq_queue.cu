@@ -49,33 +49,48 @@ __device__ uint64_t claim_and_wait(const GpuqParams& p) {
     if (s < h) return s;
     if (stop == GPUQ_STOP_DRAIN) return GPUQ_NO_MSG;  // head was final before stop was set
     if (s == h) {
-      // Front warp: read the host's doorbell.  stop is read before head: the host writes head
-      // before stop, so a stop seen here comes with the final head.
-      const uint32_t hstop = load_acquire_sys(&p.ctrl_host->stop);
-      const uint64_t hh = load_acquire_sys(&p.ctrl_host->head);
-      if (hh > h) {
-        atomicMax(reinterpret_cast<unsigned long long*>(&dev->head), static_cast<unsigned long long>(hh));
-        __threadfence();
+      // Front warp: only it advances dev->head, so it polls the host alone until its message
+      // (or a stop) arrives.  Doorbell and stop word in one PCIe round trip (two relaxed loads in
+      // flight, then an acquire fence); the host writes head before stop, so when stop is set,
+      // head is read again after it to get the final value.
+      const volatile GpuqCtrlHost* ch = p.ctrl_host;
+      for (uint32_t polls = 0;; ++polls) {
+        uint64_t hh = ch->head;
+        const uint32_t hstop = ch->stop;
+        cuda::atomic_thread_fence(cuda::memory_order_acquire, cuda::thread_scope_system);
+        if (hstop != GPUQ_RUN) hh = load_acquire_sys(&p.ctrl_host->head);
+        if (hh > h) {
+          atomicMax(reinterpret_cast<unsigned long long*>(&dev->head), static_cast<unsigned long long>(hh));
+          __threadfence();
+        }
+        if (hstop != GPUQ_RUN) store_release_dev(&dev->stop, hstop);
+        if (hstop == GPUQ_STOP_ABORT) return GPUQ_NO_MSG;
+        if (s < hh) return s;
+        if (hstop == GPUQ_STOP_DRAIN) return GPUQ_NO_MSG;
+        // Spin while traffic is recent (a poll is one PCIe round trip, ~1 us); back off once idle.
+        if (polls > 1024u) backoff(ns, p.front_backoff_ns);
       }
-      if (hstop != GPUQ_RUN) store_release_dev(&dev->stop, hstop);
-      if (hstop == GPUQ_STOP_ABORT) return GPUQ_NO_MSG;
-      if (s < hh) return s;
-      if (hstop == GPUQ_STOP_DRAIN) return GPUQ_NO_MSG;
-      backoff(ns, p.front_backoff_ns);
-    } else {
-      backoff(ns, p.idle_backoff_ns);
     }
+    // Not the front.  The next in line spins on the VRAM copy of the doorbell so that it takes
+    // over at once; the others sleep with exponential backoff.
+    if (s - h > 1u) backoff(ns, p.idle_backoff_ns);
   }
 }
 
 __device__ void process_one(const GpuqParams& p, uint64_t s, uint32_t lane) {
   const uint32_t slot = static_cast<uint32_t>(s & (p.capacity - 1u));
   const size_t data_off = static_cast<size_t>(slot) * p.slot_bytes;
-  uint32_t len = 0, code = GPUQ_ERR_NONE;
+  const uint8_t* src = p.req_data + data_off;
+
+  // One PCIe round trip for the header and the first 512 payload bytes: lane 0 reads the header
+  // while every lane reads its 16 bytes of the slot (speculatively: the length is not known yet).
+  const uint32_t first = lane * 16u;
+  uint4 hdr = make_uint4(0u, 0u, 0u, 0u), chunk = make_uint4(0u, 0u, 0u, 0u);
+  if (lane == 0) hdr = __ldcv(reinterpret_cast<const uint4*>(p.req_hdr + slot));
+  if (first < p.slot_bytes) chunk = __ldcv(reinterpret_cast<const uint4*>(src + first));
+  uint32_t len = hdr.x, code = GPUQ_ERR_NONE;
   if (lane == 0) {
-    const volatile GpuqSlotHeader* rh = p.req_hdr + slot;
-    len = rh->len;
-    const uint64_t mid = rh->msg_id;
+    const uint64_t mid = static_cast<uint64_t>(hdr.z) | (static_cast<uint64_t>(hdr.w) << 32);
     if (mid != s) code = GPUQ_ERR_BAD_MSG_ID;
     if (len > p.slot_bytes) { code = GPUQ_ERR_BAD_LEN; len = p.slot_bytes; }
     if (code != GPUQ_ERR_NONE) report_error(p, code, s);
@@ -83,12 +98,21 @@ __device__ void process_one(const GpuqParams& p, uint64_t s, uint32_t lane) {
   len = __shfl_sync(kFullMask, len, 0);
   code = __shfl_sync(kFullMask, code, 0);
 
-  // READY -> INFLIGHT: stage the payload in the message's VRAM slot.
+  // READY -> INFLIGHT: stage the payload in the message's VRAM slot; the rest of a long payload
+  // with four 16-byte loads in flight per lane (2 KB per round trip).
   uint8_t* vslot = p.vram_slots + static_cast<size_t>(slot) * (16u + p.slot_bytes);
   uint8_t* vin = vslot + 16;
-  const uint8_t* src = p.req_data + data_off;
-  for (uint32_t off = lane * 16u; off < len; off += 32u * 16u) {
-    *reinterpret_cast<uint4*>(vin + off) = __ldcv(reinterpret_cast<const uint4*>(src + off));
+  if (first < len) *reinterpret_cast<uint4*>(vin + first) = chunk;
+  for (uint32_t base = 512u + first; base < len; base += 4u * 512u) {
+    uint4 v[4];
+#pragma unroll
+    for (uint32_t k = 0; k < 4u; ++k) {
+      if (base + k * 512u < len) v[k] = __ldcv(reinterpret_cast<const uint4*>(src + base + k * 512u));
+    }
+#pragma unroll
+    for (uint32_t k = 0; k < 4u; ++k) {
+      if (base + k * 512u < len) *reinterpret_cast<uint4*>(vin + base + k * 512u) = v[k];
+    }
   }
   GpuqSlotHeader* vh = reinterpret_cast<GpuqSlotHeader*>(vslot);
   if (lane == 0) { vh->len = len; vh->flags = GPUQ_INFLIGHT; vh->msg_id = s; }
@@ -104,8 +128,8 @@ __device__ void process_one(const GpuqParams& p, uint64_t s, uint32_t lane) {
     }
   }
 
-  // INFLIGHT -> DONE: result data, fence, header; msg_id last.
-  __threadfence_system();
+  // INFLIGHT -> DONE: the warp's result writes are ordered before lane 0's release (the warp
+  // barrier orders them, the system-scope release is cumulative); header, then msg_id last.
   __syncwarp();
   if (lane == 0) {
     GpuqSlotHeader* oh = p.res_hdr + slot;

@@ -50,8 +50,10 @@ class QueueConfig:
     threads_per_block:  a multiple of 32, 32 .. 1024 (default 64: two worker warps per block).
     enqueue_timeout_s:  how long ``enqueue`` waits for a free slot before QueueFull (default 1.0 s).
     shutdown_timeout_s: how long ``shutdown`` waits for the kernel to drain (default 10.0 s).
-    front_backoff_ns:   cap of the __nanosleep between the front warp's doorbell reads over PCIe
-                        (default 256 ns; 0 = spin).  Lower is lower latency, more PCIe reads.
+    front_backoff_ns:   the front warp reads the doorbell over PCIe back to back (one read in
+                        flight, ~1 µs each) while traffic is recent; after 1,024 empty reads it
+                        sleeps between reads, growing up to this cap (default 1000 ns; 0 = always
+                        spin).  Lower is lower latency after idle, more PCIe reads.
     idle_backoff_ns:    cap of the __nanosleep of the other idle warps, which poll VRAM
                         (default 2000 ns).
     device:             CUDA device ordinal (default 0).
@@ -65,7 +67,7 @@ class QueueConfig:
     threads_per_block: int = 64
     enqueue_timeout_s: float = 1.0
     shutdown_timeout_s: float = 10.0
-    front_backoff_ns: int = 256
+    front_backoff_ns: int = 1000
     idle_backoff_ns: int = 2000
     device: int = 0
     backend: str = "cuda"
