@@ -249,6 +249,15 @@ def main() -> int:
            "cuda_bindings": version("cuda-bindings"), "nvrtc": "%d.%d" % nvrtc_version(),
            "python": platform.python_version(), "numpy": np.__version__,
            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    # Host CPUs of the lent machines start slow (clocks ramp up under load): spin 2 s first, and
+    # record how long an empty Python loop iteration takes, to compare runs across machines.
+    t_end = time.perf_counter() + 2.0
+    while time.perf_counter() < t_end:
+        pass
+    t0 = time.perf_counter()
+    for _ in range(1_000_000):
+        pass
+    env["python_empty_loop_ns"] = round((time.perf_counter() - t0) * 1e3, 1)
     results: dict = {"env": env, "latency": {}}
     lat = results["latency"]
     lat.update(floors_and_baselines(ctx, info, args.iters))
@@ -265,7 +274,7 @@ def main() -> int:
     plot(results, out / "bench_latency.png")
 
     print(f"\n{env['device']} ({env['arch']}), driver {env['driver']}, cuda-bindings {env['cuda_bindings']}, "
-          f"NVRTC {env['nvrtc']}, Python {env['python']}")
+          f"NVRTC {env['nvrtc']}, Python {env['python']} (empty loop {env['python_empty_loop_ns']} ns/iter)")
     print(f"{'round trip (one at a time)':52s} {'p50 us':>8s} {'p99 us':>8s}")
     for k, v in lat.items():
         print(f"{k:52s} {v['p50_us']:8.2f} {v['p99_us']:8.2f}")

@@ -21,7 +21,7 @@ def main() -> None:
     env = bench.get("env", {})
     print(f"\n## {env.get('date', '(no benchmark)')} — {env.get('device', '?')} ({env.get('arch', '?')})\n")
     print(f"- versions: driver {env.get('driver')}, cuda-bindings {env.get('cuda_bindings')}, NVRTC {env.get('nvrtc')}, "
-          f"Python {env.get('python')}, numpy {env.get('numpy')}")
+          f"Python {env.get('python')}, numpy {env.get('numpy')}; empty Python loop {env.get('python_empty_loop_ns')} ns/iteration")
     print(f"- nvidia-smi: {(out / 'nvidia-smi.txt').read_text().strip() if (out / 'nvidia-smi.txt').exists() else '?'}")
     print(f"- GPU tests: `{last_line(out / 'pytest.log', r'(passed|failed|error)')}`")
     ex = out / "example.log"

@@ -22,7 +22,7 @@
 // msg_id & (capacity - 1)):
 //
 //   EMPTY    -> READY     host writes req_data, then req_hdr {len, READY, msg_id}, then
-//                         GpuqCtrlHost.head = msg_id + 1 (the doorbell), in that order (x86 TSO)
+//                         GpuqCtrlHost.doorbell = msg_id + 1, in that order (x86 TSO)
 //   READY    -> INFLIGHT  a warp that claimed msg_id (atomicAdd on GpuqDevState.claim) sees
 //                         head > msg_id, copies the payload into its VRAM slot
 //   INFLIGHT -> DONE      the plugin writes res_data; __threadfence_system(); then res_hdr
@@ -50,10 +50,12 @@ using cuda::std::uint8_t;
 #define GPUQ_INFLIGHT 2u
 #define GPUQ_DONE 3u
 
-// GpuqCtrlHost.stop values.
+// Stop requests, carried in the doorbell's top byte (GpuqCtrlHost.doorbell >> 56).
 #define GPUQ_RUN 0u
 #define GPUQ_STOP_DRAIN 1u  // finish every published message, then exit
 #define GPUQ_STOP_ABORT 2u  // exit as soon as each warp is idle
+#define GPUQ_DOORBELL_STOP_SHIFT 56
+#define GPUQ_DOORBELL_HEAD_MASK ((1ull << GPUQ_DOORBELL_STOP_SHIFT) - 1ull)
 
 // GpuqCtrlDev.state values.
 #define GPUQ_KERNEL_NOT_STARTED 0u
@@ -75,12 +77,13 @@ struct __align__(16) GpuqSlotHeader {
   uint64_t msg_id;  // written last; GPUQ_NO_MSG until first use
 };
 
-// Host-written control line (128 B, its own cache line pair).
+// Host-written control line (128 B, its own cache line pair).  One 64-bit word, so the front
+// warp learns the head and a stop request from one acquire load (one PCIe round trip):
+//   doorbell = head | (stop << GPUQ_DOORBELL_STOP_SHIFT)
+// head = number of messages published (the next msg_id); stop = GPUQ_RUN / _STOP_DRAIN / _ABORT.
 struct __align__(128) GpuqCtrlHost {
-  uint64_t head;  // doorbell: number of messages published (next msg_id)
-  uint32_t stop;  // GPUQ_RUN / GPUQ_STOP_DRAIN / GPUQ_STOP_ABORT
-  uint32_t pad0;
-  uint64_t pad[14];
+  uint64_t doorbell;
+  uint64_t pad[15];
 };
 
 // Device-written control line (128 B); block 0 / thread 0 writes it.
@@ -97,8 +100,8 @@ struct __align__(128) GpuqCtrlDev {
 struct __align__(128) GpuqDevState {
   uint64_t claim;   // next msg_id a warp may claim (atomicAdd)
   uint64_t pad0[15];
-  uint64_t head;    // last doorbell value the front warp saw (atomicMax)
-  uint32_t stop;    // copy of GpuqCtrlHost.stop the front warp saw
+  uint64_t head;    // last head the front warp saw (fetch_max, release)
+  uint32_t stop;    // last stop request the front warp saw
   uint32_t exited;  // warps that have left the loop
   uint32_t error;   // first GPUQ_ERR_* (atomicCAS), mirrored to GpuqCtrlDev.error
   uint32_t pad2;

@@ -50,18 +50,13 @@ __device__ uint64_t claim_and_wait(const GpuqParams& p) {
     if (stop == GPUQ_STOP_DRAIN) return GPUQ_NO_MSG;  // head was final before stop was set
     if (s == h) {
       // Front warp: only it advances dev->head, so it polls the host alone until its message
-      // (or a stop) arrives.  Doorbell and stop word in one PCIe round trip (two relaxed loads in
-      // flight, then an acquire fence); the host writes head before stop, so when stop is set,
-      // head is read again after it to get the final value.
-      const volatile GpuqCtrlHost* ch = p.ctrl_host;
+      // (or a stop) arrives: one acquire load of the doorbell per PCIe round trip.
       for (uint32_t polls = 0;; ++polls) {
-        uint64_t hh = ch->head;
-        const uint32_t hstop = ch->stop;
-        cuda::atomic_thread_fence(cuda::memory_order_acquire, cuda::thread_scope_system);
-        if (hstop != GPUQ_RUN) hh = load_acquire_sys(&p.ctrl_host->head);
+        const uint64_t db = load_acquire_sys(&p.ctrl_host->doorbell);
+        const uint64_t hh = db & GPUQ_DOORBELL_HEAD_MASK;
+        const uint32_t hstop = static_cast<uint32_t>(db >> GPUQ_DOORBELL_STOP_SHIFT);
         if (hh > h) {
-          atomicMax(reinterpret_cast<unsigned long long*>(&dev->head), static_cast<unsigned long long>(hh));
-          __threadfence();
+          cuda::atomic_ref<uint64_t, cuda::thread_scope_device>(dev->head).fetch_max(hh, cuda::memory_order_release);
         }
         if (hstop != GPUQ_RUN) store_release_dev(&dev->stop, hstop);
         if (hstop == GPUQ_STOP_ABORT) return GPUQ_NO_MSG;
@@ -180,8 +175,7 @@ extern "C" __global__ void gpuq_layout_probe(uint64_t* out) {
       GPUQ_LAYOUT_VERSION,
       sizeof(GpuqSlotHeader), GPUQ_OFFSETOF(GpuqSlotHeader, len),
       GPUQ_OFFSETOF(GpuqSlotHeader, flags), GPUQ_OFFSETOF(GpuqSlotHeader, msg_id),
-      sizeof(GpuqCtrlHost), GPUQ_OFFSETOF(GpuqCtrlHost, head),
-      GPUQ_OFFSETOF(GpuqCtrlHost, stop),
+      sizeof(GpuqCtrlHost), GPUQ_OFFSETOF(GpuqCtrlHost, doorbell),
       sizeof(GpuqCtrlDev), GPUQ_OFFSETOF(GpuqCtrlDev, state),
       GPUQ_OFFSETOF(GpuqCtrlDev, error), GPUQ_OFFSETOF(GpuqCtrlDev, error_msg_id),
       GPUQ_OFFSETOF(GpuqCtrlDev, layout_version), GPUQ_OFFSETOF(GpuqCtrlDev, warps),

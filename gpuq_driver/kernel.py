@@ -19,7 +19,7 @@ from . import driver
 from .compiler import CompileOptions, compile_cubin, plugins
 from .errors import ConfigError, GpuqError
 from .layout import (KERNEL_EXITED, KERNEL_RUNNING, STOP_ABORT, CtrlDev, DevState, HostLayout, Params,
-                     expected_probe)
+                     expected_probe, request_stop)
 
 
 _live: dict[int, "weakref.ref[PersistentKernel]"] = {}
@@ -94,9 +94,9 @@ class PersistentKernel:
             capacity=config.capacity, slot_bytes=config.slot_bytes,
             front_backoff_ns=config.front_backoff_ns, idle_backoff_ns=config.idle_backoff_ns)
         self._ctrl_dev = CtrlDev.from_buffer(self.mem, off["ctrl_dev"])
-        self._stop_word = self.mem[off["ctrl_host"] + 8:off["ctrl_host"] + 12].cast("I")
+        self.doorbell = self.mem[off["ctrl_host"]:off["ctrl_host"] + 8].cast("Q")
         self._launched = False
-        self._finalizer = weakref.finalize(self, _release, self._stop_word, self.stream,
+        self._finalizer = weakref.finalize(self, _release, self.doorbell, self.stream,
                                            [self.stream, self.host, self.vram, self.dev_state, self.module])
 
     def _check_layout(self, probe_fn) -> None:
@@ -130,10 +130,6 @@ class PersistentKernel:
         """(GPUQ_ERR_* code, msg_id) of the first protocol error the device saw; (0, 0) if none."""
         return self._ctrl_dev.error, self._ctrl_dev.error_msg_id
 
-    def request_stop(self, mode: int) -> None:
-        """Write GpuqCtrlHost.stop (STOP_DRAIN or STOP_ABORT); the front warp picks it up."""
-        self._stop_word[0] = mode
-
     def exited(self) -> bool:
         """True once the kernel has returned (raises CudaError if it faulted)."""
         if not self._launched:
@@ -147,10 +143,10 @@ class PersistentKernel:
         self.closed = True
 
 
-def _release(stop_word, stream, resources) -> None:
+def _release(doorbell, stream, resources) -> None:
     """Stop the kernel (abort) and free the resources; leak them if the kernel will not stop."""
     try:
-        stop_word[0] = STOP_ABORT
+        request_stop(doorbell, STOP_ABORT)
         stream.ctx.make_current()
         deadline = time.monotonic() + 5.0
         while not stream.done():

@@ -18,6 +18,8 @@ KERNEL_NOT_STARTED, KERNEL_RUNNING, KERNEL_EXITED = 0, 1, 2
 ERR_NONE, ERR_BAD_MSG_ID, ERR_BAD_LEN, ERR_BAD_RESULT = 0, 1, 2, 3
 ERROR_NAMES = {ERR_BAD_MSG_ID: "BAD_MSG_ID", ERR_BAD_LEN: "BAD_LEN", ERR_BAD_RESULT: "BAD_RESULT"}
 NO_MSG = 0xFFFFFFFFFFFFFFFF
+DOORBELL_STOP_SHIFT = 56
+DOORBELL_HEAD_MASK = (1 << DOORBELL_STOP_SHIFT) - 1
 
 HEADER_BYTES = 16
 ALIGN = 128  # each region of the mapped block starts on its own 128-byte line
@@ -28,8 +30,9 @@ class SlotHeader(ctypes.Structure):
 
 
 class CtrlHost(ctypes.Structure):
-    _fields_ = [("head", ctypes.c_uint64), ("stop", ctypes.c_uint32), ("pad0", ctypes.c_uint32),
-                ("pad", ctypes.c_uint64 * 14)]
+    """doorbell = head | (stop << DOORBELL_STOP_SHIFT); written by the host only."""
+
+    _fields_ = [("doorbell", ctypes.c_uint64), ("pad", ctypes.c_uint64 * 15)]
 
 
 class CtrlDev(ctypes.Structure):
@@ -61,13 +64,22 @@ def expected_probe() -> list[int]:
     return [
         LAYOUT_VERSION,
         ctypes.sizeof(SlotHeader), _off(SlotHeader, "len"), _off(SlotHeader, "flags"), _off(SlotHeader, "msg_id"),
-        ctypes.sizeof(CtrlHost), _off(CtrlHost, "head"), _off(CtrlHost, "stop"),
+        ctypes.sizeof(CtrlHost), _off(CtrlHost, "doorbell"),
         ctypes.sizeof(CtrlDev), _off(CtrlDev, "state"), _off(CtrlDev, "error"), _off(CtrlDev, "error_msg_id"),
         _off(CtrlDev, "layout_version"), _off(CtrlDev, "warps"),
         ctypes.sizeof(DevState), ctypes.sizeof(Params),
         _off(Params, "capacity"), _off(Params, "slot_bytes"), _off(Params, "front_backoff_ns"),
         _off(Params, "idle_backoff_ns"),
     ]
+
+
+def request_stop(doorbell, mode: int) -> None:
+    """Set the stop request (STOP_DRAIN / STOP_ABORT) in the doorbell, keeping its head.
+
+    ``doorbell`` is a one-item ``Q`` memoryview over GpuqCtrlHost.doorbell.  The host is the
+    field's only writer: call it with the producers stopped.
+    """
+    doorbell[0] = (doorbell[0] & DOORBELL_HEAD_MASK) | (mode << DOORBELL_STOP_SHIFT)
 
 
 def align_up(n: int, a: int = ALIGN) -> int:

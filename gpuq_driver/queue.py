@@ -23,7 +23,7 @@ import numpy as np
 from .errors import (ConfigError, GpuqError, PayloadError, PayloadTypeError, ProtocolError, QueueClosed,
                      QueueFull)
 from .layout import (DONE, ERROR_NAMES, KERNEL_EXITED, KERNEL_RUNNING, NO_MSG, READY, STOP_ABORT,
-                     STOP_DRAIN, is_power_of_two)
+                     STOP_DRAIN, is_power_of_two, request_stop)
 
 MAX_CAPACITY = 1 << 22
 MAX_SLOT_BYTES = 1 << 20
@@ -150,7 +150,7 @@ class GpuQueue:
         lay, mem, cap, sb = kernel.layout, kernel.mem, config.capacity, config.slot_bytes
         off = lay.offsets
         self._cap, self._mask, self._sb = cap, cap - 1, sb
-        self._ctrl_head = mem[off["ctrl_host"]:off["ctrl_host"] + 8].cast("Q")
+        self._doorbell = kernel.doorbell  # GpuqCtrlHost.doorbell: head | stop << 56
         self._req_hdr = mem[off["req_hdr"]:off["req_hdr"] + 16 * cap].cast("Q")  # [2s] len|flags<<32, [2s+1] msg_id
         self._res_hdr = mem[off["res_hdr"]:off["res_hdr"] + 16 * cap].cast("Q")
         self._req_data = mem[off["req_data"]:off["req_data"] + sb * cap]
@@ -161,8 +161,9 @@ class GpuQueue:
         self._ready = READY << 32
         # producer state (under _plock) and consumer state (under _clock)
         self._plock, self._clock = threading.Lock(), threading.Lock()
-        self._head = 0           # next msg_id; mirrors GpuqCtrlHost.head
+        self._head = 0           # next msg_id; the doorbell's head
         self._tail = 0           # every msg_id below this has been taken
+        self._limit = cap        # _tail + capacity: the first msg_id with no free slot; -1 once shut down
         self._polled = 0         # poll_completions reported everything below this
         self._taken = bytearray(cap)  # 1 = taken out of order, slot not yet behind _tail
         self._taken_count = 0
@@ -193,25 +194,28 @@ class GpuQueue:
         if n > self._sb:
             raise PayloadError(f"payload is {n} bytes; slot_bytes is {self._sb} (the limit per message)")
         with self._plock:
-            if not self._accepting:
-                raise QueueClosed("queue is shut down: enqueue is no longer accepted")
             seq = self._head
-            if seq - self._tail >= self._cap:
+            if seq >= self._limit:  # ring full, or shut down (_limit = -1)
                 self._wait_for_slot(seq, timeout)
             slot = seq & self._mask
             off = slot * self._sb
+            hdr = self._req_hdr
             self._req_data[off:off + n] = payload
-            self._req_hdr[slot << 1] = n | self._ready
-            self._req_hdr[(slot << 1) | 1] = seq
-            self._head = seq + 1
-            self._ctrl_head[0] = seq + 1  # the doorbell, last
-        return seq
+            hdr[slot << 1] = n | self._ready
+            hdr[(slot << 1) | 1] = seq
+            self._head = seq = seq + 1
+            self._doorbell[0] = seq  # the doorbell, last
+        return seq - 1
 
     def _wait_for_slot(self, seq: int, timeout: float | None) -> None:
+        if not self._accepting:
+            raise QueueClosed("queue is shut down: enqueue is no longer accepted")
         timeout = self.config.enqueue_timeout_s if timeout is None else timeout
         deadline = time.monotonic() + timeout
         pause = 0.0
-        while seq - self._tail >= self._cap:
+        while seq >= self._limit:
+            if not self._accepting:
+                raise QueueClosed("queue is shut down: enqueue is no longer accepted")
             if time.monotonic() >= deadline:
                 raise QueueFull(f"ring full: all {self._cap} slots hold messages or untaken results "
                                 f"(waited {timeout} s); take results with try_dequeue_result()")
@@ -267,6 +271,8 @@ class GpuQueue:
                     taken[t & mask] = 0
                     t += 1
                 self._tail = t
+                if self._accepting:
+                    self._limit = t + self._cap
             else:
                 self._taken[slot] = 1
             self._taken_count += 1
@@ -322,18 +328,19 @@ class GpuQueue:
         ``config.shutdown_timeout_s``); past it the kernel is aborted and GpuqError is raised.
         Raises ProtocolError if the device reported a broken slot during the queue's life.
         """
-        with self._plock:
+        with self._plock, self._clock:  # consumers move _limit under _clock
             self._accepting = False
+            self._limit = -1
             if self._stopped:
                 return
             self._stopped = True
+            request_stop(self._doorbell, STOP_DRAIN if drain else STOP_ABORT)
         k = self._kernel
-        k.request_stop(STOP_DRAIN if drain else STOP_ABORT)
         timeout = self.config.shutdown_timeout_s if timeout is None else timeout
         deadline = time.monotonic() + timeout
         while not k.exited():
             if time.monotonic() > deadline:
-                k.request_stop(STOP_ABORT)
+                request_stop(self._doorbell, STOP_ABORT)
                 raise GpuqError(f"the kernel did not drain within {timeout} s; aborted "
                                 f"({self._head - int(self._counters.sum())} messages unprocessed)")
             time.sleep(1e-4)
@@ -351,7 +358,7 @@ class GpuQueue:
                 self.shutdown(drain=True)
         finally:
             with self._clock:
-                self._res_hdr = self._req_hdr = self._res_data = self._req_data = self._ctrl_head = None
+                self._res_hdr = self._req_hdr = self._res_data = self._req_data = self._doorbell = None
                 self._counters = np.zeros(1, np.uint64)
             self._finalizer()
 

@@ -13,8 +13,8 @@ import threading
 import time
 
 from .errors import ConfigError
-from .layout import (DONE, ERR_BAD_LEN, ERR_BAD_MSG_ID, KERNEL_EXITED, KERNEL_RUNNING, STOP_ABORT,
-                     STOP_DRAIN, CtrlDev, HostLayout)
+from .layout import (DONE, DOORBELL_HEAD_MASK, DOORBELL_STOP_SHIFT, ERR_BAD_LEN, ERR_BAD_MSG_ID, KERNEL_EXITED,
+                     KERNEL_RUNNING, STOP_ABORT, STOP_DRAIN, CtrlDev, HostLayout, request_stop)
 
 PLUGINS = {"echo": lambda payload, msg_id: payload}
 """Python twins of device_src/plugins: name -> f(payload: memoryview, msg_id) -> bytes-like."""
@@ -34,6 +34,7 @@ class SimulatedKernel:
         self.mem = memoryview(bytearray(self.layout.nbytes))
         off = self.layout.offsets
         self._ctrl_dev = CtrlDev.from_buffer(self.mem, off["ctrl_dev"])
+        self.doorbell = self.mem[off["ctrl_host"]:off["ctrl_host"] + 8].cast("Q")
         self._thread = threading.Thread(target=self._run, name="gpuq-sim-kernel", daemon=True)
         self._started = False
         self.delay_s = 0.0  # tests may slow the simulated device down
@@ -49,21 +50,18 @@ class SimulatedKernel:
     def error(self) -> tuple[int, int]:
         return self._ctrl_dev.error, self._ctrl_dev.error_msg_id
 
-    def request_stop(self, mode: int) -> None:
-        self.mem[self.layout.offsets["ctrl_host"] + 8:self.layout.offsets["ctrl_host"] + 12].cast("I")[0] = mode
-
     def exited(self) -> bool:
         return not self._started or not self._thread.is_alive()
 
     def close(self) -> None:
         if self._started and self._thread.is_alive():
-            self.request_stop(STOP_ABORT)
+            request_stop(self.doorbell, STOP_ABORT)
             self._thread.join(5.0)
 
     def _run(self) -> None:
         off, sb, cap = self.layout.offsets, self.config.slot_bytes, self.config.capacity
         mem = self.mem
-        ctrl = mem[off["ctrl_host"]:off["ctrl_host"] + 16].cast("Q")  # [0] head, [1] low 32 bits: stop
+        doorbell = self.doorbell
         req_hdr = mem[off["req_hdr"]:off["req_hdr"] + cap * 16].cast("Q")
         res_hdr = mem[off["res_hdr"]:off["res_hdr"] + cap * 16].cast("Q")
         req_data = mem[off["req_data"]:off["req_data"] + cap * sb]
@@ -74,8 +72,8 @@ class SimulatedKernel:
         self._ctrl_dev.state = KERNEL_RUNNING
         seq, idle = 0, 0
         while True:
-            stop = ctrl[1] & 0xFFFFFFFF
-            head = ctrl[0]
+            db = doorbell[0]
+            stop, head = db >> DOORBELL_STOP_SHIFT, db & DOORBELL_HEAD_MASK
             if stop == STOP_ABORT or (stop == STOP_DRAIN and seq >= head):
                 break
             if seq >= head:
