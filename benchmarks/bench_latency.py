@@ -121,34 +121,58 @@ def floors_and_baselines(ctx, info, iters: int) -> dict:
     flags[0] = 0xFFFFFFFFFFFFFFFF
     s.synchronize()
 
+    # the same with the queue's steps, one at a time: +64 B read, +64 B write and release
+    pingpong_ex = bench.function("gpuq_pingpong_ex")
+    for mode, name in ((0, "pingpong_warp"), (1, "pingpong_warp_read64"), (2, "pingpong_warp_write64"),
+                       (3, "pingpong_warp_read64_write64")):
+        flags[0] = flags[1] = 0
+        counter[0] = 0
+        driver.launch(pingpong_ex, 1, 32, [ctypes.c_uint64(base + 32768), ctypes.c_uint64(base + 32776),
+                                           ctypes.c_uint64(base + 40960), ctypes.c_uint64(base + 49152),
+                                           ctypes.c_uint32(mode)], s)
+        res[name] = timed(ping, iters // 2, 1000)
+        flags[0] = 0xFFFFFFFFFFFFFFFF
+        s.synchronize()
+
     for r in (pinned, dev, s, bench, batch):
         r.close()
     return res
 
 
 def queue_round_trip(size: int, iters: int, **cfg) -> dict:
+    """One message at a time: enqueue, spin until the result is readable (its header's msg_id
+    word), then take it.  Returns p50/p99 of enqueue -> readable and of enqueue -> taken."""
     slot = max(64, size)
     payloads = [np.random.default_rng(i).integers(0, 256, size, dtype=np.uint8).tobytes() for i in range(16)]
     with GpuQueue(QueueConfig(capacity=1024, slot_bytes=slot, **cfg)) as q:
         enqueue, take = q.enqueue, q.try_dequeue_result
+        res_ids, mask = q._res_hdr, q._mask  # the result header's msg_id words (see layout.py)
         bad = 0
         clock = time.perf_counter_ns
-        samples = np.empty(iters, dtype=np.int64)
+        readable = np.empty(iters, dtype=np.int64)
+        taken = np.empty(iters, dtype=np.int64)
         for i in range(iters + 1000):
             p = payloads[i & 15]
             t = clock()
             mid = enqueue(p)
-            while (r := take(mid)) is None:
+            idx = ((mid & mask) << 1) | 1
+            while res_ids[idx] != mid:
                 pass
-            dt = clock() - t
+            t1 = clock()
+            r = take(mid)
+            t2 = clock()
             bad += r != p
             if i >= 1000:
-                samples[i - 1000] = dt
+                readable[i - 1000] = t1 - t
+                taken[i - 1000] = t2 - t
         stats = q.stats()
-    out = pct(samples)
+    out = pct(readable)
+    tk = pct(taken)
     out.update(cfg)
-    out.update(mismatches=int(bad), blocks=stats.blocks, threads_per_block=stats.threads_per_block)
-    print(f"  round trip {size} B {cfg}: p50 {out['p50_us']:.2f} us, p99 {out['p99_us']:.2f} us", flush=True)
+    out.update(taken_p50_us=tk["p50_us"], taken_p99_us=tk["p99_us"], mismatches=int(bad), blocks=stats.blocks,
+               threads_per_block=stats.threads_per_block)
+    print(f"  round trip {size} B {cfg}: readable p50 {out['p50_us']:.2f} us, p99 {out['p99_us']:.2f} us; "
+          f"taken p50 {tk['p50_us']:.2f} us, p99 {tk['p99_us']:.2f} us", flush=True)
     return out
 
 
@@ -263,8 +287,7 @@ def main() -> int:
     lat.update(floors_and_baselines(ctx, info, args.iters))
     for size in (64, 512, 4096):
         lat[f"gpuq_round_trip_{size}B"] = queue_round_trip(size, args.iters)
-    for name, cfg in (("idle_backoff_0ns", {"idle_backoff_ns": 0}),
-                      ("1_block_1_warp", {"blocks": 1, "threads_per_block": 32}),
+    for name, cfg in (("1_block_1_warp", {"blocks": 1, "threads_per_block": 32}),
                       ("8_blocks_4_warps", {"blocks": 8, "threads_per_block": 128})):
         lat[f"gpuq_round_trip_64B_{name}"] = queue_round_trip(64, args.iters // 2, **cfg)
     results["enqueue_throughput"] = enqueue_throughput(args.enqueue_messages)
@@ -275,9 +298,10 @@ def main() -> int:
 
     print(f"\n{env['device']} ({env['arch']}), driver {env['driver']}, cuda-bindings {env['cuda_bindings']}, "
           f"NVRTC {env['nvrtc']}, Python {env['python']} (empty loop {env['python_empty_loop_ns']} ns/iter)")
-    print(f"{'round trip (one at a time)':52s} {'p50 us':>8s} {'p99 us':>8s}")
+    print(f"{'round trip (one at a time); gpuq: to readable | to taken':52s} {'p50 us':>8s} {'p99 us':>8s}")
     for k, v in lat.items():
-        print(f"{k:52s} {v['p50_us']:8.2f} {v['p99_us']:8.2f}")
+        extra = f"  | {v['taken_p50_us']:6.2f} {v['taken_p99_us']:6.2f}" if "taken_p50_us" in v else ""
+        print(f"{k:52s} {v['p50_us']:8.2f} {v['p99_us']:8.2f}{extra}")
     e = results["enqueue_throughput"]
     print(f"enqueue, one Python thread, 64 B: {e['enqueue_msg_per_s']:,.0f} msg/s ({e['enqueue_ns_per_msg']:.0f} ns/msg),"
           f" then take {e['take_msg_per_s']:,.0f} msg/s, mismatches {e['mismatches']}")

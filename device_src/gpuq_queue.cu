@@ -66,9 +66,10 @@ __device__ uint64_t claim_and_wait(const GpuqParams& p) {
         if (polls > 1024u) backoff(ns, p.front_backoff_ns);
       }
     }
-    // Not the front.  The next in line spins on the VRAM copy of the doorbell so that it takes
-    // over at once; the others sleep with exponential backoff.
-    if (s - h > 1u) backoff(ns, p.idle_backoff_ns);
+    // Not the front.  The next two in line spin on the VRAM copy of the doorbell, so one of
+    // them takes over at once even if a sleeper wakes late; the others sleep with exponential
+    // backoff (a sleeping warp that is late to become front would delay every later message).
+    if (s - h > 2u) backoff(ns, p.idle_backoff_ns);
   }
 }
 

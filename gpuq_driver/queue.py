@@ -166,7 +166,6 @@ class GpuQueue:
         self._limit = cap        # _tail + capacity: the first msg_id with no free slot; -1 once shut down
         self._polled = 0         # poll_completions reported everything below this
         self._taken = bytearray(cap)  # 1 = taken out of order, slot not yet behind _tail
-        self._taken_count = 0
         self._accepting = True
         self._stopped = False
         try:
@@ -253,21 +252,23 @@ class GpuQueue:
         flagged this slot as broken, QueueClosed after ``close()``.
         """
         with self._clock:
-            if self._res_hdr is None:
+            hdr = self._res_hdr
+            if hdr is None:
                 raise QueueClosed("queue is closed: its memory has been freed")
-            if msg_id < self._tail or msg_id >= self._head:
-                return None
             slot = msg_id & self._mask
-            h = slot << 1
-            if self._res_hdr[h | 1] != msg_id or self._taken[slot]:
+            if hdr[(slot << 1) | 1] != msg_id:  # not done (or never issued)
                 return None
-            len_flags = self._res_hdr[h]
-            n = len_flags & 0xFFFFFFFF
+            t = self._tail
+            if msg_id != t and (not t < msg_id < self._head or self._taken[slot]):
+                return None  # already taken
+            # Copy the result out before the slot is freed: a producer may refill it at once.
+            len_flags = hdr[slot << 1]
             off = slot * self._sb
-            data = self._res_data[off:off + n].tobytes()
-            if msg_id == self._tail:
-                t, head, taken, mask = msg_id + 1, self._head, self._taken, self._mask
-                while t < head and taken[t & mask]:
+            data = self._res_data[off:off + (len_flags & 0xFFFFFFFF)].tobytes()
+            if msg_id == t:  # in order: move the tail past it and any later ones taken early
+                t += 1
+                taken, mask = self._taken, self._mask
+                while taken[t & mask] and t < self._head:
                     taken[t & mask] = 0
                     t += 1
                 self._tail = t
@@ -275,10 +276,9 @@ class GpuQueue:
                     self._limit = t + self._cap
             else:
                 self._taken[slot] = 1
-            self._taken_count += 1
-        code = len_flags >> 40
-        if code or (len_flags >> 32) & 0xFF != DONE:
-            raise ProtocolError(f"msg_id {msg_id}: device reported {ERROR_NAMES.get(code, code)}")
+        if len_flags >> 32 != DONE:  # flags = DONE | error code << 8
+            raise ProtocolError(f"msg_id {msg_id}: device reported "
+                                f"{ERROR_NAMES.get(len_flags >> 40, len_flags >> 40)}")
         return data
 
     def wait_result(self, msg_id: int, timeout: float = 1.0) -> bytes:
@@ -289,6 +289,11 @@ class GpuQueue:
         for a msg_id already taken or never issued, ProtocolError, QueueClosed.
         """
         start = time.perf_counter()
+        hdr, idx = self._res_hdr, ((msg_id & self._mask) << 1) | 1
+        if hdr is not None:  # spin on the result's msg_id word alone: ~50 ns a look
+            for _ in range(1000):
+                if hdr[idx] == msg_id:
+                    break
         pause = 0.0
         while True:
             result = self.try_dequeue_result(msg_id)
@@ -314,8 +319,10 @@ class GpuQueue:
         state = k._ctrl_dev.state
         kernel = "running" if state == KERNEL_RUNNING else "exited" if state == KERNEL_EXITED else "not started"
         head = self._head
-        return QueueStats(enqueued=head, processed=processed, taken=self._taken_count, pending=head - processed,
-                          occupied=head - self._taken_count, capacity=self._cap, slot_bytes=self._sb,
+        with self._clock:
+            taken = self._tail + self._taken.count(1)
+        return QueueStats(enqueued=head, processed=processed, taken=taken, pending=head - processed,
+                          occupied=head - taken, capacity=self._cap, slot_bytes=self._sb,
                           blocks=k.blocks, threads_per_block=k.threads, warps=k.warps, kernel=kernel,
                           backend=k.backend)
 
