@@ -134,9 +134,45 @@ def floors_and_baselines(ctx, info, iters: int) -> dict:
         flags[0] = 0xFFFFFFFFFFFFFFFF
         s.synchronize()
 
+    res_store = store_costs(ctx, pingpong, s)
     for r in (pinned, dev, s, bench, batch):
         r.close()
-    return res
+    return res, res_store
+
+
+def store_costs(ctx, pingpong, s) -> dict:
+    """ns per enqueue-like store pattern (64 B payload, two header words, doorbell) into: a plain
+    bytearray; idle mapped pinned memory; mapped pinned memory whose doorbell line a GPU thread
+    polls (the gpuq_pingpong kernel).  Separates CPU cost from cache-coherence cost."""
+    buf = driver.MappedHostBuffer(ctx, 1 << 23)
+    out = {}
+    payload = bytes(64)
+
+    def run(mv, n=400_000):
+        hdr, data, db = mv[0:1 << 16].cast("Q"), mv[1 << 16:(1 << 16) + (1 << 22)], mv[1 << 22:(1 << 22) + 8].cast("Q")
+        t0 = time.perf_counter()
+        for i in range(n):
+            slot = i & 4095
+            off = slot << 6
+            data[off:off + 64] = payload
+            hdr[slot << 1] = 64
+            hdr[(slot << 1) | 1] = i
+            db[0] = i + 1
+        return (time.perf_counter() - t0) / n * 1e9
+
+    out["plain_bytearray_ns"] = run(memoryview(bytearray(1 << 23)))
+    out["pinned_idle_ns"] = run(buf.view)
+    pong = driver.MappedHostBuffer(ctx, 4096)
+    buf.view[1 << 22:(1 << 22) + 8].cast("Q")[0] = 0
+    driver.launch(pingpong, 1, 32, [ctypes.c_uint64(buf.device_ptr + (1 << 22)), ctypes.c_uint64(pong.device_ptr)], s)
+    time.sleep(0.01)
+    out["pinned_gpu_polling_ns"] = run(buf.view)
+    buf.view[1 << 22:(1 << 22) + 8].cast("Q")[0] = 0xFFFFFFFFFFFFFFFF
+    s.synchronize()
+    buf.close()
+    pong.close()
+    print(f"  store pattern: {out}", flush=True)
+    return out
 
 
 def queue_round_trip(size: int, iters: int, **cfg) -> dict:
@@ -284,7 +320,8 @@ def main() -> int:
     env["python_empty_loop_ns"] = round((time.perf_counter() - t0) * 1e3, 1)
     results: dict = {"env": env, "latency": {}}
     lat = results["latency"]
-    lat.update(floors_and_baselines(ctx, info, args.iters))
+    floors, results["store_costs"] = floors_and_baselines(ctx, info, args.iters)
+    lat.update(floors)
     for size in (64, 512, 4096):
         lat[f"gpuq_round_trip_{size}B"] = queue_round_trip(size, args.iters)
     for name, cfg in (("1_block_1_warp", {"blocks": 1, "threads_per_block": 32}),
