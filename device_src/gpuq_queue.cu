@@ -37,8 +37,16 @@ __device__ void report_error(const GpuqParams& p, uint32_t code, uint64_t msg_id
   }
 }
 
+// Make `head` visible to the other warps (release: the host's writes the front warp acquired
+// through the doorbell come with it).
+__device__ __forceinline__ void publish_head(GpuqDevState* dev, uint64_t head) {
+  cuda::atomic_ref<uint64_t, cuda::thread_scope_device>(dev->head).fetch_max(head, cuda::memory_order_release);
+}
+
 // Lane 0 only: claim a msg_id and wait until it is published.  Returns GPUQ_NO_MSG to exit.
-__device__ uint64_t claim_and_wait(const GpuqParams& p) {
+// When this warp was the front, `publish` is set to the head it read from the doorbell; the
+// caller publishes it to the other warps (process_one does so while its own reads are in flight).
+__device__ uint64_t claim_and_wait(const GpuqParams& p, uint64_t& publish) {
   GpuqDevState* dev = p.dev;
   const uint64_t s = atomicAdd(reinterpret_cast<unsigned long long*>(&dev->claim), 1ull);
   uint32_t ns = 32u;
@@ -55,12 +63,15 @@ __device__ uint64_t claim_and_wait(const GpuqParams& p) {
         const uint64_t db = load_acquire_sys(&p.ctrl_host->doorbell);
         const uint64_t hh = db & GPUQ_DOORBELL_HEAD_MASK;
         const uint32_t hstop = static_cast<uint32_t>(db >> GPUQ_DOORBELL_STOP_SHIFT);
-        if (hh > h) {
-          cuda::atomic_ref<uint64_t, cuda::thread_scope_device>(dev->head).fetch_max(hh, cuda::memory_order_release);
+        if (hstop != GPUQ_RUN) {
+          publish_head(dev, hh);
+          store_release_dev(&dev->stop, hstop);
         }
-        if (hstop != GPUQ_RUN) store_release_dev(&dev->stop, hstop);
         if (hstop == GPUQ_STOP_ABORT) return GPUQ_NO_MSG;
-        if (s < hh) return s;
+        if (s < hh) {
+          publish = hh;  // published by process_one, once its PCIe reads are in flight
+          return s;
+        }
         if (hstop == GPUQ_STOP_DRAIN) return GPUQ_NO_MSG;
         // Spin while traffic is recent (a poll is one PCIe round trip, ~1 us); back off once idle.
         if (polls > 1024u) backoff(ns, p.front_backoff_ns);
@@ -73,7 +84,7 @@ __device__ uint64_t claim_and_wait(const GpuqParams& p) {
   }
 }
 
-__device__ void process_one(const GpuqParams& p, uint64_t s, uint32_t lane) {
+__device__ void process_one(const GpuqParams& p, uint64_t s, uint32_t lane, uint64_t publish) {
   const uint32_t slot = static_cast<uint32_t>(s & (p.capacity - 1u));
   const size_t data_off = static_cast<size_t>(slot) * p.slot_bytes;
   const uint8_t* src = p.req_data + data_off;
@@ -84,6 +95,8 @@ __device__ void process_one(const GpuqParams& p, uint64_t s, uint32_t lane) {
   uint4 hdr = make_uint4(0u, 0u, 0u, 0u), chunk = make_uint4(0u, 0u, 0u, 0u);
   if (lane == 0) hdr = __ldcv(reinterpret_cast<const uint4*>(p.req_hdr + slot));
   if (first < p.slot_bytes) chunk = __ldcv(reinterpret_cast<const uint4*>(src + first));
+  // The front warp hands over to the next warp now: the release waits for these reads anyway.
+  if (lane == 0 && publish != 0) publish_head(p.dev, publish);
   uint32_t len = hdr.x, code = GPUQ_ERR_NONE;
   if (lane == 0) {
     const uint64_t mid = static_cast<uint64_t>(hdr.z) | (static_cast<uint64_t>(hdr.w) << 32);
@@ -151,11 +164,11 @@ extern "C" __global__ void gpuq_persistent(const GpuqParams p) {
   }
   uint64_t processed = 0;
   for (;;) {
-    uint64_t s = 0;
-    if (lane == 0) s = claim_and_wait(p);
+    uint64_t s = 0, publish = 0;
+    if (lane == 0) s = claim_and_wait(p, publish);
     s = __shfl_sync(kFullMask, s, 0);
     if (s == GPUQ_NO_MSG) break;
-    process_one(p, s, lane);
+    process_one(p, s, lane, publish);
     ++processed;
     if (lane == 0) *reinterpret_cast<volatile uint64_t*>(p.warp_counters + warp) = processed;
   }

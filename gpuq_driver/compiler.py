@@ -23,8 +23,9 @@ from pathlib import Path
 
 from .errors import CompileError, GpuqError, check
 
-DEVICE_SRC = Path(__file__).resolve().parent.parent / "device_src"
-"""The kernel sources: ``<site-packages>/device_src`` in a wheel, ``<repo>/device_src`` in a checkout."""
+_HERE = Path(__file__).resolve().parent
+DEVICE_SRC = _HERE / "device_src" if (_HERE / "device_src").is_dir() else _HERE.parent / "device_src"
+"""The kernel sources: ``gpuq_driver/device_src`` inside a wheel, ``<repo>/device_src`` in a checkout."""
 
 CACHE_FORMAT = "cubin-v1"
 _MAGIC = b"GPUQCUBIN1\n"

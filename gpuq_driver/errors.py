@@ -78,13 +78,17 @@ def _enum_text(code: Any) -> tuple[str, str, bool]:
         err, text = nvrtc.nvrtcGetErrorString(code)
         return code.name, text.decode() if isinstance(text, bytes) else str(text), False
     name = getattr(code, "name", str(code))
-    err, text = driver.cuGetErrorString(code)
+    try:
+        err, text = driver.cuGetErrorString(code)
+    except Exception:  # no driver library to ask
+        return name, "(no CUDA driver loaded to describe this code)", True
     if err != driver.CUresult.CUDA_SUCCESS or text is None:
         return name, "unknown error", True
     return name, text.decode() if isinstance(text, bytes) else str(text), True
 
 
-_UNAVAILABLE = {"CUDA_ERROR_NO_DEVICE", "CUDA_ERROR_INSUFFICIENT_DRIVER", "CUDA_ERROR_SYSTEM_DRIVER_MISMATCH"}
+_UNAVAILABLE = {"CUDA_ERROR_NO_DEVICE", "CUDA_ERROR_STUB_LIBRARY", "CUDA_ERROR_SYSTEM_DRIVER_MISMATCH",
+                "CUDA_ERROR_COMPAT_NOT_SUPPORTED_ON_DEVICE"}
 
 
 def check(result: Any, call: str = "") -> Any:

@@ -1,0 +1,109 @@
+"""Stateful property test: GpuQueue against the reference model (properties/model.py).
+
+Hypothesis drives random sequences of enqueues (fitting, too large, into a full ring), takes
+(in and out of order, twice, of unknown ids) and polls; after every step the invariants are
+checked: each message's state only moves forward (READY -> DONE -> EMPTY), results equal their
+payloads byte for byte, nothing is reported twice, and the counters agree with the model.
+It runs on the CPU simulator everywhere, and on the persistent kernel where a GPU exists.
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from gpuq_driver import GpuQueue, PayloadError, QueueConfig, QueueFull
+from model import DONE, EMPTY, ORDER, READY, RingModel
+
+from tests.conftest import gpu_unavailable_reason
+
+CAPACITY, SLOT_BYTES = 8, 48
+
+
+def make_machine(backend: str):
+    class QueueMachine(RuleBasedStateMachine):
+        def __init__(self):
+            super().__init__()
+            self.q = GpuQueue(QueueConfig(capacity=CAPACITY, slot_bytes=SLOT_BYTES, backend=backend))
+            self.model = RingModel(CAPACITY, SLOT_BYTES)
+            self.seen: dict[int, int] = {}  # msg_id -> last observed state
+            self.reported: set[int] = set()
+
+        def teardown(self):
+            self.q.close()
+
+        def observed_state(self, msg_id: int) -> int:
+            if msg_id in self.model.taken:
+                return EMPTY
+            slot = self.model.slot(msg_id)
+            return DONE if self.q._res_hdr[2 * slot + 1] == msg_id else READY
+
+        @rule(payload=st.binary(max_size=SLOT_BYTES))
+        def enqueue(self, payload):
+            if self.model.can_enqueue():
+                assert self.q.enqueue(payload, timeout=0) == self.model.enqueue(payload)
+            else:
+                with pytest.raises(QueueFull):
+                    self.q.enqueue(payload, timeout=0)
+
+        @rule(extra=st.integers(1, 64))
+        def enqueue_too_large(self, extra):
+            with pytest.raises(PayloadError):
+                self.q.enqueue(bytes(SLOT_BYTES + extra), timeout=0)
+
+        @precondition(lambda self: self.model.payloads)
+        @rule(data=st.data())
+        def take(self, data):
+            msg_id = data.draw(st.sampled_from(sorted(self.model.payloads)))
+            assert self.q.wait_result(msg_id, timeout=10) == self.model.take(msg_id)
+
+        @rule(msg_id=st.integers(0, 40))
+        def take_unknown_or_taken(self, msg_id):
+            if msg_id in self.model.payloads:
+                return
+            assert self.q.try_dequeue_result(msg_id) is None
+
+        @rule()
+        def poll(self):
+            ids = self.q.poll_completions()
+            assert ids == sorted(ids)
+            assert not set(ids) & self.reported, "a completion was reported twice"
+            assert set(ids) <= set(self.model.payloads), "a completion for a taken or unknown msg_id"
+            self.reported.update(ids)
+
+        @invariant()
+        def states_only_move_forward(self):
+            for msg_id in list(self.model.payloads) + list(self.model.taken):
+                state = self.observed_state(msg_id)
+                before = self.seen.get(msg_id, READY)
+                assert ORDER[state] >= ORDER[before], f"msg {msg_id} went from {before} back to {state}"
+                self.seen[msg_id] = state
+
+        @invariant()
+        def counters_agree(self):
+            s = self.q.stats()
+            assert s.enqueued == self.model.next_id
+            assert s.taken == len(self.model.taken)
+            assert s.occupied == self.model.occupied <= CAPACITY
+            assert 0 <= s.processed <= s.enqueued
+
+    QueueMachine.__name__ = f"QueueMachine_{backend}"
+    return QueueMachine
+
+
+SETTINGS = settings(max_examples=40, stateful_step_count=40, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow])
+
+TestQueueOnSimulator = make_machine("sim").TestCase
+TestQueueOnSimulator.settings = SETTINGS
+
+_reason = gpu_unavailable_reason()
+if _reason is None:
+    TestQueueOnGpu = make_machine("cuda").TestCase
+    TestQueueOnGpu.settings = SETTINGS
+else:
+    @pytest.mark.skip(reason=_reason)
+    def test_queue_state_machine_on_gpu():
+        """The same state machine against the persistent kernel (needs a GPU)."""

@@ -1,0 +1,35 @@
+"""examples/producer_consumer.py as a user runs it."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import gpu_unavailable_reason
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "producer_consumer.py"
+
+
+def run(*args, timeout=300):
+    return subprocess.run([sys.executable, str(EXAMPLE), *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_example_on_the_simulator_checks_every_message():
+    r = run("--backend", "sim", "--messages", "3000", "--capacity", "64", "--slot-bytes", "64")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "3,000 sent, 3,000 received, 0 mismatched, 0 lost" in r.stdout and r.stdout.rstrip().endswith("OK")
+
+
+@pytest.mark.skipif(gpu_unavailable_reason() is None, reason="this machine has a GPU: the no-GPU path cannot be seen")
+def test_example_without_gpu_says_so_in_one_line_and_exits_2():
+    r = run("--messages", "10")
+    assert r.returncode == 2
+    assert r.stdout == "" and len(r.stderr.strip().splitlines()) == 1
+    assert "needs an NVIDIA GPU" in r.stderr
+
+
+def test_example_on_the_gpu(gpu):
+    r = run("--messages", "50000")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "50,000 sent, 50,000 received, 0 mismatched, 0 lost" in r.stdout

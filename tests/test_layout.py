@@ -1,0 +1,85 @@
+"""The host mirror (layout.py) against the one definition (device_src/gpuq_layout.cuh), and the
+ring's index and wrap math.  The GPU's own view is checked by the layout probe at queue start."""
+
+import ctypes
+import re
+
+import pytest
+
+from gpuq_driver import layout
+from gpuq_driver.compiler import DEVICE_SRC
+
+HEADER = (DEVICE_SRC / "gpuq_layout.cuh").read_text()
+
+
+def header_defines() -> dict[str, int]:
+    out = {}
+    for name, value in re.findall(r"^#define (GPUQ_\w+) +(0x[0-9A-Fa-f]+|\d+)u?(?:ll)?\b", HEADER, re.M):
+        out[name] = int(value, 0)
+    return out
+
+
+def test_constants_match_the_header():
+    d = header_defines()
+    expected = {
+        "GPUQ_LAYOUT_VERSION": layout.LAYOUT_VERSION,
+        "GPUQ_EMPTY": layout.EMPTY, "GPUQ_READY": layout.READY, "GPUQ_INFLIGHT": layout.INFLIGHT,
+        "GPUQ_DONE": layout.DONE, "GPUQ_RUN": layout.RUN, "GPUQ_STOP_DRAIN": layout.STOP_DRAIN,
+        "GPUQ_STOP_ABORT": layout.STOP_ABORT, "GPUQ_DOORBELL_STOP_SHIFT": layout.DOORBELL_STOP_SHIFT,
+        "GPUQ_KERNEL_NOT_STARTED": layout.KERNEL_NOT_STARTED, "GPUQ_KERNEL_RUNNING": layout.KERNEL_RUNNING,
+        "GPUQ_KERNEL_EXITED": layout.KERNEL_EXITED, "GPUQ_ERR_NONE": layout.ERR_NONE,
+        "GPUQ_ERR_BAD_MSG_ID": layout.ERR_BAD_MSG_ID, "GPUQ_ERR_BAD_LEN": layout.ERR_BAD_LEN,
+        "GPUQ_ERR_BAD_RESULT": layout.ERR_BAD_RESULT, "GPUQ_NO_MSG": layout.NO_MSG,
+    }
+    assert {k: d.get(k) for k in expected} == expected
+
+
+def test_struct_sizes_match_the_static_asserts():
+    asserted = {name: int(size) for name, size in re.findall(r"static_assert\(sizeof\((\w+)\) == (\d+)", HEADER)}
+    mirror = {"GpuqSlotHeader": layout.SlotHeader, "GpuqCtrlHost": layout.CtrlHost, "GpuqCtrlDev": layout.CtrlDev,
+              "GpuqDevState": layout.DevState, "GpuqParams": layout.Params}
+    assert set(asserted) == set(mirror)
+    assert {n: ctypes.sizeof(mirror[n]) for n in asserted} == asserted
+
+
+def test_field_order_matches_the_header():
+    for cname, struct in (("GpuqSlotHeader", layout.SlotHeader), ("GpuqCtrlDev", layout.CtrlDev),
+                          ("GpuqParams", layout.Params)):
+        body = re.search(r"struct (?:__align__\(\d+\) )?%s \{(.*?)\};" % cname, HEADER, re.S).group(1)
+        fields = [m for m in re.findall(r"^\s*\w+\*? (\w+)(?:\[\d+\])?;", body, re.M)]
+        assert fields == [f[0] for f in struct._fields_], cname
+
+
+def test_slot_header_offsets():
+    assert layout.expected_probe()[:5] == [layout.LAYOUT_VERSION, 16, 0, 4, 8]
+
+
+@pytest.mark.parametrize("capacity", [2, 8, 1024, 1 << 22])
+def test_slot_of_wraps_modulo_capacity(capacity):
+    for msg_id in (0, 1, capacity - 1, capacity, capacity + 1, 7 * capacity + 3, (1 << 56) - 1):
+        assert layout.slot_of(msg_id, capacity) == msg_id % capacity
+
+
+def test_power_of_two_and_align():
+    assert [n for n in range(0, 70) if layout.is_power_of_two(n)] == [1, 2, 4, 8, 16, 32, 64]
+    assert [layout.align_up(n) for n in (0, 1, 128, 129)] == [0, 128, 128, 256]
+
+
+def test_host_layout_regions_are_aligned_and_disjoint():
+    lay = layout.HostLayout(capacity=64, slot_bytes=48, warps=5)
+    spans = sorted((off, name) for name, off in lay.offsets.items())
+    sizes = {"ctrl_host": 128, "ctrl_dev": 128, "req_hdr": 64 * 16, "res_hdr": 64 * 16, "warp_counters": 40,
+             "req_data": 64 * 48, "res_data": 64 * 48}
+    for (off, name), nxt in zip(spans, spans[1:] + [(lay.nbytes, "end")]):
+        assert off % layout.ALIGN == 0
+        assert off + sizes[name] <= nxt[0]
+    assert lay.vram_bytes == 64 * (16 + 48)
+
+
+def test_request_stop_keeps_the_head():
+    db = memoryview(bytearray(8)).cast("Q")
+    db[0] = 12345
+    layout.request_stop(db, layout.STOP_DRAIN)
+    assert db[0] & layout.DOORBELL_HEAD_MASK == 12345 and db[0] >> layout.DOORBELL_STOP_SHIFT == layout.STOP_DRAIN
+    layout.request_stop(db, layout.STOP_ABORT)
+    assert db[0] & layout.DOORBELL_HEAD_MASK == 12345 and db[0] >> layout.DOORBELL_STOP_SHIFT == layout.STOP_ABORT
