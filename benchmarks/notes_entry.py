@@ -31,8 +31,8 @@ def main() -> None:
         print("\n| round trip, one message at a time (gpuq: enqueue → result readable; then → taken) "
               "| p50 µs | p99 µs | taken p50 µs | taken p99 µs |\n|---|---:|---:|---:|---:|")
         for k, v in bench["latency"].items():
-            print(f"| {k} | {v['p50_us']:.2f} | {v['p99_us']:.2f} | {v.get('taken_p50_us', float('nan')):.2f} "
-                  f"| {v.get('taken_p99_us', float('nan')):.2f} |")
+            tk = (f"{v['taken_p50_us']:.2f} | {v['taken_p99_us']:.2f}" if "taken_p50_us" in v else "– | –")
+            print(f"| {k} | {v['p50_us']:.2f} | {v['p99_us']:.2f} | {tk} |")
         e, s = bench["enqueue_throughput"], bench["sustained_one_thread"]
         print(f"\n- enqueue from one Python thread, 64 B, {e['messages']:,} messages into a ring of {e['capacity']:,}: "
               f"**{e['enqueue_msg_per_s']:,.0f} msg/s** ({e['enqueue_ns_per_msg']:.0f} ns/msg); "
