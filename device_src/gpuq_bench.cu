@@ -11,10 +11,10 @@ extern "C" __global__ void gpuq_pingpong(uint64_t* ping, uint64_t* pong) {
   if (blockIdx.x != 0 || threadIdx.x != 0) return;
   uint64_t last = 0;
   for (;;) {
-    const uint64_t v = gpuq::load_acquire_sys(ping);
+    const uint64_t v = gpuq::load_acquire<gpuq::kSys>(ping);
     if (v == GPUQ_NO_MSG) break;
     if (v != last) {
-      gpuq::store_release_sys(pong, v);
+      gpuq::store_release<gpuq::kSys>(pong, v);
       last = v;
     }
   }
@@ -32,7 +32,7 @@ extern "C" __global__ void gpuq_pingpong_ex(uint64_t* ping, uint64_t* pong, cons
   for (;;) {
     uint64_t v = 0;
     if (lane == 0) {
-      do { v = gpuq::load_acquire_sys(ping); } while (v == last);
+      do { v = gpuq::load_acquire<gpuq::kSys>(ping); } while (v == last);
     }
     v = __shfl_sync(0xFFFFFFFFu, v, 0);
     if (v == GPUQ_NO_MSG) break;
@@ -42,6 +42,6 @@ extern "C" __global__ void gpuq_pingpong_ex(uint64_t* ping, uint64_t* pong, cons
     if ((mode & 2u) && lane < 4u) out[lane] = d;
     else if (d.y == 0x9E3779B9u && d.z == 0x7F4A7C15u && lane < 4u) out[lane] = d;  // keeps the read
     __syncwarp();
-    if (lane == 0) gpuq::store_release_sys(pong, v);
+    if (lane == 0) gpuq::store_release<gpuq::kSys>(pong, v);
   }
 }

@@ -33,14 +33,14 @@ __device__ void report_error(const GpuqParams& p, uint32_t code, uint64_t msg_id
   if (atomicCAS(&p.dev->error, 0u, code) == 0u) {
     p.ctrl_dev->error_msg_id = msg_id;
     __threadfence_system();
-    store_release_sys(&p.ctrl_dev->error, code);
+    store_release<kSys>(&p.ctrl_dev->error, code);
   }
 }
 
 // Make `head` visible to the other warps (release: the host's writes the front warp acquired
 // through the doorbell come with it).
 __device__ __forceinline__ void publish_head(GpuqDevState* dev, uint64_t head) {
-  cuda::atomic_ref<uint64_t, cuda::thread_scope_device>(dev->head).fetch_max(head, cuda::memory_order_release);
+  cuda::atomic_ref<uint64_t, kGpu>(dev->head).fetch_max(head, cuda::memory_order_release);
 }
 
 // Lane 0 only: claim a msg_id and wait until it is published.  Returns GPUQ_NO_MSG to exit.
@@ -51,21 +51,21 @@ __device__ uint64_t claim_and_wait(const GpuqParams& p, uint64_t& publish) {
   const uint64_t s = atomicAdd(reinterpret_cast<unsigned long long*>(&dev->claim), 1ull);
   uint32_t ns = 32u;
   for (;;) {
-    const uint32_t stop = load_acquire_dev(&dev->stop);
+    const uint32_t stop = load_acquire<kGpu>(&dev->stop);
     if (stop == GPUQ_STOP_ABORT) return GPUQ_NO_MSG;
-    const uint64_t h = load_acquire_dev(&dev->head);
+    const uint64_t h = load_acquire<kGpu>(&dev->head);
     if (s < h) return s;
     if (stop == GPUQ_STOP_DRAIN) return GPUQ_NO_MSG;  // head was final before stop was set
     if (s == h) {
       // Front warp: only it advances dev->head, so it polls the host alone until its message
       // (or a stop) arrives: one acquire load of the doorbell per PCIe round trip.
       for (uint32_t polls = 0;; ++polls) {
-        const uint64_t db = load_acquire_sys(&p.ctrl_host->doorbell);
+        const uint64_t db = load_acquire<kSys>(&p.ctrl_host->doorbell);
         const uint64_t hh = db & GPUQ_DOORBELL_HEAD_MASK;
         const uint32_t hstop = static_cast<uint32_t>(db >> GPUQ_DOORBELL_STOP_SHIFT);
         if (hstop != GPUQ_RUN) {
           publish_head(dev, hh);
-          store_release_dev(&dev->stop, hstop);
+          store_release<kGpu>(&dev->stop, hstop);
         }
         if (hstop == GPUQ_STOP_ABORT) return GPUQ_NO_MSG;
         if (s < hh) {
@@ -145,7 +145,7 @@ __device__ void process_one(const GpuqParams& p, uint64_t s, uint32_t lane, uint
     const uint64_t len_flags = static_cast<uint64_t>(out_len) |
                                (static_cast<uint64_t>(GPUQ_DONE | (code << 8)) << 32);
     *reinterpret_cast<volatile uint64_t*>(oh) = len_flags;
-    store_release_sys(&oh->msg_id, s);
+    store_release<kSys>(&oh->msg_id, s);
     vh->flags = GPUQ_DONE;
   }
 }
@@ -160,7 +160,7 @@ extern "C" __global__ void gpuq_persistent(const GpuqParams p) {
     p.ctrl_dev->layout_version = GPUQ_LAYOUT_VERSION;
     p.ctrl_dev->warps = warps;
     __threadfence_system();
-    store_release_sys(&p.ctrl_dev->state, GPUQ_KERNEL_RUNNING);
+    store_release<kSys>(&p.ctrl_dev->state, GPUQ_KERNEL_RUNNING);
   }
   uint64_t processed = 0;
   for (;;) {
@@ -175,7 +175,7 @@ extern "C" __global__ void gpuq_persistent(const GpuqParams p) {
   if (lane == 0) {
     __threadfence_system();
     const uint32_t gone = atomicAdd(&p.dev->exited, 1u) + 1u;
-    if (gone == warps) store_release_sys(&p.ctrl_dev->state, GPUQ_KERNEL_EXITED);
+    if (gone == warps) store_release<kSys>(&p.ctrl_dev->state, GPUQ_KERNEL_EXITED);
   }
 }
 

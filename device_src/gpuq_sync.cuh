@@ -5,20 +5,18 @@
 #include <cuda/atomic>
 
 namespace gpuq {
-template <class T>
-__device__ __forceinline__ T load_acquire_sys(T* p) {
-  return cuda::atomic_ref<T, cuda::thread_scope_system>(*p).load(cuda::memory_order_acquire);
+
+constexpr cuda::thread_scope kSys = cuda::thread_scope_system;  // host-mapped memory
+constexpr cuda::thread_scope kGpu = cuda::thread_scope_device;  // VRAM
+
+template <cuda::thread_scope Scope, class T>
+__device__ __forceinline__ T load_acquire(T* p) {
+  return cuda::atomic_ref<T, Scope>(*p).load(cuda::memory_order_acquire);
 }
-template <class T>
-__device__ __forceinline__ void store_release_sys(T* p, T v) {
-  cuda::atomic_ref<T, cuda::thread_scope_system>(*p).store(v, cuda::memory_order_release);
+
+template <cuda::thread_scope Scope, class T>
+__device__ __forceinline__ void store_release(T* p, T v) {
+  cuda::atomic_ref<T, Scope>(*p).store(v, cuda::memory_order_release);
 }
-template <class T>
-__device__ __forceinline__ T load_acquire_dev(T* p) {
-  return cuda::atomic_ref<T, cuda::thread_scope_device>(*p).load(cuda::memory_order_acquire);
-}
-template <class T>
-__device__ __forceinline__ void store_release_dev(T* p, T v) {
-  cuda::atomic_ref<T, cuda::thread_scope_device>(*p).store(v, cuda::memory_order_release);
-}
+
 }  // namespace gpuq
