@@ -9,7 +9,8 @@
 //   region            memory                      writer            reader
 //   ---------------   -------------------------   ---------------   -----------------------
 //   GpuqCtrlHost      mapped pinned (host RAM)    host              device (front warp)
-//   GpuqCtrlDev       mapped pinned               device (block 0)  host
+//   GpuqCtrlDev       mapped pinned               device            host
+//                     (RUNNING: block 0; EXITED: the last warp out; error: the first to fail)
 //   req_hdr[cap]      mapped pinned               host              device (owning warp)
 //   req_data[cap]     mapped pinned               host              device (owning warp)
 //   res_hdr[cap]      mapped pinned               device            host
@@ -86,7 +87,8 @@ struct __align__(128) GpuqCtrlHost {
   uint64_t pad[15];
 };
 
-// Device-written control line (128 B); block 0 / thread 0 writes it.
+// Device-written control line (128 B): state RUNNING by block 0 / thread 0 at start, EXITED by
+// the last warp to leave; error fields by the first warp to see a broken slot (VRAM CAS first).
 struct __align__(128) GpuqCtrlDev {
   uint32_t state;       // GPUQ_KERNEL_*
   uint32_t error;       // GPUQ_ERR_*

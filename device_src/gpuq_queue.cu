@@ -167,6 +167,7 @@ extern "C" __global__ void gpuq_persistent(const GpuqParams p) {
     uint64_t s = 0, publish = 0;
     if (lane == 0) s = claim_and_wait(p, publish);
     s = __shfl_sync(kFullMask, s, 0);
+    __syncwarp();  // orders lane 0's acquire before every lane's reads of the slot
     if (s == GPUQ_NO_MSG) break;
     process_one(p, s, lane, publish);
     ++processed;

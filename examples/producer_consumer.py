@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 
-from gpuq_driver import CudaUnavailable, GpuQueue, QueueConfig
+from gpuq_driver import ConfigError, CudaUnavailable, GpuQueue, QueueConfig
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,9 +36,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     n = int(args.messages)
+    if n < 1:
+        ap.error(f"--messages {args.messages:g}: send at least one message")
+    try:
+        config = QueueConfig(capacity=args.capacity, slot_bytes=args.slot_bytes, backend=args.backend)
+    except ConfigError as exc:
+        ap.error(str(exc))  # exits 2 with the usage line
 
     try:
-        queue = GpuQueue(QueueConfig(capacity=args.capacity, slot_bytes=args.slot_bytes, backend=args.backend))
+        queue = GpuQueue(config)
     except CudaUnavailable as exc:
         print(f"producer_consumer: needs an NVIDIA GPU with its driver; none usable here ({exc.text})",
               file=sys.stderr)

@@ -68,6 +68,9 @@ class PersistentKernel:
 
         per_sm = driver.max_active_blocks(self._fn, config.threads_per_block)
         limit = per_sm * info.sm_count
+        if limit == 0:
+            raise ConfigError(f"threads_per_block={config.threads_per_block}: not even one block of the queue "
+                              f"kernel fits on an SM of {info.name}")
         self.blocks = config.blocks if config.blocks is not None else min(info.sm_count, limit)
         if self.blocks > limit:
             raise ConfigError(
@@ -138,13 +141,18 @@ class PersistentKernel:
         return self._ctrl_dev.state == KERNEL_EXITED and self.stream.done()
 
     def close(self) -> None:
-        """Free every resource, once the kernel has exited (aborting it first if it still runs)."""
-        self._finalizer()
-        self.closed = True
+        """Free every resource, once the kernel has exited (aborting it first if it still runs).
+
+        If the kernel will not stop, its memory is leaked on purpose and ``closed`` stays False,
+        so the device stays marked busy for this process.
+        """
+        if self._finalizer.alive:
+            self.closed = bool(self._finalizer())
 
 
-def _release(doorbell, stream, resources) -> None:
-    """Stop the kernel (abort) and free the resources; leak them if the kernel will not stop."""
+def _release(doorbell, stream, resources) -> bool:
+    """Stop the kernel (abort) and free the resources; True when freed, False when leaked
+    because the kernel would not stop (freeing under a running kernel can hang)."""
     try:
         request_stop(doorbell, STOP_ABORT)
         stream.ctx.make_current()
@@ -152,9 +160,11 @@ def _release(doorbell, stream, resources) -> None:
         while not stream.done():
             if time.monotonic() > deadline:
                 warnings.warn("gpuq_driver: persistent kernel did not stop; leaking its memory", RuntimeWarning)
-                return
+                return False
             time.sleep(1e-3)
-    except Exception:
-        return
+    except Exception as exc:
+        warnings.warn(f"gpuq_driver: cannot stop the persistent kernel ({exc}); leaking its memory", RuntimeWarning)
+        return False
     for r in resources:
         r.close()
+    return True

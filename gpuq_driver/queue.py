@@ -13,6 +13,9 @@ behind it; ``device_src/gpuq_layout.cuh`` the protocol.
 
 from __future__ import annotations
 
+import array
+import math
+import operator
 import threading
 import time
 import weakref
@@ -22,19 +25,25 @@ import numpy as np
 
 from .errors import (ConfigError, GpuqError, PayloadError, PayloadTypeError, ProtocolError, QueueClosed,
                      QueueFull)
-from .layout import (DONE, ERROR_NAMES, KERNEL_EXITED, KERNEL_RUNNING, NO_MSG, READY, STOP_ABORT,
-                     STOP_DRAIN, is_power_of_two, request_stop)
+from .layout import (DONE, DOORBELL_STOP_SHIFT, ERROR_NAMES, KERNEL_EXITED, KERNEL_RUNNING, NO_MSG, READY,
+                     STOP_ABORT, STOP_DRAIN, is_power_of_two)
 
 MAX_CAPACITY = 1 << 22
 MAX_SLOT_BYTES = 1 << 20
 MAX_RING_BYTES = 1 << 32
 
 
-def _check_int(name: str, value, lo: int, hi: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{name} must be an int, not {type(value).__name__}")
+def _check_int(name: str, value, lo: int, hi: int) -> int:
+    """``value`` as a plain int (numpy integers accepted, bool refused) within [lo, hi]."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        value = operator.index(value)
+    except TypeError:
+        raise ConfigError(f"{name} must be an int, not {type(value).__name__}") from None
     if not lo <= value <= hi:
         raise ConfigError(f"{name}={value} is out of range: {lo} <= {name} <= {hi}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -48,7 +57,8 @@ class QueueConfig:
     blocks:             blocks of the persistent grid; None (default) = one per SM.  Must fit a
                         cooperative launch: <= occupancy × SM count.
     threads_per_block:  a multiple of 32, 32 .. 1024 (default 64: two worker warps per block).
-    enqueue_timeout_s:  how long ``enqueue`` waits for a free slot before QueueFull (default 1.0 s).
+    enqueue_timeout_s:  how long ``enqueue`` waits for a free slot before QueueFull (default 1.0 s;
+                        ``math.inf`` waits until a slot frees or the queue shuts down).
     shutdown_timeout_s: how long ``shutdown`` waits for the kernel to drain (default 10.0 s).
     front_backoff_ns:   the front warp reads the doorbell over PCIe back to back (one read in
                         flight, ~1 µs each) while traffic is recent; after 1,024 empty reads it
@@ -73,26 +83,29 @@ class QueueConfig:
     backend: str = "cuda"
 
     def __post_init__(self):
-        _check_int("capacity", self.capacity, 2, MAX_CAPACITY)
+        def check(name, lo, hi):
+            object.__setattr__(self, name, _check_int(name, getattr(self, name), lo, hi))
+
+        check("capacity", 2, MAX_CAPACITY)
         if not is_power_of_two(self.capacity):
             raise ConfigError(f"capacity={self.capacity} must be a power of two (e.g. {1 << self.capacity.bit_length()})")
-        _check_int("slot_bytes", self.slot_bytes, 16, MAX_SLOT_BYTES)
+        check("slot_bytes", 16, MAX_SLOT_BYTES)
         if self.slot_bytes % 16:
             raise ConfigError(f"slot_bytes={self.slot_bytes} must be a multiple of 16")
         if self.capacity * self.slot_bytes > MAX_RING_BYTES:
             raise ConfigError(f"capacity*slot_bytes={self.capacity * self.slot_bytes} exceeds {MAX_RING_BYTES} bytes")
         if self.blocks is not None:
-            _check_int("blocks", self.blocks, 1, 65535)
-        _check_int("threads_per_block", self.threads_per_block, 32, 1024)
+            check("blocks", 1, 65535)
+        check("threads_per_block", 32, 1024)
         if self.threads_per_block % 32:
             raise ConfigError(f"threads_per_block={self.threads_per_block} must be a multiple of 32")
         for name in ("enqueue_timeout_s", "shutdown_timeout_s"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
                 raise ConfigError(f"{name}={v!r} must be a number >= 0")
-        _check_int("front_backoff_ns", self.front_backoff_ns, 0, 1_000_000)
-        _check_int("idle_backoff_ns", self.idle_backoff_ns, 0, 1_000_000)
-        _check_int("device", self.device, 0, 1023)
+        check("front_backoff_ns", 0, 1_000_000)
+        check("idle_backoff_ns", 0, 1_000_000)
+        check("device", 0, 1023)
         if not isinstance(self.plugin, str) or not self.plugin.isidentifier():
             raise ConfigError(f"plugin={self.plugin!r} must be a plugin name such as 'echo'")
         if self.backend not in ("cuda", "sim"):
@@ -165,9 +178,12 @@ class GpuQueue:
         self._tail = 0           # every msg_id below this has been taken
         self._limit = cap        # _tail + capacity: the first msg_id with no free slot; -1 once shut down
         self._polled = 0         # poll_completions reported everything below this
-        self._taken = bytearray(cap)  # 1 = taken out of order, slot not yet behind _tail
+        # msg_id last taken from each slot: a msg_id >= _tail is taken iff _taken[slot] == msg_id
+        # (stale entries never match a later msg_id, so nothing needs clearing)
+        self._taken = array.array("Q", [NO_MSG]) * cap
+        self._taken_ahead = 0    # results taken out of order, at or after _tail
         self._accepting = True
-        self._stopped = False
+        self._stop_mode = None   # STOP_DRAIN / STOP_ABORT once shutdown has asked
         try:
             kernel.start()
         except BaseException:
@@ -210,7 +226,7 @@ class GpuQueue:
     def _wait_for_slot(self, seq: int, timeout: float | None) -> None:
         if not self._accepting:
             raise QueueClosed("queue is shut down: enqueue is no longer accepted")
-        timeout = self.config.enqueue_timeout_s if timeout is None else timeout
+        timeout = self.config.enqueue_timeout_s if timeout is None else _check_timeout(timeout)
         deadline = time.monotonic() + timeout
         pause = 0.0
         while seq >= self._limit:
@@ -230,8 +246,13 @@ class GpuQueue:
         """msg_ids whose results are ready and not yet taken, each reported once, in msg_id order.
 
         Stops at the first message not yet done (a later one that finished early is reported
-        once the earlier ones have).  ``max_items`` caps the list.  Never blocks.
+        once the earlier ones have).  ``max_items`` (int >= 0, or None) caps the list.  Does not
+        wait for the device (only for the consumer lock).  Raises QueueClosed after ``close()``,
+        ValueError for a bad ``max_items``.
         """
+        if max_items is not None and (isinstance(max_items, bool) or not isinstance(max_items, int)
+                                      or max_items < 0):
+            raise ValueError(f"max_items={max_items!r} must be an int >= 0 or None")
         with self._clock:
             if self._res_hdr is None:
                 raise QueueClosed("queue is closed: its memory has been freed")
@@ -240,7 +261,7 @@ class GpuQueue:
             ids, taken, mask = self._res_hdr, self._taken, self._mask
             out = []
             while seq < end and ids[((seq & mask) << 1) | 1] == seq:
-                if not taken[seq & mask]:
+                if taken[seq & mask] != seq:
                     out.append(seq)
                 seq += 1
             self._polled = seq
@@ -252,47 +273,59 @@ class GpuQueue:
         None also for a msg_id already taken or never issued.  Raises ProtocolError if the device
         flagged this slot as broken, QueueClosed after ``close()``.
         """
+        try:
+            slot = msg_id & self._mask
+        except TypeError:
+            raise TypeError(f"msg_id must be an int, not {type(msg_id).__name__}") from None
         with self._clock:
             hdr = self._res_hdr
             if hdr is None:
                 raise QueueClosed("queue is closed: its memory has been freed")
-            slot = msg_id & self._mask
             if hdr[(slot << 1) | 1] != msg_id:  # not done (or never issued)
                 return None
             t = self._tail
-            if msg_id != t and (not t < msg_id < self._head or self._taken[slot]):
+            if msg_id != t and (not t < msg_id < self._head or self._taken[slot] == msg_id):
                 return None  # already taken
             # Copy the result out before the slot is freed: a producer may refill it at once.
             len_flags = hdr[slot << 1]
             off = slot * self._sb
             data = self._res_data[off:off + (len_flags & 0xFFFFFFFF)].tobytes()
-            if msg_id == t:  # in order: move the tail past it and any later ones taken early
-                t += 1
-                taken, mask = self._taken, self._mask
-                while taken[t & mask] and t < self._head:
-                    taken[t & mask] = 0
-                    t += 1
-                self._tail = t
+            # Commit with single stores, so an interrupt leaves either nothing or everything done.
+            if msg_id == t:  # in order: the tail moves past it and past later ones taken early
+                nxt, taken, mask, head = t + 1, self._taken, self._mask, self._head
+                while nxt < head and taken[nxt & mask] == nxt:
+                    nxt += 1
+                self._taken_ahead -= nxt - t - 1
+                self._tail = nxt
                 if self._accepting:
-                    self._limit = t + self._cap
+                    self._limit = nxt + self._cap
             else:
-                self._taken[slot] = 1
+                self._taken[slot] = msg_id
+                self._taken_ahead += 1
         if len_flags >> 32 != DONE:  # flags = DONE | error code << 8
             raise ProtocolError(f"msg_id {msg_id}: device reported "
                                 f"{ERROR_NAMES.get(len_flags >> 40, len_flags >> 40)}")
         return data
 
-    def wait_result(self, msg_id: int, timeout: float = 1.0) -> bytes:
+    def wait_result(self, msg_id: int, timeout: float | None = 1.0) -> bytes:
         """Block until ``msg_id``'s result is ready, take it and return it.
 
         Spins for the first ~50 µs (a round trip is a few µs), then sleeps in growing steps up to
-        1 ms.  Raises TimeoutError after ``timeout`` seconds (the result stays takeable), KeyError
-        for a msg_id already taken or never issued, ProtocolError, QueueClosed.
+        1 ms.  timeout: seconds, or None to wait as long as the kernel runs.  Raises TimeoutError
+        after ``timeout`` (the result stays takeable), GpuqError if the kernel has exited and the
+        message will never be processed (e.g. after ``shutdown(drain=False)``), KeyError for a
+        msg_id already taken or never issued, TypeError for a msg_id that is not an int,
+        ProtocolError, QueueClosed.
         """
+        timeout = math.inf if timeout is None else _check_timeout(timeout)
+        try:
+            idx = ((msg_id & self._mask) << 1) | 1
+        except TypeError:
+            raise TypeError(f"msg_id must be an int, not {type(msg_id).__name__}") from None
         start = time.perf_counter()
-        hdr, idx = self._res_hdr, ((msg_id & self._mask) << 1) | 1
-        if hdr is not None:  # spin on the result's msg_id word alone: ~50 ns a look
-            for _ in range(1000):
+        with self._clock:  # spin on the result's msg_id word alone: ~50 ns a look
+            hdr = self._res_hdr
+            for _ in range(1000 if hdr is not None else 0):
                 if hdr[idx] == msg_id:
                     break
         pause = 0.0
@@ -300,55 +333,72 @@ class GpuQueue:
             result = self.try_dequeue_result(msg_id)
             if result is not None:
                 return result
-            if not self._tail <= msg_id < self._head or self._taken[msg_id & self._mask]:
+            if not self._tail <= msg_id < self._head or self._taken[msg_id & self._mask] == msg_id:
                 raise KeyError(f"msg_id {msg_id} was already taken or never issued")
             waited = time.perf_counter() - start
             if waited > timeout:
                 raise TimeoutError(f"no result for msg_id {msg_id} within {timeout} s")
             if waited > 50e-6:
+                if self._kernel.exited():
+                    result = self.try_dequeue_result(msg_id)  # it may have finished last
+                    if result is not None:
+                        return result
+                    raise GpuqError(f"the kernel has exited; msg_id {msg_id} was not processed and never will be")
                 time.sleep(pause)
                 pause = min(1e-3, pause * 2 or 1e-6)
 
     # -- state ---------------------------------------------------------------------------------
 
     def stats(self) -> QueueStats:
-        """A QueueStats snapshot (reads device counters in place; no copy, no CUDA call)."""
-        if self._res_hdr is None:
-            raise QueueClosed("queue is closed")
-        k = self._kernel
-        processed = int(self._counters.sum())
-        state = k._ctrl_dev.state
-        kernel = "running" if state == KERNEL_RUNNING else "exited" if state == KERNEL_EXITED else "not started"
-        head = self._head
+        """A QueueStats snapshot (reads device counters in place; no copy, no CUDA call).
+
+        Raises QueueClosed after ``close()``.
+        """
         with self._clock:
-            taken = self._tail + self._taken.count(1)
+            if self._res_hdr is None:
+                raise QueueClosed("queue is closed")
+            k = self._kernel
+            taken = self._tail + self._taken_ahead  # read before head: occupied is never negative
+            processed = int(self._counters.sum())
+            state = k._ctrl_dev.state
+        head = self._head
+        kernel = "running" if state == KERNEL_RUNNING else "exited" if state == KERNEL_EXITED else "not started"
         return QueueStats(enqueued=head, processed=processed, taken=taken, pending=head - processed,
                           occupied=head - taken, capacity=self._cap, slot_bytes=self._sb,
                           blocks=k.blocks, threads_per_block=k.threads, warps=k.warps, kernel=kernel,
                           backend=k.backend)
 
     def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
-        """Stop accepting messages and stop the kernel.  Safe to call twice.
+        """Stop accepting messages and stop the kernel; return once it has exited.
 
         drain=True (default): the kernel first processes every message already enqueued, so each
         one's result can still be taken (until ``close()``).  drain=False: it stops as soon as
-        possible; unprocessed messages get no result.  timeout: seconds (None =
+        possible; unprocessed messages get no result.  A producer waiting for a free slot gets
+        QueueClosed at once.  Calling it again (e.g. after an interrupt) waits again; drain=False
+        on a later call turns a drain into an abort.  timeout: seconds (None =
         ``config.shutdown_timeout_s``); past it the kernel is aborted and GpuqError is raised.
-        Raises ProtocolError if the device reported a broken slot during the queue's life.
+        Raises ProtocolError if the device reported a broken slot during the queue's life,
+        QueueClosed after ``close()``.
         """
-        with self._plock, self._clock:  # consumers move _limit under _clock
-            self._accepting = False
+        timeout = self.config.shutdown_timeout_s if timeout is None else _check_timeout(timeout)
+        self._accepting = False   # waiting producers see it and leave, releasing _plock
+        with self._clock:         # consumers move _limit under _clock, and only while accepting
             self._limit = -1
-            if self._stopped:
-                return
-            self._stopped = True
-            request_stop(self._doorbell, STOP_DRAIN if drain else STOP_ABORT)
+        with self._plock:
+            if self._doorbell is None:
+                raise QueueClosed("queue is closed")
+            mode = STOP_DRAIN if drain else STOP_ABORT
+            if self._stop_mode is None or mode > self._stop_mode:
+                self._stop_mode = mode
+                # the producers' head, not the doorbell's: every enqueued message is covered
+                self._doorbell[0] = self._head | (mode << DOORBELL_STOP_SHIFT)
         k = self._kernel
-        timeout = self.config.shutdown_timeout_s if timeout is None else timeout
         deadline = time.monotonic() + timeout
         while not k.exited():
             if time.monotonic() > deadline:
-                request_stop(self._doorbell, STOP_ABORT)
+                with self._plock:
+                    self._stop_mode = STOP_ABORT
+                    self._doorbell[0] = self._head | (STOP_ABORT << DOORBELL_STOP_SHIFT)
                 raise GpuqError(f"the kernel did not drain within {timeout} s; aborted "
                                 f"({self._head - int(self._counters.sum())} messages unprocessed)")
             time.sleep(1e-4)
@@ -359,40 +409,56 @@ class GpuQueue:
     def close(self) -> None:
         """Shut down (draining) if needed, then free all GPU and pinned memory.  Idempotent.
 
-        Results not taken are gone after this; every later call raises QueueClosed.
+        Results not taken are gone after this; every later call raises QueueClosed.  Errors of
+        the shutdown (GpuqError, ProtocolError) propagate; the memory is freed all the same (or,
+        if the kernel cannot be stopped, deliberately leaked and the device kept marked busy).
         """
+        if self.closed:
+            return
         try:
-            if not self._stopped:
-                self.shutdown(drain=True)
+            self.shutdown(drain=self._stop_mode != STOP_ABORT)
         finally:
-            with self._clock:
+            with self._plock, self._clock:
                 self._res_hdr = self._req_hdr = self._res_data = self._req_data = self._doorbell = None
                 self._counters = np.zeros(1, np.uint64)
             self._finalizer()
 
     @property
     def closed(self) -> bool:
+        """True once ``close()`` has run (or the queue was garbage-collected)."""
         return not self._finalizer.alive
 
     def __enter__(self) -> "GpuQueue":
+        """The started queue itself."""
         return self
 
     def __exit__(self, *exc) -> None:
+        """``close()``: drains what is queued, also when the block raised, then frees everything."""
         self.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self.closed else "shut down" if self._stopped else "running"
+        state = "closed" if self.closed else "shut down" if self._stop_mode is not None else "running"
         return f"<GpuQueue {self._kernel.backend} capacity={self._cap} slot_bytes={self._sb} {state}>"
 
 
+def _check_timeout(timeout) -> float:
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
+        raise ValueError(f"timeout={timeout!r} must be a number of seconds >= 0 (math.inf for no limit)")
+    return float(timeout)
+
+
 def _byte_view(payload) -> memoryview:
-    """A flat byte view of any C-contiguous buffer; PayloadTypeError otherwise."""
+    """A flat byte view of any C-contiguous buffer of plain data; PayloadTypeError otherwise."""
     try:
         view = memoryview(payload)
-    except TypeError:
+    except (TypeError, ValueError) as exc:  # ValueError: numpy dtypes the buffer protocol cannot carry
         raise PayloadTypeError(
-            f"payload must be a bytes-like object (bytes, bytearray, memoryview, numpy array), "
-            f"not {type(payload).__name__}") from None
+            f"payload must be a bytes-like object (bytes, bytearray, memoryview, numpy array of plain "
+            f"numbers), not {type(payload).__name__} ({exc})") from None
     if not view.c_contiguous:
         raise PayloadTypeError("payload must be C-contiguous")
+    if "O" in view.format or "P" in view.format:
+        raise PayloadTypeError(f"payload of format {view.format!r} holds object pointers, not data")
+    if view.nbytes == 0:
+        return memoryview(b"")
     return view if view.format == "B" and view.ndim == 1 else view.cast("B")

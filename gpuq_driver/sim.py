@@ -4,7 +4,8 @@
 side (enqueue, backpressure, polling, shutdown) is tested on machines without a GPU, as
 numba-cuda's simulator does for kernels.  It follows the device protocol of gpuq_queue.cu
 (doorbell, stop before head, result data before header, msg_id last) with one simulated warp and
-the Python twin of each plugin.  It is for tests, not for speed.
+the Python twin of each plugin.  It is for tests, not for speed: ``blocks`` and
+``threads_per_block`` are ignored (stats report one block of one warp).
 """
 
 from __future__ import annotations

@@ -36,6 +36,13 @@ def test_bad_fields_are_named_with_their_limit(fields, message):
         QueueConfig(**fields)
 
 
+def test_numpy_integers_are_ints():
+    import numpy as np
+
+    c = QueueConfig(capacity=np.int64(8), slot_bytes=np.uint32(32))
+    assert (c.capacity, c.slot_bytes) == (8, 32) and type(c.capacity) is int
+
+
 def test_config_error_is_a_value_error():
     with pytest.raises(ValueError):
         QueueConfig(capacity=3)

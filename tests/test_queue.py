@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 import threading
 import time
@@ -9,8 +10,8 @@ import time
 import numpy as np
 import pytest
 
-from gpuq_driver import (GpuQueue, PayloadError, PayloadTypeError, QueueClosed, QueueConfig, QueueFull,
-                         QueueStats)
+from gpuq_driver import (GpuqError, GpuQueue, PayloadError, PayloadTypeError, QueueClosed, QueueConfig,
+                         QueueFull, QueueStats)
 
 
 def drain(q: GpuQueue, ids, timeout=10.0) -> dict[int, bytes]:
@@ -219,3 +220,79 @@ def test_unknown_ids_give_none(make_queue):
     assert q.try_dequeue_result(10**9) is None
     with pytest.raises(KeyError):
         q.wait_result(5)
+
+
+def test_shutdown_releases_a_producer_waiting_on_a_full_ring(make_queue):
+    q = make_queue(capacity=2, slot_bytes=16, enqueue_timeout_s=math.inf)
+    q.enqueue(b"a"), q.enqueue(b"b")
+    outcome = []
+
+    def producer():
+        try:
+            q.enqueue(b"c")
+        except QueueClosed as exc:
+            outcome.append(exc)
+
+    t = threading.Thread(target=producer)
+    t.start()
+    time.sleep(0.05)
+    t0 = time.monotonic()
+    q.shutdown()
+    t.join(5)
+    assert time.monotonic() - t0 < 2 and not t.is_alive() and len(outcome) == 1
+    assert q.wait_result(0) == b"a" and q.wait_result(1) == b"b"  # drained, still takeable
+
+
+def test_wait_result_for_a_message_the_kernel_will_never_process(make_queue, backend):
+    q = make_queue(capacity=4096, slot_bytes=16)
+    if backend == "sim":
+        q._kernel.delay_s = 2e-3
+    ids = [q.enqueue(b"m") for _ in range(4000)]
+    q.shutdown(drain=False)
+    lost = [i for i in ids if q.try_dequeue_result(i) is None]
+    if lost:  # the GPU may have finished them all before the abort landed
+        t0 = time.monotonic()
+        with pytest.raises(GpuqError, match="never will be"):
+            q.wait_result(lost[-1], timeout=30)
+        assert time.monotonic() - t0 < 1
+
+
+def test_wait_result_without_timeout_and_bad_arguments(make_queue):
+    q = make_queue(capacity=8, slot_bytes=16)
+    assert q.wait_result(q.enqueue(b"x"), timeout=None) == b"x"
+    for bad in (1.5, "a", None):
+        with pytest.raises(TypeError, match="msg_id must be an int"):
+            q.try_dequeue_result(bad)
+    with pytest.raises(ValueError, match="timeout=-1"):
+        q.wait_result(0, timeout=-1)
+    with pytest.raises(ValueError, match="max_items"):
+        q.poll_completions(max_items=-1)
+    for i in range(8):
+        q.enqueue(b"fill")
+    with pytest.raises(ValueError, match="timeout='x'"):
+        q.enqueue(b"x", timeout="x")
+
+
+def test_shutdown_again_after_a_drain_timeout_waits_for_the_exit(make_queue, backend):
+    q = make_queue(capacity=1024, slot_bytes=16)
+    if backend == "sim":
+        q._kernel.delay_s = 1e-3
+    for _ in range(1000):
+        q.enqueue(b"z")
+    try:
+        q.shutdown(timeout=0)  # too short to drain: the kernel is aborted and it says so
+    except GpuqError as exc:
+        assert "did not drain" in str(exc)
+    q.shutdown()
+    assert q.stats().kernel == "exited"
+
+
+@pytest.mark.parametrize("payload, expect", [
+    (np.array([1, None], dtype=object), "object pointers"),
+    (np.zeros(2, "datetime64[s]"), "bytes-like"),
+])
+def test_payloads_that_are_not_plain_data_are_refused(make_queue, payload, expect):
+    q = make_queue(capacity=8, slot_bytes=64)
+    with pytest.raises(PayloadTypeError, match=expect):
+        q.enqueue(payload)
+    assert q.wait_result(q.enqueue(np.zeros((0, 5)))) == b""  # an empty array is an empty payload
