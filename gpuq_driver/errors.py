@@ -70,21 +70,21 @@ class ProtocolError(GpuqError):
     """The device reported a slot that broke the protocol (GpuqCtrlDev.error)."""
 
 
-def _enum_text(code: Any) -> tuple[str, str, bool]:
-    """(name, description, is_driver_error) of a CUresult or nvrtcResult."""
+def _enum_text(code: Any) -> tuple[str, str]:
+    """(name, description) of a CUresult or nvrtcResult."""
     from cuda.bindings import driver, nvrtc
 
     if isinstance(code, nvrtc.nvrtcResult):
         err, text = nvrtc.nvrtcGetErrorString(code)
-        return code.name, text.decode() if isinstance(text, bytes) else str(text), False
+        return code.name, text.decode() if isinstance(text, bytes) else str(text)
     name = getattr(code, "name", str(code))
     try:
         err, text = driver.cuGetErrorString(code)
     except Exception:  # no driver library to ask
-        return name, "(no CUDA driver loaded to describe this code)", True
+        return name, "(no CUDA driver loaded to describe this code)"
     if err != driver.CUresult.CUDA_SUCCESS or text is None:
-        return name, "unknown error", True
-    return name, text.decode() if isinstance(text, bytes) else str(text), True
+        return name, "unknown error"
+    return name, text.decode() if isinstance(text, bytes) else str(text)
 
 
 _UNAVAILABLE = {"CUDA_ERROR_NO_DEVICE", "CUDA_ERROR_STUB_LIBRARY", "CUDA_ERROR_SYSTEM_DRIVER_MISMATCH",
@@ -102,7 +102,7 @@ def check(result: Any, call: str = "") -> Any:
     else:
         status, values = result, ()
     if int(status) != 0:
-        name, text, _ = _enum_text(status)
+        name, text = _enum_text(status)
         cls = CudaUnavailable if name in _UNAVAILABLE else CudaError
         raise cls(int(status), name, text, call)
     if not values:
