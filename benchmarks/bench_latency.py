@@ -53,8 +53,7 @@ def timed(fn, iters: int, warmup: int) -> dict:
     return pct(out)
 
 
-def floors_and_baselines(ctx, info, iters: int) -> dict:
-    d = driver._driver()
+def floors_and_baselines(ctx, info, iters: int) -> tuple[dict, dict]:
     opts = CompileOptions(arch=info.arch)
     bench = driver.Module(ctx, compile_cubin("gpuq_bench.cu", opts))
     batch = driver.Module(ctx, compile_cubin("gpuq_batch.cu", opts))

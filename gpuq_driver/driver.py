@@ -145,10 +145,12 @@ class _Resource:
     _finalizer: weakref.finalize
 
     def close(self) -> None:
+        """Free the resource (with its context made current); later calls do nothing."""
         self._finalizer()
 
     @property
     def closed(self) -> bool:
+        """True once ``close()`` has run (or the object was garbage-collected)."""
         return not self._finalizer.alive
 
 
@@ -180,6 +182,8 @@ class Stream(_Resource):
         return True
 
     def synchronize(self) -> None:
+        """Block until the stream's work is done (never while a persistent kernel runs on it).
+        Raises CudaError."""
         check(_driver().cuStreamSynchronize(self.handle), "cuStreamSynchronize")
 
 

@@ -97,7 +97,7 @@ class PersistentKernel:
             capacity=config.capacity, slot_bytes=config.slot_bytes,
             front_backoff_ns=config.front_backoff_ns, idle_backoff_ns=config.idle_backoff_ns)
         self._ctrl_dev = CtrlDev.from_buffer(self.mem, off["ctrl_dev"])
-        self.doorbell = self.mem[off["ctrl_host"]:off["ctrl_host"] + 8].cast("Q")
+        self.doorbell = self.layout.view(self.mem, "ctrl_host", "Q")[:1]
         self._launched = False
         self._finalizer = weakref.finalize(self, _release, self.doorbell, self.stream,
                                            [self.stream, self.host, self.vram, self.dev_state, self.module])

@@ -107,11 +107,21 @@ class HostLayout:
         self.capacity, self.slot_bytes, self.warps = capacity, slot_bytes, warps
         off = 0
         self.offsets: dict[str, int] = {}
+        self.sizes: dict[str, int] = {}
         for name, size in (("ctrl_host", ctypes.sizeof(CtrlHost)), ("ctrl_dev", ctypes.sizeof(CtrlDev)),
                            ("req_hdr", capacity * HEADER_BYTES), ("res_hdr", capacity * HEADER_BYTES),
                            ("warp_counters", warps * 8), ("req_data", capacity * slot_bytes),
                            ("res_data", capacity * slot_bytes)):
-            self.offsets[name] = off
+            self.offsets[name], self.sizes[name] = off, size
             off = align_up(off + size)
         self.nbytes = off
         self.vram_bytes = capacity * (HEADER_BYTES + slot_bytes)
+
+    def view(self, mem: memoryview, region: str, fmt: str = "B") -> memoryview:
+        """The ``region`` of the mapped block ``mem`` (a ``B`` memoryview), cast to ``fmt``.
+
+        Header rings cast to ``"Q"`` hold two words per slot: ``[2*slot]`` = len | flags << 32,
+        ``[2*slot + 1]`` = msg_id.  ``"ctrl_host"`` as ``"Q"``: ``[0]`` is the doorbell.
+        """
+        off = self.offsets[region]
+        return mem[off:off + self.sizes[region]].cast(fmt)

@@ -161,14 +161,13 @@ class GpuQueue:
         self._kernel = kernel = Backend(config)
         self._finalizer = weakref.finalize(self, kernel.close)
         lay, mem, cap, sb = kernel.layout, kernel.mem, config.capacity, config.slot_bytes
-        off = lay.offsets
         self._cap, self._mask, self._sb = cap, cap - 1, sb
         self._doorbell = kernel.doorbell  # GpuqCtrlHost.doorbell: head | stop << 56
-        self._req_hdr = mem[off["req_hdr"]:off["req_hdr"] + 16 * cap].cast("Q")  # [2s] len|flags<<32, [2s+1] msg_id
-        self._res_hdr = mem[off["res_hdr"]:off["res_hdr"] + 16 * cap].cast("Q")
-        self._req_data = mem[off["req_data"]:off["req_data"] + sb * cap]
-        self._res_data = mem[off["res_data"]:off["res_data"] + sb * cap]
-        self._counters = np.frombuffer(mem, dtype=np.uint64, count=lay.warps, offset=off["warp_counters"])
+        self._req_hdr = lay.view(mem, "req_hdr", "Q")  # [2s] len|flags<<32, [2s+1] msg_id
+        self._res_hdr = lay.view(mem, "res_hdr", "Q")
+        self._req_data = lay.view(mem, "req_data")
+        self._res_data = lay.view(mem, "res_data")
+        self._counters = np.frombuffer(lay.view(mem, "warp_counters"), dtype=np.uint64)
         for hdr in (self._req_hdr, self._res_hdr):
             np.frombuffer(hdr, dtype=np.uint64)[1::2] = NO_MSG
         self._ready = READY << 32

@@ -15,7 +15,7 @@ import time
 
 from .errors import ConfigError
 from .layout import (DONE, DOORBELL_HEAD_MASK, DOORBELL_STOP_SHIFT, ERR_BAD_LEN, ERR_BAD_MSG_ID, KERNEL_EXITED,
-                     KERNEL_RUNNING, STOP_ABORT, STOP_DRAIN, CtrlDev, HostLayout, request_stop)
+                     KERNEL_RUNNING, STOP_ABORT, STOP_DRAIN, CtrlDev, HostLayout, request_stop, slot_of)
 
 PLUGINS = {"echo": lambda payload, msg_id: payload}
 """Python twins of device_src/plugins: name -> f(payload: memoryview, msg_id) -> bytes-like."""
@@ -33,9 +33,8 @@ class SimulatedKernel:
         self.blocks, self.threads, self.warps = 1, 32, 1
         self.layout = HostLayout(config.capacity, config.slot_bytes, self.warps)
         self.mem = memoryview(bytearray(self.layout.nbytes))
-        off = self.layout.offsets
-        self._ctrl_dev = CtrlDev.from_buffer(self.mem, off["ctrl_dev"])
-        self.doorbell = self.mem[off["ctrl_host"]:off["ctrl_host"] + 8].cast("Q")
+        self._ctrl_dev = CtrlDev.from_buffer(self.mem, self.layout.offsets["ctrl_dev"])
+        self.doorbell = self.layout.view(self.mem, "ctrl_host", "Q")[:1]
         self._thread = threading.Thread(target=self._run, name="gpuq-sim-kernel", daemon=True)
         self._started = False
         self.delay_s = 0.0  # tests may slow the simulated device down
@@ -60,14 +59,11 @@ class SimulatedKernel:
             self._thread.join(5.0)
 
     def _run(self) -> None:
-        off, sb, cap = self.layout.offsets, self.config.slot_bytes, self.config.capacity
-        mem = self.mem
+        lay, mem, sb, cap = self.layout, self.mem, self.config.slot_bytes, self.config.capacity
         doorbell = self.doorbell
-        req_hdr = mem[off["req_hdr"]:off["req_hdr"] + cap * 16].cast("Q")
-        res_hdr = mem[off["res_hdr"]:off["res_hdr"] + cap * 16].cast("Q")
-        req_data = mem[off["req_data"]:off["req_data"] + cap * sb]
-        res_data = mem[off["res_data"]:off["res_data"] + cap * sb]
-        counter = mem[off["warp_counters"]:off["warp_counters"] + 8].cast("Q")
+        req_hdr, res_hdr = lay.view(mem, "req_hdr", "Q"), lay.view(mem, "res_hdr", "Q")
+        req_data, res_data = lay.view(mem, "req_data"), lay.view(mem, "res_data")
+        counter = lay.view(mem, "warp_counters", "Q")
         process = PLUGINS[self.config.plugin]
         self._ctrl_dev.warps = 1
         self._ctrl_dev.state = KERNEL_RUNNING
@@ -84,7 +80,7 @@ class SimulatedKernel:
             idle = 0
             if self.delay_s:
                 time.sleep(self.delay_s)
-            slot = seq & (cap - 1)
+            slot = slot_of(seq, cap)
             n, mid, code = req_hdr[2 * slot] & 0xFFFFFFFF, req_hdr[2 * slot + 1], 0
             if mid != seq:
                 code = ERR_BAD_MSG_ID
