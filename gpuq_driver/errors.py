@@ -9,7 +9,9 @@
     │   └── PayloadTypeError a payload that is not a contiguous bytes-like object (also a TypeError)
     ├── QueueFull            the ring stayed full for the whole timeout
     ├── QueueClosed          the queue was shut down or closed
-    └── ProtocolError        the device saw a broken slot (a bug, not bad input)
+    ├── ProtocolError        the device saw a broken slot (a bug, not bad input)
+    └── BrokerError          Redis (Track A) refused a command, or no redis-server could be started
+        └── BrokerUnavailable  Redis cannot be reached (bad URL, server down, connection lost)
 """
 
 from __future__ import annotations
@@ -68,6 +70,22 @@ class QueueClosed(GpuqError):
 
 class ProtocolError(GpuqError):
     """The device reported a slot that broke the protocol (GpuqCtrlDev.error)."""
+
+
+class BrokerError(GpuqError):
+    """Redis refused a command, or no redis-server could be found or started (Track A)."""
+
+
+class BrokerUnavailable(BrokerError):
+    """Redis cannot be reached: a bad URL, a server that is down, a connection lost mid-call.
+
+    ``url`` is the server's address (without password).  Where a producer had already been
+    acknowledged by Redis for some entries, ``sent_ids`` holds their ids: those are stored.
+    """
+
+    def __init__(self, message: str, url: str = "", sent_ids: list | None = None):
+        super().__init__(message)
+        self.url, self.sent_ids = url, list(sent_ids or [])
 
 
 def _enum_text(code: Any) -> tuple[str, str]:

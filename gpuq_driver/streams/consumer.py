@@ -1,0 +1,238 @@
+"""StreamConsumer: one member of a consumer group, at-least-once, with reclaim and deduplication.
+
+The protocol, per entry:
+
+1. XREADGROUP delivers it to this consumer; Redis records it in the group's PEL (pending entries list).
+2. The messages are processed (GPU batch or GpuQueue).
+3. :meth:`StreamConsumer.complete` runs one Lua script, atomically: XACK the entry and, only if
+   that XACK removed it from the PEL, add its results to the result stream.  The ack and the
+   stored result are one step, so a consumer killed at any moment leaves either both or neither;
+   an entry that two consumers processed (one reclaimed it from the other, which was only slow)
+   gets its results published once: by whichever completes first.  This is the deduplication by
+   message id: the second result of a redelivered entry is dropped, never published.
+4. Entries pending longer than ``claim_idle_ms`` (their consumer died or stalled) are taken over
+   with XAUTOCLAIM by :meth:`StreamConsumer.reclaim`.  Entries that MAXLEN trimming deleted
+   before anyone acked them cannot be processed: they are reported in ``lost`` and removed from
+   the PEL, never dropped silently.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from ..errors import ConfigError
+from .server import broker_errors, client_url
+from .wire import decode_frame, encode_frame, entry_payloads
+
+# KEYS[1] source stream, KEYS[2] result stream.  ARGV[1] group, ARGV[2] result stream MAXLEN (~),
+# ARGV[3..]: entry id, result frame, entry id, result frame, ...   Returns the number published.
+# Redis runs a script atomically; it checks memory only before the script's first write, so
+# once the first XACK has run the XADD is not refused for OOM.
+_COMPLETE_LUA = """
+local out, n = {}, 0
+for i = 3, #ARGV, 2 do
+  if redis.call('XACK', KEYS[1], ARGV[1], ARGV[i]) == 1 then
+    out[#out + 1] = ARGV[i]
+    out[#out + 1] = ARGV[i + 1]
+    n = n + 1
+    if #out >= 2000 then
+      redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(out))
+      out = {}
+    end
+  end
+end
+if #out > 0 then redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(out)) end
+return n
+"""
+
+
+@dataclass
+class Entry:
+    """One stream entry delivered to this consumer.
+
+    id:        the entry id (bytes, e.g. ``b"1732900000000-0"``); with the index, the message id.
+    payloads:  its messages (bytes-like; one for a plain entry, several for a frame).
+    error:     why the entry could not be decoded (it is completed with no results), else None.
+    """
+
+    id: bytes
+    payloads: list
+    error: str | None = None
+
+
+@dataclass
+class Reclaimed:
+    """What one :meth:`StreamConsumer.reclaim` found: entries now owned by this consumer, and
+    ids of pending entries that trimming had deleted (removed from the PEL, reported here)."""
+
+    entries: list = field(default_factory=list)
+    lost: list = field(default_factory=list)
+
+
+class StreamConsumer:
+    """Consumer ``consumer`` of group ``group`` on ``stream``; results go to ``result_stream``.
+
+    client:         a ``redis.Redis`` with binary replies (see :func:`connect`).
+    count:          entries per XREADGROUP (default 1000).
+    block_ms:       how long :meth:`read` waits for new entries (ms, default 1000; 0 = no wait).
+                    Waits longer than the client's socket timeout are cut into shorter
+                    XREADGROUP calls, so they return empty rather than raise TimeoutError.
+    claim_idle_ms:  pending entries idle this long are reclaimed (ms, default 30,000).
+    result_stream:  default ``stream + ":results"``; ``result_maxlen`` caps it (~, entries).
+    start_id:       where a newly created group starts: ``"0"`` = the whole stream, ``"$"`` = new only.
+
+    The group is created if missing (XGROUP CREATE ... MKSTREAM; an existing group is kept).
+    Every method raises BrokerUnavailable when Redis cannot be reached, BrokerError when it
+    refuses a command.
+    """
+
+    def __init__(self, client, stream: str, group: str, consumer: str, *, count: int = 1000,
+                 block_ms: int = 1000, claim_idle_ms: int = 30_000, result_stream: str | None = None,
+                 result_maxlen: int = 1_000_000, start_id: str = "0"):
+        for name, value, lo in (("count", count, 1), ("block_ms", block_ms, 0), ("claim_idle_ms", claim_idle_ms, 0),
+                                ("result_maxlen", result_maxlen, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+                raise ConfigError(f"{name}={value!r} must be an int >= {lo}")
+        kw = client.connection_pool.connection_kwargs
+        if kw.get("decode_responses"):
+            raise ConfigError("client has decode_responses=True: the streams carry binary payloads")
+        self.client, self.stream, self.group, self.consumer = client, stream, group, consumer
+        self.count, self.block_ms, self.claim_idle_ms = count, block_ms, claim_idle_ms
+        self.result_stream = result_stream or f"{stream}:results"
+        self.result_maxlen = result_maxlen
+        self.url = client_url(client)
+        timeout = kw.get("socket_timeout")
+        # the longest single BLOCK that returns before the socket timeout fires (ms)
+        self._block_slice = None if timeout is None else max(1, int(timeout * 1000 * 0.8) - 100)
+        self.lost: list[bytes] = []        # every entry id reported lost so far
+        self.published = 0                 # entries whose results this consumer published
+        self.duplicates = 0                # entries completed here after another consumer had
+        with broker_errors(self.url, f"XGROUP CREATE {stream} {group}"):
+            self._complete = client.register_script(_COMPLETE_LUA)
+            self.ensure_group(start_id)
+
+    def ensure_group(self, start_id: str = "0") -> bool:
+        """Create the group (and the stream) if missing; True if created, False if it existed."""
+        import redis
+
+        try:
+            self.client.xgroup_create(self.stream, self.group, id=start_id, mkstream=True)
+            return True
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" in str(exc):
+                return False
+            raise
+
+    def read(self, count: int | None = None, block_ms: int | None = None) -> list[Entry]:
+        """New entries for this consumer (XREADGROUP ``>``), at most ``count``; waits up to
+        ``block_ms`` ms when there are none and returns [] if none came."""
+        count = self.count if count is None else count
+        block = self.block_ms if block_ms is None else block_ms
+        deadline = time.monotonic() + block / 1000
+        with broker_errors(self.url, f"XREADGROUP {self.stream} {self.group}"):
+            while True:
+                wait = block if self._block_slice is None else min(block, self._block_slice)
+                reply = self.client.xreadgroup(self.group, self.consumer, {self.stream: ">"}, count=count,
+                                               block=wait if wait > 0 else None)
+                if reply and reply[0][1]:
+                    return [_entry(eid, fields) for eid, fields in reply[0][1]]
+                block = int((deadline - time.monotonic()) * 1000)
+                if block <= 0:
+                    return []
+
+    def reclaim(self, min_idle_ms: int | None = None, count: int | None = None) -> Reclaimed:
+        """Take over entries pending longer than ``min_idle_ms`` (default ``claim_idle_ms``) with
+        XAUTOCLAIM, scanning the whole PEL, up to ``count`` entries (default ``self.count``).
+
+        Handles Redis 7+'s three-element reply (deleted ids listed) and Redis 6.2's two-element
+        one (deleted entries come back as nil; their ids are found with XPENDING + XRANGE, then
+        XACKed so they leave the PEL as Redis 7 does).  Lost ids are appended to ``self.lost``.
+        """
+        idle = self.claim_idle_ms if min_idle_ms is None else min_idle_ms
+        limit = self.count if count is None else count
+        out, cursor = Reclaimed(), b"0-0"
+        with broker_errors(self.url, f"XAUTOCLAIM {self.stream} {self.group}"):
+            while len(out.entries) < limit:
+                reply = self.client.xautoclaim(self.stream, self.group, self.consumer, idle, cursor,
+                                               count=limit - len(out.entries))
+                nxt, claimed = reply[0], reply[1]
+                found = [(eid, f) for eid, f in claimed if eid is not None]
+                out.entries += [_entry(eid, f) for eid, f in found]
+                if len(reply) > 2:                       # Redis >= 7: deleted ids, already out of the PEL
+                    out.lost += list(reply[2])
+                elif len(found) < len(claimed):         # Redis 6.2: nil entries, still pending
+                    out.lost += self._find_deleted(cursor, nxt, {eid for eid, _ in found})
+                cursor = nxt
+                if cursor in (b"0-0", "0-0"):
+                    break
+        self.lost += out.lost
+        return out
+
+    def _find_deleted(self, start, end, claimed: set) -> list[bytes]:
+        """Redis 6.2: ids in this consumer's PEL between ``start`` and ``end`` that no longer
+        exist in the stream; XACKs them."""
+        hi = "+" if end in (b"0-0", "0-0") else end
+        pel = self.client.xpending_range(self.stream, self.group, start, hi, 1 << 20, consumername=self.consumer)
+        candidates = [p["message_id"] for p in pel if p["message_id"] not in claimed]
+        pipe = self.client.pipeline(transaction=False)
+        for eid in candidates:
+            pipe.xrange(self.stream, eid, eid)
+        gone = [eid for eid, rows in zip(candidates, pipe.execute()) if not rows]
+        if gone:
+            self.client.xack(self.stream, self.group, *gone)
+        return gone
+
+    def complete(self, entries: list[Entry], results: list[list]) -> int:
+        """Publish each entry's results and XACK it, atomically (see the module docstring).
+
+        results[i] is the list of results of entries[i]'s messages (bytes-like, or None for a
+        message that failed).  Returns how many entries this call published; the others had
+        been acked already (processed twice, published once) and are counted in ``duplicates``.
+        """
+        if len(entries) != len(results):
+            raise ValueError(f"{len(entries)} entries but {len(results)} result lists")
+        if not entries:
+            return 0
+        args = [self.group, self.result_maxlen]
+        for e, r in zip(entries, results):
+            args += [e.id, encode_frame(r)]
+        with broker_errors(self.url, f"complete {len(entries)} entries of {self.stream}"):
+            n = int(self._complete(keys=[self.stream, self.result_stream], args=args))
+        self.published += n
+        self.duplicates += len(entries) - n
+        return n
+
+    def pending(self) -> int:
+        """Entries delivered to the group and not yet acked (all consumers)."""
+        with broker_errors(self.url, f"XPENDING {self.stream} {self.group}"):
+            return int(self.client.xpending(self.stream, self.group)["pending"])
+
+    def __repr__(self) -> str:
+        return (f"<StreamConsumer {self.consumer} of {self.group} on {self.stream} ({self.url}): "
+                f"{self.published} published, {self.duplicates} duplicates, {len(self.lost)} lost>")
+
+
+def _entry(eid, fields) -> Entry:
+    try:
+        return Entry(eid, entry_payloads(fields))
+    except ValueError as exc:
+        return Entry(eid, [], f"undecodable entry: {exc}")
+
+
+def read_results(client, result_stream: str, after: bytes | str = "0", count: int = 1000, block_ms: int | None = None):
+    """Results in ``result_stream`` after entry ``after``: ``(last id read, [(msg_id, result)])``.
+
+    msg_id = (source entry id, index); result = bytes, or None for a failed message.  Pass the
+    returned id as ``after`` to continue.  ``block_ms`` waits for new results (keep it below the
+    client's socket timeout).
+    """
+    with broker_errors(client_url(client), f"XREAD {result_stream}"):
+        reply = client.xread({result_stream: after}, count=count, block=block_ms)
+    last, out = after, []
+    for _, rows in reply or []:
+        for rid, fields in rows:
+            last = rid
+            for src, frame in fields.items():
+                out += [((src, i), None if r is None else bytes(r)) for i, r in enumerate(decode_frame(frame))]
+    return last, out

@@ -1,0 +1,168 @@
+"""BatchProcessor: Track A's GPU step, one launch per batch.
+
+Per batch: the payloads are packed into fixed slots of pinned host memory, one H2D copy moves
+lengths and slots, one launch of ``gpuq_batch`` (device_src/gpuq_batch.cu: one warp per message,
+the same ``gpuq_process`` plugin the persistent kernel runs) processes them, one D2H copy brings
+lengths and results back, all on one CU_STREAM_NON_BLOCKING stream, then one stream sync.
+Where no GPU exists (or ``backend="numpy"``) the same plugin's Python twin runs over NumPy views
+of the same packed layout (:data:`gpuq_driver.sim.PLUGINS`).
+
+Do not run a BatchProcessor's batches on a device while a GpuQueue's persistent kernel runs
+there in the same process; create it first or after (see docs/design.md).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import weakref
+
+import numpy as np
+
+from ..errors import ConfigError, GpuqError, PayloadError
+from .wire import FAILED
+
+_LENS_ALIGN = 256
+
+
+class BatchProcessor:
+    """Runs the plugin over batches of up to ``max_batch`` messages of up to ``slot_bytes`` bytes.
+
+    slot_bytes:         bytes per slot, a multiple of 16 (default 512); payloads and results are
+                        at most this long.
+    max_batch:          messages per :meth:`process` call (default 4096); pinned + device memory
+                        is about 2 × max_batch × slot_bytes each.
+    plugin:             name of a file in device_src/plugins (default "echo").
+    backend:            "cuda", "numpy", or "auto" (cuda where a GPU is usable, else numpy).
+    threads_per_block:  block size of the launch (default 256; one warp per message).
+    device:             CUDA device ordinal (default 0).
+
+    Raises ConfigError for a bad field, CudaError / CompileError from the GPU set-up.
+    """
+
+    def __init__(self, slot_bytes: int = 512, max_batch: int = 4096, plugin: str = "echo", backend: str = "auto",
+                 threads_per_block: int = 256, device: int = 0):
+        if isinstance(slot_bytes, bool) or not isinstance(slot_bytes, int) or not 16 <= slot_bytes <= 1 << 20 \
+                or slot_bytes % 16:
+            raise ConfigError(f"slot_bytes={slot_bytes!r} must be a multiple of 16 in 16 .. 1,048,576")
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or not 1 <= max_batch <= 1 << 20:
+            raise ConfigError(f"max_batch={max_batch!r} must be an int in 1 .. 1,048,576")
+        if threads_per_block % 32 or not 32 <= threads_per_block <= 1024:
+            raise ConfigError(f"threads_per_block={threads_per_block!r} must be a multiple of 32 in 32 .. 1024")
+        if backend not in ("auto", "cuda", "numpy"):
+            raise ConfigError(f"backend={backend!r} must be 'auto', 'cuda' or 'numpy'")
+        if backend == "auto":
+            from ..driver import device_count
+            from ..errors import CudaUnavailable
+
+            try:
+                backend = "cuda" if device_count() > device else "numpy"
+            except CudaUnavailable:
+                backend = "numpy"
+        self.slot_bytes, self.max_batch, self.plugin, self.backend = slot_bytes, max_batch, plugin, backend
+        self.threads_per_block = threads_per_block
+        self.batches = self.messages = 0
+        self._lens_bytes = -(-4 * max_batch // _LENS_ALIGN) * _LENS_ALIGN
+        size = self._lens_bytes + max_batch * slot_bytes  # [lengths | slots], the same for in and out
+        if backend == "numpy":
+            from ..sim import PLUGINS
+
+            if plugin not in PLUGINS:
+                raise ConfigError(f"plugin={plugin!r}: the NumPy path has {sorted(PLUGINS)}")
+            self._fn = PLUGINS[plugin]
+            self._host_in, self._host_out = bytearray(size), bytearray(size)
+            self._close = lambda: None
+        else:
+            self._init_cuda(size, device)
+        self._finalizer = weakref.finalize(self, self._close)
+        self._in = memoryview(self._host_in)
+        self._out = memoryview(self._host_out)
+        self._in_lens = np.frombuffer(self._in, np.uint32, max_batch)
+        self._out_lens = np.frombuffer(self._out, np.uint32, max_batch)
+
+    def _init_cuda(self, size: int, device: int) -> None:
+        from .. import driver
+        from ..compiler import CompileOptions, compile_cubin
+
+        self._ctx = ctx = driver.primary_context(device)
+        arch = driver.device_info(device).arch
+        self._module = driver.Module(ctx, compile_cubin("gpuq_batch.cu", CompileOptions(arch=arch, plugin=self.plugin)))
+        self._kernel = self._module.function("gpuq_batch")
+        self._stream = driver.Stream(ctx)
+        self._pinned = driver.MappedHostBuffer(ctx, 2 * size)
+        self._dev = driver.DeviceBuffer(ctx, 2 * size)
+        self._size = size
+        self._host_in = (ctypes.c_ubyte * size).from_address(self._pinned.host_ptr)
+        self._host_out = (ctypes.c_ubyte * size).from_address(self._pinned.host_ptr + size)
+        per_sm = driver.max_active_blocks(self._kernel, self.threads_per_block)
+        self._max_grid = max(1, per_sm * driver.device_info(device).sm_count)
+        resources = (self._stream, self._pinned, self._dev, self._module)
+        self._close = lambda: [r.close() for r in resources]
+
+    def process(self, payloads) -> list:
+        """Results of ``payloads`` (a sequence of bytes-like, at most ``max_batch``), in order:
+        bytes, or None where the plugin's result did not fit in a slot.
+
+        Raises PayloadError (naming the message's index, size and ``slot_bytes``) before
+        anything runs if a payload is larger than a slot; ValueError for too many payloads.
+        """
+        if not self._finalizer.alive:
+            raise GpuqError("BatchProcessor is closed: its memory has been freed")
+        n = len(payloads)
+        if n > self.max_batch:
+            raise ValueError(f"{n} payloads; max_batch is {self.max_batch}")
+        sb, lens, data = self.slot_bytes, self._in_lens, self._in[self._lens_bytes:]
+        for i, p in enumerate(payloads):
+            size = len(p) if not isinstance(p, memoryview) else p.nbytes
+            if size > sb:
+                raise PayloadError(f"payload {i} is {size} bytes; slot_bytes is {sb} (the limit per message)")
+            lens[i] = size
+            data[i * sb:i * sb + size] = p
+        if n:
+            self._run(n)
+        self.batches += 1
+        self.messages += n
+        out, olens = self._out[self._lens_bytes:], self._out_lens[:n].tolist()
+        return [None if m == FAILED else bytes(out[i * sb:i * sb + m]) for i, m in enumerate(olens)]
+
+    def _run(self, n: int) -> None:
+        sb, lb = self.slot_bytes, self._lens_bytes
+        if self.backend == "numpy":
+            src, dst = self._in[lb:], self._out[lb:]
+            for i, m in enumerate(self._in_lens[:n].tolist()):
+                r = bytes(self._fn(bytes(src[i * sb:i * sb + m]), i))
+                if len(r) > sb:
+                    self._out_lens[i] = FAILED
+                else:
+                    self._out_lens[i] = len(r)
+                    dst[i * sb:i * sb + len(r)] = r
+            return
+        from .. import driver
+
+        used = lb + n * sb
+        host, dev, size = self._pinned.host_ptr, self._dev.ptr, self._size
+        driver.copy_htod_async(dev, host, used, self._stream)
+        warps_per_block = self.threads_per_block // 32
+        grid = min(self._max_grid, -(-n // warps_per_block))
+        args = [ctypes.c_uint64(dev + lb), ctypes.c_uint64(dev), ctypes.c_uint64(dev + size + lb),
+                ctypes.c_uint64(dev + size), ctypes.c_uint32(n), ctypes.c_uint32(sb), ctypes.c_uint64(0)]
+        driver.launch(self._kernel, grid, self.threads_per_block, args, self._stream)
+        driver.copy_dtoh_async(host + size, dev + size, used, self._stream)
+        self._stream.synchronize()
+
+    def close(self) -> None:
+        """Free the stream, pinned and device memory and the module.  Idempotent."""
+        self._finalizer()
+
+    @property
+    def closed(self) -> bool:
+        return not self._finalizer.alive
+
+    def __enter__(self) -> "BatchProcessor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"<BatchProcessor {self.backend} plugin={self.plugin} slot_bytes={self.slot_bytes} "
+                f"max_batch={self.max_batch}: {self.messages} messages in {self.batches} batches>")

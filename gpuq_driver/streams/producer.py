@@ -1,0 +1,86 @@
+"""StreamProducer: XADD messages to a Redis stream, pipelined, trimmed, optionally rate-limited."""
+
+from __future__ import annotations
+
+import time
+
+from ..errors import ConfigError
+from .server import broker_errors, client_url
+from .wire import FRAME, PAYLOAD, encode_frame
+
+
+class StreamProducer:
+    """Appends messages to ``stream`` with XADD ... MAXLEN ~ ``maxlen``.
+
+    client:      a ``redis.Redis`` (binary replies), e.g. from :func:`connect`.
+    maxlen:      approximate cap on the stream's length in entries (default 1,000,000); Redis trims
+                 whole listpack nodes, so the stream may hold somewhat more.  Entries trimmed before
+                 a consumer acked them are reported lost by :meth:`StreamConsumer.reclaim`.
+    frame:       messages per entry (default 1: plain entries ``{b"d": payload}``; > 1 packs that
+                 many into one frame entry, see :mod:`gpuq_driver.streams.wire`).
+    pipeline:    entries per round trip in :meth:`send_many` (default 1000).
+    rate_limit:  messages/s ceiling (None = as fast as Redis takes them); paced per round trip.
+
+    Nothing is retried: an XADD whose reply never came may or may not be stored, and retrying it
+    could store it twice.  On a lost connection BrokerUnavailable is raised with ``sent_ids``,
+    the ids Redis acknowledged before the failure.
+    """
+
+    def __init__(self, client, stream: str, *, maxlen: int = 1_000_000, frame: int = 1, pipeline: int = 1000,
+                 rate_limit: float | None = None):
+        for name, value, lo in (("maxlen", maxlen, 1), ("frame", frame, 1), ("pipeline", pipeline, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+                raise ConfigError(f"{name}={value!r} must be an int >= {lo}")
+        if rate_limit is not None and not rate_limit > 0:
+            raise ConfigError(f"rate_limit={rate_limit!r} must be > 0 messages/s, or None")
+        self.client, self.stream, self.maxlen = client, stream, maxlen
+        self.frame, self.pipeline, self.rate_limit = frame, pipeline, rate_limit
+        self.url = client_url(client)
+        self.sent_messages = 0
+        self.sent_entries = 0
+        self._t0 = None
+
+    def send(self, payload) -> bytes:
+        """XADD one message as a plain entry; returns its entry id (e.g. ``b"1732900000000-0"``)."""
+        return self._xadd([{PAYLOAD: payload}], 1)[0]
+
+    def send_many(self, payloads) -> list[bytes]:
+        """XADD ``payloads`` (bytes-like) in pipelined round trips; returns the entry ids, in order.
+
+        With ``frame`` > 1 each entry holds up to ``frame`` consecutive messages, so the list has
+        ceil(len / frame) ids.  Raises BrokerUnavailable (with ``sent_ids``) if Redis goes away.
+        """
+        payloads = list(payloads)
+        k = self.frame
+        if k == 1:
+            entries = [{PAYLOAD: p} for p in payloads]
+        else:
+            entries = [{FRAME: encode_frame(payloads[i:i + k])} for i in range(0, len(payloads), k)]
+        ids: list[bytes] = []
+        for i in range(0, len(entries), self.pipeline):
+            chunk = entries[i:i + self.pipeline]
+            ids += self._xadd(chunk, min(len(payloads), (i + len(chunk)) * k) - i * k, ids)
+        return ids
+
+    def _xadd(self, entries: list[dict], messages: int, sent: list | None = None) -> list[bytes]:
+        if self.rate_limit:
+            if self._t0 is None:
+                self._t0 = time.monotonic() - self.sent_messages / self.rate_limit
+            wait = self._t0 + (self.sent_messages + messages) / self.rate_limit - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+        with broker_errors(self.url, f"XADD {self.stream}", sent):
+            if len(entries) == 1:
+                ids = [self.client.xadd(self.stream, entries[0], maxlen=self.maxlen, approximate=True)]
+            else:
+                pipe = self.client.pipeline(transaction=False)
+                for fields in entries:
+                    pipe.xadd(self.stream, fields, maxlen=self.maxlen, approximate=True)
+                ids = pipe.execute()
+        self.sent_messages += messages
+        self.sent_entries += len(ids)
+        return ids
+
+    def __repr__(self) -> str:
+        return (f"<StreamProducer {self.stream} on {self.url}: {self.sent_messages} messages "
+                f"in {self.sent_entries} entries>")
