@@ -1,0 +1,274 @@
+#!/usr/bin/env python3
+"""Track A vs the bridge vs the GPU queue alone, side by side in one run.
+
+For each payload size (64 B, 512 B, 4 KB by default):
+  track_a        producers -> Redis stream -> StreamWorker + BatchProcessor (H2D, one launch, D2H per
+                 batch) -> result stream; plain entries (frame 1) and frame entries (--frame)
+  bridge         producers -> Redis stream -> GpuBridge -> GpuQueue (persistent kernel) -> result stream
+  queue          GpuQueue alone from one Python thread: enqueue + take, pipelined
+Throughput: --messages messages from --producers spawned producer processes; the clock runs from
+the producers' common start to the moment the last result is visible in the result stream (read by
+this process).  Latency "loaded": send -> result visible, per message, over that run (includes the
+queueing a saturated pipeline builds up).  Latency "unloaded": one message at a time, send -> result
+read back (XREAD), --pings times.  Redis server time per command comes from INFO commandstats.
+The consumer runs in a spawned process (it owns the GPU); this process never touches CUDA.
+Writes <out>/bench_redis.json and <out>/bench_redis.png and prints a table.
+
+    PYTHONPATH=. python benchmarks/bench_redis.py --out benchmarks/results            # GPU
+    PYTHONPATH=. python benchmarks/bench_redis.py --cpu --messages 20000              # dry run, no GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import struct
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from gpuq_driver.streams import RedisServer, StreamProducer, connect, decode_frame  # noqa: E402
+
+STREAM, GROUP = "bench:in", "bench"
+HDR = struct.Struct("<QQ")  # send time (CLOCK_MONOTONIC ns, system-wide), sequence number
+
+
+def pct(values_ns) -> dict:
+    a = np.asarray(values_ns, dtype=np.float64) / 1e3
+    if not len(a):
+        return {"n": 0}
+    return {"n": int(len(a)), "p50_us": float(np.percentile(a, 50)), "p99_us": float(np.percentile(a, 99)),
+            "mean_us": float(a.mean())}
+
+
+def slot_for(size: int) -> int:
+    return max(64, -(-size // 16) * 16)
+
+
+# -- processes -------------------------------------------------------------------------------------
+
+def producer_main(url, n, first_seq, size, frame, start_at, done):
+    client = connect(url)
+    prod = StreamProducer(client, STREAM, maxlen=10_000_000, frame=frame, pipeline=256)
+    pad = b"\xab" * (size - HDR.size)
+    chunk = 256 * frame
+    while time.monotonic() < start_at:
+        time.sleep(1e-4)
+    for s in range(first_seq, first_seq + n, chunk):
+        now = time.monotonic_ns()
+        prod.send_many([HDR.pack(now, q) + pad for q in range(s, min(s + chunk, first_seq + n))])
+    done.put(prod.sent_entries)
+
+
+def consumer_main(url, mode, size, backend, total, ready, done):
+    from gpuq_driver import GpuQueue, QueueConfig
+    from gpuq_driver.streams import BatchProcessor, GpuBridge, StreamConsumer, StreamWorker
+
+    client = connect(url)
+    cons = StreamConsumer(client, STREAM, GROUP, f"bench-{os.getpid()}", count=512, block_ms=100,
+                          result_maxlen=10_000_000)
+    sb = slot_for(size)
+    if mode == "track_a":
+        res = BatchProcessor(slot_bytes=sb, max_batch=8192, backend=backend)
+        worker = StreamWorker(cons, res)
+    else:
+        res = GpuQueue(QueueConfig(capacity=4096, slot_bytes=sb, backend=backend))
+        worker = GpuBridge(cons, res)
+    ready.put(True)
+    try:
+        stats = worker.run(max_messages=total)
+    finally:
+        res.close()
+    done.put(vars(stats))
+
+
+def queue_alone(size: int, n: int, backend: str, out) -> None:
+    """GpuQueue alone, one thread: keep up to half the ring in flight, take results in order."""
+    from gpuq_driver import GpuQueue, QueueConfig
+
+    sb = slot_for(size)
+    pad = b"\xab" * (size - HDR.size)
+    with GpuQueue(QueueConfig(capacity=4096, slot_bytes=sb, backend=backend)) as q:
+        for _ in range(200):  # warm-up
+            q.wait_result(q.enqueue(HDR.pack(0, 0) + pad))
+        pings = []
+        for i in range(2000):
+            t = time.perf_counter_ns()
+            q.wait_result(q.enqueue(HDR.pack(t, i) + pad))
+            pings.append(time.perf_counter_ns() - t)
+        lat, sent, got, window = [], 0, 0, 2048
+        t0 = time.perf_counter()
+        while got < n:
+            while sent < n and sent - got < window:
+                q.enqueue(HDR.pack(time.monotonic_ns(), sent) + pad)
+                sent += 1
+            for msg_id in q.poll_completions():
+                r = q.try_dequeue_result(msg_id)
+                if msg_id % 16 == 0:
+                    lat.append(time.monotonic_ns() - HDR.unpack_from(r)[0])
+                got += 1
+        dt = time.perf_counter() - t0
+    out.put({"msg_per_s": n / dt, "loaded": pct(lat), "unloaded": pct(pings)})
+
+
+# -- one Redis run ---------------------------------------------------------------------------------
+
+def redis_run(ctx, url, mode, size, frame, n, producers, pings, backend) -> dict:
+    client = connect(url, socket_timeout_s=30)
+    client.flushall()
+    client.config_resetstat()
+    ready, done = ctx.Queue(), ctx.Queue()
+    total = n + pings
+    consumer = ctx.Process(target=consumer_main, args=(url, mode, size, backend, total, ready, done))
+    consumer.start()
+    ready.get(timeout=120)
+    pad = b"\xab" * (size - HDR.size)
+    results = f"{STREAM}:results"
+    # unloaded: one plain entry at a time, send -> result read back
+    single = StreamProducer(client, STREAM, maxlen=10_000_000)
+    last, unloaded = b"0", []
+    for i in range(pings):
+        t = time.monotonic_ns()
+        single.send(HDR.pack(t, i) + pad)
+        while True:
+            reply = client.xread({results: last}, count=1, block=1000)
+            if reply:
+                last = reply[0][1][-1][0]
+                break
+        unloaded.append(time.monotonic_ns() - t)
+    # loaded: the producers start together; this process reads the results as they appear
+    start_at = time.monotonic() + 0.5
+    pdone = ctx.Queue()
+    share = -(-n // producers)
+    procs = [ctx.Process(target=producer_main, args=(url, min(share, n - k * share), k * share, size, frame,
+                                                     start_at, pdone)) for k in range(producers)]
+    for p in procs:
+        p.start()
+    got, loaded, t_end = 0, [], None
+    deadline = start_at + 300
+    while got < n and time.monotonic() < deadline:
+        reply = client.xread({results: last}, count=200, block=1000)
+        if not reply:
+            continue
+        now = time.monotonic_ns()
+        for rid, fields in reply[0][1]:
+            last = rid
+            for k, frame_bytes in enumerate(fields.values()):
+                items = decode_frame(frame_bytes)
+                got += len(items)
+                if k % 4 == 0:  # sample: decoding every result would slow this reader down
+                    loaded += [now - HDR.unpack_from(r)[0] for r in items if r is not None]
+        t_end = time.monotonic()
+    for p in procs:
+        p.join(60)
+    stats = done.get(timeout=60)
+    consumer.join(30)
+    cmd = {k.removeprefix("cmdstat_"): v for k, v in client.info("commandstats").items()}
+    keep = ("xadd", "xreadgroup", "evalsha", "xread", "xautoclaim")
+    return {"mode": mode, "size": size, "frame": frame, "messages": n, "received": got,
+            "msg_per_s": n / (t_end - start_at) if got >= n else float("nan"),
+            "loaded": pct(loaded), "unloaded": pct(unloaded), "worker": stats,
+            "redis_usec_per_call": {k: cmd[k]["usec_per_call"] for k in keep if k in cmd},
+            "redis_calls": {k: cmd[k]["calls"] for k in keep if k in cmd}}
+
+
+def plot(res: dict, path: Path) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    rows = res["runs"]
+    labels = sorted({r["label"] for r in rows})
+    sizes = sorted({r["size"] for r in rows})
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    w = 0.8 / len(labels)
+    for j, lab in enumerate(labels):
+        xs = [i + j * w for i in range(len(sizes))]
+        by = {r["size"]: r for r in rows if r["label"] == lab}
+        a.bar(xs, [by[s]["msg_per_s"] / 1e3 if s in by else 0 for s in sizes], w, label=lab)
+        b.bar(xs, [by[s]["unloaded"].get("p50_us", 0) if s in by else 0 for s in sizes], w, label=lab)
+    for ax, title in ((a, "throughput, k msg/s"), (b, "unloaded round trip p50, µs (log)")):
+        ax.set_xticks([i + 0.4 - w / 2 for i in range(len(sizes))], [f"{s} B" for s in sizes])
+        ax.set_title(title)
+    b.set_yscale("log")
+    a.legend(fontsize=8)
+    fig.suptitle(f"Track A vs bridge vs GpuQueue — {res['env']['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description="Track A (Redis + per-batch launch) vs bridge vs GpuQueue alone")
+    ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    ap.add_argument("--redis-url", default=os.environ.get("REDIS_URL"), help="default: an embedded redis-server")
+    ap.add_argument("--messages", type=int, default=500_000)
+    ap.add_argument("--producers", type=int, default=4)
+    ap.add_argument("--frame", type=int, default=32, help="messages per entry for the framed runs")
+    ap.add_argument("--sizes", default="64,512,4096")
+    ap.add_argument("--pings", type=int, default=300)
+    ap.add_argument("--modes", default="track_a,track_a_framed,bridge,bridge_framed,queue")
+    ap.add_argument("--cpu", action="store_true", help="no GPU: BatchProcessor numpy, GpuQueue sim (dry run)")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ctx = mp.get_context("spawn")
+    server = None if args.redis_url else RedisServer()
+    url = args.redis_url or server.url
+    version = connect(url).info("server")["redis_version"]
+    device = "CPU dry run" if args.cpu else _device_name()
+    env = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": device, "redis": version,
+           "python": platform.python_version(), "cpus": os.cpu_count(), "producers": args.producers,
+           "messages": args.messages}
+    print(f"Redis {version} at {url}; {device}; {args.producers} producer processes; {args.messages:,} messages per run")
+    runs = []
+    modes = args.modes.split(",")
+    try:
+        for size in [int(s) for s in args.sizes.split(",")]:
+            for mode in modes:
+                label = mode
+                if mode == "queue":
+                    q = ctx.Queue()
+                    p = ctx.Process(target=queue_alone, args=(size, args.messages, "sim" if args.cpu else "cuda", q))
+                    p.start()
+                    r = {"mode": "queue", "size": size, "frame": None, **q.get(timeout=300)}
+                    p.join(30)
+                else:
+                    base, framed = mode.removesuffix("_framed"), mode.endswith("_framed")
+                    backend = ("numpy" if base == "track_a" else "sim") if args.cpu else "cuda"
+                    r = redis_run(ctx, url, base, size, args.frame if framed else 1, args.messages, args.producers,
+                                  args.pings, backend)
+                r["label"] = label
+                runs.append(r)
+                print(f"{label:15s} {size:5d} B  {r['msg_per_s']:>11,.0f} msg/s  loaded p50 "
+                      f"{r['loaded'].get('p50_us', float('nan')):9.1f} p99 {r['loaded'].get('p99_us', float('nan')):9.1f} µs"
+                      f"  unloaded p50 {r['unloaded']['p50_us']:8.1f} p99 {r['unloaded']['p99_us']:8.1f} µs"
+                      + (f"  redis µs/call {r['redis_usec_per_call']}" if "redis_usec_per_call" in r else ""),
+                      flush=True)
+    finally:
+        if server:
+            server.close()
+    res = {"env": env, "runs": runs}
+    (out / "bench_redis.json").write_text(json.dumps(res, indent=1))
+    plot(res, out / "bench_redis.png")
+    print(f"wrote {out / 'bench_redis.json'}")
+    return 0
+
+
+def _device_name() -> str:
+    from gpuq_driver import device_info  # cuInit in this process: fine, children are spawned, not forked
+
+    return device_info(0).name
+
+
+if __name__ == "__main__":
+    sys.exit(main())
