@@ -15,10 +15,11 @@ from .consumer import Entry, Reclaimed, StreamConsumer, read_results
 from .processor import BatchProcessor
 from .producer import StreamProducer
 from .server import RedisServer, connect, find_redis_server
-from .wire import decode_frame, encode_frame
+from .wire import decode_frame, encode_frame, join_frame, split_frame
 from .worker import StreamWorker, WorkerStats
 
 __all__ = [
     "BatchProcessor", "Entry", "GpuBridge", "Reclaimed", "RedisServer", "StreamConsumer", "StreamProducer",
-    "StreamWorker", "WorkerStats", "connect", "decode_frame", "encode_frame", "find_redis_server", "read_results",
+    "StreamWorker", "WorkerStats", "connect", "decode_frame", "encode_frame", "find_redis_server", "join_frame",
+    "read_results", "split_frame",
 ]

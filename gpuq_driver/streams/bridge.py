@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 
 from ..errors import PayloadError, QueueFull
+from .wire import encode_frame
 from .worker import _Loop
 
 
@@ -59,7 +60,8 @@ class GpuBridge(_Loop):
         if self._done and (len(self._done) >= self.publish_batch or not self._inflight
                            or time.monotonic() - self._done_since >= self.max_wait_s):
             done, self._done = self._done, []
-            self._count([p.entry for p in done], [p.results for p in done])
+            self.stats.failed += sum(p.results.count(None) for p in done)
+            self._publish([p.entry for p in done], [encode_frame(p.results) for p in done])
             return sum(len(p.results) for p in done)
         return 0
 

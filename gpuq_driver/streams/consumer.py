@@ -21,9 +21,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from ..errors import ConfigError
 from .server import broker_errors, client_url
-from .wire import decode_frame, encode_frame, entry_payloads
+from .wire import decode_frame, encode_frame, entry_messages, items
 
 # KEYS[1] source stream, KEYS[2] result stream.  ARGV[1] group, ARGV[2] result stream MAXLEN (~),
 # ARGV[3..]: entry id, result frame, entry id, result frame, ...   Returns the number published.
@@ -47,18 +49,32 @@ return n
 """
 
 
-@dataclass
 class Entry:
     """One stream entry delivered to this consumer.
 
     id:        the entry id (bytes, e.g. ``b"1732900000000-0"``); with the index, the message id.
-    payloads:  its messages (bytes-like; one for a plain entry, several for a frame).
+    lens:      its messages' sizes in bytes (uint32 array; one for a plain entry).
+    data:      its messages' bytes back to back (memoryview).
+    payloads:  the messages as a list of memoryviews (built on first use).
     error:     why the entry could not be decoded (it is completed with no results), else None.
     """
 
-    id: bytes
-    payloads: list
-    error: str | None = None
+    __slots__ = ("id", "lens", "data", "error", "_payloads")
+
+    def __init__(self, id, lens, data, error: str | None = None):
+        self.id, self.lens, self.data, self.error, self._payloads = id, lens, data, error, None
+
+    @property
+    def payloads(self) -> list:
+        if self._payloads is None:
+            self._payloads = items(self.lens, self.data)
+        return self._payloads
+
+    def __len__(self) -> int:
+        return len(self.lens)
+
+    def __repr__(self) -> str:
+        return f"<Entry {self.id!r}: {len(self.lens)} messages, {len(self.data)} bytes{' ' + self.error if self.error else ''}>"
 
 
 @dataclass
@@ -187,7 +203,7 @@ class StreamConsumer:
         """Publish each entry's results and XACK it, atomically (see the module docstring).
 
         results[i] is the list of results of entries[i]'s messages (bytes-like, or None for a
-        message that failed).  Returns how many entries this call published; the others had
+        message that failed), or those results already encoded as one frame (bytes, see wire).  Returns how many entries this call published; the others had
         been acked already (processed twice, published once) and are counted in ``duplicates``.
         """
         if len(entries) != len(results):
@@ -196,7 +212,7 @@ class StreamConsumer:
             return 0
         args = [self.group, self.result_maxlen]
         for e, r in zip(entries, results):
-            args += [e.id, encode_frame(r)]
+            args += [e.id, r if isinstance(r, (bytes, bytearray)) else encode_frame(r)]
         with broker_errors(self.url, f"complete {len(entries)} entries of {self.stream}"):
             n = int(self._complete(keys=[self.stream, self.result_stream], args=args))
         self.published += n
@@ -215,9 +231,9 @@ class StreamConsumer:
 
 def _entry(eid, fields) -> Entry:
     try:
-        return Entry(eid, entry_payloads(fields))
+        return Entry(eid, *entry_messages(fields))
     except ValueError as exc:
-        return Entry(eid, [], f"undecodable entry: {exc}")
+        return Entry(eid, np.zeros(0, np.uint32), memoryview(b""), f"undecodable entry: {exc}")
 
 
 def read_results(client, result_stream: str, after: bytes | str = "0", count: int = 1000, block_ms: int | None = None):

@@ -19,7 +19,7 @@ import weakref
 import numpy as np
 
 from ..errors import ConfigError, GpuqError, PayloadError
-from .wire import FAILED
+from .wire import FAILED, items
 
 _LENS_ALIGN = 256
 
@@ -74,10 +74,13 @@ class BatchProcessor:
         else:
             self._init_cuda(size, device)
         self._finalizer = weakref.finalize(self, self._close)
-        self._in = memoryview(self._host_in)
-        self._out = memoryview(self._host_out)
+        # cast: a ctypes array's memoryview has format "<B", which slice assignment refuses
+        self._in = memoryview(self._host_in).cast("B")
+        self._out = memoryview(self._host_out).cast("B")
         self._in_lens = np.frombuffer(self._in, np.uint32, max_batch)
         self._out_lens = np.frombuffer(self._out, np.uint32, max_batch)
+        self._in_slots = np.frombuffer(self._in, np.uint8, max_batch * slot_bytes, self._lens_bytes).reshape(-1, slot_bytes)
+        self._out_slots = np.frombuffer(self._out, np.uint8, max_batch * slot_bytes, self._lens_bytes).reshape(-1, slot_bytes)
 
     def _init_cuda(self, size: int, device: int) -> None:
         from .. import driver
@@ -105,24 +108,54 @@ class BatchProcessor:
         Raises PayloadError (naming the message's index, size and ``slot_bytes``) before
         anything runs if a payload is larger than a slot; ValueError for too many payloads.
         """
+        views = [memoryview(p).cast("B") for p in payloads]
+        for i, v in enumerate(views):
+            if len(v) > self.slot_bytes:
+                raise PayloadError(f"payload {i} is {len(v)} bytes; slot_bytes is {self.slot_bytes} "
+                                   "(the limit per message)")
+        lens = np.fromiter(map(len, views), np.uint32, len(views))
+        out_lens, out = self.process_packed(lens, b"".join(views))
+        return [None if r is None else bytes(r) for r in items(out_lens, out)]
+
+    def process_packed(self, lens, data) -> tuple[np.ndarray, memoryview]:
+        """The batch as sizes + bytes back to back, in and out (no Python object per message).
+
+        lens:  n <= max_batch message sizes in bytes (uint32-convertible);
+        data:  the n messages' bytes back to back (bytes-like of ``sum(lens)`` bytes).
+        Returns (result sizes, uint32 array of n; FAILED where the message was larger than a
+        slot, so it did not run, or its result did not fit; the results back to back, a
+        memoryview valid until the next call).  Raises ValueError for a size mismatch.
+        """
         if not self._finalizer.alive:
             raise GpuqError("BatchProcessor is closed: its memory has been freed")
-        n = len(payloads)
+        lens = np.asarray(lens, dtype=np.uint32)
+        n, sb = len(lens), self.slot_bytes
         if n > self.max_batch:
-            raise ValueError(f"{n} payloads; max_batch is {self.max_batch}")
-        sb, lens, data = self.slot_bytes, self._in_lens, self._in[self._lens_bytes:]
-        for i, p in enumerate(payloads):
-            size = len(p) if not isinstance(p, memoryview) else p.nbytes
-            if size > sb:
-                raise PayloadError(f"payload {i} is {size} bytes; slot_bytes is {sb} (the limit per message)")
-            lens[i] = size
-            data[i * sb:i * sb + size] = p
+            raise ValueError(f"{n} messages; max_batch is {self.max_batch}")
+        src = np.frombuffer(data, np.uint8)
+        if int(lens.sum(dtype=np.int64)) != len(src):
+            raise ValueError(f"lens add up to {int(lens.sum(dtype=np.int64))} bytes, data has {len(src)}")
+        fits = lens <= sb
+        self._in_lens[:n] = np.where(fits, lens, 0)
+        first = int(lens[0]) if n else 0
+        if n and first <= sb and (lens == first).all():  # equal sizes: one strided copy
+            self._in_slots[:n, :first] = src.reshape(n, first)
+        else:
+            ends = np.cumsum(lens, dtype=np.int64).tolist()
+            for i, (m, end) in enumerate(zip(lens.tolist(), ends)):
+                if m <= sb:
+                    self._in_slots[i, :m] = src[end - m:end]
         if n:
             self._run(n)
         self.batches += 1
         self.messages += n
-        out, olens = self._out[self._lens_bytes:], self._out_lens[:n].tolist()
-        return [None if m == FAILED else bytes(out[i * sb:i * sb + m]) for i, m in enumerate(olens)]
+        out_lens = np.where(fits, self._out_lens[:n], FAILED).astype(np.uint32)
+        first = int(out_lens[0]) if n else 0
+        if n and first != FAILED and (out_lens == first).all():
+            out = self._out_slots[:n, :first].tobytes()
+        else:
+            out = b"".join(self._out_slots[i, :m].tobytes() for i, m in enumerate(out_lens.tolist()) if m != FAILED)
+        return out_lens, memoryview(out)
 
     def _run(self, n: int) -> None:
         sb, lb = self.slot_bytes, self._lens_bytes

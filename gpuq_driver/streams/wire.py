@@ -15,26 +15,32 @@ no result (payload larger than the slot, or a result larger than the slot).
 
 from __future__ import annotations
 
+import struct
+
 import numpy as np
 
 PAYLOAD = b"d"
 FRAME = b"f"
 FAILED = 0xFFFFFFFF
+_COUNT = struct.Struct("<I")
+_ONE: dict = {}
 
 
 def encode_frame(items) -> bytes:
     """``items`` (bytes-like, or None for a failed result) -> one frame (bytes)."""
     items = list(items)
     lens = np.fromiter((FAILED if p is None else len(p) for p in items), dtype="<u4", count=len(items))
-    return b"".join([np.uint32(len(items)).astype("<u4").tobytes(), lens.tobytes(),
-                     *(p for p in items if p is not None)])
+    return join_frame(lens, b"".join(p for p in items if p is not None))
 
 
-def decode_frame(frame) -> list:
-    """One frame -> its items: read-only memoryviews into ``frame``, None where FAILED.
+def join_frame(lens: np.ndarray, data) -> bytes:
+    """A frame from its lengths (uint32, FAILED for no item) and the items' bytes back to back."""
+    return b"".join((_COUNT.pack(len(lens)), np.asarray(lens, "<u4").tobytes(), data))
 
-    Raises ValueError if the frame's lengths do not add up to its size.
-    """
+
+def split_frame(frame) -> tuple[np.ndarray, memoryview]:
+    """One frame -> (lengths as uint32 array, FAILED for a missing item; the items' bytes back
+    to back, a memoryview into ``frame``).  Raises ValueError if the lengths do not add up."""
     view = memoryview(frame).cast("B")
     if len(view) < 4:
         raise ValueError(f"frame of {len(view)} bytes is shorter than its 4-byte count")
@@ -42,23 +48,50 @@ def decode_frame(frame) -> list:
     if len(view) < 4 + 4 * n:
         raise ValueError(f"frame says {n} items but has {len(view)} bytes")
     lens = np.frombuffer(view, "<u4", n, 4)
-    sizes = np.where(lens == FAILED, 0, lens).astype(np.int64)
-    ends = (4 + 4 * n) + np.cumsum(sizes)
-    if n and ends[-1] != len(view):
-        raise ValueError(f"frame lengths add up to {int(ends[-1])} bytes, the frame has {len(view)}")
-    out, start = [], 4 + 4 * n
-    for length, end in zip(lens.tolist(), ends.tolist()):
-        out.append(None if length == FAILED else view[start:end])
-        start = end
+    body = view[4 + 4 * n:]
+    total = int(np.where(lens == FAILED, 0, lens).sum(dtype=np.int64))
+    if total != len(body):
+        raise ValueError(f"frame lengths add up to {total} bytes, its body has {len(body)}")
+    return lens, body
+
+
+def items(lens: np.ndarray, data) -> list:
+    """The items of a split frame: memoryviews into ``data``, None where FAILED."""
+    out, start, data = [], 0, memoryview(data)
+    for length in lens.tolist():
+        if length == FAILED:
+            out.append(None)
+        else:
+            out.append(data[start:start + length])
+            start += length
     return out
 
 
-def entry_payloads(fields: dict) -> list:
-    """The messages of one stream entry's field dict (plain or frame); ValueError if neither."""
+def decode_frame(frame) -> list:
+    """One frame -> its items: read-only memoryviews into ``frame``, None where FAILED.
+    Raises ValueError if the frame's lengths do not add up to its size."""
+    return items(*split_frame(frame))
+
+
+def frame_count(frame) -> int:
+    """How many items a frame holds (reads only its header)."""
+    return int(np.frombuffer(memoryview(frame).cast("B")[:4], "<u4", 1)[0])
+
+
+def entry_messages(fields: dict) -> tuple[np.ndarray, memoryview]:
+    """One stream entry's messages as (lengths, bytes back to back); ValueError if the entry
+    has neither field or a broken frame."""
     p = fields.get(PAYLOAD)
     if p is not None:
-        return [p]
+        n = len(p)
+        lens = _ONE.get(n)
+        if lens is None:  # one shared read-only array per size: a plain entry costs no numpy call
+            lens = np.array([n], dtype=np.uint32)
+            lens.flags.writeable = False
+            if len(_ONE) < 65536:
+                _ONE[n] = lens
+        return lens, memoryview(p)
     f = fields.get(FRAME)
     if f is not None:
-        return decode_frame(f)
+        return split_frame(f)
     raise ValueError(f"entry has neither a {PAYLOAD!r} nor a {FRAME!r} field: {sorted(fields)[:4]}")

@@ -6,6 +6,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import numpy as np
+
+from .wire import FAILED, join_frame
+
 
 @dataclass
 class WorkerStats:
@@ -41,12 +45,14 @@ class _Loop:
                 return got.entries
         return self.consumer.read(block_ms=block_ms)
 
-    def _count(self, entries, results) -> None:
-        published = self.consumer.complete(entries, results)
+    def _publish(self, entries, frames) -> None:
+        """Publish + ack ``entries`` with their result frames; count entries, messages, duplicates
+        and undecodable entries (failed messages are counted where the results are made)."""
+        published = self.consumer.complete(entries, frames)
         self.stats.entries += len(entries)
         self.stats.duplicates += len(entries) - published
-        self.stats.messages += sum(len(r) for r in results)
-        self.stats.failed += sum(r.count(None) for r in results) + sum(1 for e in entries if e.error)
+        self.stats.messages += sum(map(len, entries))
+        self.stats.failed += sum(1 for e in entries if e.error)
 
     def step(self, block_ms: int | None = None) -> int:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -89,12 +95,42 @@ class StreamWorker(_Loop):
         entries = self._claim_or_read(self.consumer.block_ms if block_ms is None else block_ms)
         if not entries:
             return 0
-        sb, cap = self.processor.slot_bytes, self.processor.max_batch
-        results = [[None] * len(e.payloads) for e in entries]
-        todo = [(r, i, p) for e, r in zip(entries, results) for i, p in enumerate(e.payloads) if len(p) <= sb]
-        for k in range(0, len(todo), cap):
-            chunk = todo[k:k + cap]
-            for (r, i, _), out in zip(chunk, self.processor.process([p for _, _, p in chunk])):
-                r[i] = out
-        self._count(entries, results)
-        return sum(len(r) for r in results)
+        cap = self.processor.max_batch
+        parts = [[] for _ in entries]  # per entry: (result sizes, result bytes) pieces
+        batch, count = [], 0
+        for j, e in enumerate(entries):
+            lens, data = e.lens, e.data
+            while len(lens):  # an entry larger than the room left is split over batches
+                take = min(cap - count, len(lens))
+                if take == len(lens):
+                    batch.append((j, lens, data))
+                    lens = ()
+                else:
+                    nbytes = int(lens[:take].sum(dtype=np.int64))
+                    batch.append((j, lens[:take], data[:nbytes]))
+                    lens, data = lens[take:], data[nbytes:]
+                count += take
+                if count == cap:
+                    self._run_batch(batch, parts)
+                    batch, count = [], 0
+        if batch:
+            self._run_batch(batch, parts)
+        frames = [join_frame(*p[0]) if len(p) == 1 else
+                  join_frame(np.concatenate([l for l, _ in p]) if p else np.zeros(0, np.uint32), b"".join(d for _, d in p))
+                  for p in parts]
+        self._publish(entries, frames)
+        return sum(map(len, entries))
+
+    def _run_batch(self, batch, parts) -> None:
+        lens = batch[0][1] if len(batch) == 1 else np.concatenate([b[1] for b in batch])
+        data = batch[0][2] if len(batch) == 1 else b"".join(b[2] for b in batch)
+        out_lens, out = self.processor.process_packed(lens, data)
+        out = bytes(out)
+        self.stats.failed += int((out_lens == FAILED).sum())
+        sizes = np.where(out_lens == FAILED, 0, out_lens).astype(np.int64)
+        msg_ends = np.cumsum([len(b[1]) for b in batch]).tolist()
+        byte_ends = np.concatenate(([0], np.cumsum(sizes)))[msg_ends].tolist()
+        m0 = b0 = 0
+        for (j, _, _), m1, b1 in zip(batch, msg_ends, byte_ends):
+            parts[j].append((out_lens[m0:m1], out[b0:b1]))
+            m0, b0 = m1, b1
