@@ -6,11 +6,15 @@ For each payload size (64 B, 512 B, 4 KB by default):
                  batch) -> result stream; plain entries (frame 1) and frame entries (--frame)
   bridge         producers -> Redis stream -> GpuBridge -> GpuQueue (persistent kernel) -> result stream
   queue          GpuQueue alone from one Python thread: enqueue + take, pipelined
-Throughput: --messages messages from --producers spawned producer processes; the clock runs from
-the producers' common start to the moment the last result is visible in the result stream (read by
-this process).  Latency "loaded": send -> result visible, per message, over that run (includes the
-queueing a saturated pipeline builds up).  Latency "unloaded": one message at a time, send -> result
-read back (XREAD), --pings times.  Redis server time per command comes from INFO commandstats.
+Three phases per path and size, one consumer process (it owns the GPU; this process never touches CUDA):
+  unloaded   one message at a time, send -> result read back (XREAD BLOCK), --pings times
+  saturated  --messages messages from --producers spawned producer processes, flat out; msg/s is
+             timed from their common start to the last result visible in the result stream
+  paced      the producers paced at --load × the saturated rate (about 2 s of it): latency
+             send -> result visible under a steady load the pipeline can carry
+Latencies are per message (sampled), CLOCK_MONOTONIC across processes; p50 / p99 in µs.  The
+saturated phase's latencies are recorded too but measure the backlog.  Redis server time per
+command (INFO commandstats) is taken over the saturated phase.
 The consumer runs in a spawned process (it owns the GPU); this process never touches CUDA.
 Writes <out>/bench_redis.json and <out>/bench_redis.png and prints a table.
 
@@ -55,27 +59,34 @@ def slot_for(size: int) -> int:
 
 # -- processes -------------------------------------------------------------------------------------
 
-def producer_main(url, n, first_seq, size, frame, start_at, done):
+def producer_main(url, n, first_seq, size, frame, rate, start_at, done):
+    """XADD ``n`` messages from ``start_at`` (CLOCK_MONOTONIC s), paced at ``rate`` msg/s if given
+    (in round trips of 8 entries, each stamped just before it is sent, after any pacing wait)."""
     client = connect(url)
-    prod = StreamProducer(client, STREAM, maxlen=10_000_000, frame=frame, pipeline=256)
+    prod = StreamProducer(client, STREAM, maxlen=10_000_000, frame=frame, pipeline=8 if rate else 256)
     pad = b"\xab" * (size - HDR.size)
-    chunk = 256 * frame
+    chunk = prod.pipeline * frame
     while time.monotonic() < start_at:
         time.sleep(1e-4)
     for s in range(first_seq, first_seq + n, chunk):
+        if rate:
+            wait = start_at + (s - first_seq) / rate - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
         now = time.monotonic_ns()
         prod.send_many([HDR.pack(now, q) + pad for q in range(s, min(s + chunk, first_seq + n))])
     done.put(prod.sent_entries)
 
 
-def consumer_main(url, mode, size, frame, backend, total, ready, done):
+def consumer_main(url, mode, size, frame, backend, ready, stop, done):
+    """The GPU side, in its own process: StreamWorker + BatchProcessor or GpuBridge + GpuQueue."""
     from gpuq_driver import GpuQueue, QueueConfig
     from gpuq_driver.streams import BatchProcessor, GpuBridge, StreamConsumer, StreamWorker
 
     client = connect(url)
     # about 4096 messages (and at most 4 MB of payload) per XREADGROUP
     count = max(1, min(4096 // frame, (4 << 20) // (size * frame)))
-    cons = StreamConsumer(client, STREAM, GROUP, f"bench-{os.getpid()}", count=count, block_ms=100,
+    cons = StreamConsumer(client, STREAM, GROUP, f"bench-{os.getpid()}", count=count, block_ms=20,
                           result_maxlen=10_000_000)
     sb = slot_for(size)
     if mode == "track_a":
@@ -86,14 +97,15 @@ def consumer_main(url, mode, size, frame, backend, total, ready, done):
         worker = GpuBridge(cons, res)
     ready.put(True)
     try:
-        stats = worker.run(max_messages=total)
+        stats = worker.run(stop=stop)
     finally:
         res.close()
     done.put(vars(stats))
 
 
-def queue_alone(size: int, n: int, backend: str, out) -> None:
-    """GpuQueue alone, one thread: keep up to half the ring in flight, take results in order."""
+def queue_alone(size: int, n: int, backend: str, load: float, out) -> None:
+    """GpuQueue alone, one thread: one message at a time; then saturated (up to 2048 in flight);
+    then enqueues paced at ``load`` × the saturated rate.  Latency = enqueue -> result taken."""
     from gpuq_driver import GpuQueue, QueueConfig
 
     sb = slot_for(size)
@@ -103,33 +115,73 @@ def queue_alone(size: int, n: int, backend: str, out) -> None:
             q.wait_result(q.enqueue(HDR.pack(0, 0) + pad))
         pings = []
         for i in range(2000):
-            t = time.perf_counter_ns()
+            t = time.monotonic_ns()
             q.wait_result(q.enqueue(HDR.pack(t, i) + pad))
-            pings.append(time.perf_counter_ns() - t)
-        lat, sent, got, window = [], 0, 0, 2048
-        t0 = time.perf_counter()
-        while got < n:
-            while sent < n and sent - got < window:
-                q.enqueue(HDR.pack(time.monotonic_ns(), sent) + pad)
-                sent += 1
-            for msg_id in q.poll_completions():
-                r = q.try_dequeue_result(msg_id)
-                if msg_id % 16 == 0:
-                    lat.append(time.monotonic_ns() - HDR.unpack_from(r)[0])
-                got += 1
-        dt = time.perf_counter() - t0
-    out.put({"msg_per_s": n / dt, "loaded": pct(lat), "unloaded": pct(pings)})
+            pings.append(time.monotonic_ns() - t)
+
+        def flow(count, rate=None):
+            lat, sent, got = [], 0, 0
+            t0 = time.monotonic()
+            while got < count:
+                due = count if rate is None else min(count, int((time.monotonic() - t0) * rate) + 1)
+                while sent < due and sent - got < 2048:
+                    q.enqueue(HDR.pack(time.monotonic_ns(), sent) + pad)
+                    sent += 1
+                for msg_id in q.poll_completions():
+                    r = q.try_dequeue_result(msg_id)
+                    if msg_id % 4 == 0:
+                        lat.append(time.monotonic_ns() - HDR.unpack_from(r)[0])
+                    got += 1
+            return count / (time.monotonic() - t0), lat
+
+        rate, saturated = flow(n)
+        paced_n = max(1000, min(n, int(rate * load * 2)))  # about 2 s
+        paced_rate, paced = flow(paced_n, rate * load)
+    out.put({"msg_per_s": rate, "saturated": pct(saturated), "paced": {**pct(paced), "msg_per_s": paced_rate},
+             "unloaded": pct(pings)})
 
 
 # -- one Redis run ---------------------------------------------------------------------------------
 
-def redis_run(ctx, url, mode, size, frame, n, producers, pings, backend) -> dict:
+def _flow(ctx, url, client, last, n, size, frame, producers, rate):
+    """Producers send ``n`` messages (paced at ``rate`` msg/s in all, or flat out); this process
+    reads the results back.  Returns (last result id, msg/s, latencies in ns, received)."""
+    results = f"{STREAM}:results"
+    start_at = time.monotonic() + 0.3
+    pdone = ctx.Queue()
+    share = -(-n // producers)
+    procs = [ctx.Process(target=producer_main, args=(url, min(share, n - k * share), k * share, size, frame,
+                                                     rate / producers if rate else None, start_at, pdone))
+             for k in range(producers) if n - k * share > 0]
+    for p in procs:
+        p.start()
+    got, lat, t_end = 0, [], None
+    deadline = start_at + 300
+    while got < n and time.monotonic() < deadline:
+        reply = client.xread({results: last}, count=200, block=1000)
+        if not reply:
+            continue
+        now = time.monotonic_ns()
+        for rid, fields in reply[0][1]:
+            last = rid
+            for k, frame_bytes in enumerate(fields.values()):
+                if k % 4:  # sample: decoding every result would slow this reader down
+                    got += frame_count(frame_bytes)
+                    continue
+                items = decode_frame(frame_bytes)
+                got += len(items)
+                lat += [now - HDR.unpack_from(r)[0] for r in items if r is not None]
+        t_end = time.monotonic()
+    for p in procs:
+        p.join(60)
+    return last, (n / (t_end - start_at) if got >= n else float("nan")), lat, got
+
+
+def redis_run(ctx, url, mode, size, frame, n, producers, pings, load, backend) -> dict:
     client = connect(url, socket_timeout_s=30)
     client.flushall()
-    client.config_resetstat()
-    ready, done = ctx.Queue(), ctx.Queue()
-    total = n + pings
-    consumer = ctx.Process(target=consumer_main, args=(url, mode, size, frame, backend, total, ready, done))
+    ready, stop, done = ctx.Queue(), ctx.Event(), ctx.Queue()
+    consumer = ctx.Process(target=consumer_main, args=(url, mode, size, frame, backend, ready, stop, done))
     consumer.start()
     ready.get(timeout=120)
     pad = b"\xab" * (size - HDR.size)
@@ -146,40 +198,19 @@ def redis_run(ctx, url, mode, size, frame, n, producers, pings, backend) -> dict
                 last = reply[0][1][-1][0]
                 break
         unloaded.append(time.monotonic_ns() - t)
-    # loaded: the producers start together; this process reads the results as they appear
-    start_at = time.monotonic() + 0.5
-    pdone = ctx.Queue()
-    share = -(-n // producers)
-    procs = [ctx.Process(target=producer_main, args=(url, min(share, n - k * share), k * share, size, frame,
-                                                     start_at, pdone)) for k in range(producers)]
-    for p in procs:
-        p.start()
-    got, loaded, t_end = 0, [], None
-    deadline = start_at + 300
-    while got < n and time.monotonic() < deadline:
-        reply = client.xread({results: last}, count=200, block=1000)
-        if not reply:
-            continue
-        now = time.monotonic_ns()
-        for rid, fields in reply[0][1]:
-            last = rid
-            for k, frame_bytes in enumerate(fields.values()):
-                if k % 4:  # sample: decoding every result would slow this reader down
-                    got += frame_count(frame_bytes)
-                    continue
-                items = decode_frame(frame_bytes)
-                got += len(items)
-                loaded += [now - HDR.unpack_from(r)[0] for r in items if r is not None]
-        t_end = time.monotonic()
-    for p in procs:
-        p.join(60)
+    client.config_resetstat()
+    last, rate, saturated, got = _flow(ctx, url, client, last, n, size, frame, producers, None)
+    cmd = {k.removeprefix("cmdstat_"): v for k, v in client.info("commandstats").items()}
+    paced_n = max(1000, min(n, int(rate * load * 2))) if rate == rate else 0  # about 2 s
+    last, paced_rate, paced, _ = _flow(ctx, url, client, last, paced_n, size, frame, producers, rate * load) \
+        if paced_n else (last, float("nan"), [], 0)
+    stop.set()
     stats = done.get(timeout=60)
     consumer.join(30)
-    cmd = {k.removeprefix("cmdstat_"): v for k, v in client.info("commandstats").items()}
     keep = ("xadd", "xreadgroup", "evalsha", "xread", "xautoclaim")
-    return {"mode": mode, "size": size, "frame": frame, "messages": n, "received": got,
-            "msg_per_s": n / (t_end - start_at) if got >= n else float("nan"),
-            "loaded": pct(loaded), "unloaded": pct(unloaded), "worker": stats,
+    return {"mode": mode, "size": size, "frame": frame, "messages": n, "received": got, "msg_per_s": rate,
+            "saturated": pct(saturated), "paced": {**pct(paced), "msg_per_s": paced_rate}, "unloaded": pct(unloaded),
+            "worker": stats,
             "redis_usec_per_call": {k: cmd[k]["usec_per_call"] for k in keep if k in cmd},
             "redis_calls": {k: cmd[k]["calls"] for k in keep if k in cmd}}
 
@@ -190,26 +221,30 @@ def plot(res: dict, path: Path) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib not installed: no plot")
+        print("matplotlib not installed: no plot (make it later: bench_redis.py --replot bench_redis.json)")
         return
     rows = res["runs"]
-    labels = sorted({r["label"] for r in rows})
+    labels = list(dict.fromkeys(r["label"] for r in rows))
     sizes = sorted({r["size"] for r in rows})
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    panels = (("saturated throughput, k msg/s", lambda r: r["msg_per_s"] / 1e3, False),
+              (f"p50 µs, paced at {res['env'].get('load', 0.5):g} × saturated (log)", lambda r: r["paced"].get("p50_us", 0), True),
+              ("p50 µs, one message at a time (log)", lambda r: r["unloaded"].get("p50_us", 0), True))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
     w = 0.8 / len(labels)
-    for j, lab in enumerate(labels):
-        xs = [i + j * w for i in range(len(sizes))]
-        by = {r["size"]: r for r in rows if r["label"] == lab}
-        a.bar(xs, [by[s]["msg_per_s"] / 1e3 if s in by else 0 for s in sizes], w, label=lab)
-        b.bar(xs, [by[s]["unloaded"].get("p50_us", 0) if s in by else 0 for s in sizes], w, label=lab)
-    for ax, title in ((a, "throughput, k msg/s"), (b, "unloaded round trip p50, µs (log)")):
+    for ax, (title, value, log) in zip(axes, panels):
+        for j, lab in enumerate(labels):
+            by = {r["size"]: r for r in rows if r["label"] == lab}
+            ax.bar([i + j * w for i in range(len(sizes))], [value(by[s]) if s in by else 0 for s in sizes], w, label=lab)
         ax.set_xticks([i + 0.4 - w / 2 for i in range(len(sizes))], [f"{s} B" for s in sizes])
-        ax.set_title(title)
-    b.set_yscale("log")
-    a.legend(fontsize=8)
-    fig.suptitle(f"Track A vs bridge vs GpuQueue — {res['env']['device']}")
+        ax.set_title(title, fontsize=10)
+        if log:
+            ax.set_yscale("log")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"Track A vs bridge vs GpuQueue alone — {res['env']['device']}, Redis {res['env']['redis']}, "
+                 f"{res['env']['date']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
 
 
 def main() -> int:
@@ -221,9 +256,14 @@ def main() -> int:
     ap.add_argument("--frame", type=int, default=32, help="messages per entry for the framed runs")
     ap.add_argument("--sizes", default="64,512,4096")
     ap.add_argument("--pings", type=int, default=300)
+    ap.add_argument("--load", type=float, default=0.5, help="paced phase: this fraction of the saturated rate")
     ap.add_argument("--modes", default="track_a,track_a_framed,bridge,bridge_framed,queue")
     ap.add_argument("--cpu", action="store_true", help="no GPU: BatchProcessor numpy, GpuQueue sim (dry run)")
+    ap.add_argument("--replot", metavar="JSON", help="only redraw the plot of an earlier run's JSON")
     args = ap.parse_args()
+    if args.replot:
+        plot(json.loads(Path(args.replot).read_text()), Path(args.replot).with_suffix(".png"))
+        return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ctx = mp.get_context("spawn")
@@ -233,7 +273,7 @@ def main() -> int:
     device = "CPU dry run" if args.cpu else _device_name()
     env = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": device, "redis": version,
            "python": platform.python_version(), "cpus": os.cpu_count(), "producers": args.producers,
-           "messages": args.messages}
+           "messages": args.messages, "load": args.load, "frame": args.frame}
     print(f"Redis {version} at {url}; {device}; {args.producers} producer processes; {args.messages:,} messages per run")
     runs = []
     modes = args.modes.split(",")
@@ -243,19 +283,21 @@ def main() -> int:
                 label = mode
                 if mode == "queue":
                     q = ctx.Queue()
-                    p = ctx.Process(target=queue_alone, args=(size, args.messages, "sim" if args.cpu else "cuda", q))
+                    p = ctx.Process(target=queue_alone, args=(size, args.messages, "sim" if args.cpu else "cuda",
+                                                              args.load, q))
                     p.start()
-                    r = {"mode": "queue", "size": size, "frame": None, **q.get(timeout=300)}
+                    r = {"mode": "queue", "size": size, "frame": None, "messages": args.messages, **q.get(timeout=300)}
                     p.join(30)
                 else:
                     base, framed = mode.removesuffix("_framed"), mode.endswith("_framed")
                     backend = ("numpy" if base == "track_a" else "sim") if args.cpu else "cuda"
                     r = redis_run(ctx, url, base, size, args.frame if framed else 1, args.messages, args.producers,
-                                  args.pings, backend)
+                                  args.pings, args.load, backend)
                 r["label"] = label
                 runs.append(r)
-                print(f"{label:15s} {size:5d} B  {r['msg_per_s']:>11,.0f} msg/s  loaded p50 "
-                      f"{r['loaded'].get('p50_us', float('nan')):9.1f} p99 {r['loaded'].get('p99_us', float('nan')):9.1f} µs"
+                pc = r["paced"]
+                print(f"{label:15s} {size:5d} B  {r['msg_per_s']:>11,.0f} msg/s  at {pc.get('msg_per_s', 0):>9,.0f} msg/s: p50 "
+                      f"{pc.get('p50_us', float('nan')):9.1f} p99 {pc.get('p99_us', float('nan')):9.1f} µs"
                       f"  unloaded p50 {r['unloaded']['p50_us']:8.1f} p99 {r['unloaded']['p99_us']:8.1f} µs"
                       + (f"  redis µs/call {r['redis_usec_per_call']}" if "redis_usec_per_call" in r else ""),
                       flush=True)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One call on the GPU machine: the GPU test suite, the example (1,000,000 messages) and the latency
-# benchmark; appends a dated entry to benchmarks/NOTES.md and leaves logs, JSON, plot and the
-# updated NOTES.md in $OUT (the device tool brings $OUT back).  Runs from the source tree.
+# One call on the GPU machine: the GPU test suite, the example (1,000,000 messages), the latency
+# benchmark and the Track A comparison (bench_redis.py); appends a dated entry to benchmarks/NOTES.md
+# and leaves logs, JSON, plot and the updated NOTES.md in $OUT (the device tool brings $OUT back).  Runs from the source tree.
 #     OUT=/tmp/out bash benchmarks/gpu_session.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +16,7 @@ timeout 90 $PY benchmarks/smoke.py 2>&1 | tee "$OUT/smoke.log" || { echo "smoke 
 timeout 420 $PY -m pytest -q -rs -p no:cacheprovider ${PYTEST_ARGS:-tests properties} 2>&1 | tee "$OUT/pytest.log"
 timeout 120 $PY examples/producer_consumer.py --messages "${EXAMPLE_MESSAGES:-1000000}" 2>&1 | tee "$OUT/example.log"
 timeout 240 $PY benchmarks/bench_latency.py --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
+timeout 400 $PY benchmarks/bench_redis.py --out "$OUT" ${REDIS_BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_redis.log"
 $PY benchmarks/notes_entry.py "$OUT" >> benchmarks/NOTES.md
 cp benchmarks/NOTES.md "$OUT/NOTES.md"
 tail -n 40 benchmarks/NOTES.md

@@ -38,6 +38,26 @@ def main() -> None:
               f"**{e['enqueue_msg_per_s']:,.0f} msg/s** ({e['enqueue_ns_per_msg']:.0f} ns/msg); "
               f"taking the results: {e['take_msg_per_s']:,.0f} msg/s; mismatches {e['mismatches']}")
         print(f"- enqueue + take interleaved in one thread, ring 1024: {s['msg_per_s']:,.0f} msg/s; mismatches {s['mismatches']}")
+    redis_table(out / "bench_redis.json")
+
+
+def redis_table(path: Path) -> None:
+    """The Track A / bridge / GpuQueue comparison of bench_redis.py, if it ran."""
+    if not path.exists():
+        print("\n- bench_redis: (missing)")
+        return
+    r = json.loads(path.read_text())
+    e = r["env"]
+    print(f"\n### Track A vs bridge vs GpuQueue (bench_redis.py): Redis {e['redis']}, {e['producers']} producer "
+          f"processes, {e['messages']:,} messages per run, {e['cpus']} CPUs\n")
+    print("| path | payload | frame | saturated msg/s | paced at msg/s | paced p50 µs | paced p99 µs | unloaded p50 µs "
+          "| unloaded p99 µs | Redis µs/call: xadd, xreadgroup, evalsha |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    for x in r["runs"]:
+        lo, un, rc = x["paced"], x["unloaded"], x.get("redis_usec_per_call", {})
+        calls = ", ".join(f"{rc[k]:g}" for k in ("xadd", "xreadgroup", "evalsha") if k in rc) or "–"
+        print(f"| {x['label']} | {x['size']} B | {x['frame'] or '–'} | {x['msg_per_s']:,.0f} | {lo.get('msg_per_s', float('nan')):,.0f} "
+              f"| {lo.get('p50_us', float('nan')):,.1f} "
+              f"| {lo.get('p99_us', float('nan')):,.1f} | {un['p50_us']:,.1f} | {un['p99_us']:,.1f} | {calls} |")
 
 
 if __name__ == "__main__":
