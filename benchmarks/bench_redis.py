@@ -252,6 +252,7 @@ def main() -> int:
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     ap.add_argument("--redis-url", default=os.environ.get("REDIS_URL"), help="default: an embedded redis-server")
     ap.add_argument("--messages", type=int, default=500_000)
+    ap.add_argument("--max-mb", type=int, default=1024, help="fewer messages for large payloads: at most this many MB a run")
     ap.add_argument("--producers", type=int, default=4)
     ap.add_argument("--frame", type=int, default=32, help="messages per entry for the framed runs")
     ap.add_argument("--sizes", default="64,512,4096")
@@ -279,19 +280,20 @@ def main() -> int:
     modes = args.modes.split(",")
     try:
         for size in [int(s) for s in args.sizes.split(",")]:
+            n = max(1000, min(args.messages, (args.max_mb << 20) // size))
             for mode in modes:
                 label = mode
                 if mode == "queue":
                     q = ctx.Queue()
-                    p = ctx.Process(target=queue_alone, args=(size, args.messages, "sim" if args.cpu else "cuda",
+                    p = ctx.Process(target=queue_alone, args=(size, n, "sim" if args.cpu else "cuda",
                                                               args.load, q))
                     p.start()
-                    r = {"mode": "queue", "size": size, "frame": None, "messages": args.messages, **q.get(timeout=300)}
+                    r = {"mode": "queue", "size": size, "frame": None, "messages": n, **q.get(timeout=300)}
                     p.join(30)
                 else:
                     base, framed = mode.removesuffix("_framed"), mode.endswith("_framed")
                     backend = ("numpy" if base == "track_a" else "sim") if args.cpu else "cuda"
-                    r = redis_run(ctx, url, base, size, args.frame if framed else 1, args.messages, args.producers,
+                    r = redis_run(ctx, url, base, size, args.frame if framed else 1, n, args.producers,
                                   args.pings, args.load, backend)
                 r["label"] = label
                 runs.append(r)
