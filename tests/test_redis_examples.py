@@ -1,0 +1,160 @@
+"""examples/redis_producer.py and examples/redis_consumer.py as a user runs them, without a GPU.
+
+Each runs as a subprocess against a real redis-server (the ``redis_server`` fixture: once per
+Redis version found, 6.2 and 7 answer XAUTOCLAIM differently).  The self-contained demos start
+their own embedded server; GPUQ_REDIS_SERVER points them at the same binary as the fixture.
+Where redis-py or a redis-server binary is missing these tests skip with the reason, or fail
+under GPUQ_REQUIRE_REDIS=1 (see conftest.py).
+"""
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import gpu_unavailable_reason
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+PRODUCER, CONSUMER = EXAMPLES / "redis_producer.py", EXAMPLES / "redis_consumer.py"
+
+
+def env_for(server=None) -> dict:
+    """The test's environment without REDIS_URL (so no URL means the embedded server), and the
+    embedded server's binary pinned to ``server``'s."""
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    if server is not None:
+        env["GPUQ_REDIS_SERVER"] = server.executable
+    return env
+
+
+def run(script, *args, server=None, timeout=120):
+    return subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=env_for(server))
+
+
+def ok(r) -> str:
+    assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout}\n{r.stderr}"
+    return r.stdout
+
+
+def counts(stdout: str) -> dict:
+    """The consumer's final ``counts:`` line as a dict of ints."""
+    line = re.search(r"^counts: (.*)$", stdout, re.M).group(1)
+    return {k: int(v.replace(",", "")) for k, v in (item.split() for item in line.split(", "))}
+
+
+def test_demo_batch_numpy_checks_every_message(redis_server):
+    out = ok(run(CONSUMER, "--backend", "numpy", "--messages", 3000, "--idle-exit", 0.5, server=redis_server))
+    assert f"embedded redis-server {redis_server.version}" in out
+    assert "BatchProcessor on NumPy" in out
+    assert counts(out) == dict(messages=3000, entries=3000, failed=0, reclaimed=0, duplicates=0, lost=0)
+    assert "verify: 3,000 results in gpuq:in:results checked against their source messages: " \
+           "0 mismatched, 0 duplicates, 0 missing" in out
+    assert re.search(r"^throughput: [\d,]+ msg/s", out, re.M)
+    assert out.rstrip().endswith("OK")
+
+
+def test_demo_bridge_sim_frames_and_a_crashed_consumer(redis_server):
+    # 2,000 messages in frames of 16 (125 entries); a second consumer takes 5 entries and never
+    # acks them: they are reclaimed (XAUTOCLAIM, Redis 6.2 and 7 replies) and processed here.
+    out = ok(run(CONSUMER, "--mode", "bridge", "--backend", "sim", "--messages", 2000, "--frame", 16,
+                 "--simulate-crash", 5, "--idle-exit", 0.5, server=redis_server))
+    assert "GpuBridge into a GpuQueue on the CPU simulator" in out
+    assert "simulated crash: 5 entries delivered" in out
+    assert counts(out) == dict(messages=2000, entries=125, failed=0, reclaimed=5, duplicates=0, lost=0)
+    assert "2,000 results in gpuq:in:results checked against their source messages: " \
+           "0 mismatched, 0 duplicates, 0 missing" in out
+    assert out.rstrip().endswith("OK")
+
+
+def test_demo_messages_larger_than_a_slot_fail_and_are_reported(redis_server):
+    out = ok(run(CONSUMER, "--backend", "numpy", "--messages", 200, "--size", 100, "--slot-bytes", 64,
+                 "--idle-exit", 0.5, server=redis_server))
+    assert counts(out) == dict(messages=200, entries=200, failed=200, reclaimed=0, duplicates=0, lost=0)
+    assert "200 results in gpuq:in:results checked against their source messages: 0 mismatched" in out
+
+
+def test_producer_then_consumer_on_one_server(redis_server, redis_client):
+    url = redis_server.url
+    out = ok(run(PRODUCER, "--redis-url", url, "--stream", "ex:in", "--messages", 5000, "--frame", 4,
+                 "--size", 80))
+    assert "embedded" not in out
+    assert "produced 5,000 messages of 80 B in 1,250 entries to ex:in" in out
+    assert redis_client.xlen("ex:in") == 1250
+
+    out = ok(run(CONSUMER, "--redis-url", url, "--stream", "ex:in", "--backend", "numpy", "--idle-exit", 0.5))
+    assert counts(out) == dict(messages=5000, entries=1250, failed=0, reclaimed=0, duplicates=0, lost=0)
+    assert "verify: 5,000 results in ex:in:results checked against their source messages: " \
+           "0 mismatched, 0 duplicates\n" in out
+    assert redis_client.xpending("ex:in", "gpuq")["pending"] == 0
+
+    # The group has consumed the stream: a second consumer finds nothing new, and checks only
+    # the results published during its own run.
+    out = ok(run(CONSUMER, "--redis-url", url, "--stream", "ex:in", "--mode", "bridge", "--backend", "sim",
+                 "--idle-exit", 0.3))
+    assert counts(out)["messages"] == 0
+    assert "verify: 0 results" in out
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_producer_serve_keeps_its_server_for_a_consumer_then_stops_it(redis_server, stop):
+    from gpuq_driver.errors import BrokerUnavailable
+    from gpuq_driver.streams import connect
+
+    proc = subprocess.Popen([sys.executable, str(PRODUCER), "--serve", "--messages", "1000"], text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env_for(redis_server))
+    try:
+        lines = []
+        for line in proc.stdout:  # up to the "serving <url> until Ctrl-C" line
+            lines.append(line)
+            if line.startswith("serving "):
+                break
+        assert lines and lines[-1].startswith("serving "), "".join(lines)
+        url = lines[-1].split()[1]
+        assert "produced 1,000 messages of 64 B in 1,000 entries" in "".join(lines)
+
+        out = ok(run(CONSUMER, "--redis-url", url, "--mode", "bridge", "--backend", "sim", "--idle-exit", 0.5))
+        assert counts(out)["messages"] == 1000 and out.rstrip().endswith("OK")
+
+        proc.send_signal(stop)
+        assert proc.wait(30) == 0, proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+    # the embedded redis-server went with it
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            connect(url, socket_timeout_s=1.0).close()
+        except BrokerUnavailable:
+            break
+        assert time.monotonic() < deadline, f"{url} still answers after the producer exited"
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("script", [PRODUCER, CONSUMER], ids=["producer", "consumer"])
+def test_unreachable_redis_is_one_line_and_exit_3(redis_py, script):
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    extra = ["--backend", "numpy"] if script == CONSUMER else []
+    r = run(script, "--redis-url", f"redis://127.0.0.1:{port}/0", *extra)
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "unreachable" in r.stderr
+
+
+@pytest.mark.skipif(gpu_unavailable_reason() is None, reason="this machine has a GPU: the no-GPU path cannot be seen")
+@pytest.mark.parametrize("mode", ["batch", "bridge"])
+def test_backend_cuda_without_gpu_says_so_in_one_line_and_exits_2(mode):
+    r = run(CONSUMER, "--mode", mode, "--backend", "cuda", "--messages", 10)
+    assert r.returncode == 2
+    assert r.stdout == "" and len(r.stderr.strip().splitlines()) == 1
+    assert "needs an NVIDIA GPU" in r.stderr
