@@ -48,7 +48,7 @@ class GpuBridge(_Loop):
     def step(self, block_ms: int | None = None) -> int:
         """One round: read when there is room, enqueue, collect results, publish finished
         entries; returns the messages published in this step."""
-        if not self._backlog and len(self._inflight) < self._capacity // 2:
+        if not self._draining and not self._backlog and len(self._inflight) < self._capacity // 2:
             wait = 0 if self._inflight or self._done else (self.consumer.block_ms if block_ms is None else block_ms)
             for entry in self._claim_or_read(wait):
                 p = _Pending(entry)

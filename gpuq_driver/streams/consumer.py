@@ -11,9 +11,11 @@ The protocol, per entry:
    gets its results published once: by whichever completes first.  This is the deduplication by
    message id: the second result of a redelivered entry is dropped, never published.
 4. Entries pending longer than ``claim_idle_ms`` (their consumer died or stalled) are taken over
-   with XAUTOCLAIM by :meth:`StreamConsumer.reclaim`.  Entries that MAXLEN trimming deleted
-   before anyone acked them cannot be processed: they are reported in ``lost`` and removed from
-   the PEL, never dropped silently.
+   with XAUTOCLAIM by :meth:`StreamConsumer.reclaim`.  Delivered entries that MAXLEN trimming
+   deleted before anyone acked them cannot be processed: they are reported in ``lost`` and
+   removed from the PEL.  Entries trimmed before any consumer read them were never pending and
+   cannot be reported: size ``maxlen`` above the largest backlog and watch the group's lag
+   (XINFO GROUPS).
 """
 
 from __future__ import annotations

@@ -10,11 +10,14 @@ For real deployments run Redis 7 (``docker/docker-compose.yml``) and pass its UR
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import importlib.util
 import os
+import signal
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import weakref
@@ -112,6 +115,15 @@ def find_redis_server() -> str:
                       "apt install redis-server, or docker compose -f docker/docker-compose.yml up -d")
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec (Linux): SIGTERM it when the thread that started it exits, so a
+    killed test or example does not leave its redis-server behind."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -135,7 +147,9 @@ class RedisServer:
     ``url`` is ``redis://127.0.0.1:<port>/0``; ``version`` e.g. ``"7.0.15"``.  ``executable``
     defaults to :func:`find_redis_server`.  Starting waits up to ``startup_timeout_s`` seconds
     for PING.  Raises BrokerError if no binary exists or it does not come up (its log is in the
-    message).  Usable as a context manager; a ``weakref.finalize`` stops it if you forget.
+    message).  Usable as a context manager; a ``weakref.finalize`` stops it if you forget, and
+    on Linux the server also gets SIGTERM when the thread that created it ends (even by SIGKILL
+    of the process), so create it on a thread that lives as long as you need it.
     """
 
     def __init__(self, executable: str | None = None, *, startup_timeout_s: float = 10.0):
@@ -149,7 +163,8 @@ class RedisServer:
             self._proc = subprocess.Popen(
                 [self.executable, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                  "--appendonly", "no", "--dir", self._workdir.name, "--logfile", log, "--daemonize", "no"],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None)
             self._finalizer = weakref.finalize(self, _stop, self._proc, self._workdir)
             self.url = f"redis://127.0.0.1:{self.port}/0"
             client = redis.Redis.from_url(self.url, socket_timeout=1.0, socket_connect_timeout=1.0)

@@ -33,6 +33,7 @@ class _Loop:
         self.consumer, self.reclaim_every_s = consumer, reclaim_every_s
         self.stats = WorkerStats()
         self._next_reclaim = 0.0
+        self._draining = False
 
     def _claim_or_read(self, block_ms: int) -> list:
         now = time.monotonic()
@@ -64,7 +65,8 @@ class _Loop:
             progress=None, progress_every_s: float = 1.0) -> WorkerStats:
         """step() until ``max_messages`` messages are completed, ``stop`` (a threading.Event) is
         set, or nothing arrived for ``idle_exit_s`` seconds; ``progress(stats)`` is called about
-        every ``progress_every_s`` seconds.  Returns the stats."""
+        every ``progress_every_s`` seconds.  Work already taken (the bridge's messages in flight)
+        is then finished and published before it returns, without reading more.  Returns the stats."""
         last_work = last_report = time.monotonic()
         while not (stop is not None and stop.is_set()):
             if max_messages is not None and self.stats.messages >= max_messages:
@@ -78,7 +80,17 @@ class _Loop:
             if progress and time.monotonic() - last_report >= progress_every_s:
                 last_report = time.monotonic()
                 progress(self.stats)
+        self.drain()
         return self.stats
+
+    def drain(self) -> None:
+        """Finish and publish everything taken, reading nothing new."""
+        self._draining = True
+        try:
+            while self.busy():
+                self.step(block_ms=0)
+        finally:
+            self._draining = False
 
 
 class StreamWorker(_Loop):
