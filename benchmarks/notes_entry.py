@@ -19,6 +19,8 @@ def main() -> None:
     out = Path(sys.argv[1])
     bench = json.loads((out / "bench_latency.json").read_text()) if (out / "bench_latency.json").exists() else {}
     env = bench.get("env", {})
+    if not env and (out / "bench_redis.json").exists():  # a run without the latency benchmark
+        env = json.loads((out / "bench_redis.json").read_text())["env"]
     print(f"\n## {env.get('date', '(no benchmark)')} — {env.get('device', '?')} ({env.get('arch', '?')})\n")
     print(f"- versions: driver {env.get('driver')}, cuda-bindings {env.get('cuda_bindings')}, NVRTC {env.get('nvrtc')}, "
           f"Python {env.get('python')}, numpy {env.get('numpy')}; empty Python loop {env.get('python_empty_loop_ns')} ns/iteration")
@@ -27,6 +29,11 @@ def main() -> None:
     ex = out / "example.log"
     for pat in ("^messages:", "^throughput:", "^round trip", "^(OK|FAILED)"):
         print(f"- example: `{last_line(ex, pat)}`")
+    for mode in ("batch", "bridge"):
+        log = out / f"redis_example_{mode}.log"
+        if log.exists():
+            print(f"- redis_consumer.py --mode {mode} --backend cuda: " + "; ".join(
+                f"`{ln.strip()}`" for ln in log.read_text(errors="replace").splitlines()[-12:] if ln.strip()))
     if bench:
         print("\n| round trip, one message at a time (gpuq: enqueue → result readable; then → taken) "
               "| p50 µs | p99 µs | taken p50 µs | taken p99 µs |\n|---|---:|---:|---:|---:|")
