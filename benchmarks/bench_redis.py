@@ -38,8 +38,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gpuq_driver.streams import RedisServer, StreamProducer, connect, decode_frame  # noqa: E402
-from gpuq_driver.streams.wire import frame_count  # noqa: E402
+from gpuq_driver.streams import RedisServer, StreamProducer, connect  # noqa: E402
+from gpuq_driver.streams.wire import frames, items  # noqa: E402
 
 STREAM, GROUP = "bench:in", "bench"
 HDR = struct.Struct("<QQ")  # send time (CLOCK_MONOTONIC ns, system-wide), sequence number
@@ -59,15 +59,16 @@ def slot_for(size: int) -> int:
 
 # -- processes -------------------------------------------------------------------------------------
 
-def producer_main(url, n, first_seq, size, frame, rate, start_at, done):
-    """XADD ``n`` messages from ``start_at`` (CLOCK_MONOTONIC s), paced at ``rate`` msg/s if given
-    (in round trips of 8 entries, each stamped just before it is sent, after any pacing wait)."""
+def producer_main(url, n, first_seq, size, frame, rate, ready, go, done):
+    """Once ``go`` is set: XADD ``n`` messages, paced at ``rate`` msg/s if given (in round trips
+    of 8 entries, each stamped just before it is sent, after any pacing wait)."""
     client = connect(url)
     prod = StreamProducer(client, STREAM, maxlen=10_000_000, frame=frame, pipeline=8 if rate else 256)
     pad = b"\xab" * (size - HDR.size)
     chunk = prod.pipeline * frame
-    while time.monotonic() < start_at:
-        time.sleep(1e-4)
+    ready.put(True)
+    go.wait()
+    start_at = time.monotonic()
     for s in range(first_seq, first_seq + n, chunk):
         if rate:
             wait = start_at + (s - first_seq) / rate - time.monotonic()
@@ -147,14 +148,17 @@ def _flow(ctx, url, client, last, n, size, frame, producers, rate):
     """Producers send ``n`` messages (paced at ``rate`` msg/s in all, or flat out); this process
     reads the results back.  Returns (last result id, msg/s, latencies in ns, received)."""
     results = f"{STREAM}:results"
-    start_at = time.monotonic() + 0.3
-    pdone = ctx.Queue()
+    ready, go, pdone = ctx.Queue(), ctx.Event(), ctx.Queue()
     share = -(-n // producers)
     procs = [ctx.Process(target=producer_main, args=(url, min(share, n - k * share), k * share, size, frame,
-                                                     rate / producers if rate else None, start_at, pdone))
+                                                     rate / producers if rate else None, ready, go, pdone))
              for k in range(producers) if n - k * share > 0]
     for p in procs:
         p.start()
+    for p in procs:  # started, imported, connected: the clock starts when they all are
+        ready.get(timeout=120)
+    start_at = time.monotonic()
+    go.set()
     got, lat, t_end = 0, [], None
     deadline = start_at + 300
     while got < n and time.monotonic() < deadline:
@@ -164,13 +168,10 @@ def _flow(ctx, url, client, last, n, size, frame, producers, rate):
         now = time.monotonic_ns()
         for rid, fields in reply[0][1]:
             last = rid
-            for k, frame_bytes in enumerate(fields.values()):
-                if k % 4:  # sample: decoding every result would slow this reader down
-                    got += frame_count(frame_bytes)
-                    continue
-                items = decode_frame(frame_bytes)
-                got += len(items)
-                lat += [now - HDR.unpack_from(r)[0] for r in items if r is not None]
+            for k, (lens, data) in enumerate(frames(fields[b"r"])):
+                got += len(lens)
+                if k % 4 == 0:  # sample: decoding every result would slow this reader down
+                    lat += [now - HDR.unpack_from(r)[0] for r in items(lens, data) if r is not None]
         t_end = time.monotonic()
     for p in procs:
         p.join(60)

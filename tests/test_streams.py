@@ -26,7 +26,7 @@ from gpuq_driver import ConfigError, GpuqError, PayloadError
 from gpuq_driver.errors import BrokerError, BrokerUnavailable
 from gpuq_driver.streams import (BatchProcessor, GpuBridge, RedisServer, StreamConsumer, StreamProducer,
                                  StreamWorker, connect, decode_frame, encode_frame, read_results)
-from gpuq_driver.streams.wire import FAILED
+from gpuq_driver.streams.wire import FAILED, frames
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -508,10 +508,10 @@ def test_undecodable_entries_are_completed_as_failed_and_acked(redis_client):
         done = worker.step()
     assert done == 3 and worker.stats.failed == 2 and worker.stats.entries == 4
     assert consumer.pending() == 0, "an undecodable entry must not stay pending"
-    rows = redis_client.xrange("s:results")
-    fields = {k: v for _, f in rows for k, v in f.items()}
-    assert set(fields) == {good, foreign, corrupt, framed}
-    assert decode_frame(fields[foreign]) == [] and decode_frame(fields[corrupt]) == []
+    (_, fields), = redis_client.xrange("s:results")  # one complete() call: one result entry
+    published = dict(zip(fields[b"ids"].split(b","), frames(fields[b"r"])))
+    assert set(published) == {good, foreign, corrupt, framed} and b"dup" not in fields
+    assert len(published[foreign][0]) == 0 and len(published[corrupt][0]) == 0
     assert sorted(all_results(redis_client, "s:results")) == sorted(
         [((good, 0), b"hi"), ((framed, 0), b"a"), ((framed, 1), b"bc")])
 

@@ -4,8 +4,8 @@ The protocol, per entry:
 
 1. XREADGROUP delivers it to this consumer; Redis records it in the group's PEL (pending entries list).
 2. The messages are processed (GPU batch or GpuQueue).
-3. :meth:`StreamConsumer.complete` runs one Lua script, atomically: XACK the entry and, only if
-   that XACK removed it from the PEL, add its results to the result stream.  The ack and the
+3. :meth:`StreamConsumer.complete` runs one Lua script, atomically: XACK each entry and add
+   the results of those whose XACK removed them from the PEL to the result stream.  The ack and the
    stored result are one step, so a consumer killed at any moment leaves either both or neither;
    an entry that two consumers processed (one reclaimed it from the other, which was only slow)
    gets its results published once: by whichever completes first.  This is the deduplication by
@@ -27,27 +27,33 @@ import numpy as np
 
 from ..errors import ConfigError
 from .server import broker_errors, client_url
-from .wire import decode_frame, encode_frame, entry_messages, items
+from .wire import encode_frame, entry_messages, frames, items
 
 # KEYS[1] source stream, KEYS[2] result stream.  ARGV[1] group, ARGV[2] result stream MAXLEN (~),
-# ARGV[3..]: entry id, result frame, entry id, result frame, ...   Returns the number published.
-# Redis runs a script atomically; it checks memory only before the script's first write, so
-# once the first XACK has run the XADD is not refused for OOM.
+# ARGV[3] the entries' result frames back to back, ARGV[4..] the entry ids.
+# XACK returns 1 for an entry still pending in the group: those are published; the others had
+# been acked (and published) by another consumer and are listed under "dup" so readers skip their
+# frames.  One result entry per call, fields ids / r / dup: every large value is one Lua string
+# (Lua 5.1 interns every string, with a hash that samples at most 32 bytes of it, so thousands of
+# similar result strings collide: 0.6 s for 4,096 frames of 512 B, measured on the H200 host).
+# Per-id XACK costs 0.6 µs (Redis 6.2) / 1.2 µs (7.0) an entry; XCLAIM JUSTID or XPENDING as the
+# check cost more (benchmarks/NOTES.md).  A script runs atomically; Redis checks memory before its
+# first write, and XLEN fails on a result key of the wrong type before anything is acked.
 _COMPLETE_LUA = """
-local out, n = {}, 0
-for i = 3, #ARGV, 2 do
-  if redis.call('XACK', KEYS[1], ARGV[1], ARGV[i]) == 1 then
-    out[#out + 1] = ARGV[i]
-    out[#out + 1] = ARGV[i + 1]
-    n = n + 1
-    if #out >= 2000 then
-      redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(out))
-      out = {}
-    end
-  end
+redis.call('XLEN', KEYS[2])
+local dup = {}
+for i = 4, #ARGV do
+  if redis.call('XACK', KEYS[1], ARGV[1], ARGV[i]) == 0 then dup[#dup + 1] = ARGV[i] end
 end
-if #out > 0 then redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(out)) end
-return n
+local n = #ARGV - 3
+if #dup == n then return 0 end
+local ids = table.concat(ARGV, ',', 4, #ARGV)
+if #dup == 0 then
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'ids', ids, 'r', ARGV[3])
+else
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'ids', ids, 'r', ARGV[3], 'dup', table.concat(dup, ','))
+end
+return n - #dup
 """
 
 
@@ -212,9 +218,8 @@ class StreamConsumer:
             raise ValueError(f"{len(entries)} entries but {len(results)} result lists")
         if not entries:
             return 0
-        args = [self.group, self.result_maxlen]
-        for e, r in zip(entries, results):
-            args += [e.id, r if isinstance(r, (bytes, bytearray)) else encode_frame(r)]
+        frames = b"".join(r if isinstance(r, (bytes, bytearray)) else encode_frame(r) for r in results)
+        args = [self.group, self.result_maxlen, frames, *(e.id for e in entries)]
         with broker_errors(self.url, f"complete {len(entries)} entries of {self.stream}"):
             n = int(self._complete(keys=[self.stream, self.result_stream], args=args))
         self.published += n
@@ -243,7 +248,9 @@ def read_results(client, result_stream: str, after: bytes | str = "0", count: in
 
     msg_id = (source entry id, index); result = bytes, or None for a failed message.  Pass the
     returned id as ``after`` to continue.  ``block_ms`` waits for new results (keep it below the
-    client's socket timeout).
+    client's socket timeout).  Each result entry is one ``complete`` call: fields ``ids`` (the
+    source entry ids, comma-separated), ``r`` (their result frames back to back) and, where some
+    had been published already by another consumer, ``dup`` (those ids, skipped here).
     """
     with broker_errors(client_url(client), f"XREAD {result_stream}"):
         reply = client.xread({result_stream: after}, count=count, block=block_ms)
@@ -251,6 +258,8 @@ def read_results(client, result_stream: str, after: bytes | str = "0", count: in
     for _, rows in reply or []:
         for rid, fields in rows:
             last = rid
-            for src, frame in fields.items():
-                out += [((src, i), None if r is None else bytes(r)) for i, r in enumerate(decode_frame(frame))]
+            dup = set(fields[b"dup"].split(b",")) if b"dup" in fields else ()
+            for src, (lens, data) in zip(fields[b"ids"].split(b","), frames(fields[b"r"])):
+                if src not in dup:
+                    out += [((src, i), None if r is None else bytes(r)) for i, r in enumerate(items(lens, data))]
     return last, out

@@ -8,9 +8,11 @@ which caps one Redis at a few hundred thousand entries/s; frames, like Kafka's r
 carry many messages per entry.  Redelivery, acks and deduplication work per entry; a message's
 id is ``(entry id, index in the entry)``.
 
-Results go to the result stream as one entry per completed batch, fields
-``{source entry id: result frame}``; a length of ``FAILED`` (0xFFFFFFFF) marks a message that got
-no result (payload larger than the slot, or a result larger than the slot).
+Results go to the result stream as one entry per completed batch, fields ``ids`` (the source
+entry ids, comma-separated), ``r`` (one result frame per source entry, back to back) and, only
+where some entries had been published already, ``dup`` (their ids: skip their frames).  A length
+of ``FAILED`` (0xFFFFFFFF) marks a message that got no result (payload larger than the slot, or a
+result larger than the slot).
 """
 
 from __future__ import annotations
@@ -55,6 +57,19 @@ def split_frame(frame) -> tuple[np.ndarray, memoryview]:
     return lens, body
 
 
+def frames(blob):
+    """Frames back to back -> iterator of (lengths, bytes) as :func:`split_frame` gives them."""
+    view, pos = memoryview(blob).cast("B"), 0
+    while pos < len(view):
+        n = int(np.frombuffer(view, "<u4", 1, pos)[0])
+        lens = np.frombuffer(view, "<u4", n, pos + 4)
+        size = 4 + 4 * n + int(np.where(lens == FAILED, 0, lens).sum(dtype=np.int64))
+        if pos + size > len(view):
+            raise ValueError(f"frame at byte {pos} needs {size} bytes, {len(view) - pos} are left")
+        yield split_frame(view[pos:pos + size])
+        pos += size
+
+
 def items(lens: np.ndarray, data) -> list:
     """The items of a split frame: memoryviews into ``data``, None where FAILED."""
     out, start, data = [], 0, memoryview(data)
@@ -71,11 +86,6 @@ def decode_frame(frame) -> list:
     """One frame -> its items: read-only memoryviews into ``frame``, None where FAILED.
     Raises ValueError if the frame's lengths do not add up to its size."""
     return items(*split_frame(frame))
-
-
-def frame_count(frame) -> int:
-    """How many items a frame holds (reads only its header)."""
-    return int(np.frombuffer(memoryview(frame).cast("B")[:4], "<u4", 1)[0])
 
 
 def entry_messages(fields: dict) -> tuple[np.ndarray, memoryview]:
