@@ -46,14 +46,16 @@ def split_frame(frame) -> tuple[np.ndarray, memoryview]:
     view = memoryview(frame).cast("B")
     if len(view) < 4:
         raise ValueError(f"frame of {len(view)} bytes is shorter than its 4-byte count")
-    n = int(np.frombuffer(view, "<u4", 1)[0])
+    n = _COUNT.unpack_from(view)[0]
     if len(view) < 4 + 4 * n:
         raise ValueError(f"frame says {n} items but has {len(view)} bytes")
     lens = np.frombuffer(view, "<u4", n, 4)
     body = view[4 + 4 * n:]
-    total = int(np.where(lens == FAILED, 0, lens).sum(dtype=np.int64))
-    if total != len(body):
-        raise ValueError(f"frame lengths add up to {total} bytes, its body has {len(body)}")
+    total = int(lens.sum(dtype=np.int64))
+    if total != len(body):  # FAILED items carry no bytes: count them as 0 and check again
+        total = int(lens[lens != FAILED].sum(dtype=np.int64))
+        if total != len(body):
+            raise ValueError(f"frame lengths add up to {total} bytes, its body has {len(body)}")
     return lens, body
 
 
@@ -61,9 +63,13 @@ def frames(blob):
     """Frames back to back -> iterator of (lengths, bytes) as :func:`split_frame` gives them."""
     view, pos = memoryview(blob).cast("B"), 0
     while pos < len(view):
-        n = int(np.frombuffer(view, "<u4", 1, pos)[0])
-        lens = np.frombuffer(view, "<u4", n, pos + 4)
-        size = 4 + 4 * n + int(np.where(lens == FAILED, 0, lens).sum(dtype=np.int64))
+        if len(view) - pos < 4:
+            raise ValueError(f"{len(view) - pos} bytes left at byte {pos}, shorter than a frame's count")
+        n = _COUNT.unpack_from(view, pos)[0]
+        lens = np.frombuffer(view, "<u4", min(n, (len(view) - pos - 4) // 4), pos + 4)
+        if len(lens) < n:
+            raise ValueError(f"frame at byte {pos} says {n} items, {len(view) - pos} bytes are left")
+        size = 4 + 4 * n + int(lens[lens != FAILED].sum(dtype=np.int64))
         if pos + size > len(view):
             raise ValueError(f"frame at byte {pos} needs {size} bytes, {len(view) - pos} are left")
         yield split_frame(view[pos:pos + size])
