@@ -272,10 +272,11 @@ def main() -> int:
     server = None if args.redis_url else RedisServer()
     url = args.redis_url or server.url
     version = connect(url).info("server")["redis_version"]
-    device = "CPU dry run" if args.cpu else _device_name()
-    env = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": device, "redis": version,
+    env = {"device": "CPU dry run"} if args.cpu else _device_env()
+    device = env["device"]
+    env.update({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "redis": version,
            "python": platform.python_version(), "cpus": os.cpu_count(), "producers": args.producers,
-           "messages": args.messages, "load": args.load, "frame": args.frame}
+           "messages": args.messages, "load": args.load, "frame": args.frame})
     print(f"Redis {version} at {url}; {device}; {args.producers} producer processes; {args.messages:,} messages per run")
     runs = []
     modes = args.modes.split(",")
@@ -314,10 +315,16 @@ def main() -> int:
     return 0
 
 
-def _device_name() -> str:
-    from gpuq_driver import device_info  # cuInit in this process: fine, children are spawned, not forked
+def _device_env() -> dict:
+    """The device and versions (cuInit in this process: fine, the children are spawned, not forked)."""
+    from importlib.metadata import version
 
-    return device_info(0).name
+    from gpuq_driver import device_info, driver
+    from gpuq_driver.compiler import nvrtc_version
+
+    info = device_info(0)
+    return {"device": info.name, "arch": info.arch, "driver": int(driver.check(driver._driver().cuDriverGetVersion())),
+            "cuda_bindings": version("cuda-bindings"), "nvrtc": "%d.%d" % nvrtc_version(), "numpy": np.__version__}
 
 
 if __name__ == "__main__":
