@@ -10,7 +10,7 @@
     ├── QueueFull            the ring stayed full for the whole timeout
     ├── QueueClosed          the queue was shut down or closed
     ├── ProtocolError        the device saw a broken slot (a bug, not bad input)
-    └── BrokerError          Redis (Track A) refused a command, or no redis-server could be started
+    └── BrokerError          Redis (Track A) refused a command or the login, or no redis-server could be started
         └── BrokerUnavailable  Redis cannot be reached (bad URL, server down, connection lost)
 """
 
@@ -73,11 +73,7 @@ class ProtocolError(GpuqError):
 
 
 class BrokerError(GpuqError):
-    """Redis refused a command, or no redis-server could be found or started (Track A)."""
-
-
-class BrokerUnavailable(BrokerError):
-    """Redis cannot be reached: a bad URL, a server that is down, a connection lost mid-call.
+    """Redis refused a command or the login, or no redis-server could be found or started (Track A).
 
     ``url`` is the server's address (without password).  Where a producer had already been
     acknowledged by Redis for some entries, ``sent_ids`` holds their ids: those are stored.
@@ -86,6 +82,10 @@ class BrokerUnavailable(BrokerError):
     def __init__(self, message: str, url: str = "", sent_ids: list | None = None):
         super().__init__(message)
         self.url, self.sent_ids = url, list(sent_ids or [])
+
+
+class BrokerUnavailable(BrokerError):
+    """Redis cannot be reached: a bad address, a server that is down, a connection lost mid-call."""
 
 
 def _enum_text(code: Any) -> tuple[str, str]:

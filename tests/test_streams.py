@@ -315,10 +315,12 @@ def test_unreachable_server_names_the_url_without_password(redis_py):
         assert shown in str(ei.value) and ei.value.url == shown
 
 
-def test_wrong_password_is_broker_unavailable_without_password(redis_server):
+def test_wrong_password_is_refused_login_without_password(redis_server):
+    """The server is up and says no: BrokerError naming the login, not 'unreachable'."""
     url = redis_server.url.replace("redis://", "redis://bob:s3cret-pw@")
-    with pytest.raises(BrokerUnavailable) as ei:
+    with pytest.raises(BrokerError) as ei:
         connect(url)
+    assert not isinstance(ei.value, BrokerUnavailable) and "refused the login" in str(ei.value)
     assert "s3cret-pw" not in str(ei.value) and "bob:***@" in str(ei.value)
 
 

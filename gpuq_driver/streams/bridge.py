@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 
-from ..errors import PayloadError, QueueFull
+from ..errors import ConfigError, PayloadError, QueueFull
 from .wire import encode_frame
 from .worker import _Loop
 
@@ -28,12 +28,18 @@ class GpuBridge(_Loop):
 
     publish_batch:    entries completed per publish + ack round trip (default 256); fewer when
                       nothing else is in flight or the oldest has waited ``max_wait_s`` (default 1 ms).
-    reclaim_every_s:  seconds between XAUTOCLAIM scans for idle entries (default 1.0).
+    reclaim_every_s:  seconds between XAUTOCLAIM scans for idle entries (default 1.0); an entry
+                      reclaimed while it is still in this bridge (slower than ``claim_idle_ms``)
+                      is not taken twice.
     """
 
     def __init__(self, consumer, queue, *, publish_batch: int = 256, max_wait_s: float = 1e-3,
                  reclaim_every_s: float = 1.0):
         super().__init__(consumer, reclaim_every_s)
+        if isinstance(publish_batch, bool) or not isinstance(publish_batch, int) or publish_batch < 1:
+            raise ConfigError(f"publish_batch={publish_batch!r} must be an int >= 1")
+        if isinstance(max_wait_s, bool) or not isinstance(max_wait_s, (int, float)) or not max_wait_s >= 0:
+            raise ConfigError(f"max_wait_s={max_wait_s!r} must be a number of seconds >= 0")
         self.queue, self.publish_batch, self.max_wait_s = queue, publish_batch, max_wait_s
         self._done_since = 0.0
         self._slot_bytes = queue.config.slot_bytes
@@ -41,6 +47,7 @@ class GpuBridge(_Loop):
         self._backlog: list = []        # (pending entry, index) not yet enqueued, oldest first
         self._inflight: dict = {}       # msg_id -> (pending entry, index)
         self._done: list = []           # pending entries with every result in
+        self._held: set = set()         # ids of every entry in here, until published
 
     def busy(self) -> bool:
         return bool(self._backlog or self._inflight or self._done)
@@ -51,6 +58,9 @@ class GpuBridge(_Loop):
         if not self._draining and not self._backlog and len(self._inflight) < self._capacity // 2:
             wait = 0 if self._inflight or self._done else (self.consumer.block_ms if block_ms is None else block_ms)
             for entry in self._claim_or_read(wait):
+                if entry.id in self._held:  # reclaimed from ourselves: it is already in here
+                    continue
+                self._held.add(entry.id)
                 p = _Pending(entry)
                 if p.left == 0:
                     self._mark_done(p)
@@ -61,6 +71,7 @@ class GpuBridge(_Loop):
                            or time.monotonic() - self._done_since >= self.max_wait_s):
             done, self._done = self._done, []
             self.stats.failed += sum(p.results.count(None) for p in done)
+            self._held.difference_update(p.entry.id for p in done)
             self._publish([p.entry for p in done], [encode_frame(p.results) for p in done])
             return sum(len(p.results) for p in done)
         return 0

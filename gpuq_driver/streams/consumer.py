@@ -21,19 +21,20 @@ The protocol, per entry:
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..errors import ConfigError
-from .server import broker_errors, client_url
+from .server import broker_errors, check_client
 from .wire import encode_frame, entry_messages, frames, items
 
 # KEYS[1] source stream, KEYS[2] result stream.  ARGV[1] group, ARGV[2] result stream MAXLEN (~),
 # ARGV[3] the entries' result frames back to back, ARGV[4..] the entry ids.
 # XACK returns 1 for an entry still pending in the group: those are published; the others had
-# been acked (and published) by another consumer and are listed under "dup" so readers skip their
-# frames.  One result entry per call, fields ids / r / dup: every large value is one Lua string
+# been acked (and published) by another consumer: their positions (0-based) are listed under
+# "dup" so readers skip their frames.  One result entry per call, fields ids / r / dup: every large value is one Lua string
 # (Lua 5.1 interns every string, with a hash that samples at most 32 bytes of it, so thousands of
 # similar result strings collide: 0.6 s for 4,096 frames of 512 B, measured on the H200 host).
 # Per-id XACK costs 0.6 µs (Redis 6.2) / 1.2 µs (7.0) an entry; XCLAIM JUSTID or XPENDING as the
@@ -43,7 +44,7 @@ _COMPLETE_LUA = """
 redis.call('XLEN', KEYS[2])
 local dup = {}
 for i = 4, #ARGV do
-  if redis.call('XACK', KEYS[1], ARGV[1], ARGV[i]) == 0 then dup[#dup + 1] = ARGV[i] end
+  if redis.call('XACK', KEYS[1], ARGV[1], ARGV[i]) == 0 then dup[#dup + 1] = i - 4 end
 end
 local n = #ARGV - 3
 if #dup == n then return 0 end
@@ -55,6 +56,16 @@ else
 end
 return n - #dup
 """
+
+
+MAX_COUNT = 1_000_000            # entries per read / reclaim (Redis 7 refuses huge XAUTOCLAIM counts)
+COMPLETE_MAX_BYTES = 64 << 20    # result bytes per completion script (Redis: 512 MiB per value)
+
+
+def _check_int(name: str, value, lo: int, hi: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
+        raise ConfigError(f"{name}={value!r} must be an int >= {lo}" + (f" and <= {hi:,}" if hi is not None else ""))
+    return value
 
 
 class Entry:
@@ -98,10 +109,11 @@ class StreamConsumer:
     """Consumer ``consumer`` of group ``group`` on ``stream``; results go to ``result_stream``.
 
     client:         a ``redis.Redis`` with binary replies (see :func:`connect`).
-    count:          entries per XREADGROUP (default 1000).
+    count:          entries per XREADGROUP (default 1000; at most 1,000,000).
     block_ms:       how long :meth:`read` waits for new entries (ms, default 1000; 0 = no wait).
-                    Waits longer than the client's socket timeout are cut into shorter
-                    XREADGROUP calls, so they return empty rather than raise TimeoutError.
+                    Waits longer than the client's socket timeout are cut into XREADGROUP
+                    calls 250 ms shorter than it, so they return empty rather than raise
+                    TimeoutError (with a socket timeout under 0.3 s, read polls instead).
     claim_idle_ms:  pending entries idle this long are reclaimed (ms, default 30,000).
     result_stream:  default ``stream + ":results"``; ``result_maxlen`` caps it (~, entries).
     start_id:       where a newly created group starts: ``"0"`` = the whole stream, ``"$"`` = new only.
@@ -114,45 +126,56 @@ class StreamConsumer:
     def __init__(self, client, stream: str, group: str, consumer: str, *, count: int = 1000,
                  block_ms: int = 1000, claim_idle_ms: int = 30_000, result_stream: str | None = None,
                  result_maxlen: int = 1_000_000, start_id: str = "0"):
-        for name, value, lo in (("count", count, 1), ("block_ms", block_ms, 0), ("claim_idle_ms", claim_idle_ms, 0),
-                                ("result_maxlen", result_maxlen, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-                raise ConfigError(f"{name}={value!r} must be an int >= {lo}")
-        kw = client.connection_pool.connection_kwargs
-        if kw.get("decode_responses"):
-            raise ConfigError("client has decode_responses=True: the streams carry binary payloads")
+        _check_int("count", count, 1, MAX_COUNT)
+        _check_int("block_ms", block_ms, 0)
+        _check_int("claim_idle_ms", claim_idle_ms, 0)
+        _check_int("result_maxlen", result_maxlen, 1)
+        self.url = check_client(client)
         self.client, self.stream, self.group, self.consumer = client, stream, group, consumer
         self.count, self.block_ms, self.claim_idle_ms = count, block_ms, claim_idle_ms
-        self.result_stream = result_stream or f"{stream}:results"
-        self.result_maxlen = result_maxlen
-        self.url = client_url(client)
-        timeout = kw.get("socket_timeout")
-        # the longest single BLOCK that returns before the socket timeout fires (ms)
-        self._block_slice = None if timeout is None else max(1, int(timeout * 1000 * 0.8) - 100)
+        if result_stream is None:
+            result_stream = stream + (b":results" if isinstance(stream, bytes) else ":results")
+        if result_stream == stream:
+            raise ConfigError(f"result_stream={result_stream!r} is the input stream: results would be read back as input")
+        self.result_stream, self.result_maxlen = result_stream, result_maxlen
+        pool = getattr(client, "connection_pool", None)
+        timeout = pool.connection_kwargs.get("socket_timeout") if pool is not None else None
+        # The longest single BLOCK that surely returns before the socket timeout fires (ms): Redis
+        # times blocked clients out on its 100 ms timer (hz 10), so keep 250 ms of margin; below
+        # that, read polls without BLOCK.
+        self._block_slice = None if timeout is None else int(timeout * 1000) - 250
         self.lost: list[bytes] = []        # every entry id reported lost so far
         self.published = 0                 # entries whose results this consumer published
         self.duplicates = 0                # entries completed here after another consumer had
-        with broker_errors(self.url, f"XGROUP CREATE {stream} {group}"):
-            self._complete = client.register_script(_COMPLETE_LUA)
-            self.ensure_group(start_id)
+        self._complete = client.register_script(_COMPLETE_LUA)  # no round trip: EVALSHA, then EVAL once
+        self.ensure_group(start_id)
+        self._max_script_bytes = COMPLETE_MAX_BYTES
+        try:  # a server with a lower proto-max-bulk-len takes smaller scripts (CONFIG may be disabled)
+            got = client.config_get("proto-max-bulk-len")
+            bulk = int(got.get("proto-max-bulk-len") or got.get(b"proto-max-bulk-len") or 0)
+            if bulk:
+                self._max_script_bytes = min(COMPLETE_MAX_BYTES, bulk // 2)
+        except Exception:  # noqa: BLE001 - only a tuning hint; the default suits a default server
+            pass
 
     def ensure_group(self, start_id: str = "0") -> bool:
         """Create the group (and the stream) if missing; True if created, False if it existed."""
         import redis
 
-        try:
-            self.client.xgroup_create(self.stream, self.group, id=start_id, mkstream=True)
-            return True
-        except redis.ResponseError as exc:
-            if "BUSYGROUP" in str(exc):
-                return False
-            raise
+        with broker_errors(self.url, f"XGROUP CREATE {self.stream} {self.group}"):
+            try:
+                self.client.xgroup_create(self.stream, self.group, id=start_id, mkstream=True)
+                return True
+            except redis.ResponseError as exc:
+                if "BUSYGROUP" in str(exc):
+                    return False
+                raise
 
     def read(self, count: int | None = None, block_ms: int | None = None) -> list[Entry]:
         """New entries for this consumer (XREADGROUP ``>``), at most ``count``; waits up to
         ``block_ms`` ms when there are none and returns [] if none came."""
-        count = self.count if count is None else count
-        block = self.block_ms if block_ms is None else block_ms
+        count = _check_int("count", self.count if count is None else count, 1, MAX_COUNT)
+        block = _check_int("block_ms", self.block_ms if block_ms is None else block_ms, 0)
         deadline = time.monotonic() + block / 1000
         with broker_errors(self.url, f"XREADGROUP {self.stream} {self.group}"):
             while True:
@@ -161,9 +184,12 @@ class StreamConsumer:
                                                block=wait if wait > 0 else None)
                 if reply and reply[0][1]:
                     return [_entry(eid, fields) for eid, fields in reply[0][1]]
-                block = int((deadline - time.monotonic()) * 1000)
-                if block <= 0:
+                left = deadline - time.monotonic()
+                if left <= 0:
                     return []
+                block = int(left * 1000)
+                if wait <= 0:  # socket timeout too short to BLOCK safely: poll
+                    time.sleep(min(left, 0.005))
 
     def reclaim(self, min_idle_ms: int | None = None, count: int | None = None) -> Reclaimed:
         """Take over entries pending longer than ``min_idle_ms`` (default ``claim_idle_ms``) with
@@ -173,8 +199,8 @@ class StreamConsumer:
         one (deleted entries come back as nil; their ids are found with XPENDING + XRANGE, then
         XACKed so they leave the PEL as Redis 7 does).  Lost ids are appended to ``self.lost``.
         """
-        idle = self.claim_idle_ms if min_idle_ms is None else min_idle_ms
-        limit = self.count if count is None else count
+        idle = _check_int("min_idle_ms", self.claim_idle_ms if min_idle_ms is None else min_idle_ms, 0)
+        limit = _check_int("count", self.count if count is None else count, 1, MAX_COUNT)
         out, cursor = Reclaimed(), b"0-0"
         with broker_errors(self.url, f"XAUTOCLAIM {self.stream} {self.group}"):
             while len(out.entries) < limit:
@@ -207,23 +233,44 @@ class StreamConsumer:
             self.client.xack(self.stream, self.group, *gone)
         return gone
 
-    def complete(self, entries: list[Entry], results: list[list]) -> int:
+    def complete(self, entries: list[Entry], results: list) -> int:
         """Publish each entry's results and XACK it, atomically (see the module docstring).
 
         results[i] is the list of results of entries[i]'s messages (bytes-like, or None for a
-        message that failed), or those results already encoded as one frame (bytes, see wire).  Returns how many entries this call published; the others had
-        been acked already (processed twice, published once) and are counted in ``duplicates``.
+        message that failed), or those results already encoded as one frame (bytes, see wire).
+        Returns how many entries this call published; the others had been acked already
+        (processed twice, published once) and are counted in ``duplicates``, as is an entry
+        given twice in one call (its first results are used).  Batches whose results exceed
+        64 MiB (or half the server's proto-max-bulk-len) go to Redis in several scripts, each
+        atomic for its entries.
         """
         if len(entries) != len(results):
             raise ValueError(f"{len(entries)} entries but {len(results)} result lists")
-        if not entries:
+        ids, frames, seen = [], [], set()
+        for e, r in zip(entries, results):
+            if e.id in seen:
+                self.duplicates += 1
+                continue
+            seen.add(e.id)
+            ids.append(e.id)
+            frames.append(r if isinstance(r, (bytes, bytearray)) else encode_frame(r))
+        n, start, size = 0, 0, 0
+        for i, f in enumerate(frames + [None]):
+            if f is None or (size + len(f) > self._max_script_bytes and i > start):
+                n += self._publish(ids[start:i], frames[start:i])
+                start, size = i, 0
+            if f is not None:
+                size += len(f)
+        return n
+
+    def _publish(self, ids: list, frames: list) -> int:
+        if not ids:
             return 0
-        frames = b"".join(r if isinstance(r, (bytes, bytearray)) else encode_frame(r) for r in results)
-        args = [self.group, self.result_maxlen, frames, *(e.id for e in entries)]
-        with broker_errors(self.url, f"complete {len(entries)} entries of {self.stream}"):
+        args = [self.group, self.result_maxlen, b"".join(frames), *ids]
+        with broker_errors(self.url, f"complete {len(ids)} entries of {self.stream}"):
             n = int(self._complete(keys=[self.stream, self.result_stream], args=args))
         self.published += n
-        self.duplicates += len(entries) - n
+        self.duplicates += len(ids) - n
         return n
 
     def pending(self) -> int:
@@ -250,16 +297,22 @@ def read_results(client, result_stream: str, after: bytes | str = "0", count: in
     returned id as ``after`` to continue.  ``block_ms`` waits for new results (keep it below the
     client's socket timeout).  Each result entry is one ``complete`` call: fields ``ids`` (the
     source entry ids, comma-separated), ``r`` (their result frames back to back) and, where some
-    had been published already by another consumer, ``dup`` (those ids, skipped here).
+    had been published already by another consumer, ``dup`` (their 0-based positions, skipped
+    here).  An entry of another shape is skipped with a warning.
     """
-    with broker_errors(client_url(client), f"XREAD {result_stream}"):
+    with broker_errors(check_client(client), f"XREAD {result_stream}"):
         reply = client.xread({result_stream: after}, count=count, block=block_ms)
     last, out = after, []
     for _, rows in reply or []:
         for rid, fields in rows:
             last = rid
-            dup = set(fields[b"dup"].split(b",")) if b"dup" in fields else ()
-            for src, (lens, data) in zip(fields[b"ids"].split(b","), frames(fields[b"r"])):
-                if src not in dup:
-                    out += [((src, i), None if r is None else bytes(r)) for i, r in enumerate(items(lens, data))]
+            try:
+                dup = {int(k) for k in fields[b"dup"].split(b",")} if b"dup" in fields else ()
+                got = [((src, i), None if r is None else bytes(r))
+                       for k, (src, (lens, data)) in enumerate(zip(fields[b"ids"].split(b","), frames(fields[b"r"])))
+                       if k not in dup for i, r in enumerate(items(lens, data))]
+            except (KeyError, ValueError) as exc:
+                warnings.warn(f"{result_stream} entry {rid!r} is not a result entry ({exc!r}): skipped", stacklevel=2)
+                continue
+            out += got
     return last, out

