@@ -239,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
                 done_before, last_done = stats.messages, now
             # a line about every second (on a terminal, or in a log while messages flow)
             if now - last_print >= 1.0 and (sys.stdout.isatty() or stats.messages != printed_before):
-                rate = (stats.messages - printed_before) / (now - last_print)
+                # over the time messages were flowing: an idle tail does not dilute the rate
+                rate = (stats.messages - printed_before) / max((last_done if last_done > last_print else now) - last_print, 1e-9)
                 last_print, printed_before = now, stats.messages
                 status(f"consumed {stats.messages:,} messages ({stats.entries:,} entries), "
                        f"{stats.reclaimed:,} reclaimed, {rate:,.0f} msg/s")
@@ -284,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     except ModuleNotFoundError as exc:
         if exc.name != "redis":
             raise
-        print("redis_consumer: needs redis-py: pip install 'gpuq_driver[redis]'", file=sys.stderr)
+        print("redis_consumer: needs redis-py: pip install -e '.[redis]' (from a checkout)", file=sys.stderr)
         return 3
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

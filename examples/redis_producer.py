@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     except ModuleNotFoundError as exc:
         if exc.name != "redis":
             raise
-        print("redis_producer: needs redis-py: pip install 'gpuq_driver[redis]'", file=sys.stderr)
+        print("redis_producer: needs redis-py: pip install -e '.[redis]' (from a checkout)", file=sys.stderr)
         return 3
     except KeyboardInterrupt:
         sent = f" after {producer.sent_messages:,} messages" if producer is not None else ""
