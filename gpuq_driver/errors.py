@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 
@@ -86,6 +87,28 @@ class BrokerError(GpuqError):
 
 class BrokerUnavailable(BrokerError):
     """Redis cannot be reached: a bad address, a server that is down, a connection lost mid-call."""
+
+
+def check_int(name: str, value, lo: int, hi: int | None = None) -> int:
+    """``value`` as a plain int (numpy integers accepted, bool refused) within [lo, hi]; ConfigError
+    naming the field and the limit otherwise."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        value = operator.index(value)
+    except TypeError:
+        raise ConfigError(f"{name} must be an int, not {type(value).__name__} ({name}={value!r})") from None
+    if value < lo or (hi is not None and value > hi):
+        limit = f"{lo} <= {name} <= {hi}" if hi is not None else f"{name} >= {lo}"
+        raise ConfigError(f"{name}={value} is out of range: {limit}")
+    return value
+
+
+def check_seconds(name: str, value) -> float:
+    """A duration in seconds >= 0 as a float; ConfigError naming the field otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ConfigError(f"{name}={value!r} must be a number of seconds >= 0")
+    return float(value)
 
 
 def _enum_text(code: Any) -> tuple[str, str]:

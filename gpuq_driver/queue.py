@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import array
 import math
-import operator
 import threading
 import time
 import weakref
@@ -23,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import (ConfigError, GpuqError, PayloadError, PayloadTypeError, ProtocolError, QueueClosed,
+from .errors import (ConfigError, GpuqError, PayloadError, PayloadTypeError, ProtocolError, QueueClosed, check_int,
                      QueueFull)
 from .layout import (DONE, DOORBELL_STOP_SHIFT, ERROR_NAMES, KERNEL_EXITED, KERNEL_RUNNING, NO_MSG, READY,
                      STOP_ABORT, STOP_DRAIN, is_power_of_two)
@@ -31,19 +30,6 @@ from .layout import (DONE, DOORBELL_STOP_SHIFT, ERROR_NAMES, KERNEL_EXITED, KERN
 MAX_CAPACITY = 1 << 22
 MAX_SLOT_BYTES = 1 << 20
 MAX_RING_BYTES = 1 << 32
-
-
-def _check_int(name: str, value, lo: int, hi: int) -> int:
-    """``value`` as a plain int (numpy integers accepted, bool refused) within [lo, hi]."""
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        value = operator.index(value)
-    except TypeError:
-        raise ConfigError(f"{name} must be an int, not {type(value).__name__}") from None
-    if not lo <= value <= hi:
-        raise ConfigError(f"{name}={value} is out of range: {lo} <= {name} <= {hi}")
-    return value
 
 
 @dataclass(frozen=True)
@@ -84,7 +70,7 @@ class QueueConfig:
 
     def __post_init__(self):
         def check(name, lo, hi):
-            object.__setattr__(self, name, _check_int(name, getattr(self, name), lo, hi))
+            object.__setattr__(self, name, check_int(name, getattr(self, name), lo, hi))
 
         check("capacity", 2, MAX_CAPACITY)
         if not is_power_of_two(self.capacity):

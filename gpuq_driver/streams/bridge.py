@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 
-from ..errors import ConfigError, PayloadError, QueueFull
+from ..errors import PayloadError, QueueFull, check_int, check_seconds
 from .wire import encode_frame
 from .worker import _Loop
 
@@ -36,13 +36,10 @@ class GpuBridge(_Loop):
     def __init__(self, consumer, queue, *, publish_batch: int = 256, max_wait_s: float = 1e-3,
                  reclaim_every_s: float = 1.0):
         super().__init__(consumer, reclaim_every_s)
-        if isinstance(publish_batch, bool) or not isinstance(publish_batch, int) or publish_batch < 1:
-            raise ConfigError(f"publish_batch={publish_batch!r} must be an int >= 1")
-        if isinstance(max_wait_s, bool) or not isinstance(max_wait_s, (int, float)) or not max_wait_s >= 0:
-            raise ConfigError(f"max_wait_s={max_wait_s!r} must be a number of seconds >= 0")
-        self.queue, self.publish_batch, self.max_wait_s = queue, publish_batch, max_wait_s
+        self.queue = queue
+        self.publish_batch = check_int("publish_batch", publish_batch, 1)
+        self.max_wait_s = check_seconds("max_wait_s", max_wait_s)
         self._done_since = 0.0
-        self._slot_bytes = queue.config.slot_bytes
         self._capacity = queue.config.capacity
         self._backlog: list = []        # (pending entry, index) not yet enqueued, oldest first
         self._inflight: dict = {}       # msg_id -> (pending entry, index)

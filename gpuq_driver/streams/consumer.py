@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..errors import ConfigError, check_int
 from .server import broker_errors, check_client
 from .wire import encode_frame, entry_messages, frames, items
 
@@ -60,12 +60,6 @@ return n - #dup
 
 MAX_COUNT = 1_000_000            # entries per read / reclaim (Redis 7 refuses huge XAUTOCLAIM counts)
 COMPLETE_MAX_BYTES = 64 << 20    # result bytes per completion script (Redis: 512 MiB per value)
-
-
-def _check_int(name: str, value, lo: int, hi: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
-        raise ConfigError(f"{name}={value!r} must be an int >= {lo}" + (f" and <= {hi:,}" if hi is not None else ""))
-    return value
 
 
 class Entry:
@@ -126,10 +120,10 @@ class StreamConsumer:
     def __init__(self, client, stream: str, group: str, consumer: str, *, count: int = 1000,
                  block_ms: int = 1000, claim_idle_ms: int = 30_000, result_stream: str | None = None,
                  result_maxlen: int = 1_000_000, start_id: str = "0"):
-        _check_int("count", count, 1, MAX_COUNT)
-        _check_int("block_ms", block_ms, 0)
-        _check_int("claim_idle_ms", claim_idle_ms, 0)
-        _check_int("result_maxlen", result_maxlen, 1)
+        check_int("count", count, 1, MAX_COUNT)
+        check_int("block_ms", block_ms, 0)
+        check_int("claim_idle_ms", claim_idle_ms, 0)
+        check_int("result_maxlen", result_maxlen, 1)
         self.url = check_client(client)
         self.client, self.stream, self.group, self.consumer = client, stream, group, consumer
         self.count, self.block_ms, self.claim_idle_ms = count, block_ms, claim_idle_ms
@@ -174,8 +168,8 @@ class StreamConsumer:
     def read(self, count: int | None = None, block_ms: int | None = None) -> list[Entry]:
         """New entries for this consumer (XREADGROUP ``>``), at most ``count``; waits up to
         ``block_ms`` ms when there are none and returns [] if none came."""
-        count = _check_int("count", self.count if count is None else count, 1, MAX_COUNT)
-        block = _check_int("block_ms", self.block_ms if block_ms is None else block_ms, 0)
+        count = check_int("count", self.count if count is None else count, 1, MAX_COUNT)
+        block = check_int("block_ms", self.block_ms if block_ms is None else block_ms, 0)
         deadline = time.monotonic() + block / 1000
         with broker_errors(self.url, f"XREADGROUP {self.stream} {self.group}"):
             while True:
@@ -199,8 +193,8 @@ class StreamConsumer:
         one (deleted entries come back as nil; their ids are found with XPENDING + XRANGE, then
         XACKed so they leave the PEL as Redis 7 does).  Lost ids are appended to ``self.lost``.
         """
-        idle = _check_int("min_idle_ms", self.claim_idle_ms if min_idle_ms is None else min_idle_ms, 0)
-        limit = _check_int("count", self.count if count is None else count, 1, MAX_COUNT)
+        idle = check_int("min_idle_ms", self.claim_idle_ms if min_idle_ms is None else min_idle_ms, 0)
+        limit = check_int("count", self.count if count is None else count, 1, MAX_COUNT)
         out, cursor = Reclaimed(), b"0-0"
         with broker_errors(self.url, f"XAUTOCLAIM {self.stream} {self.group}"):
             while len(out.entries) < limit:

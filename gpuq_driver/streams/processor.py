@@ -18,7 +18,7 @@ import weakref
 
 import numpy as np
 
-from ..errors import ConfigError, GpuqError, PayloadError
+from ..errors import ConfigError, GpuqError, PayloadError, check_int
 from .wire import FAILED, items
 
 _LENS_ALIGN = 256
@@ -41,14 +41,11 @@ class BatchProcessor:
 
     def __init__(self, slot_bytes: int = 512, max_batch: int = 4096, plugin: str = "echo", backend: str = "auto",
                  threads_per_block: int = 256, device: int = 0):
-        if isinstance(slot_bytes, bool) or not isinstance(slot_bytes, int) or not 16 <= slot_bytes <= 1 << 20 \
-                or slot_bytes % 16:
-            raise ConfigError(f"slot_bytes={slot_bytes!r} must be a multiple of 16 in 16 .. 1,048,576")
-        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or not 1 <= max_batch <= 1 << 20:
-            raise ConfigError(f"max_batch={max_batch!r} must be an int in 1 .. 1,048,576")
-        if isinstance(threads_per_block, bool) or not isinstance(threads_per_block, int) or threads_per_block % 32 \
-                or not 32 <= threads_per_block <= 1024:
-            raise ConfigError(f"threads_per_block={threads_per_block!r} must be a multiple of 32 in 32 .. 1024")
+        if check_int("slot_bytes", slot_bytes, 16, 1 << 20) % 16:
+            raise ConfigError(f"slot_bytes={slot_bytes} must be a multiple of 16")
+        check_int("max_batch", max_batch, 1, 1 << 20)
+        if check_int("threads_per_block", threads_per_block, 32, 1024) % 32:
+            raise ConfigError(f"threads_per_block={threads_per_block} must be a multiple of 32")
         if backend not in ("auto", "cuda", "numpy"):
             raise ConfigError(f"backend={backend!r} must be 'auto', 'cuda' or 'numpy'")
         if backend == "auto":

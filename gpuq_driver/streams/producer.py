@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from ..errors import BrokerError, ConfigError, PayloadError, PayloadTypeError
+from ..errors import BrokerError, ConfigError, PayloadError, PayloadTypeError, check_int
 from .server import broker_errors, check_client
 from .wire import FRAME, PAYLOAD, encode_frame
 
@@ -48,9 +48,8 @@ class StreamProducer:
 
     def __init__(self, client, stream: str, *, maxlen: int = 1_000_000, frame: int = 1, pipeline: int = 1000,
                  rate_limit: float | None = None):
-        for name, value, lo in (("maxlen", maxlen, 1), ("frame", frame, 1), ("pipeline", pipeline, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-                raise ConfigError(f"{name}={value!r} must be an int >= {lo}")
+        for name, value in (("maxlen", maxlen), ("frame", frame), ("pipeline", pipeline)):
+            check_int(name, value, 1)
         if rate_limit is not None and not rate_limit > 0:
             raise ConfigError(f"rate_limit={rate_limit!r} must be > 0 messages/s, or None")
         self.client, self.stream, self.maxlen = client, stream, maxlen

@@ -15,7 +15,6 @@ import importlib.util
 import os
 import re
 import signal
-import shutil
 import socket
 import subprocess
 import sys

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..errors import check_seconds
 from .wire import FAILED, join_frame
 
 
@@ -31,9 +31,7 @@ class _Loop:
     """step() until a message count, a stop event, or an idle time; reclaim on a timer."""
 
     def __init__(self, consumer, reclaim_every_s: float):
-        if isinstance(reclaim_every_s, bool) or not isinstance(reclaim_every_s, (int, float)) or not reclaim_every_s >= 0:
-            raise ConfigError(f"reclaim_every_s={reclaim_every_s!r} must be a number of seconds >= 0")
-        self.consumer, self.reclaim_every_s = consumer, reclaim_every_s
+        self.consumer, self.reclaim_every_s = consumer, check_seconds("reclaim_every_s", reclaim_every_s)
         self.stats = WorkerStats()
         self._next_reclaim = 0.0
         self._draining = False
