@@ -598,3 +598,275 @@ def test_gpu_bridge_round_trip(redis_client, make_queue, backend, frame):
     assert_exactly_once(all_results(redis_client, "s:results"), expected)
     s = q.stats()
     assert s.enqueued == s.processed == s.taken == n - 1 and s.occupied == 0
+
+
+# --- 7. regressions from the fresh-user trial -------------------------------------------------
+
+def test_entry_given_twice_to_complete_is_published_once_and_readable(redis_client):
+    """complete([e, e]) used to list the entry under "dup" of its own result entry, which hid
+    its one published result from read_results."""
+    eid = StreamProducer(redis_client, "s").send(b"hello")
+    consumer = StreamConsumer(redis_client, "s", "g", "c", block_ms=0)
+    (entry,) = consumer.read()
+    assert consumer.complete([entry, entry], [[b"hello"], [b"again"]]) == 1
+    assert consumer.published == 1 and consumer.duplicates == 1
+    assert all_results(redis_client, "s:results") == [((eid, 0), b"hello")]  # the first results
+    assert consumer.pending() == 0
+
+
+def test_gpu_bridge_reclaiming_its_own_entries_publishes_each_once(redis_client):
+    """claim_idle_ms=0 with a reclaim every step: XAUTOCLAIM hands the bridge the entries it
+    still has in flight; they must not be enqueued (and completed) a second time."""
+    from gpuq_driver import GpuQueue, QueueConfig
+
+    n = 2000
+    payloads = [b"%08d" % i for i in range(n)]
+    ids = StreamProducer(redis_client, "s").send_many(payloads)
+    consumer = StreamConsumer(redis_client, "s", "g", "bridge", claim_idle_ms=0, block_ms=50, count=50)
+    with GpuQueue(QueueConfig(backend="sim", capacity=1024)) as q:
+        bridge = GpuBridge(consumer, q, publish_batch=256, max_wait_s=0.01, reclaim_every_s=0.0)
+        stats = bridge.run(max_messages=n, idle_exit_s=3)
+    assert stats.reclaimed > 0, "the bridge never reclaimed its own entries: the case is not exercised"
+    assert (stats.messages, stats.entries, stats.duplicates, stats.failed) == (n, n, 0, 0)
+    assert consumer.pending() == 0 and redis_client.xpending("s", "g")["pending"] == 0
+    assert_exactly_once(all_results(redis_client, "s:results"), expected_results(ids, payloads, 1))
+
+
+@pytest.mark.parametrize("frame", [1, 2])
+def test_producer_rejects_none_and_non_buffers_sending_nothing(redis_client, frame):
+    from gpuq_driver.errors import PayloadTypeError
+
+    producer = StreamProducer(redis_client, "s", frame=frame)
+    for bad in (None, 12345, [1, 2], np.arange(8, dtype=np.uint32)[::2]):  # the last: not C-contiguous
+        with pytest.raises(PayloadTypeError, match="payload 1 "):
+            producer.send_many([b"good", bad, b"x", b"y"])
+        with pytest.raises(PayloadTypeError, match="payload 0 "):
+            producer.send(bad)
+    assert redis_client.exists("s") == 0, "nothing of a refused call may be sent"
+    assert producer.sent_messages == producer.sent_entries == 0
+
+
+@pytest.mark.parametrize("frame", [1, 3])
+def test_producer_sends_non_byte_buffers_as_their_bytes(redis_client, frame):
+    """redis-py (and len()) count a buffer's items, not its bytes: a uint32 array must be sent
+    as its 4 bytes per item."""
+    from array import array
+
+    payloads = [np.arange(10, dtype=np.uint32), array("I", [1, 2, 3]), b"ab",
+                memoryview(np.arange(3, dtype=np.uint16)), np.zeros((2, 3), dtype=np.float64), bytearray(b"xyz")]
+    wanted = [bytes(memoryview(p).cast("B")) for p in payloads]
+    assert [len(w) for w in wanted] == [40, 12, 2, 6, 48, 3]
+    producer = StreamProducer(redis_client, "s", frame=frame)
+    ids = producer.send_many(payloads)
+    one = producer.send(np.array([7, 8], dtype="<u4"))
+    consumer = StreamConsumer(redis_client, "s", "g", "c", block_ms=0)
+    got = consumer.read()
+    assert [e.id for e in got] == ids + [one]
+    assert [e.lens.tolist() for e in got[:-1]] == [[len(w) for w in wanted[i:i + frame]]
+                                                   for i in range(0, len(wanted), frame)]
+    assert [bytes(p) for e in got[:-1] for p in e.payloads] == wanted
+    assert [bytes(p) for p in got[-1].payloads] == [np.array([7, 8], dtype="<u4").tobytes()]
+
+
+def test_foreign_message_frame_with_failed_length_is_a_failed_entry(redis_client):
+    """A message frame carrying the FAILED length (only result frames may) written by another
+    producer: the worker fails that entry and publishes the others, it does not crash."""
+    good1 = redis_client.xadd("s", {b"d": b"before"})
+    bad = redis_client.xadd("s", {b"f": encode_frame([b"ab", None, b"c"])})
+    good2 = redis_client.xadd("s", {b"f": encode_frame([b"p", b"qr"])})
+    consumer = StreamConsumer(redis_client, "s", "g", "w", block_ms=0)
+    with BatchProcessor(slot_bytes=64, backend="numpy") as proc:
+        stats = StreamWorker(consumer, proc).run(max_messages=3, idle_exit_s=1)
+    assert stats.entries == 3 and stats.failed == 1 and stats.duplicates == 0
+    assert consumer.pending() == 0, "the bad entry must not stay pending"
+    assert sorted(all_results(redis_client, "s:results")) == sorted(
+        [((good1, 0), b"before"), ((good2, 0), b"p"), ((good2, 1), b"qr")])
+    (_, fields), = redis_client.xrange("s:results")
+    assert bad in fields[b"ids"].split(b",")  # completed (acked) with no results
+
+
+def test_completion_split_under_a_low_proto_max_bulk_len(redis_server, redis_client):
+    """40 results of 60 kB (2.4 MB) on a server taking values of at most 1 MiB: complete() sends
+    several scripts of at most half of it, instead of one that Redis refuses."""
+    server = RedisServer(redis_server.executable)
+    try:
+        client = connect(server.url)
+        client.config_set("proto-max-bulk-len", 1 << 20)
+        payloads = [bytes([i]) * 60_000 for i in range(40)]
+        ids = StreamProducer(client, "s").send_many(payloads)
+        consumer = StreamConsumer(client, "s", "g", "w", block_ms=50)
+        with BatchProcessor(slot_bytes=65536, max_batch=64, backend="numpy") as proc:
+            stats = StreamWorker(consumer, proc).run(max_messages=40, idle_exit_s=2)
+        assert (stats.entries, stats.failed, stats.duplicates) == (40, 0, 0)
+        assert consumer.pending() == 0 and consumer.published == 40
+        rows = client.xrange("s:results")
+        assert len(rows) >= 2 and all(len(f[b"r"]) <= 1 << 19 for _, f in rows), [len(f[b"r"]) for _, f in rows]
+        assert_exactly_once(all_results(client, "s:results"), expected_results(ids, payloads, 1))
+        client.close()
+    finally:
+        server.close()
+
+
+def test_xadds_refused_mid_pipeline_report_the_stored_ids(redis_server):
+    """maxmemory with noeviction: Redis stores the first XADDs of a round trip and refuses the
+    rest (OOM).  BrokerError (not BrokerUnavailable) with sent_ids = exactly what it stored."""
+    server = RedisServer(redis_server.executable)
+    try:
+        client = connect(server.url)
+        client.config_set("maxmemory-policy", "noeviction")
+        client.config_set("maxmemory", client.info("memory")["used_memory"] + 300_000)
+        producer = StreamProducer(client, "s", pipeline=100)
+        with pytest.raises(BrokerError) as ei:
+            producer.send_many([b"%06d" % i + b"x" * 1000 for i in range(1000)])
+        assert not isinstance(ei.value, BrokerUnavailable)
+        assert "maxmemory" in str(ei.value) and ei.value.url == server.url
+        client.config_set("maxmemory", 0)
+        stored = [eid for eid, _ in client.xrange("s")]
+        assert 0 < len(stored) < 1000
+        assert ei.value.sent_ids == stored
+        client.close()
+    finally:
+        server.close()
+
+
+def test_connect_to_a_server_that_is_not_redis_is_broker_error(redis_py):
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    port = listener.getsockname()[1]
+
+    def serve():  # an HTTP server: one answer per connection, then close
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                conn.settimeout(2)
+                conn.recv(65536)
+                conn.sendall(b"HTTP/1.0 200 OK\r\n\r\n")
+            except OSError:
+                pass
+            conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        with pytest.raises(BrokerError) as ei:
+            connect(f"redis://127.0.0.1:{port}/0", socket_timeout_s=2)
+        assert not isinstance(ei.value, BrokerUnavailable) and f"127.0.0.1:{port}" in str(ei.value)
+    finally:
+        listener.close()
+
+
+def test_connect_argument_errors_are_config_errors(redis_server):
+    for url in ("redis://:s3cret-pw@127.0.0.1:99999/0", "redis://bob:s3cret-pw@127.0.0.1:99999/0"):
+        with pytest.raises(ConfigError) as ei:
+            connect(url)
+        assert "s3cret-pw" not in str(ei.value) and "99999" in str(ei.value)
+    for timeout in (0, 0.0, -1):
+        with pytest.raises(ConfigError, match="socket_timeout_s="):
+            connect(redis_server.url, socket_timeout_s=timeout)
+
+
+def test_read_and_reclaim_arguments_are_checked(redis_client):
+    StreamProducer(redis_client, "s").send_many([b"a", b"b"])
+    consumer = StreamConsumer(redis_client, "s", "g", "c", block_ms=0)
+    for call, field in ((lambda: consumer.read(count=0), "count"), (lambda: consumer.read(block_ms=-1), "block_ms"),
+                        (lambda: consumer.reclaim(min_idle_ms=-1), "min_idle_ms"),
+                        (lambda: consumer.reclaim(count=0), "count")):
+        with pytest.raises(ConfigError, match=f"{field}="):
+            call()
+    assert redis_client.xpending("s", "g")["pending"] == 0  # nothing was read
+    with pytest.raises(ConfigError, match="count="):
+        StreamConsumer(redis_client, "s", "g", "c", count=2 ** 62)
+    with pytest.raises(ConfigError, match="result_stream="):
+        StreamConsumer(redis_client, "s", "g", "c", result_stream="s")
+
+
+def test_bridge_and_worker_arguments_are_checked(redis_client):
+    from gpuq_driver import GpuQueue, QueueConfig
+
+    consumer = StreamConsumer(redis_client, "s", "g", "c")
+    with GpuQueue(QueueConfig(backend="sim", capacity=64)) as q:
+        for kwargs, field in (({"publish_batch": 0}, "publish_batch"), ({"publish_batch": "x"}, "publish_batch"),
+                              ({"reclaim_every_s": -1}, "reclaim_every_s")):
+            with pytest.raises(ConfigError, match=f"{field}="):
+                GpuBridge(consumer, q, **kwargs)
+    with BatchProcessor(slot_bytes=64, backend="numpy") as proc:
+        for value in (-1, -0.5, "1"):
+            with pytest.raises(ConfigError, match="reclaim_every_s="):
+                StreamWorker(consumer, proc, reclaim_every_s=value)
+    with pytest.raises(ConfigError, match="threads_per_block="):
+        BatchProcessor(threads_per_block="64", backend="numpy")
+
+
+def test_read_with_a_short_socket_timeout_polls(redis_server):
+    """A socket timeout too short for a BLOCK to return safely in time (Redis times blocked
+    clients out on its 100 ms timer, so BLOCK 1 can take 100 ms): read() polls instead, waits
+    the whole block_ms and returns [] without raising."""
+    for timeout_s, block_ms in ((0.05, 600), (0.2, 1000)):
+        client = connect(redis_server.url, socket_timeout_s=timeout_s)
+        try:
+            consumer = StreamConsumer(client, f"poll-{block_ms}", "g", "c")
+            t0 = time.monotonic()
+            assert consumer.read(block_ms=block_ms) == []
+            took = time.monotonic() - t0
+            assert block_ms / 1000 - 0.05 <= took < block_ms / 1000 + 1.0, (timeout_s, took)
+        finally:
+            client.close()
+
+
+def test_find_redis_server_honours_env_strictly(monkeypatch, tmp_path):
+    from gpuq_driver.streams import find_redis_server
+
+    missing = str(tmp_path / "no-such-redis-server")
+    monkeypatch.setenv("GPUQ_REDIS_SERVER", missing)
+    with pytest.raises(BrokerError, match=re.escape(missing)):
+        find_redis_server()
+    monkeypatch.setenv("GPUQ_REDIS_SERVER", str(tmp_path))  # a folder is not an executable
+    with pytest.raises(BrokerError, match=re.escape(str(tmp_path))):
+        find_redis_server()
+
+
+def test_find_redis_server_takes_the_newest(monkeypatch, tmp_path, redis_server):
+    from gpuq_driver.streams import find_redis_server
+    from gpuq_driver.streams.server import redis_server_binaries, redis_server_version
+
+    monkeypatch.delenv("GPUQ_REDIS_SERVER", raising=False)
+    found = {exe: redis_server_version(exe) for exe in redis_server_binaries()}
+    found = {exe: v for exe, v in found.items() if v}
+    assert found, "the redis_server fixture found a binary, find_redis_server's helpers did not"
+    assert redis_server_version(find_redis_server()) == max(found.values())
+    if len(set(found.values())) < 2:
+        return
+    # the oldest first on PATH, the newest last: still the newest
+    oldest, newest = min(found, key=found.get), max(found, key=found.get)
+    for name, exe in (("old", oldest), ("new", newest)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "redis-server").symlink_to(exe)
+    monkeypatch.setenv("PATH", os.pathsep.join([str(tmp_path / "old"), str(tmp_path / "new"), os.environ["PATH"]]))
+    assert os.path.realpath(find_redis_server()) == os.path.realpath(newest)
+
+
+def test_read_results_skips_foreign_entries_with_a_warning(redis_client):
+    eid = StreamProducer(redis_client, "s").send(b"real")
+    consumer = StreamConsumer(redis_client, "s", "g", "c", block_ms=0)
+    redis_client.xadd("s:results", {b"x": b"y"})
+    consumer.complete(consumer.read(), [[b"result"]])
+    foreign_last = redis_client.xadd("s:results", {b"ids": b"1-0", b"r": b"\x05\x00"})  # a broken frame
+    with pytest.warns(UserWarning, match="not a result entry") as record:
+        last, got = read_results(redis_client, "s:results")
+    assert len(record) == 2
+    assert got == [((eid, 0), b"result")] and last == foreign_last
+
+
+def test_redis_server_closed_once_its_process_is_killed(redis_server):
+    server = RedisServer(redis_server.executable)
+    try:
+        assert not server.closed
+        os.kill(server._proc.pid, signal.SIGKILL)
+        server._proc.wait(10)
+        assert server.closed and "closed" in repr(server)
+    finally:
+        server.close()
+    assert server.closed
