@@ -122,7 +122,7 @@ class BatchProcessor:
         data:  the n messages' bytes back to back (bytes-like of ``sum(lens)`` bytes).
         Returns (result sizes, uint32 array of n; FAILED where the message was larger than a
         slot, so it did not run, or its result did not fit; the results back to back, a
-        memoryview valid until the next call).  Raises ValueError for a size mismatch.
+        memoryview of new bytes).  Raises ValueError for a size mismatch.
         """
         if not self._finalizer.alive:
             raise GpuqError("BatchProcessor is closed: its memory has been freed")

@@ -50,7 +50,8 @@ class StreamProducer:
                  rate_limit: float | None = None):
         for name, value in (("maxlen", maxlen), ("frame", frame), ("pipeline", pipeline)):
             check_int(name, value, 1)
-        if rate_limit is not None and not rate_limit > 0:
+        if rate_limit is not None and (isinstance(rate_limit, bool) or not isinstance(rate_limit, (int, float))
+                                       or not rate_limit > 0):
             raise ConfigError(f"rate_limit={rate_limit!r} must be > 0 messages/s, or None")
         self.client, self.stream, self.maxlen = client, stream, maxlen
         self.frame, self.pipeline, self.rate_limit = frame, pipeline, rate_limit
