@@ -105,9 +105,10 @@ def check_int(name: str, value, lo: int, hi: int | None = None) -> int:
 
 
 def check_seconds(name: str, value) -> float:
-    """A duration in seconds >= 0 as a float; ConfigError naming the field otherwise."""
+    """A duration in seconds >= 0 (math.inf allowed) as a float; ConfigError (a ValueError)
+    naming the field otherwise."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ConfigError(f"{name}={value!r} must be a number of seconds >= 0")
+        raise ConfigError(f"{name}={value!r} must be a number of seconds >= 0 (math.inf for no limit)")
     return float(value)
 
 

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import (ConfigError, GpuqError, PayloadError, PayloadTypeError, ProtocolError, QueueClosed, check_int,
-                     QueueFull)
+from .errors import (ConfigError, GpuqError, PayloadError, PayloadTypeError, ProtocolError, QueueClosed, QueueFull,
+                     check_int, check_seconds)
 from .layout import (DONE, DOORBELL_STOP_SHIFT, ERROR_NAMES, KERNEL_EXITED, KERNEL_RUNNING, NO_MSG, READY,
                      STOP_ABORT, STOP_DRAIN, is_power_of_two)
 
@@ -211,7 +211,7 @@ class GpuQueue:
     def _wait_for_slot(self, seq: int, timeout: float | None) -> None:
         if not self._accepting:
             raise QueueClosed("queue is shut down: enqueue is no longer accepted")
-        timeout = self.config.enqueue_timeout_s if timeout is None else _check_timeout(timeout)
+        timeout = self.config.enqueue_timeout_s if timeout is None else check_seconds("timeout", timeout)
         deadline = time.monotonic() + timeout
         pause = 0.0
         while seq >= self._limit:
@@ -302,7 +302,7 @@ class GpuQueue:
         msg_id already taken or never issued, TypeError for a msg_id that is not an int,
         ProtocolError, QueueClosed.
         """
-        timeout = math.inf if timeout is None else _check_timeout(timeout)
+        timeout = math.inf if timeout is None else check_seconds("timeout", timeout)
         try:
             idx = ((msg_id & self._mask) << 1) | 1
         except TypeError:
@@ -365,7 +365,7 @@ class GpuQueue:
         Raises ProtocolError if the device reported a broken slot during the queue's life,
         QueueClosed after ``close()``.
         """
-        timeout = self.config.shutdown_timeout_s if timeout is None else _check_timeout(timeout)
+        timeout = self.config.shutdown_timeout_s if timeout is None else check_seconds("timeout", timeout)
         self._accepting = False   # waiting producers see it and leave, releasing _plock
         with self._clock:         # consumers move _limit under _clock, and only while accepting
             self._limit = -1
@@ -424,12 +424,6 @@ class GpuQueue:
     def __repr__(self) -> str:
         state = "closed" if self.closed else "shut down" if self._stop_mode is not None else "running"
         return f"<GpuQueue {self._kernel.backend} capacity={self._cap} slot_bytes={self._sb} {state}>"
-
-
-def _check_timeout(timeout) -> float:
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
-        raise ValueError(f"timeout={timeout!r} must be a number of seconds >= 0 (math.inf for no limit)")
-    return float(timeout)
 
 
 def _byte_view(payload) -> memoryview:

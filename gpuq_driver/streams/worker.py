@@ -57,9 +57,11 @@ class _Loop:
         self.stats.failed += sum(1 for e in entries if e.error)
 
     def step(self, block_ms: int | None = None) -> int:  # pragma: no cover - overridden
+        """One round of work; returns the messages published in it."""
         raise NotImplementedError
 
     def busy(self) -> bool:
+        """True while taken work is not yet published (the bridge's messages in flight)."""
         return False
 
     def run(self, *, max_messages: int | None = None, stop=None, idle_exit_s: float | None = None,
