@@ -10,7 +10,8 @@
 //   ---------------   -------------------------   ---------------   -----------------------
 //   GpuqCtrlHost      mapped pinned (host RAM)    host              device (front warp)
 //   GpuqCtrlDev       mapped pinned               device            host
-//                     (RUNNING: block 0; EXITED: the last warp out; error: the first to fail)
+//                     (RUNNING, leases_begun: the first front warp of a lease; PARKED/EXITED,
+//                     leases_ended: the last warp out; error: the first to fail)
 //   req_hdr[cap]      mapped pinned               host              device (owning warp)
 //   req_data[cap]     mapped pinned               host              device (owning warp)
 //   res_hdr[cap]      mapped pinned               device            host
@@ -18,6 +19,7 @@
 //   warp_counters[W]  mapped pinned               device (warp w)   host
 //   vram_slots[cap]   VRAM                        device            device (plugin input)
 //   GpuqDevState      VRAM                        device            device
+//   warp_totals[W]    VRAM                        device (warp w)   device (warp w, next lease)
 //
 // Slot life (one ring of `capacity` slots, a power of two; message msg_id lives in slot
 // msg_id & (capacity - 1)):
@@ -32,6 +34,22 @@
 //
 // The host never writes a slot whose previous result it has not taken, so the device never sees
 // a slot reused under it.
+//
+// Leases (docs/design.md, "Sharing the GPU").  One launch serves the queue for at most
+// GpuqParams.lease_ns, then leaves at a message boundary so that other CUDA work in the process
+// (context synchronisation, cuMemFree, module loads, large GEMMs) gets through; the host launches
+// the next lease on the same stream.  A lease ends when the front warp (the one whose claim equals
+// the head) finds its time up before reading the doorbell: it sets GpuqDevState.stop = LEAVE
+// without publishing a new head, so exactly the msg_ids below the head are processed (at most one
+// per warp is still in flight) and the rest wait in their READY slots for the next lease.  The
+// last warp out resets claim = head, so msg_ids stay consecutive across leases.
+//
+// Who relaunches (the host; no lease is lost, none is needed while the queue is idle):
+//   device, first front warp of lease n:  leases_begun = n; fence.sc.sys; then reads the doorbell
+//   host, after publishing a message:     (lock release = full fence) if leases_begun == launches,
+//                                         launch lease launches + 1 on the queue's stream
+// One of the two sees the other's store (store -> full fence -> load on both sides), so every
+// message is published before the first doorbell read of some lease that is running or queued.
 #pragma once
 
 #ifdef __CUDACC_RTC__
@@ -43,7 +61,7 @@ using cuda::std::uint8_t;
 #include <cstdint>
 #endif
 
-#define GPUQ_LAYOUT_VERSION 1u
+#define GPUQ_LAYOUT_VERSION 2u
 
 // Slot states (GpuqSlotHeader.flags, low byte).
 #define GPUQ_EMPTY 0u
@@ -55,13 +73,15 @@ using cuda::std::uint8_t;
 #define GPUQ_RUN 0u
 #define GPUQ_STOP_DRAIN 1u  // finish every published message, then exit
 #define GPUQ_STOP_ABORT 2u  // exit as soon as each warp is idle
+#define GPUQ_STOP_LEAVE 3u  // device only (GpuqDevState.stop): the lease is over, the head is final
 #define GPUQ_DOORBELL_STOP_SHIFT 56
 #define GPUQ_DOORBELL_HEAD_MASK ((1ull << GPUQ_DOORBELL_STOP_SHIFT) - 1ull)
 
 // GpuqCtrlDev.state values.
 #define GPUQ_KERNEL_NOT_STARTED 0u
 #define GPUQ_KERNEL_RUNNING 1u
-#define GPUQ_KERNEL_EXITED 2u
+#define GPUQ_KERNEL_EXITED 2u  // stopped for good: a lease saw the host's DRAIN or ABORT
+#define GPUQ_KERNEL_PARKED 3u  // a lease ended on time; the host launches the next on demand
 
 // GpuqCtrlDev.error values (first protocol error the device saw; 0 = none).
 #define GPUQ_ERR_NONE 0u
@@ -87,27 +107,33 @@ struct __align__(128) GpuqCtrlHost {
   uint64_t pad[15];
 };
 
-// Device-written control line (128 B): state RUNNING by block 0 / thread 0 at start, EXITED by
-// the last warp to leave; error fields by the first warp to see a broken slot (VRAM CAS first).
+// Device-written control line (128 B): state RUNNING and leases_begun by the first front warp
+// of each lease, PARKED/EXITED and leases_ended by its last warp to leave; error fields by the
+// first warp to see a broken slot (VRAM CAS first).
 struct __align__(128) GpuqCtrlDev {
   uint32_t state;       // GPUQ_KERNEL_*
   uint32_t error;       // GPUQ_ERR_*
   uint64_t error_msg_id;
   uint32_t layout_version;
   uint32_t warps;       // worker warps in the grid
-  uint64_t pad[13];
+  uint64_t leases_begun;  // leases that have read the doorbell (1, 2, ...)
+  uint64_t leases_ended;  // leases whose last warp has left
+  uint64_t pad[11];
 };
 
-// Device-only scalars in VRAM; zeroed by the host before the launch.
+// Device-only scalars in VRAM; zeroed by the host before the first lease, carried from lease to
+// lease by the device (the last warp out resets them for the next).
 struct __align__(128) GpuqDevState {
   uint64_t claim;   // next msg_id a warp may claim (atomicAdd)
   uint64_t pad0[15];
   uint64_t head;    // last head the front warp saw (fetch_max, release)
-  uint32_t stop;    // last stop request the front warp saw
-  uint32_t exited;  // warps that have left the loop
+  uint32_t stop;    // last stop request the front warp saw, or GPUQ_STOP_LEAVE
+  uint32_t exited;  // warps that have left the loop in this lease
   uint32_t error;   // first GPUQ_ERR_* (atomicCAS), mirrored to GpuqCtrlDev.error
-  uint32_t pad2;
-  uint64_t pad1[13];
+  uint32_t begun;   // 1 once this lease's first front warp has announced it
+  uint64_t lease_start;  // %globaltimer (ns) when this lease was announced
+  uint64_t leases;       // leases ended so far
+  uint64_t pad1[11];
 };
 
 // The persistent kernel's single argument (passed by value).
@@ -118,9 +144,11 @@ struct GpuqParams {
   uint8_t* req_data;
   GpuqSlotHeader* res_hdr;
   uint8_t* res_data;
-  uint64_t* warp_counters;  // processed messages per warp
+  uint64_t* warp_counters;  // processed messages per warp (host-visible)
   uint8_t* vram_slots;      // capacity * (16 + slot_bytes) bytes
   GpuqDevState* dev;
+  uint64_t* warp_totals;    // VRAM copy of warp_counters, carried from lease to lease
+  uint64_t lease_ns;        // a lease leaves after this long (~0ull: never)
   uint32_t capacity;        // power of two
   uint32_t slot_bytes;      // multiple of 16
   uint32_t front_backoff_ns;
@@ -131,4 +159,4 @@ static_assert(sizeof(GpuqSlotHeader) == 16, "GpuqSlotHeader must be 16 bytes");
 static_assert(sizeof(GpuqCtrlHost) == 128, "GpuqCtrlHost must be 128 bytes");
 static_assert(sizeof(GpuqCtrlDev) == 128, "GpuqCtrlDev must be 128 bytes");
 static_assert(sizeof(GpuqDevState) == 256, "GpuqDevState must be 256 bytes");
-static_assert(sizeof(GpuqParams) == 88, "GpuqParams must be 88 bytes");
+static_assert(sizeof(GpuqParams) == 104, "GpuqParams must be 104 bytes");

@@ -1,11 +1,14 @@
 // gpuq_queue.cu -- the persistent cooperative kernel that serves the queue, and its layout probe.
 //
-// One launch serves the queue for its whole life.  Every warp of the grid is a worker:
+// One launch (a *lease*) serves the queue for up to GpuqParams.lease_ns, then leaves at a message
+// boundary; the host launches the next lease on demand (gpuq_layout.cuh, "Leases").  Every warp
+// of the grid is a worker:
 //   1. lane 0 claims the next msg_id with atomicAdd on GpuqDevState.claim (VRAM);
 //   2. it waits until the doorbell has passed that msg_id.  Only the "front" warp, the one whose
 //      claim equals the last doorbell value seen, reads the host's doorbell over PCIe, so at most
 //      one or two PCIe polls are outstanding however large the grid; the others wait on the VRAM
-//      copy (GpuqDevState.head) with __nanosleep backoff;
+//      copy (GpuqDevState.head) with __nanosleep backoff.  The front warp is also the one that
+//      ends the lease when its time is up;
 //   3. the warp copies the payload from the host-mapped request slot into its VRAM slot, runs the
 //      plugin's gpuq_process(), and publishes the result (data, fence, header, msg_id last).
 // gpuq_layout.cuh documents the memory placement and the one-writer rule.
@@ -43,6 +46,23 @@ __device__ __forceinline__ void publish_head(GpuqDevState* dev, uint64_t head) {
   cuda::atomic_ref<uint64_t, kGpu>(dev->head).fetch_max(head, cuda::memory_order_release);
 }
 
+__device__ __forceinline__ uint64_t globaltimer_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+// The first front warp of a lease announces it: leases_begun, RUNNING, then a full system fence
+// before its first doorbell read (the device half of the relaunch handshake, gpuq_layout.cuh).
+__device__ void announce_lease(const GpuqParams& p) {
+  GpuqDevState* dev = p.dev;
+  dev->begun = 1u;
+  dev->lease_start = globaltimer_ns();
+  *reinterpret_cast<volatile uint64_t*>(&p.ctrl_dev->leases_begun) = dev->leases + 1u;
+  store_release<kSys>(&p.ctrl_dev->state, GPUQ_KERNEL_RUNNING);
+  cuda::atomic_thread_fence(cuda::memory_order_seq_cst, kSys);
+}
+
 // Lane 0 only: claim a msg_id and wait until it is published.  Returns GPUQ_NO_MSG to exit.
 // When this warp was the front, `publish` is set to the head it read from the doorbell; the
 // caller publishes it to the other warps (process_one does so while its own reads are in flight).
@@ -55,11 +75,21 @@ __device__ uint64_t claim_and_wait(const GpuqParams& p, uint64_t& publish) {
     if (stop == GPUQ_STOP_ABORT) return GPUQ_NO_MSG;
     const uint64_t h = load_acquire<kGpu>(&dev->head);
     if (s < h) return s;
-    if (stop == GPUQ_STOP_DRAIN) return GPUQ_NO_MSG;  // head was final before stop was set
+    if (stop != GPUQ_RUN) return GPUQ_NO_MSG;  // DRAIN or LEAVE: head was final before stop was set
     if (s == h) {
       // Front warp: only it advances dev->head, so it polls the host alone until its message
-      // (or a stop) arrives: one acquire load of the doorbell per PCIe round trip.
+      // (or a stop) arrives: one acquire load of the doorbell per PCIe round trip.  Fronts follow
+      // one another through head's release/acquire, so begun and lease_start are seen in order.
+      const bool first = volatile_load(&dev->begun) == 0u;
+      if (first) announce_lease(p);
+      const uint64_t lease_start = volatile_load(&dev->lease_start);
       for (uint32_t polls = 0;; ++polls) {
+        // The lease is over: leave before this read, publishing nothing new.  Every lease reads
+        // the doorbell at least once (its first front skips this check on its first poll).
+        if (!(first && polls == 0u) && globaltimer_ns() - lease_start >= p.lease_ns) {
+          store_release<kGpu>(&dev->stop, GPUQ_STOP_LEAVE);
+          return GPUQ_NO_MSG;
+        }
         const uint64_t db = load_acquire<kSys>(&p.ctrl_host->doorbell);
         const uint64_t hh = db & GPUQ_DOORBELL_HEAD_MASK;
         const uint32_t hstop = static_cast<uint32_t>(db >> GPUQ_DOORBELL_STOP_SHIFT);
@@ -150,6 +180,25 @@ __device__ void process_one(const GpuqParams& p, uint64_t s, uint32_t lane, uint
   }
 }
 
+// The last warp out of a lease: every other warp has left, so it alone resets the device state for
+// the next lease (claims abandoned at or above the head are handed out again), then reports the
+// end: leases_ended, and state PARKED (on time) or EXITED (the host asked to stop).
+__device__ void end_lease(const GpuqParams& p) {
+  GpuqDevState* dev = p.dev;
+  const uint32_t stop = dev->stop;
+  const uint64_t ended = dev->leases + 1u;
+  dev->claim = dev->head;
+  dev->stop = GPUQ_RUN;
+  dev->exited = 0u;
+  dev->begun = 0u;
+  dev->leases = ended;
+  __threadfence();
+  *reinterpret_cast<volatile uint64_t*>(&p.ctrl_dev->leases_ended) = ended;
+  __threadfence_system();
+  const bool host_stop = stop == GPUQ_STOP_DRAIN || stop == GPUQ_STOP_ABORT;
+  store_release<kSys>(&p.ctrl_dev->state, host_stop ? GPUQ_KERNEL_EXITED : GPUQ_KERNEL_PARKED);
+}
+
 }  // namespace
 
 extern "C" __global__ void gpuq_persistent(const GpuqParams p) {
@@ -159,10 +208,8 @@ extern "C" __global__ void gpuq_persistent(const GpuqParams p) {
   if (blockIdx.x == 0 && threadIdx.x == 0) {
     p.ctrl_dev->layout_version = GPUQ_LAYOUT_VERSION;
     p.ctrl_dev->warps = warps;
-    __threadfence_system();
-    store_release<kSys>(&p.ctrl_dev->state, GPUQ_KERNEL_RUNNING);
   }
-  uint64_t processed = 0;
+  uint64_t processed = p.warp_totals[warp];  // carried over from the previous lease
   for (;;) {
     uint64_t s = 0, publish = 0;
     if (lane == 0) s = claim_and_wait(p, publish);
@@ -174,9 +221,13 @@ extern "C" __global__ void gpuq_persistent(const GpuqParams p) {
     if (lane == 0) *reinterpret_cast<volatile uint64_t*>(p.warp_counters + warp) = processed;
   }
   if (lane == 0) {
+    p.warp_totals[warp] = processed;
     __threadfence_system();
     const uint32_t gone = atomicAdd(&p.dev->exited, 1u) + 1u;
-    if (gone == warps) store_release<kSys>(&p.ctrl_dev->state, GPUQ_KERNEL_EXITED);
+    if (gone == warps) {
+      __threadfence();  // acquire side of the other warps' exits
+      end_lease(p);
+    }
   }
 }
 
@@ -194,8 +245,9 @@ extern "C" __global__ void gpuq_layout_probe(uint64_t* out) {
       sizeof(GpuqCtrlDev), GPUQ_OFFSETOF(GpuqCtrlDev, state),
       GPUQ_OFFSETOF(GpuqCtrlDev, error), GPUQ_OFFSETOF(GpuqCtrlDev, error_msg_id),
       GPUQ_OFFSETOF(GpuqCtrlDev, layout_version), GPUQ_OFFSETOF(GpuqCtrlDev, warps),
-      sizeof(GpuqDevState), sizeof(GpuqParams),
-      GPUQ_OFFSETOF(GpuqParams, capacity), GPUQ_OFFSETOF(GpuqParams, slot_bytes),
+      GPUQ_OFFSETOF(GpuqCtrlDev, leases_begun), GPUQ_OFFSETOF(GpuqCtrlDev, leases_ended),
+      sizeof(GpuqDevState), sizeof(GpuqParams), GPUQ_OFFSETOF(GpuqParams, warp_totals),
+      GPUQ_OFFSETOF(GpuqParams, lease_ns), GPUQ_OFFSETOF(GpuqParams, capacity), GPUQ_OFFSETOF(GpuqParams, slot_bytes),
       GPUQ_OFFSETOF(GpuqParams, front_backoff_ns), GPUQ_OFFSETOF(GpuqParams, idle_backoff_ns),
   };
   for (unsigned i = 0; i < sizeof(v) / sizeof(v[0]); ++i) out[i] = v[i];

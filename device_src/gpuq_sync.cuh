@@ -19,4 +19,10 @@ __device__ __forceinline__ void store_release(T* p, T v) {
   cuda::atomic_ref<T, Scope>(*p).store(v, cuda::memory_order_release);
 }
 
+// A load that is not cached in a register across iterations (VRAM scalars ordered by other means).
+template <class T>
+__device__ __forceinline__ T volatile_load(const T* p) {
+  return *reinterpret_cast<const volatile T*>(p);
+}
+
 }  // namespace gpuq

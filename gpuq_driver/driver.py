@@ -6,7 +6,9 @@ context, retained once per process and made current in every thread that calls t
 kernel), ``MappedHostBuffer`` (``cuMemHostAlloc`` with DEVICEMAP, so host and device see the same
 bytes), ``DeviceBuffer`` (``cuMemAlloc``) and ``Module`` (a loaded CUBIN).  Each has an idempotent
 ``close()`` and a ``weakref.finalize`` that frees it if the owner forgets; each keeps its
-context alive.  Every call goes through :func:`gpuq_driver.errors.check`.
+context alive.  None is freed at interpreter exit: a daemon thread may still be using it then
+(a queue's mapped memory, say), and process teardown frees everything anyway.  Every call goes
+through :func:`gpuq_driver.errors.check`.
 """
 
 from __future__ import annotations
@@ -115,6 +117,7 @@ class Context:
         self.device = check(d.cuDeviceGet(ordinal), "cuDeviceGet")
         self.handle = check(d.cuDevicePrimaryCtxRetain(self.device), "cuDevicePrimaryCtxRetain")
         self._finalizer = weakref.finalize(self, _release_primary, self.device)
+        self._finalizer.atexit = False  # process teardown releases it, after every thread has stopped
 
     def make_current(self) -> None:
         """Make this context current in the calling thread (the CUDA context is per thread)."""
@@ -154,6 +157,13 @@ class _Resource:
         return not self._finalizer.alive
 
 
+def _finalizer(owner, ctx: Context, fn_name: str, handle) -> weakref.finalize:
+    """A finalizer that frees ``handle`` with ``fn_name`` at close or collection, never at exit."""
+    fin = weakref.finalize(owner, _free, ctx, fn_name, handle)
+    fin.atexit = False
+    return fin
+
+
 def _free(ctx: Context, fn_name: str, handle) -> None:
     try:
         ctx.make_current()
@@ -170,7 +180,7 @@ class Stream(_Resource):
         ctx.make_current()
         self.ctx = ctx
         self.handle = check(d.cuStreamCreate(int(d.CUstream_flags.CU_STREAM_NON_BLOCKING)), "cuStreamCreate")
-        self._finalizer = weakref.finalize(self, _free, ctx, "cuStreamDestroy", self.handle)
+        self._finalizer = _finalizer(self, ctx, "cuStreamDestroy", self.handle)
 
     def done(self) -> bool:
         """True when all work on the stream has finished (``cuStreamQuery``); raises CudaError on a fault."""
@@ -201,7 +211,7 @@ class MappedHostBuffer(_Resource):
         self.ctx, self.nbytes = ctx, int(nbytes)
         flags = d.CU_MEMHOSTALLOC_DEVICEMAP | d.CU_MEMHOSTALLOC_PORTABLE
         self.host_ptr = int(check(d.cuMemHostAlloc(self.nbytes, flags), "cuMemHostAlloc"))
-        self._finalizer = weakref.finalize(self, _free, ctx, "cuMemFreeHost", self.host_ptr)
+        self._finalizer = _finalizer(self, ctx, "cuMemFreeHost", self.host_ptr)
         self.device_ptr = int(check(d.cuMemHostGetDevicePointer(self.host_ptr, 0), "cuMemHostGetDevicePointer"))
         self.view = memoryview((ctypes.c_ubyte * self.nbytes).from_address(self.host_ptr)).cast("B")
         ctypes.memset(self.host_ptr, 0, self.nbytes)
@@ -215,7 +225,7 @@ class DeviceBuffer(_Resource):
         ctx.make_current()
         self.ctx, self.nbytes = ctx, int(nbytes)
         self.ptr = int(check(d.cuMemAlloc(self.nbytes), "cuMemAlloc"))
-        self._finalizer = weakref.finalize(self, _free, ctx, "cuMemFree", self.ptr)
+        self._finalizer = _finalizer(self, ctx, "cuMemFree", self.ptr)
 
 
 class Module(_Resource):
@@ -229,7 +239,7 @@ class Module(_Resource):
         ctx.make_current()
         self.ctx = ctx
         self.handle = check(_driver().cuModuleLoadData(cubin), "cuModuleLoadData")
-        self._finalizer = weakref.finalize(self, _free, ctx, "cuModuleUnload", self.handle)
+        self._finalizer = _finalizer(self, ctx, "cuModuleUnload", self.handle)
         self._functions: dict[str, object] = {}
 
     def function(self, name: str):
@@ -251,24 +261,39 @@ def max_active_blocks(function, threads_per_block: int, shared_bytes: int = 0) -
     )
 
 
-def launch(function, grid: int, block: int, args: list[ctypes._SimpleCData | ctypes.Structure],
+class LaunchArgs:
+    """Kernel arguments (ctypes values, in order) packed once for launches repeated many times.
+
+    The driver copies the values at each launch, so a value changed in place applies to the
+    launches that follow.
+    """
+
+    def __init__(self, args: list[ctypes._SimpleCData | ctypes.Structure]):
+        self.values = list(args)
+        self._ptrs = (ctypes.c_void_p * max(1, len(self.values)))(*[ctypes.addressof(a) for a in self.values])
+        self.address = ctypes.addressof(self._ptrs)
+
+
+def launch(function, grid: int, block: int, args: list[ctypes._SimpleCData | ctypes.Structure] | LaunchArgs,
            stream: Stream, cooperative: bool = False, shared_bytes: int = 0) -> None:
-    """Launch ``function`` on ``stream`` with a 1-D grid; ``args`` are ctypes values, in order.
+    """Launch ``function`` on ``stream`` with a 1-D grid; ``args`` are ctypes values, in order
+    (or a :class:`LaunchArgs`).
 
     ``cooperative=True`` uses ``cuLaunchCooperativeKernel``: every block is resident at once, which
     the caller must have checked against :func:`max_active_blocks` × SM count.  The argument
-    values are copied by the driver during the call.
+    values are copied by the driver during the call.  Makes the stream's context current in the
+    calling thread.  Raises CudaError.
     """
     d = _driver()
     stream.ctx.make_current()
-    ptrs = (ctypes.c_void_p * max(1, len(args)))(*[ctypes.addressof(a) for a in args])
+    packed = args if isinstance(args, LaunchArgs) else LaunchArgs(args)
     if cooperative:
         result = d.cuLaunchCooperativeKernel(function, grid, 1, 1, block, 1, 1, shared_bytes, stream.handle,
-                                             ctypes.addressof(ptrs))
+                                             packed.address)
         check(result, "cuLaunchCooperativeKernel")
     else:
         result = d.cuLaunchKernel(function, grid, 1, 1, block, 1, 1, shared_bytes, stream.handle,
-                                  ctypes.addressof(ptrs), 0)
+                                  packed.address, 0)
         check(result, "cuLaunchKernel")
 
 
@@ -288,7 +313,7 @@ def memset_async(ptr: int, value: int, nbytes: int, stream: Stream) -> None:
 
 
 __all__ = [
-    "Context", "CudaError", "DeviceBuffer", "DeviceInfo", "MappedHostBuffer", "Module", "Stream",
+    "Context", "CudaError", "DeviceBuffer", "DeviceInfo", "LaunchArgs", "MappedHostBuffer", "Module", "Stream",
     "copy_dtoh_async", "copy_htod_async", "device_count", "device_info", "init", "launch",
     "max_active_blocks", "memset_async", "primary_context",
 ]

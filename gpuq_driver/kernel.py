@@ -1,11 +1,15 @@
-"""The persistent kernel's host side: build, check the layout, allocate, launch, stop, free.
+"""The persistent kernel's host side: build, check the layout, allocate, launch leases, stop, free.
 
 A ``PersistentKernel`` owns every driver resource of one queue: the mapped pinned block that holds
 the control lines, the request and result rings (layout.HostLayout), the VRAM slot ring, the
 device state, the stream and the module.  Everything is allocated and every function handle is
-taken *before* the cooperative launch; nothing is freed until the kernel has exited.
+taken *before* the first cooperative launch; nothing is freed while a lease may still run, and
+nothing at all at interpreter exit (``abandon``): another thread may still be reading it.
 
-The simulator (sim.py) has the same interface, so GpuQueue runs unchanged on either.
+The backend interface, which sim.SimulatedKernel implements too (so GpuQueue runs unchanged on
+either): ``layout``, ``mem`` (the shared memory), ``doorbell``, ``ctrl`` (GpuqCtrlDev), ``blocks``,
+``threads``, ``warps``, ``backend``; ``start()``, ``launch()`` (one lease, see lease.py), ``idle()``,
+``exited()``, ``error``, ``close()``, ``abandon()``.
 """
 
 from __future__ import annotations
@@ -18,8 +22,8 @@ import weakref
 from . import driver
 from .compiler import CompileOptions, compile_cubin, plugins
 from .errors import ConfigError, GpuqError
-from .layout import (KERNEL_EXITED, KERNEL_RUNNING, STOP_ABORT, CtrlDev, DevState, HostLayout, Params,
-                     expected_probe, request_stop)
+from .layout import (KERNEL_EXITED, STOP_ABORT, CtrlDev, DevState, HostLayout, Params, expected_probe,
+                     request_stop)
 
 
 _live: dict[int, "weakref.ref[PersistentKernel]"] = {}
@@ -27,7 +31,7 @@ _live: dict[int, "weakref.ref[PersistentKernel]"] = {}
 
 
 class PersistentKernel:
-    """One launch of ``gpuq_persistent`` serving a ring of ``capacity`` × ``slot_bytes`` slots.
+    """``gpuq_persistent``, launched lease after lease, serving a ring of ``capacity`` × ``slot_bytes`` slots.
 
     ``mem`` is a writable memoryview over the mapped block (``layout.nbytes`` bytes) that the host
     side of the protocol reads and writes directly.  Raises CudaUnavailable (no driver/device),
@@ -94,13 +98,16 @@ class PersistentKernel:
             ctrl_host=base + off["ctrl_host"], ctrl_dev=base + off["ctrl_dev"], req_hdr=base + off["req_hdr"],
             req_data=base + off["req_data"], res_hdr=base + off["res_hdr"], res_data=base + off["res_data"],
             warp_counters=base + off["warp_counters"], vram_slots=self.vram.ptr, dev=self.dev_state.ptr,
+            warp_totals=self.vram.ptr + self.layout.vram_totals_offset, lease_ns=config.lease_ns,
             capacity=config.capacity, slot_bytes=config.slot_bytes,
             front_backoff_ns=config.front_backoff_ns, idle_backoff_ns=config.idle_backoff_ns)
-        self._ctrl_dev = CtrlDev.from_buffer(self.mem, off["ctrl_dev"])
+        self._args = driver.LaunchArgs([self.params])
+        self.ctrl = CtrlDev.from_buffer(self.mem, off["ctrl_dev"])
         self.doorbell = self.layout.view(self.mem, "ctrl_host", "Q")[:1]
         self._launched = False
         self._finalizer = weakref.finalize(self, _release, self.doorbell, self.stream,
                                            [self.stream, self.host, self.vram, self.dev_state, self.module])
+        self._finalizer.atexit = False  # at exit: abandon(), never free (another thread may still read)
 
     def _check_layout(self, probe_fn) -> None:
         expected = expected_probe()
@@ -115,30 +122,39 @@ class PersistentKernel:
             raise GpuqError(f"device_src/gpuq_layout.cuh and gpuq_driver/layout.py disagree: device {got}, "
                             f"host {expected}")
 
-    def start(self, timeout_s: float = 10.0) -> None:
-        """Zero the device state, launch cooperatively, wait until block 0 reports RUNNING."""
+    def start(self) -> None:
+        """Zero the device state (VRAM scalars and per-warp totals) before the first lease."""
         driver.memset_async(self.dev_state.ptr, 0, ctypes.sizeof(DevState), self.stream)
-        driver.launch(self._fn, self.blocks, self.threads, [self.params], self.stream, cooperative=True)
+        driver.memset_async(self.vram.ptr + self.layout.vram_totals_offset, 0, self.warps * 8, self.stream)
+        self.stream.synchronize()
+
+    def launch(self) -> None:
+        """Queue one lease (a cooperative launch of the whole grid) on the queue's stream.
+
+        Callable from any thread (it makes the context current there); ~10 µs of host time.
+        The caller (lease.Leases) serialises launches.  Raises CudaError.
+        """
+        driver.launch(self._fn, self.blocks, self.threads, self._args, self.stream, cooperative=True)
         self._launched = True
-        deadline = time.monotonic() + timeout_s
-        while self._ctrl_dev.state != KERNEL_RUNNING:
-            if self.stream.done():
-                raise GpuqError("the persistent kernel exited before it started serving")
-            if time.monotonic() > deadline:
-                raise GpuqError(f"the persistent kernel did not report RUNNING within {timeout_s} s")
-            time.sleep(1e-4)
+
+    def idle(self) -> bool:
+        """True when no launched lease is still running or queued (``cuStreamQuery``)."""
+        if not self._launched or self.closed:
+            return True
+        self.ctx.make_current()
+        return self.stream.done()
 
     @property
     def error(self) -> tuple[int, int]:
         """(GPUQ_ERR_* code, msg_id) of the first protocol error the device saw; (0, 0) if none."""
-        return self._ctrl_dev.error, self._ctrl_dev.error_msg_id
+        return self.ctrl.error, self.ctrl.error_msg_id
 
     def exited(self) -> bool:
-        """True once the kernel has returned (raises CudaError if it faulted)."""
-        if not self._launched:
+        """True once the kernel has stopped for good (a lease saw DRAIN or ABORT and returned), or
+        was never launched.  Raises CudaError if it faulted."""
+        if not self._launched or self.closed:
             return True
-        self.ctx.make_current()
-        return self._ctrl_dev.state == KERNEL_EXITED and self.stream.done()
+        return self.ctrl.state == KERNEL_EXITED and self.idle()
 
     def close(self) -> None:
         """Free every resource, once the kernel has exited (aborting it first if it still runs).
@@ -148,6 +164,21 @@ class PersistentKernel:
         """
         if self._finalizer.alive:
             self.closed = bool(self._finalizer())
+
+    def abandon(self, timeout_s: float = 2.0) -> None:
+        """Interpreter exit: stop the kernel (abort) and wait up to ``timeout_s`` for it, but free
+        nothing: another thread may still read the mapped memory, and process teardown frees it."""
+        if not self._finalizer.alive:
+            return
+        self._finalizer.detach()
+        try:
+            request_stop(self.doorbell, STOP_ABORT)
+            deadline = time.monotonic() + timeout_s
+            while not self.idle() and time.monotonic() < deadline:
+                time.sleep(1e-3)
+        except Exception:  # at exit the driver may be going away: nothing more to do
+            pass
+        self.closed = True
 
 
 def _release(doorbell, stream, resources) -> bool:

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import ctypes
 
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 
 EMPTY, READY, INFLIGHT, DONE = 0, 1, 2, 3
-RUN, STOP_DRAIN, STOP_ABORT = 0, 1, 2
-KERNEL_NOT_STARTED, KERNEL_RUNNING, KERNEL_EXITED = 0, 1, 2
+RUN, STOP_DRAIN, STOP_ABORT, STOP_LEAVE = 0, 1, 2, 3
+KERNEL_NOT_STARTED, KERNEL_RUNNING, KERNEL_EXITED, KERNEL_PARKED = 0, 1, 2, 3
 ERR_NONE, ERR_BAD_MSG_ID, ERR_BAD_LEN, ERR_BAD_RESULT = 0, 1, 2, 3
 ERROR_NAMES = {ERR_BAD_MSG_ID: "BAD_MSG_ID", ERR_BAD_LEN: "BAD_LEN", ERR_BAD_RESULT: "BAD_RESULT"}
 NO_MSG = 0xFFFFFFFFFFFFFFFF
@@ -36,14 +36,18 @@ class CtrlHost(ctypes.Structure):
 
 
 class CtrlDev(ctypes.Structure):
+    """Device-written: kernel state, first protocol error, lease counters (see the header)."""
+
     _fields_ = [("state", ctypes.c_uint32), ("error", ctypes.c_uint32), ("error_msg_id", ctypes.c_uint64),
-                ("layout_version", ctypes.c_uint32), ("warps", ctypes.c_uint32), ("pad", ctypes.c_uint64 * 13)]
+                ("layout_version", ctypes.c_uint32), ("warps", ctypes.c_uint32),
+                ("leases_begun", ctypes.c_uint64), ("leases_ended", ctypes.c_uint64), ("pad", ctypes.c_uint64 * 11)]
 
 
 class DevState(ctypes.Structure):
     _fields_ = [("claim", ctypes.c_uint64), ("pad0", ctypes.c_uint64 * 15), ("head", ctypes.c_uint64),
                 ("stop", ctypes.c_uint32), ("exited", ctypes.c_uint32), ("error", ctypes.c_uint32),
-                ("pad2", ctypes.c_uint32), ("pad1", ctypes.c_uint64 * 13)]
+                ("begun", ctypes.c_uint32), ("lease_start", ctypes.c_uint64), ("leases", ctypes.c_uint64),
+                ("pad1", ctypes.c_uint64 * 11)]
 
 
 class Params(ctypes.Structure):
@@ -51,7 +55,7 @@ class Params(ctypes.Structure):
 
     _fields_ = [(name, ctypes.c_uint64) for name in (
         "ctrl_host", "ctrl_dev", "req_hdr", "req_data", "res_hdr", "res_data", "warp_counters",
-        "vram_slots", "dev")] + [(name, ctypes.c_uint32) for name in (
+        "vram_slots", "dev", "warp_totals", "lease_ns")] + [(name, ctypes.c_uint32) for name in (
             "capacity", "slot_bytes", "front_backoff_ns", "idle_backoff_ns")]
 
 
@@ -67,8 +71,9 @@ def expected_probe() -> list[int]:
         ctypes.sizeof(CtrlHost), _off(CtrlHost, "doorbell"),
         ctypes.sizeof(CtrlDev), _off(CtrlDev, "state"), _off(CtrlDev, "error"), _off(CtrlDev, "error_msg_id"),
         _off(CtrlDev, "layout_version"), _off(CtrlDev, "warps"),
-        ctypes.sizeof(DevState), ctypes.sizeof(Params),
-        _off(Params, "capacity"), _off(Params, "slot_bytes"), _off(Params, "front_backoff_ns"),
+        _off(CtrlDev, "leases_begun"), _off(CtrlDev, "leases_ended"),
+        ctypes.sizeof(DevState), ctypes.sizeof(Params), _off(Params, "warp_totals"),
+        _off(Params, "lease_ns"), _off(Params, "capacity"), _off(Params, "slot_bytes"), _off(Params, "front_backoff_ns"),
         _off(Params, "idle_backoff_ns"),
     ]
 
@@ -115,7 +120,9 @@ class HostLayout:
             self.offsets[name], self.sizes[name] = off, size
             off = align_up(off + size)
         self.nbytes = off
-        self.vram_bytes = capacity * (HEADER_BYTES + slot_bytes)
+        self.vram_bytes = capacity * (HEADER_BYTES + slot_bytes)  # the VRAM slot ring
+        self.vram_totals_offset = self.vram_bytes  # then warp_totals: warps × 8 B
+        self.vram_bytes += warps * 8
 
     def view(self, mem: memoryview, region: str, fmt: str = "B") -> memoryview:
         """The ``region`` of the mapped block ``mem`` (a ``B`` memoryview), cast to ``fmt``.

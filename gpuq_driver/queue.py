@@ -7,13 +7,17 @@
 
 The host side is plain loads and stores into mapped pinned memory: ``enqueue`` copies the
 payload into its request slot, writes the slot header, then rings the doorbell (a 64-bit store);
-no CUDA call is made on the hot path.  ``docs/design.md`` gives the placement and the numbers
-behind it; ``device_src/gpuq_layout.cuh`` the protocol.
+no CUDA call is made on the hot path, except one kernel launch per lease (lease.py): the kernel
+leaves every ``lease_ms`` so that the rest of the process can use the GPU, and the next message
+launches it again.  ``docs/design.md`` gives the placement and the numbers behind it;
+``device_src/gpuq_layout.cuh`` the protocol.
 """
 
 from __future__ import annotations
 
 import array
+import atexit
+import contextlib
 import math
 import threading
 import time
@@ -24,12 +28,14 @@ import numpy as np
 
 from .errors import (ConfigError, GpuqError, PayloadError, PayloadTypeError, ProtocolError, QueueClosed, QueueFull,
                      check_int, check_seconds)
-from .layout import (DONE, DOORBELL_STOP_SHIFT, ERROR_NAMES, KERNEL_EXITED, KERNEL_RUNNING, NO_MSG, READY,
-                     STOP_ABORT, STOP_DRAIN, is_power_of_two)
+from .layout import (DONE, DOORBELL_STOP_SHIFT, ERROR_NAMES, KERNEL_EXITED, KERNEL_PARKED, KERNEL_RUNNING, NO_MSG,
+                     READY, STOP_ABORT, STOP_DRAIN, is_power_of_two)
+from .lease import Leases
 
 MAX_CAPACITY = 1 << 22
 MAX_SLOT_BYTES = 1 << 20
 MAX_RING_BYTES = 1 << 32
+MIN_LEASE_MS = 0.05
 
 
 @dataclass(frozen=True)
@@ -45,7 +51,13 @@ class QueueConfig:
     threads_per_block:  a multiple of 32, 32 .. 1024 (default 64: two worker warps per block).
     enqueue_timeout_s:  how long ``enqueue`` waits for a free slot before QueueFull (default 1.0 s;
                         ``math.inf`` waits until a slot frees or the queue shuts down).
-    shutdown_timeout_s: how long ``shutdown`` waits for the kernel to drain (default 10.0 s).
+    shutdown_timeout_s: how long ``shutdown`` (and ``pause``) wait for the kernel (default 10.0 s).
+    lease_ms:           the kernel leaves after serving this long (at a message boundary) and the
+                        next message launches it again, so that synchronising CUDA calls elsewhere
+                        in the process (torch.cuda.synchronize, cuMemFree, module loads, GEMMs)
+                        wait at most ~2 × lease_ms (default 1.0 ms; >= 0.05; ``math.inf`` never
+                        leaves: lowest overhead, but any such call then hangs while the queue
+                        lives).  docs/design.md, "Sharing the GPU", has the measurements.
     front_backoff_ns:   the front warp reads the doorbell over PCIe back to back (one read in
                         flight, ~1 µs each) while traffic is recent; after 1,024 empty reads it
                         sleeps between reads, growing up to this cap (default 1000 ns; 0 = always
@@ -63,6 +75,7 @@ class QueueConfig:
     threads_per_block: int = 64
     enqueue_timeout_s: float = 1.0
     shutdown_timeout_s: float = 10.0
+    lease_ms: float = 1.0
     front_backoff_ns: int = 1000
     idle_backoff_ns: int = 2000
     device: int = 0
@@ -89,6 +102,9 @@ class QueueConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
                 raise ConfigError(f"{name}={v!r} must be a number >= 0")
+        v = self.lease_ms
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= MIN_LEASE_MS:
+            raise ConfigError(f"lease_ms={v!r} must be a number >= {MIN_LEASE_MS} (milliseconds; math.inf = never leave)")
         check("front_backoff_ns", 0, 1_000_000)
         check("idle_backoff_ns", 0, 1_000_000)
         check("device", 0, 1023)
@@ -96,6 +112,11 @@ class QueueConfig:
             raise ConfigError(f"plugin={self.plugin!r} must be a plugin name such as 'echo'")
         if self.backend not in ("cuda", "sim"):
             raise ConfigError(f"backend={self.backend!r} must be 'cuda' or 'sim'")
+
+    @property
+    def lease_ns(self) -> int:
+        """``lease_ms`` in nanoseconds, as the kernel takes it (2**64 - 1 for ``math.inf``)."""
+        return (1 << 64) - 1 if math.isinf(self.lease_ms) else int(self.lease_ms * 1e6)
 
 
 @dataclass(frozen=True)
@@ -108,7 +129,11 @@ class QueueStats:
     pending:   enqueued - processed: READY or INFLIGHT on the device.
     occupied:  enqueued - taken: slots not EMPTY (the ring is full at ``capacity``).
     capacity, slot_bytes, blocks, threads_per_block, warps: the running geometry.
-    kernel:    "running", "exited" or "not started".
+    kernel:    "running" (a lease is serving), "parked" (between leases: no GPU work; the next
+               message launches one), "paused" (``pause()``), "exited" (shut down), "not started".
+    launches:  leases launched (the first at construction, then one per lease under traffic).
+    exits:     leases that have ended (on time, paused or shut down); launches - exits <= 2.
+    pauses:    ``pause()`` calls that parked the kernel.
     backend:   "cuda" or "sim".
     """
 
@@ -123,6 +148,9 @@ class QueueStats:
     threads_per_block: int
     warps: int
     kernel: str
+    launches: int
+    exits: int
+    pauses: int
     backend: str
 
 
@@ -131,8 +159,14 @@ class GpuQueue:
 
     Thread safety: any number of producer threads may call ``enqueue`` and any number of consumer
     threads ``poll_completions`` / ``try_dequeue_result``; producers share one lock, consumers
-    another.  The CUDA calls it makes (start, stop, close) make the context current in the calling
-    thread.  Raises on construction: ConfigError, CudaUnavailable, CompileError, CudaError.
+    another.  The CUDA calls it makes (start, a launch per lease, stop, close) make the context
+    current in the calling thread.  Raises on construction: ConfigError, CudaUnavailable,
+    CompileError, CudaError, GpuqError (the kernel did not start).
+
+    The kernel runs in leases of ``config.lease_ms`` (lease.py), so the rest of the process may
+    use the GPU while a queue lives; ``pause()`` parks it for longer stretches.  At interpreter
+    exit an open queue is stopped but its memory is not freed (threads may still use it); every
+    call then raises QueueClosed, as after ``close()``.
     """
 
     def __init__(self, config: QueueConfig | None = None):
@@ -145,7 +179,9 @@ class GpuQueue:
         else:
             from .kernel import PersistentKernel as Backend
         self._kernel = kernel = Backend(config)
-        self._finalizer = weakref.finalize(self, kernel.close)
+        self._leases = leases = Leases(kernel)
+        self._finalizer = weakref.finalize(self, _close_kernel, leases, kernel)
+        self._finalizer.atexit = False  # _abandon_open_queues handles exit
         lay, mem, cap, sb = kernel.layout, kernel.mem, config.capacity, config.slot_bytes
         self._cap, self._mask, self._sb = cap, cap - 1, sb
         self._doorbell = kernel.doorbell  # GpuqCtrlHost.doorbell: head | stop << 56
@@ -169,11 +205,25 @@ class GpuQueue:
         self._taken_ahead = 0    # results taken out of order, at or after _tail
         self._accepting = True
         self._stop_mode = None   # STOP_DRAIN / STOP_ABORT once shutdown has asked
+        self._begun = leases.begun  # GpuqCtrlDev.leases_begun, read after every enqueue
         try:
             kernel.start()
+            leases.kick()
+            self._wait_for_first_lease(10.0)
         except BaseException:
-            kernel.close()
+            self._finalizer()
             raise
+        _open_queues.add(self)
+
+    def _wait_for_first_lease(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self._begun[0] == 0:
+            if self._kernel.idle():
+                raise GpuqError("the persistent kernel exited before it started serving")
+            if time.monotonic() > deadline:
+                raise GpuqError(f"the persistent kernel did not start within {timeout_s} s "
+                                "(is the GPU fully taken by other kernels?)")
+            time.sleep(1e-4)
 
     # -- producer ------------------------------------------------------------------------------
 
@@ -186,8 +236,10 @@ class GpuQueue:
                  result); None = ``config.enqueue_timeout_s``; 0 = fail at once.
         Raises PayloadError (too large), PayloadTypeError (not bytes-like), QueueFull (no slot freed
         within the timeout; nothing enqueued), QueueClosed (after shutdown), GpuqError (the kernel
-        stopped while waiting).  Cost: 0.7-1.5 µs from CPython 3.12 on the H200 hosts (by their CPU),
-        no CUDA call (benchmarks/NOTES.md).
+        stopped while waiting), CudaError (the next lease could not be launched: the message is
+        queued, but the CUDA context is unusable).  Cost: 0.7-1.5 µs from CPython 3.12 on the H200
+        hosts (by their CPU), no CUDA call, except ~10 µs for a launch once per lease (after
+        ``lease_ms`` of traffic, or for the first message after the queue was idle that long).
         """
         if type(payload) is not bytes:
             payload = _byte_view(payload)
@@ -206,6 +258,10 @@ class GpuQueue:
             hdr[(slot << 1) | 1] = seq
             self._head = seq = seq + 1
             self._doorbell[0] = seq  # the doorbell, last
+        # The lock's release is a full fence (x86 locked instruction): the doorbell store is
+        # visible before this load, the host half of the relaunch handshake (lease.py).
+        if self._begun[0] == self._leases.launches:
+            self._leases.kick()
         return seq - 1
 
     def _wait_for_slot(self, seq: int, timeout: float | None) -> None:
@@ -222,6 +278,7 @@ class GpuQueue:
                                 f"(waited {timeout} s); take results with try_dequeue_result()")
             if self._kernel.exited():
                 raise GpuqError("the persistent kernel has stopped; the queue cannot make room")
+            self._keep_serving()
             time.sleep(pause)
             pause = min(1e-3, pause * 2 or 1e-6)
 
@@ -240,7 +297,7 @@ class GpuQueue:
             raise ValueError(f"max_items={max_items!r} must be an int >= 0 or None")
         with self._clock:
             if self._res_hdr is None:
-                raise QueueClosed("queue is closed: its memory has been freed")
+                raise QueueClosed("queue is closed")
             seq = max(self._polled, self._tail)
             end = self._head if max_items is None else min(self._head, seq + max_items)
             ids, taken, mask = self._res_hdr, self._taken, self._mask
@@ -250,7 +307,16 @@ class GpuQueue:
                     out.append(seq)
                 seq += 1
             self._polled = seq
+        if not out:
+            self._keep_serving()
         return out
+
+    def _keep_serving(self) -> None:
+        """Messages wait but no lease runs or is queued: launch one.  The relaunch after each
+        enqueue already guarantees this; consumers check too, so progress never rests on one
+        thread's timing."""
+        if self._head > self._polled and not self._leases.serving() and not self._leases.paused:
+            self._leases.kick()
 
     def try_dequeue_result(self, msg_id: int) -> bytes | None:
         """The result of ``msg_id`` as bytes (and its slot freed), or None if not done yet.
@@ -265,7 +331,7 @@ class GpuQueue:
         with self._clock:
             hdr = self._res_hdr
             if hdr is None:
-                raise QueueClosed("queue is closed: its memory has been freed")
+                raise QueueClosed("queue is closed")
             if hdr[(slot << 1) | 1] != msg_id:  # not done (or never issued)
                 return None
             t = self._tail
@@ -324,6 +390,7 @@ class GpuQueue:
             if waited > timeout:
                 raise TimeoutError(f"no result for msg_id {msg_id} within {timeout} s")
             if waited > 50e-6:
+                self._keep_serving()
                 if self._kernel.exited():
                     result = self.try_dequeue_result(msg_id)  # it may have finished last
                     if result is not None:
@@ -342,16 +409,58 @@ class GpuQueue:
         with self._clock:
             if self._res_hdr is None:
                 raise QueueClosed("queue is closed")
-            k = self._kernel
+            k, leases = self._kernel, self._leases
             taken = self._tail + self._taken_ahead  # read before head: occupied is never negative
             processed = int(self._counters.sum())
-            state = k._ctrl_dev.state
+            state, exits = k.ctrl.state, int(leases.ended[0])
         head = self._head
-        kernel = "running" if state == KERNEL_RUNNING else "exited" if state == KERNEL_EXITED else "not started"
+        if state == KERNEL_EXITED:
+            kernel = "exited"
+        elif leases.paused and exits == leases.launches:
+            kernel = "paused"
+        elif state == KERNEL_RUNNING or exits != leases.launches:
+            kernel = "running"
+        else:
+            kernel = "parked" if state == KERNEL_PARKED else "not started"
         return QueueStats(enqueued=head, processed=processed, taken=taken, pending=head - processed,
                           occupied=head - taken, capacity=self._cap, slot_bytes=self._sb,
                           blocks=k.blocks, threads_per_block=k.threads, warps=k.warps, kernel=kernel,
-                          backend=k.backend)
+                          launches=leases.launches, exits=exits, pauses=leases.pauses, backend=k.backend)
+
+    # -- sharing the GPU -----------------------------------------------------------------------
+
+    def pause(self, timeout: float | None = None) -> None:
+        """Park the kernel: no lease runs until ``resume()``, so the GPU is the rest of the
+        process's (for a stretch of CUDA work longer than a lease, or to measure without us).
+
+        ``enqueue`` still accepts messages (they wait, READY, in the ring); results already done
+        can be taken.  Returns once no lease runs or is queued: within ~2 × ``lease_ms`` plus the
+        messages in flight (one per warp).  timeout: seconds (None = ``config.shutdown_timeout_s``);
+        past it GpuqError is raised and the queue stays paused.  Pausing twice is fine.
+        Raises QueueClosed after ``close()``.
+        """
+        timeout = self.config.shutdown_timeout_s if timeout is None else check_seconds("timeout", timeout)
+        if self.closed:
+            raise QueueClosed("queue is closed")
+        self._leases.pause(timeout)
+
+    def resume(self) -> None:
+        """End a ``pause()``: the next lease is launched now and serves what waited.  Resuming a
+        queue that is not paused does nothing.  Raises QueueClosed after ``close()``, CudaError."""
+        if self.closed:
+            raise QueueClosed("queue is closed")
+        if self._leases.paused:
+            self._leases.resume()
+
+    @contextlib.contextmanager
+    def paused(self, timeout: float | None = None):
+        """``with q.paused(): ...`` runs the block with the kernel parked (``pause``), then resumes."""
+        self.pause(timeout)
+        try:
+            yield self
+        finally:
+            if not self.closed:
+                self.resume()
 
     def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
         """Stop accepting messages and stop the kernel; return once it has exited.
@@ -377,9 +486,12 @@ class GpuQueue:
                 self._stop_mode = mode
                 # the producers' head, not the doorbell's: every enqueued message is covered
                 self._doorbell[0] = self._head | (mode << DOORBELL_STOP_SHIFT)
-        k = self._kernel
+        k, leases = self._kernel, self._leases
+        with leases._lock:
+            leases.paused = False  # a drain needs leases; an abort needs one to see the stop
         deadline = time.monotonic() + timeout
         while not k.exited():
+            leases.kick()  # a lease that ended before it saw the stop is followed by one that sees it
             if time.monotonic() > deadline:
                 with self._plock:
                     self._stop_mode = STOP_ABORT
@@ -404,9 +516,32 @@ class GpuQueue:
             self.shutdown(drain=self._stop_mode != STOP_ABORT)
         finally:
             with self._plock, self._clock:
-                self._res_hdr = self._req_hdr = self._res_data = self._req_data = self._doorbell = None
-                self._counters = np.zeros(1, np.uint64)
+                self._forget_memory()
             self._finalizer()
+
+    def _forget_memory(self) -> None:
+        """Drop every view of the shared memory (callers hold both locks): later calls raise QueueClosed."""
+        self._accepting = False
+        self._limit = -1
+        self._res_hdr = self._req_hdr = self._res_data = self._req_data = self._doorbell = None
+        self._counters = np.zeros(1, np.uint64)
+
+    def _abandon(self) -> None:
+        """At interpreter exit: stop the kernel and make every later call raise QueueClosed, but
+        free nothing (a daemon thread may still be inside a call; process teardown frees it)."""
+        if self.closed:
+            return
+        self._accepting = False   # a producer waiting for a slot leaves and releases _plock
+        self._limit = -1
+        got = [lock for lock in (self._plock, self._clock) if lock.acquire(timeout=1.0)]
+        try:
+            self._forget_memory()
+        finally:
+            for lock in got:
+                lock.release()
+        self._leases.close()
+        self._finalizer.detach()
+        self._kernel.abandon()
 
     @property
     def closed(self) -> bool:
@@ -424,6 +559,26 @@ class GpuQueue:
     def __repr__(self) -> str:
         state = "closed" if self.closed else "shut down" if self._stop_mode is not None else "running"
         return f"<GpuQueue {self._kernel.backend} capacity={self._cap} slot_bytes={self._sb} {state}>"
+
+
+def _close_kernel(leases: Leases, kernel) -> None:
+    """close() and garbage collection: no launch from now on, then stop the kernel and free it."""
+    leases.close()
+    kernel.close()
+
+
+_open_queues: "weakref.WeakSet[GpuQueue]" = weakref.WeakSet()
+
+
+@atexit.register
+def _abandon_open_queues() -> None:
+    """Interpreter exit: every queue not closed is stopped and emptied of views, never freed.
+    (Non-daemon threads have finished by now; daemon threads may still be inside a call.)"""
+    for q in list(_open_queues):
+        try:
+            q._abandon()
+        except Exception:  # exit must go on
+            pass
 
 
 def _byte_view(payload) -> memoryview:

@@ -1,11 +1,14 @@
 """The CPU simulator: a Python thread plays the persistent kernel over the same memory layout.
 
 ``QueueConfig(backend="sim")`` runs GpuQueue's real host code against this, so the whole host
-side (enqueue, backpressure, polling, shutdown) is tested on machines without a GPU, as
-numba-cuda's simulator does for kernels.  It follows the device protocol of gpuq_queue.cu
-(doorbell, stop before head, result data before header, msg_id last) with one simulated warp and
-the Python twin of each plugin.  It is for tests, not for speed: ``blocks`` and
-``threads_per_block`` are ignored (stats report one block of one warp).
+side (enqueue, backpressure, polling, leases and relaunches, pause/resume, shutdown, exit) is
+tested on machines without a GPU, as numba-cuda's simulator does for kernels.  It follows the
+device protocol of gpuq_queue.cu (doorbell, stop before head, result data before header, msg_id
+last; a lease announces itself before its first doorbell read, leaves when its time is up before
+the next read, and carries its position over to the next lease) with one simulated warp and the
+Python twin of each plugin.  A thread plays the stream: leases launched while one runs wait their
+turn.  It is for tests, not for speed: ``blocks`` and ``threads_per_block`` are ignored (stats
+report one block of one warp).
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ import time
 
 from .errors import ConfigError
 from .layout import (DONE, DOORBELL_HEAD_MASK, DOORBELL_STOP_SHIFT, ERR_BAD_LEN, ERR_BAD_MSG_ID, KERNEL_EXITED,
-                     KERNEL_RUNNING, STOP_ABORT, STOP_DRAIN, CtrlDev, HostLayout, request_stop, slot_of)
+                     KERNEL_PARKED, KERNEL_RUNNING, STOP_ABORT, STOP_DRAIN, CtrlDev, HostLayout, request_stop,
+                     slot_of)
 
 PLUGINS = {"echo": lambda payload, msg_id: payload}
 """Python twins of device_src/plugins: name -> f(payload: memoryview, msg_id) -> bytes-like."""
@@ -33,42 +37,73 @@ class SimulatedKernel:
         self.blocks, self.threads, self.warps = 1, 32, 1
         self.layout = HostLayout(config.capacity, config.slot_bytes, self.warps)
         self.mem = memoryview(bytearray(self.layout.nbytes))
-        self._ctrl_dev = CtrlDev.from_buffer(self.mem, self.layout.offsets["ctrl_dev"])
+        self.ctrl = CtrlDev.from_buffer(self.mem, self.layout.offsets["ctrl_dev"])
         self.doorbell = self.layout.view(self.mem, "ctrl_host", "Q")[:1]
-        self._thread = threading.Thread(target=self._run, name="gpuq-sim-kernel", daemon=True)
-        self._started = False
         self.delay_s = 0.0  # tests may slow the simulated device down
+        self.closed = False
+        self._lease_s = config.lease_ms / 1e3
+        self._claim = 0           # GpuqDevState.claim: the next msg_id, carried from lease to lease
+        self._queued = 0          # leases launched and not yet finished (the stream's depth)
+        self._cv = threading.Condition()
+        self._thread = threading.Thread(target=self._stream, name="gpuq-sim-kernel", daemon=True)
 
-    def start(self, timeout_s: float = 10.0) -> None:
-        self._started = True
+    def start(self) -> None:
         self._thread.start()
-        deadline = time.monotonic() + timeout_s
-        while self._ctrl_dev.state != KERNEL_RUNNING and time.monotonic() < deadline:
-            time.sleep(1e-4)
+
+    def launch(self) -> None:
+        with self._cv:
+            self._queued += 1
+            self._cv.notify()
+
+    def idle(self) -> bool:
+        return self._queued == 0
 
     @property
     def error(self) -> tuple[int, int]:
-        return self._ctrl_dev.error, self._ctrl_dev.error_msg_id
+        return self.ctrl.error, self.ctrl.error_msg_id
 
     def exited(self) -> bool:
-        return not self._started or not self._thread.is_alive()
+        return self.closed or (self.ctrl.state in (KERNEL_EXITED, 0) and self.idle())
 
     def close(self) -> None:
-        if self._started and self._thread.is_alive():
+        if not self.closed:
             request_stop(self.doorbell, STOP_ABORT)
-            self._thread.join(5.0)
+            with self._cv:
+                self.closed = True
+                self._cv.notify()
+            if self._thread.is_alive():
+                self._thread.join(5.0)
 
-    def _run(self) -> None:
+    abandon = close  # nothing to leave behind: the memory is a bytearray
+
+    def _stream(self) -> None:
+        while True:
+            with self._cv:
+                while not self._queued and not self.closed:
+                    self._cv.wait()
+                if self.closed:
+                    return
+            self._lease()
+            with self._cv:
+                self._queued -= 1
+
+    def _lease(self) -> None:
         lay, mem, sb, cap = self.layout, self.mem, self.config.slot_bytes, self.config.capacity
-        doorbell = self.doorbell
+        doorbell, ctrl = self.doorbell, self.ctrl
         req_hdr, res_hdr = lay.view(mem, "req_hdr", "Q"), lay.view(mem, "res_hdr", "Q")
         req_data, res_data = lay.view(mem, "req_data"), lay.view(mem, "res_data")
         counter = lay.view(mem, "warp_counters", "Q")
         process = PLUGINS[self.config.plugin]
-        self._ctrl_dev.warps = 1
-        self._ctrl_dev.state = KERNEL_RUNNING
-        seq, idle = 0, 0
-        while True:
+        ctrl.warps = 1
+        ctrl.leases_begun = ctrl.leases_ended + 1  # announce, then read the doorbell (the GIL orders both)
+        ctrl.state = KERNEL_RUNNING
+        start, first = time.monotonic(), True
+        seq, idle, stop = self._claim, 0, 0
+        while not self.closed:
+            if not first and time.monotonic() - start >= self._lease_s:
+                stop = 0  # the lease is over: leave before this read
+                break
+            first = False
             db = doorbell[0]
             stop, head = db >> DOORBELL_STOP_SHIFT, db & DOORBELL_HEAD_MASK
             if stop == STOP_ABORT or (stop == STOP_DRAIN and seq >= head):
@@ -86,12 +121,14 @@ class SimulatedKernel:
                 code = ERR_BAD_MSG_ID
             elif n > sb:
                 code, n = ERR_BAD_LEN, sb
-            if code and not self._ctrl_dev.error:
-                self._ctrl_dev.error_msg_id, self._ctrl_dev.error = seq, code
+            if code and not ctrl.error:
+                ctrl.error_msg_id, ctrl.error = seq, code
             out = b"" if code else bytes(process(req_data[slot * sb:slot * sb + n], seq))
             res_data[slot * sb:slot * sb + len(out)] = out
             res_hdr[2 * slot] = len(out) | ((DONE | (code << 8)) << 32)
             res_hdr[2 * slot + 1] = seq
             seq += 1
             counter[0] = seq
-        self._ctrl_dev.state = KERNEL_EXITED
+        self._claim = seq
+        ctrl.leases_ended += 1
+        ctrl.state = KERNEL_EXITED if stop in (STOP_DRAIN, STOP_ABORT) else KERNEL_PARKED

@@ -18,7 +18,7 @@ def test_default_grid_is_one_block_per_sm(gpu):
     with GpuQueue(QueueConfig(capacity=16, slot_bytes=16)) as q:
         s = q.stats()
         assert s.blocks == gpu.sm_count and s.warps == gpu.sm_count * s.threads_per_block // 32
-        assert q._kernel._ctrl_dev.warps == s.warps  # what the kernel itself counted
+        assert q._kernel.ctrl.warps == s.warps  # what the kernel itself counted
 
 
 def test_grid_beyond_cooperative_limit_is_refused(gpu):

@@ -25,9 +25,9 @@ def test_constants_match_the_header():
         "GPUQ_LAYOUT_VERSION": layout.LAYOUT_VERSION,
         "GPUQ_EMPTY": layout.EMPTY, "GPUQ_READY": layout.READY, "GPUQ_INFLIGHT": layout.INFLIGHT,
         "GPUQ_DONE": layout.DONE, "GPUQ_RUN": layout.RUN, "GPUQ_STOP_DRAIN": layout.STOP_DRAIN,
-        "GPUQ_STOP_ABORT": layout.STOP_ABORT, "GPUQ_DOORBELL_STOP_SHIFT": layout.DOORBELL_STOP_SHIFT,
+        "GPUQ_STOP_ABORT": layout.STOP_ABORT, "GPUQ_STOP_LEAVE": layout.STOP_LEAVE, "GPUQ_DOORBELL_STOP_SHIFT": layout.DOORBELL_STOP_SHIFT,
         "GPUQ_KERNEL_NOT_STARTED": layout.KERNEL_NOT_STARTED, "GPUQ_KERNEL_RUNNING": layout.KERNEL_RUNNING,
-        "GPUQ_KERNEL_EXITED": layout.KERNEL_EXITED, "GPUQ_ERR_NONE": layout.ERR_NONE,
+        "GPUQ_KERNEL_EXITED": layout.KERNEL_EXITED, "GPUQ_KERNEL_PARKED": layout.KERNEL_PARKED, "GPUQ_ERR_NONE": layout.ERR_NONE,
         "GPUQ_ERR_BAD_MSG_ID": layout.ERR_BAD_MSG_ID, "GPUQ_ERR_BAD_LEN": layout.ERR_BAD_LEN,
         "GPUQ_ERR_BAD_RESULT": layout.ERR_BAD_RESULT, "GPUQ_NO_MSG": layout.NO_MSG,
     }
@@ -44,7 +44,7 @@ def test_struct_sizes_match_the_static_asserts():
 
 def test_field_order_matches_the_header():
     for cname, struct in (("GpuqSlotHeader", layout.SlotHeader), ("GpuqCtrlDev", layout.CtrlDev),
-                          ("GpuqParams", layout.Params)):
+                          ("GpuqDevState", layout.DevState), ("GpuqParams", layout.Params)):
         body = re.search(r"struct (?:__align__\(\d+\) )?%s \{(.*?)\};" % cname, HEADER, re.S).group(1)
         fields = [m for m in re.findall(r"^\s*\w+\*? (\w+)(?:\[\d+\])?;", body, re.M)]
         assert fields == [f[0] for f in struct._fields_], cname
@@ -73,7 +73,8 @@ def test_host_layout_regions_are_aligned_and_disjoint():
     for (off, name), nxt in zip(spans, spans[1:] + [(lay.nbytes, "end")]):
         assert off % layout.ALIGN == 0
         assert off + sizes[name] <= nxt[0]
-    assert lay.vram_bytes == 64 * (16 + 48)
+    assert lay.vram_bytes == 64 * (16 + 48) + 5 * 8  # the slot ring, then the per-warp totals
+    assert lay.vram_totals_offset == 64 * (16 + 48)
 
 
 def test_request_stop_keeps_the_head():

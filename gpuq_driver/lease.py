@@ -1,0 +1,100 @@
+"""The host half of the kernel's lease protocol: when to launch the persistent kernel again.
+
+A persistent kernel that never returns blocks every call that synchronises its CUDA context
+(``cuCtxSynchronize``, ``cuMemFree``, module loads, and so ``torch.cuda.synchronize()``, CuPy's
+first kernels, cuBLAS set-up), for good.  So the queue's kernel runs on a *lease*: each launch
+serves for at most ``QueueConfig.lease_ms`` and then leaves at a message boundary, and the host
+launches the next lease on demand (the device half and the handshake are in
+``device_src/gpuq_layout.cuh``, "Leases"; the measurements behind the choice in ``docs/design.md``).
+
+The rule, applied by every producer after it publishes a message: *if the newest launched lease
+has begun serving (``leases_begun == launches``), launch the next one* on the queue's stream.
+Under traffic that keeps exactly one lease queued behind the running one, so the GPU never waits
+for the host between leases; when the queue is idle nothing is launched at all, and the first
+message afterwards launches a lease itself.  A user's synchronising call made at time t waits
+for at most the running lease and the one queued behind it: ``2 × lease_ms`` plus the messages
+in flight (one per warp), after which the queue goes on where it left off.
+
+``Leases`` serves both backends (kernel.PersistentKernel and sim.SimulatedKernel): the backend
+provides ``launch()`` (one more lease on its stream), ``idle()`` (nothing launched is still
+running or queued), and the device-written ``GpuqCtrlDev`` line (``ctrl``, a ctypes struct over
+the shared memory).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from .errors import GpuqError
+from .layout import KERNEL_EXITED, CtrlDev
+
+_BEGUN = CtrlDev.leases_begun.offset // 8
+_ENDED = CtrlDev.leases_ended.offset // 8
+
+
+class Leases:
+    """Launch bookkeeping of one queue's kernel: ``launches`` (host-counted), ``pauses``, and the
+    device's ``begun`` / ``ended`` lease counters, read in place (no CUDA call).
+
+    Thread-safe: any thread may call ``kick``; launches are serialised by one lock, and the
+    backend makes its context current in the calling thread.
+    """
+
+    def __init__(self, kernel):
+        self._kernel = kernel
+        words = kernel.layout.view(kernel.mem, "ctrl_dev", "Q")
+        self.begun = words[_BEGUN:_BEGUN + 1]   # one-item views: [0] is the live value
+        self.ended = words[_ENDED:_ENDED + 1]
+        self.launches = 0
+        self.pauses = 0
+        self.paused = False
+        self.closed = False      # no launch ever again (close, interpreter exit)
+        self._lock = threading.Lock()
+
+    def kick(self) -> bool:
+        """Launch the next lease if the newest one has begun (or none is queued); True if it did.
+
+        Does nothing while paused, after the kernel stopped for good, or after ``close``.
+        Raises CudaError if the launch fails (a lost context, say).
+        """
+        with self._lock:
+            if self.paused or self.closed or self._kernel.ctrl.state == KERNEL_EXITED:
+                return False
+            if self.begun[0] != self.launches:
+                return False  # a launched lease has not begun yet: it will read the doorbell
+            self._kernel.launch()
+            self.launches += 1
+            return True
+
+    def serving(self) -> bool:
+        """True while a launched lease is running or queued (the device has not ended them all)."""
+        return self.ended[0] != self.launches
+
+    def pause(self, timeout: float) -> None:
+        """Stop launching, then wait (up to ``timeout`` s) until no lease runs or is queued.
+
+        Returns within ``2 × lease_ms`` plus the messages in flight.  Raises GpuqError on timeout
+        (the queue stays paused; call again or ``resume``).
+        """
+        with self._lock:
+            if not self.paused:
+                self.paused = True
+                self.pauses += 1
+        deadline = time.monotonic() + timeout
+        while self.serving() or not self._kernel.idle():
+            if time.monotonic() > deadline:
+                raise GpuqError(f"the persistent kernel did not leave within {timeout} s "
+                                f"({self.launches} leases launched, {self.ended[0]} ended)")
+            time.sleep(50e-6)
+
+    def resume(self) -> None:
+        """Launch again: messages enqueued while paused are served from here on."""
+        with self._lock:
+            self.paused = False
+        self.kick()
+
+    def close(self) -> None:
+        """No launch from now on (the caller then stops the kernel and waits for it)."""
+        with self._lock:
+            self.closed = True
