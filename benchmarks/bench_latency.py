@@ -10,6 +10,9 @@ Everything is measured in one process, one run, on one GPU:
               and 64 B under several front_backoff_ns); per-message enqueue throughput from one
               Python thread (ring large enough for the burst, then the results are drained and
               checked); enqueue + take interleaved in one thread (sustained, ring of 1024)
+  leases      the same queue figures with the default lease (1 ms) and with lease_ms=inf (the kernel
+              never leaves: the behaviour before leases); the first message after the queue was
+              idle long enough for the kernel to park (enqueue launches a lease); pause()/resume()
 Latencies are per-iteration perf_counter_ns deltas after a warm-up: p50 / p99 in µs.
 Writes <out>/bench_latency.json and <out>/bench_latency.png and prints a table.
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import math
 import os
 import platform
 import sys
@@ -211,10 +215,58 @@ def queue_round_trip(size: int, iters: int, **cfg) -> dict:
     return out
 
 
-def enqueue_throughput(n: int) -> dict:
+def after_idle(iters: int, idle_s: float = 0.005, **cfg) -> dict:
+    """The first message after the queue sat idle for ``idle_s`` (> 2 leases: the kernel has parked):
+    enqueue (which launches a lease) -> result readable, and the enqueue call alone."""
+    payload = bytes(range(64))
+    with GpuQueue(QueueConfig(capacity=64, slot_bytes=64, **cfg)) as q:
+        res_ids, mask, clock = q._res_hdr, q._mask, time.perf_counter_ns
+        readable, enq = np.empty(iters, np.int64), np.empty(iters, np.int64)
+        parked = 0
+        for i in range(iters):
+            time.sleep(idle_s)
+            parked += q.stats().kernel == "parked"
+            t = clock()
+            mid = q.enqueue(payload)
+            t1 = clock()
+            idx = ((mid & mask) << 1) | 1
+            while res_ids[idx] != mid:
+                pass
+            readable[i], enq[i] = clock() - t, t1 - t
+            assert q.try_dequeue_result(mid) == payload
+        s = q.stats()
+    out = pct(readable)
+    e = pct(enq)
+    out.update(cfg, enqueue_p50_us=e["p50_us"], enqueue_p99_us=e["p99_us"], parked_before=parked,
+               launches=s.launches, idle_s=idle_s)
+    print(f"  first message after {idle_s * 1e3:.0f} ms idle {cfg}: readable p50 {out['p50_us']:.2f} us, p99 "
+          f"{out['p99_us']:.2f} us; enqueue call p50 {e['p50_us']:.2f} us; parked before {parked}/{iters}", flush=True)
+    return out
+
+
+def pause_resume(iters: int) -> dict:
+    """pause() (waits until no lease runs or is queued) and resume(), on a queue with traffic just before."""
+    with GpuQueue(QueueConfig(capacity=1024, slot_bytes=64)) as q:
+        clock = time.perf_counter_ns
+        p, r = np.empty(iters, np.int64), np.empty(iters, np.int64)
+        for i in range(iters):
+            for mid in [q.enqueue(b"x" * 64) for _ in range(64)]:
+                q.wait_result(mid)
+            t = clock()
+            q.pause()
+            t1 = clock()
+            q.resume()
+            p[i], r[i] = t1 - t, clock() - t1
+    pp, rr = pct(p), pct(r)
+    print(f"  pause(): p50 {pp['p50_us']:.1f} us, p99 {pp['p99_us']:.1f} us; resume(): p50 {rr['p50_us']:.1f} us",
+          flush=True)
+    return {"pause": pp, "resume": rr}
+
+
+def enqueue_throughput(n: int, **cfg) -> dict:
     cap = 1 << max(10, (n - 1).bit_length())
     payloads = [np.random.default_rng(i).integers(0, 256, 64, dtype=np.uint8).tobytes() for i in range(1024)]
-    with GpuQueue(QueueConfig(capacity=cap, slot_bytes=64)) as q:
+    with GpuQueue(QueueConfig(capacity=cap, slot_bytes=64, **cfg)) as q:
         enqueue = q.enqueue
         for p in payloads:  # warm-up, then free the slots
             q.wait_result(enqueue(p))
@@ -234,15 +286,16 @@ def enqueue_throughput(n: int) -> dict:
         t_take = time.perf_counter() - t0
         s = q.stats()
     return {"messages": n, "capacity": cap, "enqueue_msg_per_s": n / t_enq, "enqueue_ns_per_msg": t_enq / n * 1e9,
-            "take_msg_per_s": n / t_take, "mismatches": int(bad), "processed": s.processed}
+            "take_msg_per_s": n / t_take, "mismatches": int(bad), "processed": s.processed,
+            "launches": s.launches, **cfg}
 
 
-def sustained_one_thread(n: int) -> dict:
+def sustained_one_thread(n: int, **cfg) -> dict:
     """One thread alternates: enqueue until the ring is full (timeout 0), then take what is done."""
     from gpuq_driver import QueueFull
 
     payloads = [np.random.default_rng(i).integers(0, 256, 64, dtype=np.uint8).tobytes() for i in range(256)]
-    with GpuQueue(QueueConfig(capacity=1024, slot_bytes=64)) as q:
+    with GpuQueue(QueueConfig(capacity=1024, slot_bytes=64, **cfg)) as q:
         enqueue, poll, take = q.enqueue, q.poll_completions, q.try_dequeue_result
         bad = got = i = 0
         t0 = time.perf_counter()
@@ -257,7 +310,8 @@ def sustained_one_thread(n: int) -> dict:
                 bad += take(mid) != payloads[mid & 255]
                 got += 1
         dt = time.perf_counter() - t0
-    return {"messages": n, "msg_per_s": n / dt, "mismatches": int(bad)}
+        launches = q.stats().launches
+    return {"messages": n, "msg_per_s": n / dt, "mismatches": int(bad), "launches": launches, **cfg}
 
 
 def plot(results: dict, path: Path) -> None:
@@ -294,7 +348,7 @@ def main() -> int:
         GpuQueue = lambda cfg: real(QueueConfig(**{**cfg.__dict__, "backend": "sim"}))  # noqa: E731
         for name, cfg in (("1_block_1_warp", {"blocks": 1, "threads_per_block": 32}),):
             queue_round_trip(64, 200, **cfg)
-        print(enqueue_throughput(3000), sustained_one_thread(3000))
+        print(enqueue_throughput(3000), sustained_one_thread(3000), after_idle(5), pause_resume(5))
         return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -328,8 +382,14 @@ def main() -> int:
                       ("8_blocks_4_warps", {"blocks": 8, "threads_per_block": 128})):
         lat[f"gpuq_round_trip_64B_{name}"] = queue_round_trip(64, args.iters // 2, **cfg)
     lat["gpuq_round_trip_64B_again"] = queue_round_trip(64, args.iters)  # the same version twice: the spread
+    never = {"lease_ms": math.inf}  # the kernel never leaves: the behaviour before leases, side by side
+    lat["gpuq_round_trip_64B_never_leaves"] = queue_round_trip(64, args.iters, **never)
+    lat["gpuq_first_after_idle_64B"] = after_idle(args.iters // 40)
+    results["pause_resume"] = pause_resume(200)
     results["enqueue_throughput"] = enqueue_throughput(args.enqueue_messages)
+    results["enqueue_throughput_never_leaves"] = enqueue_throughput(args.enqueue_messages, **never)
     results["sustained_one_thread"] = sustained_one_thread(args.enqueue_messages // 2)
+    results["sustained_one_thread_never_leaves"] = sustained_one_thread(args.enqueue_messages // 2, **never)
 
     (out / "bench_latency.json").write_text(json.dumps(results, indent=2))
     plot(results, out / "bench_latency.png")
@@ -340,11 +400,17 @@ def main() -> int:
     for k, v in lat.items():
         extra = f"  | {v['taken_p50_us']:6.2f} {v['taken_p99_us']:6.2f}" if "taken_p50_us" in v else ""
         print(f"{k:52s} {v['p50_us']:8.2f} {v['p99_us']:8.2f}{extra}")
-    e = results["enqueue_throughput"]
-    print(f"enqueue, one Python thread, 64 B: {e['enqueue_msg_per_s']:,.0f} msg/s ({e['enqueue_ns_per_msg']:.0f} ns/msg),"
-          f" then take {e['take_msg_per_s']:,.0f} msg/s, mismatches {e['mismatches']}")
-    su = results["sustained_one_thread"]
-    print(f"enqueue+take interleaved, one thread, ring 1024: {su['msg_per_s']:,.0f} msg/s, mismatches {su['mismatches']}")
+    for suffix, label in (("", "lease 1 ms"), ("_never_leaves", "never leaves")):
+        e = results["enqueue_throughput" + suffix]
+        print(f"enqueue, one Python thread, 64 B, {label}: {e['enqueue_msg_per_s']:,.0f} msg/s "
+              f"({e['enqueue_ns_per_msg']:.0f} ns/msg), then take {e['take_msg_per_s']:,.0f} msg/s, "
+              f"mismatches {e['mismatches']}, launches {e['launches']}")
+        su = results["sustained_one_thread" + suffix]
+        print(f"enqueue+take interleaved, one thread, ring 1024, {label}: {su['msg_per_s']:,.0f} msg/s, "
+              f"mismatches {su['mismatches']}, launches {su['launches']}")
+    pr = results["pause_resume"]
+    print(f"pause(): p50 {pr['pause']['p50_us']:.1f} us, p99 {pr['pause']['p99_us']:.1f} us; "
+          f"resume(): p50 {pr['resume']['p50_us']:.1f} us")
     return 0
 
 

