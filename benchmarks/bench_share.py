@@ -5,9 +5,10 @@ In one run, each in a child process with a time bound (tests/neighbour_child.py)
   calls       for cuda-python, PyTorch and CuPy, every call of docs/design.md's table ("what you may
               do while a queue runs"), with no queue at all, beside an idle queue (parked), and
               beside a queue under continuous traffic (a producer and a consumer thread, 64 B);
-  sync waits  300 torch.cuda.synchronize() calls after a small op, under traffic, for several
-              lease lengths: the distribution of the wait (p50 / p99 / max, ms) and the queue's
-              msg/s meanwhile.
+  sync waits  300 torch.cuda.synchronize() calls after a small op, under traffic (a producer paced
+              at 200,000 msg/s), for several lease lengths: the distribution of the wait (p50 / p99 /
+              max, ms) and the queue's msg/s meanwhile; and once with a producer that never sleeps,
+              where CPython's GIL switch interval (5 ms), not the GPU, sets the wait.
 Writes <out>/bench_share.json and <out>/bench_share.png and prints both tables.
 
     PYTHONPATH=. python benchmarks/bench_share.py --out benchmarks/results
@@ -57,16 +58,19 @@ def main() -> int:
             print(f"  {lib}/{state}: {[(x['call'], round(x['ms'], 2)) for x in lines if 'call' in x]}"
                   f" {[x for x in lines if 'summary' in x or 'hang' in x or 'error' in x]}", flush=True)
     if "torch" in libs:
-        for lease in [float(x) for x in args.leases.split(",")]:
-            lines = child("torch", "busy", "--lease-ms", str(lease), "--sync-samples", str(args.samples))
+        runs = [(float(x), 200_000) for x in args.leases.split(",")] + [(1.0, 0)]
+        for lease, rate in runs:
+            lines = child("torch", "busy", "--lease-ms", str(lease), "--sync-samples", str(args.samples),
+                          "--rate", str(rate))
+            key = f"{lease} ms, " + (f"paced {rate:,} msg/s" if rate else "flat out")
             waits = next((x["sync_ms"] for x in lines if "sync_ms" in x), [])
             summary = next((x["summary"] for x in lines if "summary" in x), {})
             a = np.asarray(waits) if waits else np.zeros(1)
-            res["sync"][str(lease)] = {"waits_ms": waits, "p50_ms": float(np.percentile(a, 50)),
+            res["sync"][key] = {"waits_ms": waits, "p50_ms": float(np.percentile(a, 50)),
                                        "p99_ms": float(np.percentile(a, 99)), "max_ms": float(a.max()),
                                        "summary": summary, "problems": [x for x in lines if "hang" in x or "error" in x]}
-            print(f"  sync under traffic, lease {lease} ms: p50 {res['sync'][str(lease)]['p50_ms']:.2f} ms, "
-                  f"p99 {res['sync'][str(lease)]['p99_ms']:.2f} ms, max {a.max():.2f} ms; {summary}", flush=True)
+            print(f"  sync under traffic, lease {key}: p50 {res['sync'][key]['p50_ms']:.2f} ms, "
+                  f"p99 {res['sync'][key]['p99_ms']:.2f} ms, max {a.max():.2f} ms; {summary}", flush=True)
     (out / "bench_share.json").write_text(json.dumps(res, indent=1))
     plot(res, out / "bench_share.png")
 
@@ -84,7 +88,7 @@ def main() -> int:
         busy = next((x["summary"] for x in res["calls"][f"{lib}/busy"] if "summary" in x), {})
         print(f"traffic beside {lib}: {busy}")
     if res["sync"]:
-        print("\n| lease_ms | torch.cuda.synchronize under traffic p50 ms | p99 ms | max ms | queue msg/s | lost | wrong |")
+        print("\n| lease, producer | torch.cuda.synchronize under traffic p50 ms | p99 ms | max ms | queue msg/s | lost | wrong |")
         print("|---:|---:|---:|---:|---:|---:|---:|")
         for lease, v in res["sync"].items():
             s = v["summary"]
@@ -105,7 +109,7 @@ def plot(res: dict, path: Path) -> None:
     for lease, v in res["sync"].items():
         w = np.sort(v["waits_ms"])
         if w.size:
-            ax.plot(w, np.arange(1, w.size + 1) / w.size, label=f"lease {lease} ms (p99 {v['p99_ms']:.2f} ms)")
+            ax.plot(w, np.arange(1, w.size + 1) / w.size, label=f"lease {lease} (p99 {v['p99_ms']:.2f} ms)")
     ax.set_xscale("log")
     ax.set_xlabel("torch.cuda.synchronize() wait under queue traffic, ms")
     ax.set_ylabel("fraction of calls")

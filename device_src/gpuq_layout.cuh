@@ -72,7 +72,7 @@ using cuda::std::uint8_t;
 // Stop requests, carried in the doorbell's top byte (GpuqCtrlHost.doorbell >> 56).
 #define GPUQ_RUN 0u
 #define GPUQ_STOP_DRAIN 1u  // finish every published message, then exit
-#define GPUQ_STOP_ABORT 2u  // exit as soon as each warp is idle
+#define GPUQ_STOP_ABORT 2u  // exit once each warp is idle; messages not yet handed out stay unprocessed
 #define GPUQ_STOP_LEAVE 3u  // device only (GpuqDevState.stop): the lease is over, the head is final
 #define GPUQ_DOORBELL_STOP_SHIFT 56
 #define GPUQ_DOORBELL_HEAD_MASK ((1ull << GPUQ_DOORBELL_STOP_SHIFT) - 1ull)

@@ -93,11 +93,14 @@ __device__ uint64_t claim_and_wait(const GpuqParams& p, uint64_t& publish) {
         const uint64_t db = load_acquire<kSys>(&p.ctrl_host->doorbell);
         const uint64_t hh = db & GPUQ_DOORBELL_HEAD_MASK;
         const uint32_t hstop = static_cast<uint32_t>(db >> GPUQ_DOORBELL_STOP_SHIFT);
-        if (hstop != GPUQ_RUN) {
+        if (hstop == GPUQ_STOP_ABORT) {  // no new head: only messages already handed out finish
+          store_release<kGpu>(&dev->stop, hstop);
+          return GPUQ_NO_MSG;
+        }
+        if (hstop != GPUQ_RUN) {  // DRAIN: the head in the same word is final
           publish_head(dev, hh);
           store_release<kGpu>(&dev->stop, hstop);
         }
-        if (hstop == GPUQ_STOP_ABORT) return GPUQ_NO_MSG;
         if (s < hh) {
           publish = hh;  // published by process_one, once its PCIe reads are in flight
           return s;

@@ -9,6 +9,9 @@ synchronize, freeing the memory pool).  torch initialises CUDA before the queue 
 STATE: "idle" (the queue has served one message and waits), "busy" (a producer thread and a
 consumer thread keep 64 B messages flowing, each result checked), or "none" (no queue at all: the
 calls' own time, for comparison).
+--rate: the producer's msg/s (default 200,000), in bursts with sleeps between,
+as a real producer that does other work would; 0 = flat out, a thread that never lets go of the
+GIL but for CPython's switch interval (5 ms), which then dominates how soon the main thread runs.
 --sync-samples N: then N timed torch.cuda.synchronize() calls after a small op, 0-2 ms apart.
 
 Prints one JSON object per line: {"call": name, "ms": wall time} per call as it returns (so the
@@ -45,8 +48,8 @@ def timed(name, fn):
 class Traffic:
     """A producer and a consumer thread: 64 B payloads, each result checked against its payload."""
 
-    def __init__(self, q):
-        self.q, self.stop = q, threading.Event()
+    def __init__(self, q, rate: float):
+        self.q, self.stop, self.rate = q, threading.Event(), rate
         self.base = q.stats().enqueued  # msg_id of this producer's first message
         self.pool = [os.urandom(64) for _ in range(251)]
         self.sent = self.received = self.wrong = 0
@@ -59,6 +62,11 @@ class Traffic:
 
     def produce(self):
         while not self.stop.is_set():
+            if self.rate:  # paced: sleep (releasing the GIL) until the next message is due
+                wait = self.t0 + self.sent / self.rate - time.perf_counter()
+                if wait > 0:
+                    time.sleep(wait)  # ~60 µs at least: the messages due meanwhile go out as a burst
+                    continue
             try:
                 mid = self.q.enqueue(self.pool[(self.base + self.sent) % 251], timeout=0.1)
             except QueueFull:
@@ -188,6 +196,7 @@ def main():
     ap.add_argument("state", choices=["idle", "busy", "none"])
     ap.add_argument("--lease-ms", type=float, default=QueueConfig.lease_ms)
     ap.add_argument("--sync-samples", type=int, default=0)
+    ap.add_argument("--rate", type=float, default=200_000)
     args = ap.parse_args()
     if args.lib == "torch":  # torch first, the queue second; CuPy the other way round
         import torch
@@ -195,7 +204,7 @@ def main():
     q = None if args.state == "none" else GpuQueue(QueueConfig(capacity=4096, slot_bytes=64, lease_ms=args.lease_ms))
     if q is not None:
         assert q.wait_result(q.enqueue(b"warm"), timeout=10) == b"warm"
-    traffic = Traffic(q) if args.state == "busy" else None
+    traffic = Traffic(q, args.rate) if args.state == "busy" else None
     if traffic:
         traffic.start()
         time.sleep(0.2)
@@ -206,7 +215,7 @@ def main():
     if q is not None:
         s = q.stats()
         q.close()
-        summary.update(launches=s.launches, exits=s.exits, lease_ms=args.lease_ms)
+        summary.update(launches=s.launches, exits=s.exits, lease_ms=args.lease_ms, rate=args.rate)
     emit(summary=summary)
 
 

@@ -107,7 +107,7 @@ def test_shutdown_of_a_paused_queue(make_queue, drain):
     if drain:
         assert s.processed == 20 and [q.try_dequeue_result(i) for i in ids] == [bytes([i]) for i in range(20)]
     else:
-        assert s.processed == 0  # parked since before the messages came: an abort processes none
+        assert s.processed == 0  # parked since before they came: an abort hands out no new message
 
 
 def test_shutdown_of_a_parked_queue(make_queue):
