@@ -7,8 +7,10 @@ In one run, each in a child process with a time bound (tests/neighbour_child.py)
               beside a queue under continuous traffic (a producer and a consumer thread, 64 B);
   sync waits  300 torch.cuda.synchronize() calls after a small op, under traffic (a producer paced
               at 200,000 msg/s), for several lease lengths: the distribution of the wait (p50 / p99 /
-              max, ms) and the queue's msg/s meanwhile; and once with a producer that never sleeps,
-              where CPython's GIL switch interval (5 ms), not the GPU, sets the wait.
+              max, ms) and the queue's msg/s meanwhile.  The traffic threads are Python threads in
+              the same process, so the wait includes getting the GIL back after the sync: these
+              runs set CPython's switch interval to 0.2 ms (sys.setswitchinterval) to show the
+              GPU's part; two more runs keep the default 5 ms, with the producer paced and flat out.
 Writes <out>/bench_share.json and <out>/bench_share.png and prints both tables.
 
     PYTHONPATH=. python benchmarks/bench_share.py --out benchmarks/results
@@ -58,11 +60,11 @@ def main() -> int:
             print(f"  {lib}/{state}: {[(x['call'], round(x['ms'], 2)) for x in lines if 'call' in x]}"
                   f" {[x for x in lines if 'summary' in x or 'hang' in x or 'error' in x]}", flush=True)
     if "torch" in libs:
-        runs = [(float(x), 200_000) for x in args.leases.split(",")] + [(1.0, 0)]
-        for lease, rate in runs:
+        runs = [(float(x), 200_000, 0.2) for x in args.leases.split(",")] + [(1.0, 200_000, 5.0), (1.0, 0, 5.0)]
+        for lease, rate, switch in runs:
             lines = child("torch", "busy", "--lease-ms", str(lease), "--sync-samples", str(args.samples),
-                          "--rate", str(rate))
-            key = f"{lease} ms, " + (f"paced {rate:,} msg/s" if rate else "flat out")
+                          "--rate", str(rate), "--switch-interval-ms", str(switch))
+            key = f"{lease} ms, " + (f"paced {rate:,} msg/s" if rate else "flat out") + f", GIL switch {switch} ms"
             waits = next((x["sync_ms"] for x in lines if "sync_ms" in x), [])
             summary = next((x["summary"] for x in lines if "summary" in x), {})
             a = np.asarray(waits) if waits else np.zeros(1)

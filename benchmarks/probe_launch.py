@@ -85,6 +85,30 @@ def main():
             pass
     print(f"  {'launch until the lease has begun':40s} {timed(launch_and_begin, 500, sync)}", flush=True)
     sync()
+    # After 5 ms of nothing: the host CPU idles (sleep) or stays busy (spin); the GPU idles in both.
+    for how in ("sleep", "spin"):
+        calls, begins, query = [], [], []
+        for _ in range(300):
+            if how == "sleep":
+                time.sleep(5e-3)
+            else:
+                end = time.perf_counter() + 5e-3
+                while time.perf_counter() < end:
+                    pass
+            t0 = time.perf_counter_ns()
+            s.done()
+            t1 = time.perf_counter_ns()
+            b = begun[0]
+            k.launch()
+            t2 = time.perf_counter_ns()
+            while begun[0] == b:
+                pass
+            t3 = time.perf_counter_ns()
+            query.append(t1 - t0), calls.append(t2 - t1), begins.append(t3 - t1)
+            sync()
+        p50 = lambda a: np.percentile(np.asarray(a) / 1e3, 50)  # noqa: E731
+        print(f"  after 5 ms idle ({how}): cuStreamQuery p50 {p50(query):.2f} us; launch call p50 {p50(calls):.2f} us; "
+              f"launch until begun p50 {p50(begins):.2f} us", flush=True)
     q.close()
 
 

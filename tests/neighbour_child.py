@@ -197,7 +197,11 @@ def main():
     ap.add_argument("--lease-ms", type=float, default=QueueConfig.lease_ms)
     ap.add_argument("--sync-samples", type=int, default=0)
     ap.add_argument("--rate", type=float, default=200_000)
+    ap.add_argument("--switch-interval-ms", type=float, default=None,
+                    help="sys.setswitchinterval for this process (CPython's default is 5 ms)")
     args = ap.parse_args()
+    if args.switch_interval_ms:
+        sys.setswitchinterval(args.switch_interval_ms / 1e3)
     if args.lib == "torch":  # torch first, the queue second; CuPy the other way round
         import torch
         torch.ones(1, device="cuda")
@@ -215,7 +219,8 @@ def main():
     if q is not None:
         s = q.stats()
         q.close()
-        summary.update(launches=s.launches, exits=s.exits, lease_ms=args.lease_ms, rate=args.rate)
+        summary.update(launches=s.launches, exits=s.exits, lease_ms=args.lease_ms, rate=args.rate,
+                       switch_interval_ms=sys.getswitchinterval() * 1e3)
     emit(summary=summary)
 
 

@@ -64,9 +64,12 @@ def test_cuda_work_beside_a_queue_returns(gpu, lib, state):
 
 
 def test_sync_wait_under_traffic_is_bounded(gpu):
+    """p99 <= 5 ms.  The traffic threads are Python threads of the same process: with CPython's
+    default 5 ms switch interval, getting the GIL back after the sync alone can take that long,
+    so the child sets it to 0.2 ms and the figure is the GPU's share (bench_share.py shows both)."""
     if importlib.util.find_spec("torch") is None:
         pytest.skip("torch is not installed here (the H200 machine's python3 has it)")
-    lines, _ = run_child("torch", "busy", "--sync-samples", "300")
+    lines, _ = run_child("torch", "busy", "--sync-samples", "300", "--switch-interval-ms", "0.2")
     waits = sorted(next(x["sync_ms"] for x in lines if "sync_ms" in x))
     p99 = waits[int(0.99 * (len(waits) - 1))]
     assert p99 <= 5.0, f"torch.cuda.synchronize p99 {p99:.2f} ms under traffic (max {waits[-1]:.2f} ms)"
