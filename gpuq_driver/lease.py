@@ -12,9 +12,10 @@ has begun serving (``leases_begun == launches``), launch the next one* on the qu
 Under traffic that keeps exactly one lease queued behind the running one, so the GPU never waits
 for the host between leases; when the queue is idle nothing is launched at all, and the first
 message afterwards launches a lease itself.  A lease that sees a message does not always finish
-it (its time may run out under a backlog), so a *keeper* thread watches too: while messages are
-pending and no lease is running or queued, it launches one (it looks every ``lease_ms``, at most
-every 5 ms, while work is pending, and every 20 ms otherwise; each launch by a producer wakes it).
+it (its time may run out under a backlog), so a *keeper* thread watches too: when messages are
+pending and no lease is running or queued, it launches one.  It looks once a lease (at most every
+5 ms) while a lease runs, every 20 ms while the kernel is parked, and at once when a producer
+launches a lease into a parked queue; a look costs ~1 µs of the GIL.
 A user's synchronising call made at time t waits for at most the running lease and the one
 queued behind it: ``2 × lease_ms`` plus the messages in flight (one per warp), after which the
 queue goes on where it left off.
@@ -49,8 +50,9 @@ class Leases:
     def __init__(self, kernel, lease_ms: float):
         self._kernel = kernel
         self._ahead = not math.isinf(lease_ms)  # a lease that never ends needs no successor queued
-        self._period = min(lease_ms / 1e3, 5e-3)  # the keeper's look, while messages are pending
+        self._period = min(lease_ms / 1e3, 5e-3)  # the keeper's look, while a lease runs
         self._wake = threading.Event()
+        self._keeper_parked = False  # the keeper waits 20 ms: a launch should wake it
         self.error: BaseException | None = None  # a launch by the keeper that failed
         words = kernel.layout.view(kernel.mem, "ctrl_dev", "Q")
         self.begun = words[_BEGUN:_BEGUN + 1]   # one-item views: [0] is the live value
@@ -76,7 +78,8 @@ class Leases:
                 return False
             self._kernel.launch()
             self.launches += 1
-        self._wake.set()
+        if self._keeper_parked:
+            self._wake.set()
         return True
 
     def keep(self, pending) -> threading.Thread:
@@ -84,14 +87,15 @@ class Leases:
         yet processed) and no lease runs or is queued, launches one.  Ends at ``close``."""
         def run():
             while not self.closed:
-                busy = pending()
-                if busy and not self.paused and not self.serving():
+                serving = self.serving()
+                if not serving and not self.paused and pending():
                     try:
-                        self.kick()
+                        serving = self.kick()
                     except Exception as exc:  # a lost context: report it to the consumers, stop
                         self.error = exc
                         return
-                self._wake.wait(self._period if busy else 20e-3)
+                self._keeper_parked = not serving
+                self._wake.wait(self._period if serving else 20e-3)
                 self._wake.clear()
 
         thread = threading.Thread(target=run, name="gpuq-lease-keeper", daemon=True)

@@ -317,11 +317,15 @@ class GpuQueue:
         return out
 
     def _keep_serving(self) -> None:
-        """Messages wait but no lease runs or is queued: launch one.  The relaunch after each
-        enqueue already guarantees this; consumers check too, so progress never rests on one
-        thread's timing."""
-        if self._head > self._polled and not self._leases.serving() and not self._leases.paused:
-            self._leases.kick()
+        """Messages wait but no lease runs or is queued: launch one (the keeper thread does too;
+        a consumer that waits need not wait for it).  Raises GpuqError if the keeper's launch
+        failed, CudaError if this one does."""
+        leases = self._leases
+        if leases.error is not None:
+            raise GpuqError(f"the persistent kernel could not be launched again ({leases.error}); "
+                            "the CUDA context is probably unusable") from leases.error
+        if self._head > self._polled and not leases.serving() and not leases.paused:
+            leases.kick()
 
     def try_dequeue_result(self, msg_id: int) -> bytes | None:
         """The result of ``msg_id`` as bytes (and its slot freed), or None if not done yet.
