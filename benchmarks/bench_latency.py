@@ -35,6 +35,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from plotting import pyplot  # noqa: E402  (benchmarks/plotting.py)
 from gpuq_driver import GpuQueue, QueueConfig, compile_cubin, driver  # noqa: E402
 from gpuq_driver.compiler import CompileOptions, nvrtc_version  # noqa: E402
 
@@ -315,12 +316,8 @@ def sustained_one_thread(n: int, **cfg) -> dict:
 
 
 def plot(results: dict, path: Path) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     rows = [(k, v) for k, v in results["latency"].items()]
     fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.2))

@@ -38,6 +38,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from plotting import pyplot  # noqa: E402  (benchmarks/plotting.py)
 from gpuq_driver.streams import RedisServer, StreamProducer, connect  # noqa: E402
 from gpuq_driver.streams.wire import frames, items  # noqa: E402
 
@@ -217,12 +218,8 @@ def redis_run(ctx, url, mode, size, frame, n, producers, pings, load, backend) -
 
 
 def plot(res: dict, path: Path) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot (make it later: bench_redis.py --replot bench_redis.json)")
+    plt = pyplot(' (make it later: bench_redis.py --replot bench_redis.json)')
+    if plt is None:
         return
     rows = res["runs"]
     labels = list(dict.fromkeys(r["label"] for r in rows))

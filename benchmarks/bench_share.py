@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from plotting import pyplot  # benchmarks/plotting.py
+
 CHILD = Path(__file__).resolve().parent.parent / "tests" / "neighbour_child.py"
 
 
@@ -100,12 +102,8 @@ def main() -> int:
 
 
 def plot(res: dict, path: Path) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(7, 4))
     for lease, v in res["sync"].items():

@@ -35,6 +35,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from plotting import pyplot  # noqa: E402  (benchmarks/plotting.py)
 import gpuq_driver  # noqa: E402
 from gpuq_driver import CudaUnavailable, GpuQueue, QueueConfig, QueueFull  # noqa: E402
 
@@ -215,12 +216,8 @@ class Soak:
 
 
 def plot(res: dict, path: Path) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     ser, nb = res["series"], res["config"]["neighbour_used"] != "none"
     t = [r["t_s"] for r in ser]
