@@ -82,18 +82,23 @@ class Leases:
             self._wake.set()
         return True
 
-    def keep(self, pending) -> threading.Thread:
-        """Start the keeper: a daemon thread that, while ``pending()`` (messages enqueued and not
-        yet processed) and no lease runs or is queued, launches one.  Ends at ``close``."""
+    def keep(self, pending_ref) -> threading.Thread:
+        """Start the keeper: a daemon thread that, while ``pending_ref()()`` (messages enqueued and
+        not yet processed; a weak reference, so that the keeper does not keep its queue alive) and
+        no lease runs or is queued, launches one.  Ends at ``close`` or when the queue is gone."""
         def run():
             while not self.closed:
                 serving = self.serving()
+                pending = pending_ref()
+                if pending is None:
+                    return
                 if not serving and not self.paused and pending():
                     try:
                         serving = self.kick()
                     except Exception as exc:  # a lost context: report it to the consumers, stop
                         self.error = exc
                         return
+                del pending
                 self._keeper_parked = not serving
                 self._wake.wait(self._period if serving else 20e-3)
                 self._wake.clear()

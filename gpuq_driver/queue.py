@@ -213,7 +213,7 @@ class GpuQueue:
         except BaseException:
             self._finalizer()
             raise
-        leases.keep(self._pending)
+        leases.keep(weakref.WeakMethod(self._pending))  # weak: a dropped queue is still collected
         _open_queues.add(self)
 
     def _pending(self) -> bool:
@@ -496,8 +496,8 @@ class GpuQueue:
                 # the producers' head, not the doorbell's: every enqueued message is covered
                 self._doorbell[0] = self._head | (mode << DOORBELL_STOP_SHIFT)
         k, leases = self._kernel, self._leases
-        with leases._lock:
-            leases.paused = False  # a drain needs leases; an abort needs one to see the stop
+        if leases.paused:
+            leases.resume()  # a drain needs leases; an abort needs one to see the stop
         deadline = time.monotonic() + timeout
         while not k.exited():
             if not leases.serving():  # a lease that ended before it saw the stop: one more sees it

@@ -177,3 +177,18 @@ def test_a_queue_that_never_leaves(make_queue):
     time.sleep(0.02)
     s = q.stats()
     assert s.kernel == "running" and s.launches == 1 and s.exits == 0
+
+
+def test_a_dropped_queue_is_collected_and_its_kernel_closed(backend):
+    import gc
+    import weakref
+
+    from gpuq_driver import GpuQueue
+
+    q = GpuQueue(QueueConfig(capacity=8, slot_bytes=16, backend=backend))
+    assert q.wait_result(q.enqueue(b"x")) == b"x"
+    kernel, ref = q._kernel, weakref.ref(q)
+    del q
+    gc.collect()
+    assert ref() is None, "something (the lease keeper?) still holds the queue"
+    assert wait_for(lambda: kernel.closed), "the finalizer did not close the kernel"

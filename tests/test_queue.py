@@ -22,7 +22,8 @@ def test_lifecycle(make_queue, backend):
     q = make_queue(capacity=16, slot_bytes=64)
     assert repr(q).startswith(f"<GpuQueue {backend}")
     s = q.stats()
-    assert isinstance(s, QueueStats) and s.kernel == "running" and s.enqueued == 0 and s.backend == backend
+    assert isinstance(s, QueueStats) and s.enqueued == 0 and s.backend == backend
+    assert s.kernel in ("running", "parked") and s.launches >= 1  # the first lease may be over already
     mid = q.enqueue(b"hello")
     assert mid == 0
     assert q.wait_result(mid) == b"hello"
