@@ -12,7 +12,8 @@ Everything is measured in one process, one run, on one GPU:
               checked); enqueue + take interleaved in one thread (sustained, ring of 1024)
   leases      the same queue figures with the default lease (1 ms) and with lease_ms=inf (the kernel
               never leaves: the behaviour before leases); the first message after the queue was
-              idle long enough for the kernel to park (enqueue launches a lease); pause()/resume()
+              idle for 5 ms (the kernel still lingers, park_after_ms = 10) and for 50 ms (it has
+              parked: enqueue launches a lease); pause()/resume()
 Latencies are per-iteration perf_counter_ns deltas after a warm-up: p50 / p99 in µs.
 Writes <out>/bench_latency.json and <out>/bench_latency.png and prints a table.
 
@@ -216,9 +217,9 @@ def queue_round_trip(size: int, iters: int, **cfg) -> dict:
     return out
 
 
-def after_idle(iters: int, idle_s: float = 0.005, **cfg) -> dict:
-    """The first message after the queue sat idle for ``idle_s`` (> 2 leases: the kernel has parked):
-    enqueue (which launches a lease) -> result readable, and the enqueue call alone."""
+def after_idle(iters: int, idle_s: float, **cfg) -> dict:
+    """The first message after the queue sat idle for ``idle_s``: enqueue (which launches a lease
+    if the kernel has parked) -> result readable, and the enqueue call alone."""
     payload = bytes(range(64))
     with GpuQueue(QueueConfig(capacity=64, slot_bytes=64, **cfg)) as q:
         res_ids, mask, clock = q._res_hdr, q._mask, time.perf_counter_ns
@@ -345,7 +346,8 @@ def main() -> int:
         GpuQueue = lambda cfg: real(QueueConfig(**{**cfg.__dict__, "backend": "sim"}))  # noqa: E731
         for name, cfg in (("1_block_1_warp", {"blocks": 1, "threads_per_block": 32}),):
             queue_round_trip(64, 200, **cfg)
-        print(enqueue_throughput(3000), sustained_one_thread(3000), after_idle(5), pause_resume(5))
+        print(enqueue_throughput(3000), sustained_one_thread(3000), after_idle(5, 0.005), after_idle(3, 0.05),
+              pause_resume(5))
         return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -381,7 +383,9 @@ def main() -> int:
     lat["gpuq_round_trip_64B_again"] = queue_round_trip(64, args.iters)  # the same version twice: the spread
     never = {"lease_ms": math.inf}  # the kernel never leaves: the behaviour before leases, side by side
     lat["gpuq_round_trip_64B_never_leaves"] = queue_round_trip(64, args.iters, **never)
-    lat["gpuq_first_after_idle_64B"] = after_idle(args.iters // 40)
+    # a pause shorter than park_after_ms (default 10 ms: the kernel lingers) and a longer one (parked)
+    lat["gpuq_first_after_5ms_idle_64B"] = after_idle(args.iters // 40, 0.005)
+    lat["gpuq_first_after_50ms_idle_64B"] = after_idle(args.iters // 100, 0.05)
     results["pause_resume"] = pause_resume(200)
     results["enqueue_throughput"] = enqueue_throughput(args.enqueue_messages)
     results["enqueue_throughput_never_leaves"] = enqueue_throughput(args.enqueue_messages, **never)

@@ -58,6 +58,12 @@ class QueueConfig:
                         wait at most ~2 × lease_ms (default 1.0 ms; >= 0.05; ``math.inf`` never
                         leaves: lowest overhead, but any such call then hangs while the queue
                         lives).  docs/design.md, "Sharing the GPU", has the measurements.
+    park_after_ms:      after the last message the kernel lingers this long, lease after lease,
+                        before it parks, so that a message after a shorter pause finds it running
+                        (~5 µs round trip) rather than paying a launch (~55-65 µs on the H200);
+                        lingering costs one launch per lease from the keeper thread and one warp
+                        polling the doorbell, and changes no bound above (default 10.0 ms; >= 0;
+                        0 parks as soon as a lease ends idle; ``math.inf`` never parks).
     front_backoff_ns:   the front warp reads the doorbell over PCIe back to back (one read in
                         flight, ~1 µs each) while traffic is recent; after 1,024 empty reads it
                         sleeps between reads, growing up to this cap (default 1000 ns; 0 = always
@@ -76,6 +82,7 @@ class QueueConfig:
     enqueue_timeout_s: float = 1.0
     shutdown_timeout_s: float = 10.0
     lease_ms: float = 1.0
+    park_after_ms: float = 10.0
     front_backoff_ns: int = 1000
     idle_backoff_ns: int = 2000
     device: int = 0
@@ -105,6 +112,9 @@ class QueueConfig:
         v = self.lease_ms
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= MIN_LEASE_MS:
             raise ConfigError(f"lease_ms={v!r} must be a number >= {MIN_LEASE_MS} (milliseconds; math.inf = never leave)")
+        v = self.park_after_ms
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
+            raise ConfigError(f"park_after_ms={v!r} must be a number >= 0 (milliseconds; math.inf = never park)")
         check("front_backoff_ns", 0, 1_000_000)
         check("idle_backoff_ns", 0, 1_000_000)
         check("device", 0, 1023)
@@ -179,7 +189,7 @@ class GpuQueue:
         else:
             from .kernel import PersistentKernel as Backend
         self._kernel = kernel = Backend(config)
-        self._leases = leases = Leases(kernel, config.lease_ms)
+        self._leases = leases = Leases(kernel, config.lease_ms, config.park_after_ms)
         self._finalizer = weakref.finalize(self, _close_kernel, leases, kernel)
         self._finalizer.atexit = False  # _abandon_open_queues handles exit
         lay, mem, cap, sb = kernel.layout, kernel.mem, config.capacity, config.slot_bytes
@@ -213,8 +223,13 @@ class GpuQueue:
         except BaseException:
             self._finalizer()
             raise
-        leases.keep(weakref.WeakMethod(self._pending))  # weak: a dropped queue is still collected
+        # weak: a dropped queue is still collected
+        leases.keep(weakref.WeakMethod(self._published), weakref.WeakMethod(self._pending))
         _open_queues.add(self)
+
+    def _published(self) -> int:
+        """Messages published so far (the lease keeper watches it move)."""
+        return self._head
 
     def _pending(self) -> bool:
         """Messages enqueued and not yet processed (the lease keeper's question)."""
