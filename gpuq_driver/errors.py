@@ -16,6 +16,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import operator
 from typing import Any
 
@@ -102,6 +104,20 @@ def check_int(name: str, value, lo: int, hi: int | None = None) -> int:
         limit = f"{lo} <= {name} <= {hi}" if hi is not None else f"{name} >= {lo}"
         raise ConfigError(f"{name}={value} is out of range: {limit}")
     return value
+
+
+def check_number(name: str, value, lo: float, hi: float = math.inf, unit: str = "", allow_inf: bool = False) -> float:
+    """``value`` as a float (numpy numbers accepted; bool and NaN refused) with lo <= value <= hi,
+    or ``math.inf`` where ``allow_inf``; ConfigError naming the field and the limit otherwise."""
+    try:
+        ok = not isinstance(value, bool) and isinstance(value, numbers.Real)
+        number = float(value) if ok else math.nan
+    except OverflowError:
+        number = math.nan
+    if not (lo <= number <= hi or (allow_inf and number == math.inf)):
+        limit = f"{name} >= {lo:g}" if hi == math.inf else f"{lo:g} <= {name} <= {hi:,.10g}"
+        raise ConfigError(f"{name}={value!r} must be a number{unit}: {limit}" + (", or math.inf" if allow_inf else ""))
+    return number
 
 
 def check_seconds(name: str, value) -> float:

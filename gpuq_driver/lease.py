@@ -36,7 +36,7 @@ import math
 import threading
 import time
 
-from .errors import GpuqError
+from .errors import ConfigError, GpuqError, QueueClosed
 from .layout import KERNEL_EXITED, CtrlDev
 
 _BEGUN = CtrlDev.leases_begun.offset // 8
@@ -63,8 +63,9 @@ class Leases:
         self.begun = words[_BEGUN:_BEGUN + 1]   # one-item views: [0] is the live value
         self.ended = words[_ENDED:_ENDED + 1]
         self.launches = 0
-        self.pauses = 0
-        self.paused = False
+        self.pauses = 0          # times the kernel was asked to park (0 -> 1 pause in force)
+        self._depth = 0          # pause() calls in force: nested and concurrent pauses count
+        self.stopping = False    # shutdown asked for the last leases: no pause from now on
         self.closed = False      # no launch ever again (close, interpreter exit)
         self._lock = threading.Lock()
 
@@ -119,6 +120,11 @@ class Leases:
         thread.start()
         return thread
 
+    @property
+    def paused(self) -> bool:
+        """True while at least one ``pause()`` is in force."""
+        return self._depth > 0
+
     def serving(self) -> bool:
         """True while a launched lease is running or queued (the device has not ended them all)."""
         return self.ended[0] != self.launches
@@ -126,25 +132,48 @@ class Leases:
     def pause(self, timeout: float) -> None:
         """Stop launching, then wait (up to ``timeout`` s) until no lease runs or is queued.
 
-        Returns within ``2 × lease_ms`` plus the messages in flight.  Raises GpuqError on timeout
-        (the queue stays paused; call again or ``resume``).
+        Pauses nest: the kernel runs again after as many ``resume()`` calls.  Returns within
+        ``2 × lease_ms`` plus the messages in flight.  Raises GpuqError on timeout (this pause
+        is undone), QueueClosed once shutdown or close has begun, ConfigError where leases
+        never end (``lease_ms=math.inf``).
         """
+        if not self._ahead:
+            raise ConfigError("lease_ms=inf: the kernel never leaves, so pause() cannot park it")
         with self._lock:
-            if not self.paused:
-                self.paused = True
+            if self.stopping or self.closed:
+                raise QueueClosed("queue is shut down: there is nothing to pause")
+            self._depth += 1
+            if self._depth == 1:
                 self.pauses += 1
         deadline = time.monotonic() + timeout
         while self.serving() or not self._kernel.idle():
+            if self.closed:
+                raise QueueClosed("queue was closed while pause() waited")
+            if self.stopping:
+                return  # shutdown took over: the leases it launches stop the kernel for good
             if time.monotonic() > deadline:
+                self.resume()
                 raise GpuqError(f"the persistent kernel did not leave within {timeout} s "
-                                f"({self.launches} leases launched, {self.ended[0]} ended)")
+                                f"({self.launches} leases launched, {self.ended[0]} ended); not paused")
             time.sleep(50e-6)
 
     def resume(self) -> None:
-        """Launch again: messages enqueued while paused are served from here on."""
+        """Undo one ``pause()``; when none is left in force, launch again: messages enqueued while
+        paused are served from here on.  Without a pause in force it does nothing."""
         with self._lock:
-            self.paused = False
+            if self._depth == 0:
+                return
+            self._depth -= 1
+            if self._depth:
+                return
         self.kick()
+
+    def stop(self) -> None:
+        """Shutdown has begun: every pause is lifted (a drain needs leases, an abort one lease to
+        see the stop) and no new one is accepted."""
+        with self._lock:
+            self.stopping = True
+            self._depth = 0
 
     def close(self) -> None:
         """No launch from now on (the caller then stops the kernel and waits for it)."""

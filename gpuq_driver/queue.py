@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import (ConfigError, GpuqError, PayloadError, PayloadTypeError, ProtocolError, QueueClosed, QueueFull,
-                     check_int, check_seconds)
+                     check_int, check_number, check_seconds)
 from .layout import (DONE, DOORBELL_STOP_SHIFT, ERROR_NAMES, KERNEL_EXITED, KERNEL_PARKED, KERNEL_RUNNING, NO_MSG,
                      READY, STOP_ABORT, STOP_DRAIN, is_power_of_two)
 from .lease import Leases
@@ -35,7 +35,7 @@ from .lease import Leases
 MAX_CAPACITY = 1 << 22
 MAX_SLOT_BYTES = 1 << 20
 MAX_RING_BYTES = 1 << 32
-MIN_LEASE_MS = 0.05
+MIN_LEASE_MS, MAX_LEASE_MS = 0.05, 3_600_000.0  # 50 µs .. 1 hour (or math.inf: never leave)
 
 
 @dataclass(frozen=True)
@@ -55,9 +55,9 @@ class QueueConfig:
     lease_ms:           the kernel leaves after serving this long (at a message boundary) and the
                         next message launches it again, so that synchronising CUDA calls elsewhere
                         in the process (torch.cuda.synchronize, cuMemFree, module loads, GEMMs)
-                        wait at most ~2 × lease_ms (default 1.0 ms; >= 0.05; ``math.inf`` never
-                        leaves: lowest overhead, but any such call then hangs while the queue
-                        lives).  docs/design.md, "Sharing the GPU", has the measurements.
+                        wait at most ~2 × lease_ms (default 1.0 ms; 0.05 .. 3,600,000, or
+                        ``math.inf``: never leaves, lowest overhead, but any such call then hangs
+                        while the queue lives, and ``pause()`` is refused).  docs/design.md, "Sharing the GPU", has the measurements.
     park_after_ms:      after the last message the kernel lingers this long, lease after lease,
                         before it parks, so that a message after a shorter pause finds it running
                         (~5 µs round trip) rather than paying a launch (~55-65 µs on the H200);
@@ -109,12 +109,8 @@ class QueueConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
                 raise ConfigError(f"{name}={v!r} must be a number >= 0")
-        v = self.lease_ms
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= MIN_LEASE_MS:
-            raise ConfigError(f"lease_ms={v!r} must be a number >= {MIN_LEASE_MS} (milliseconds; math.inf = never leave)")
-        v = self.park_after_ms
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
-            raise ConfigError(f"park_after_ms={v!r} must be a number >= 0 (milliseconds; math.inf = never park)")
+        for name, lo, hi in (("lease_ms", MIN_LEASE_MS, MAX_LEASE_MS), ("park_after_ms", 0, math.inf)):
+            object.__setattr__(self, name, check_number(name, getattr(self, name), lo, hi, " of milliseconds", True))
         check("front_backoff_ns", 0, 1_000_000)
         check("idle_backoff_ns", 0, 1_000_000)
         check("device", 0, 1023)
@@ -294,8 +290,10 @@ class GpuQueue:
             if not self._accepting:
                 raise QueueClosed("queue is shut down: enqueue is no longer accepted")
             if time.monotonic() >= deadline:
+                why = ("the queue is paused: resume() lets the kernel process them" if self._leases.paused
+                       else "take results with try_dequeue_result()")
                 raise QueueFull(f"ring full: all {self._cap} slots hold messages or untaken results "
-                                f"(waited {timeout} s); take results with try_dequeue_result()")
+                                f"(waited {timeout} s); {why}")
             if self._kernel.exited():
                 raise GpuqError("the persistent kernel has stopped; the queue cannot make room")
             self._keep_serving()
@@ -412,7 +410,8 @@ class GpuQueue:
                 raise KeyError(f"msg_id {msg_id} was already taken or never issued")
             waited = time.perf_counter() - start
             if waited > timeout:
-                raise TimeoutError(f"no result for msg_id {msg_id} within {timeout} s")
+                why = " (the queue is paused: resume() lets the kernel process it)" if self._leases.paused else ""
+                raise TimeoutError(f"no result for msg_id {msg_id} within {timeout} s{why}")
             if waited > 50e-6:
                 self._keep_serving()
                 if self._kernel.exited():
@@ -457,11 +456,14 @@ class GpuQueue:
         """Park the kernel: no lease runs until ``resume()``, so the GPU is the rest of the
         process's (for a stretch of CUDA work longer than a lease, or to measure without us).
 
-        ``enqueue`` still accepts messages (they wait, READY, in the ring); results already done
-        can be taken.  Returns once no lease runs or is queued: within ~2 × ``lease_ms`` plus the
-        messages in flight (one per warp).  timeout: seconds (None = ``config.shutdown_timeout_s``);
-        past it GpuqError is raised and the queue stays paused.  Pausing twice is fine.
-        Raises QueueClosed after ``close()``.
+        ``enqueue`` still accepts messages (they wait, READY, in the ring, and a full ring stays
+        full); results already done can be taken; ``wait_result`` for a message not yet done waits
+        for ``resume()`` (or its timeout).  Pauses nest, from any threads: the kernel runs again
+        after as many ``resume()`` calls.  Returns once no lease runs or is queued: within
+        ~2 × ``lease_ms`` plus the messages in flight (one per warp).  timeout: seconds (None =
+        ``config.shutdown_timeout_s``); past it GpuqError is raised and this pause is undone.
+        Raises QueueClosed once ``shutdown()`` or ``close()`` has begun, ConfigError with
+        ``lease_ms=math.inf`` (a kernel that never leaves cannot be parked).
         """
         timeout = self.config.shutdown_timeout_s if timeout is None else check_seconds("timeout", timeout)
         if self.closed:
@@ -469,16 +471,17 @@ class GpuQueue:
         self._leases.pause(timeout)
 
     def resume(self) -> None:
-        """End a ``pause()``: the next lease is launched now and serves what waited.  Resuming a
-        queue that is not paused does nothing.  Raises QueueClosed after ``close()``, CudaError."""
+        """Undo one ``pause()``; once none is in force the next lease is launched and serves what
+        waited.  Without a pause in force it does nothing.  Raises QueueClosed after ``close()``,
+        CudaError."""
         if self.closed:
             raise QueueClosed("queue is closed")
-        if self._leases.paused:
-            self._leases.resume()
+        self._leases.resume()
 
     @contextlib.contextmanager
     def paused(self, timeout: float | None = None):
-        """``with q.paused(): ...`` runs the block with the kernel parked (``pause``), then resumes."""
+        """``with q.paused(): ...`` runs the block with the kernel parked (``pause``), then undoes
+        that pause.  Blocks nest; if the pause fails (timeout), nothing is left paused."""
         self.pause(timeout)
         try:
             yield self
@@ -511,8 +514,7 @@ class GpuQueue:
                 # the producers' head, not the doorbell's: every enqueued message is covered
                 self._doorbell[0] = self._head | (mode << DOORBELL_STOP_SHIFT)
         k, leases = self._kernel, self._leases
-        if leases.paused:
-            leases.resume()  # a drain needs leases; an abort needs one to see the stop
+        leases.stop()  # pauses lifted, none accepted from now on; the loop below launches
         deadline = time.monotonic() + timeout
         while not k.exited():
             if not leases.serving():  # a lease that ended before it saw the stop: one more sees it

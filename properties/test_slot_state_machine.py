@@ -38,6 +38,7 @@ def make_machine(backend: str):
             self.seen: dict[int, int] = {}  # msg_id -> last observed state
             self.reported: set[int] = set()
             self.paused_at: int | None = None  # processed count when pause() returned
+            self.pauses_in_force = 0            # pauses nest: as many resumes undo them
 
         def teardown(self):
             self.q.close()
@@ -78,11 +79,14 @@ def make_machine(backend: str):
             assert s.kernel == "paused" and s.exits == s.launches
             if self.paused_at is None:
                 self.paused_at = s.processed
+            self.pauses_in_force += 1
 
         @rule()
         def resume(self):
             self.q.resume()
-            self.paused_at = None
+            self.pauses_in_force = max(0, self.pauses_in_force - 1)
+            if not self.pauses_in_force:
+                self.paused_at = None
 
         @rule()
         def let_the_kernel_leave(self):

@@ -9,7 +9,9 @@ import time
 
 import pytest
 
-from gpuq_driver import ConfigError, QueueClosed, QueueConfig, QueueFull
+import numpy as np
+
+from gpuq_driver import ConfigError, GpuqError, GpuQueue, QueueClosed, QueueConfig, QueueFull
 
 
 def wait_for(predicate, timeout=5.0):
@@ -96,8 +98,11 @@ def test_pause_parks_the_kernel_and_resume_serves_what_waited(make_queue):
     time.sleep(0.03)
     assert q.poll_completions() == [] and q.try_dequeue_result(ids[0]) is None
     assert q.stats().processed == 1 and q.stats().launches == s.launches
-    q.pause()  # twice is fine, counted once
+    q.pause()  # pauses nest: this one is counted in force, not as a new parking
     assert q.stats().pauses == 1
+    q.resume()
+    time.sleep(0.03)
+    assert q.stats().kernel == "paused" and q.poll_completions() == []  # one pause is still in force
     q.resume()
     assert [q.wait_result(i) for i in ids] == [bytes([i]) for i in range(10)]
     q.resume()  # not paused: nothing happens
@@ -111,9 +116,73 @@ def test_wait_result_while_paused_times_out_and_keeps_the_result(make_queue):
     q = make_queue(capacity=8, slot_bytes=16)
     with q.paused():
         mid = q.enqueue(b"later")
-        with pytest.raises(TimeoutError):
+        with pytest.raises(TimeoutError, match="paused"):
             q.wait_result(mid, timeout=0.05)
+        for _ in range(7):
+            q.enqueue(b"fill")
+        with pytest.raises(QueueFull, match="paused"):
+            q.enqueue(b"no room", timeout=0.01)
     assert q.wait_result(mid) == b"later"
+
+
+def test_paused_blocks_nest_across_threads(make_queue):
+    q = make_queue(capacity=16, slot_bytes=16)
+    inner_done = threading.Event()
+
+    def other():
+        with q.paused():
+            time.sleep(0.01)
+        inner_done.set()
+
+    with q.paused():
+        t = threading.Thread(target=other)
+        t.start()
+        mid = q.enqueue(b"x")
+        assert inner_done.wait(5)
+        time.sleep(0.03)
+        assert q.try_dequeue_result(mid) is None and q.stats().kernel == "paused"  # ours still holds
+    t.join()
+    assert q.wait_result(mid) == b"x"
+
+
+def test_a_pause_that_times_out_leaves_nothing_paused():
+    q = GpuQueue(QueueConfig(capacity=8, slot_bytes=16, backend="sim", lease_ms=1.0))
+    q._kernel.delay_s = 0.2  # the simulated lease is inside a slow message: it cannot leave in time
+    first = q.enqueue(b"slow")
+    time.sleep(0.02)
+    with pytest.raises(GpuqError, match="did not leave"):
+        with q.paused(timeout=0.001):
+            pass
+    assert not q._leases.paused
+    q._kernel.delay_s = 0
+    assert q.wait_result(first, timeout=5) == b"slow" and q.wait_result(q.enqueue(b"b"), timeout=5) == b"b"
+    q.close()
+
+
+def test_pause_cannot_stop_a_drain(make_queue, backend):
+    q = make_queue(capacity=64, slot_bytes=16)
+    if backend == "sim":
+        q._kernel.delay_s = 5e-3
+    ids = [q.enqueue(bytes([i])) for i in range(30)]
+    t = threading.Thread(target=lambda: q.shutdown(drain=True, timeout=10))
+    t.start()
+    time.sleep(0.02)
+    try:
+        q.pause(timeout=5)  # refused once shutdown has begun, or overtaken by it
+    except QueueClosed:
+        pass
+    t.join(20)
+    assert not t.is_alive()
+    assert [q.try_dequeue_result(i) for i in ids] == [bytes([i]) for i in range(30)]
+    with pytest.raises(QueueClosed):
+        q.pause()
+
+
+def test_pause_needs_leases(make_queue):
+    q = make_queue(capacity=8, slot_bytes=16, lease_ms=math.inf)
+    with pytest.raises(ConfigError, match="lease_ms=inf"):
+        q.pause()
+    assert q.wait_result(q.enqueue(b"x")) == b"x"
 
 
 @pytest.mark.parametrize("drain", [True, False])
@@ -186,9 +255,10 @@ def test_a_producer_and_a_pauser_thread(make_queue, backend):
 def test_lease_config():
     assert QueueConfig().lease_ms == 1.0 and QueueConfig().lease_ns == 1_000_000
     assert QueueConfig(lease_ms=math.inf).lease_ns == (1 << 64) - 1
-    for bad in (0, 0.01, -1, "1", None, True, math.nan):
+    for bad in (0, 0.01, -1, "1", None, True, math.nan, 1e300, 2**64, 10**400, 3_600_001):
         with pytest.raises(ConfigError, match="lease_ms"):
             QueueConfig(lease_ms=bad)
+    assert QueueConfig(lease_ms=np.float32(0.5)).lease_ns == 500_000 and QueueConfig(lease_ms=np.int64(2)).lease_ms == 2.0
     assert QueueConfig().park_after_ms == 10.0 and QueueConfig(park_after_ms=0).park_after_ms == 0
     for bad in (-1, "1", None, True, math.nan):
         with pytest.raises(ConfigError, match="park_after_ms"):
