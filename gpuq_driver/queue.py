@@ -139,7 +139,7 @@ class QueueStats:
                message launches one), "paused" (``pause()``), "exited" (shut down), "not started".
     launches:  leases launched (the first at construction, then one per lease under traffic).
     exits:     leases that have ended (on time, paused or shut down); launches - exits <= 2.
-    pauses:    ``pause()`` calls that parked the kernel.
+    pauses:    times ``pause()`` asked the kernel to park (a pause nested in another not counted).
     backend:   "cuda" or "sim".
     """
 
