@@ -12,8 +12,8 @@ Everything is measured in one process, one run, on one GPU:
               checked); enqueue + take interleaved in one thread (sustained, ring of 1024)
   leases      the same queue figures with the default lease (1 ms) and with lease_ms=inf (the kernel
               never leaves: the behaviour before leases); the first message after the queue was
-              idle for 5 ms (the kernel still lingers, park_after_ms = 10) and for 50 ms (it has
-              parked: enqueue launches a lease); pause()/resume()
+              idle for 5 ms and for 50 ms (the kernel has parked: enqueue launches a lease);
+              pause()/resume()
 Latencies are per-iteration perf_counter_ns deltas after a warm-up: p50 / p99 in µs.
 Writes <out>/bench_latency.json and <out>/bench_latency.png and prints a table.
 
@@ -383,7 +383,6 @@ def main() -> int:
     lat["gpuq_round_trip_64B_again"] = queue_round_trip(64, args.iters)  # the same version twice: the spread
     never = {"lease_ms": math.inf}  # the kernel never leaves: the behaviour before leases, side by side
     lat["gpuq_round_trip_64B_never_leaves"] = queue_round_trip(64, args.iters, **never)
-    # a pause shorter than park_after_ms (default 10 ms: the kernel lingers) and a longer one (parked)
     lat["gpuq_first_after_5ms_idle_64B"] = after_idle(args.iters // 40, 0.005)
     lat["gpuq_first_after_50ms_idle_64B"] = after_idle(args.iters // 100, 0.05)
     results["pause_resume"] = pause_resume(200)

@@ -13,13 +13,9 @@ Under traffic that keeps exactly one lease queued behind the running one, so the
 for the host between leases; when the queue is idle nothing is launched at all, and the first
 message afterwards launches a lease itself.  A lease that sees a message does not always finish
 it (its time may run out under a backlog), so a *keeper* thread watches too: when messages are
-pending and no lease is running or queued, it launches one.  The keeper also lets the kernel
-*linger*: for ``park_after_ms`` after the last message it keeps one lease queued behind the
-running one, as the producers do under traffic, so that a message after a short pause finds the
-kernel running instead of paying a launch; only then does the kernel park.  Lingering leases end
-on time like any other, so the bound below holds throughout.  The keeper looks once a lease (at
-most every 5 ms) while a lease runs or the kernel lingers, every 20 ms while it is parked, and at
-once when a producer launches a lease into a parked queue; a look costs a few µs of the GIL.
+pending and no lease is running or queued, it launches one.  It looks once a lease (at most every
+5 ms) while a lease runs, every 20 ms while the kernel is parked, and at once when a producer
+launches a lease into a parked queue; a look costs ~1 µs of the GIL.
 A user's synchronising call made at time t waits for at most the running lease and the one
 queued behind it: ``2 × lease_ms`` plus the messages in flight (one per warp), after which the
 queue goes on where it left off.
@@ -51,9 +47,8 @@ class Leases:
     backend makes its context current in the calling thread.
     """
 
-    def __init__(self, kernel, lease_ms: float, park_after_ms: float = 0.0):
+    def __init__(self, kernel, lease_ms: float):
         self._kernel = kernel
-        self._linger = park_after_ms / 1e3
         self._ahead = not math.isinf(lease_ms)  # a lease that never ends needs no successor queued
         self._period = min(lease_ms / 1e3, 5e-3)  # the keeper's look, while a lease runs
         self._wake = threading.Event()
@@ -88,32 +83,25 @@ class Leases:
             self._wake.set()
         return True
 
-    def keep(self, head_ref, pending_ref) -> threading.Thread:
-        """Start the keeper, a daemon thread.  ``head_ref()()`` is the number of messages
-        published, ``pending_ref()()`` whether some are not processed yet: weak references, so
-        that the keeper does not keep its queue alive.  While messages are pending and no lease
-        runs or is queued, and for ``park_after_ms`` after the head last moved, it launches the
-        next lease once the newest has begun.  Ends at ``close`` or when the queue is gone."""
+    def keep(self, pending_ref) -> threading.Thread:
+        """Start the keeper: a daemon thread that, while ``pending_ref()()`` (messages enqueued and
+        not yet processed; a weak reference, so that the keeper does not keep its queue alive) and
+        no lease runs or is queued, launches one.  Ends at ``close`` or when the queue is gone."""
         def run():
-            last_head, moved = -1, time.monotonic()
             while not self.closed:
-                head, pending = head_ref(), pending_ref()
-                if head is None or pending is None:
-                    return
-                now, h = time.monotonic(), head()
-                if h != last_head:
-                    last_head, moved = h, now
-                lingering = now - moved < self._linger
                 serving = self.serving()
-                if not self.paused and ((not serving and pending()) or (lingering and self.begun[0] == self.launches)):
+                pending = pending_ref()
+                if pending is None:
+                    return
+                if not serving and not self.paused and pending():
                     try:
-                        serving = self.kick() or serving
+                        serving = self.kick()
                     except Exception as exc:  # a lost context: report it to the consumers, stop
                         self.error = exc
                         return
-                del head, pending
-                self._keeper_parked = not (serving or lingering)
-                self._wake.wait(20e-3 if self._keeper_parked else self._period)
+                del pending
+                self._keeper_parked = not serving
+                self._wake.wait(self._period if serving else 20e-3)
                 self._wake.clear()
 
         thread = threading.Thread(target=run, name="gpuq-lease-keeper", daemon=True)

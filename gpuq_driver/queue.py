@@ -58,12 +58,6 @@ class QueueConfig:
                         wait at most ~2 × lease_ms (default 1.0 ms; 0.05 .. 3,600,000, or
                         ``math.inf``: never leaves, lowest overhead, but any such call then hangs
                         while the queue lives, and ``pause()`` is refused).  docs/design.md, "Sharing the GPU", has the measurements.
-    park_after_ms:      after the last message the kernel lingers this long, lease after lease,
-                        before it parks, so that a message after a shorter pause finds it running
-                        (~5 µs round trip) rather than paying a launch (~55-65 µs on the H200);
-                        lingering costs one launch per lease from the keeper thread and one warp
-                        polling the doorbell, and changes no bound above (default 10.0 ms; >= 0;
-                        0 parks as soon as a lease ends idle; ``math.inf`` never parks).
     front_backoff_ns:   the front warp reads the doorbell over PCIe back to back (one read in
                         flight, ~1 µs each) while traffic is recent; after 1,024 empty reads it
                         sleeps between reads, growing up to this cap (default 1000 ns; 0 = always
@@ -82,7 +76,6 @@ class QueueConfig:
     enqueue_timeout_s: float = 1.0
     shutdown_timeout_s: float = 10.0
     lease_ms: float = 1.0
-    park_after_ms: float = 10.0
     front_backoff_ns: int = 1000
     idle_backoff_ns: int = 2000
     device: int = 0
@@ -109,8 +102,8 @@ class QueueConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
                 raise ConfigError(f"{name}={v!r} must be a number >= 0")
-        for name, lo, hi in (("lease_ms", MIN_LEASE_MS, MAX_LEASE_MS), ("park_after_ms", 0, math.inf)):
-            object.__setattr__(self, name, check_number(name, getattr(self, name), lo, hi, " of milliseconds", True))
+        object.__setattr__(self, "lease_ms", check_number("lease_ms", self.lease_ms, MIN_LEASE_MS, MAX_LEASE_MS,
+                                                          " of milliseconds", allow_inf=True))
         check("front_backoff_ns", 0, 1_000_000)
         check("idle_backoff_ns", 0, 1_000_000)
         check("device", 0, 1023)
@@ -185,7 +178,7 @@ class GpuQueue:
         else:
             from .kernel import PersistentKernel as Backend
         self._kernel = kernel = Backend(config)
-        self._leases = leases = Leases(kernel, config.lease_ms, config.park_after_ms)
+        self._leases = leases = Leases(kernel, config.lease_ms)
         self._finalizer = weakref.finalize(self, _close_kernel, leases, kernel)
         self._finalizer.atexit = False  # _abandon_open_queues handles exit
         lay, mem, cap, sb = kernel.layout, kernel.mem, config.capacity, config.slot_bytes
@@ -219,13 +212,8 @@ class GpuQueue:
         except BaseException:
             self._finalizer()
             raise
-        # weak: a dropped queue is still collected
-        leases.keep(weakref.WeakMethod(self._published), weakref.WeakMethod(self._pending))
+        leases.keep(weakref.WeakMethod(self._pending))  # weak: a dropped queue is still collected
         _open_queues.add(self)
-
-    def _published(self) -> int:
-        """Messages published so far (the lease keeper watches it move)."""
-        return self._head
 
     def _pending(self) -> bool:
         """Messages enqueued and not yet processed (the lease keeper's question)."""
@@ -435,20 +423,21 @@ class GpuQueue:
             k, leases = self._kernel, self._leases
             taken = self._tail + self._taken_ahead  # read before head: occupied is never negative
             processed = int(self._counters.sum())
+            launches = leases.launches  # once, before what the device wrote: exits <= launches
             state, exits = k.ctrl.state, int(leases.ended[0])
         head = self._head
         if state == KERNEL_EXITED:
             kernel = "exited"
-        elif leases.paused and exits == leases.launches:
+        elif leases.paused and exits == launches:
             kernel = "paused"
-        elif state == KERNEL_RUNNING or exits != leases.launches:
+        elif state == KERNEL_RUNNING or exits != launches:
             kernel = "running"
         else:
             kernel = "parked" if state == KERNEL_PARKED else "not started"
         return QueueStats(enqueued=head, processed=processed, taken=taken, pending=head - processed,
                           occupied=head - taken, capacity=self._cap, slot_bytes=self._sb,
                           blocks=k.blocks, threads_per_block=k.threads, warps=k.warps, kernel=kernel,
-                          launches=leases.launches, exits=exits, pauses=leases.pauses, backend=k.backend)
+                          launches=launches, exits=exits, pauses=leases.pauses, backend=k.backend)
 
     # -- sharing the GPU -----------------------------------------------------------------------
 

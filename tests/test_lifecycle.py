@@ -33,7 +33,7 @@ def parked(q) -> bool:
 
 
 def test_an_idle_queue_parks_and_the_next_message_relaunches(make_queue):
-    q = make_queue(capacity=16, slot_bytes=32, lease_ms=1.0, park_after_ms=0)
+    q = make_queue(capacity=16, slot_bytes=32, lease_ms=1.0)
     assert q.wait_result(q.enqueue(b"first")) == b"first"
     assert wait_for(lambda: parked(q)), q.stats()  # within ~2 leases nothing runs any more
     before = q.stats()
@@ -43,22 +43,6 @@ def test_an_idle_queue_parks_and_the_next_message_relaunches(make_queue):
     assert q.wait_result(q.enqueue(b"after idle")) == b"after idle"
     s = q.stats()
     assert s.launches == before.launches + 1 and s.enqueued == s.processed == s.taken == 2
-
-
-def test_the_kernel_lingers_after_the_last_message_then_parks(make_queue):
-    q = make_queue(capacity=16, slot_bytes=32, lease_ms=1.0, park_after_ms=300)
-    assert q.wait_result(q.enqueue(b"x")) == b"x"
-    t0 = time.monotonic()
-    time.sleep(0.1)
-    s = q.stats()
-    if time.monotonic() - t0 < 0.25:  # still inside park_after_ms (a slow host may overshoot)
-        assert s.kernel == "running" and s.launches >= 3, s  # lease after lease, launched by the keeper
-    assert wait_for(lambda: parked(q)), q.stats()
-    assert time.monotonic() - t0 >= 0.2
-    launches = q.stats().launches
-    time.sleep(0.05)
-    assert q.stats().launches == launches  # parked: nothing launched any more
-    assert q.wait_result(q.enqueue(b"y")) == b"y"
 
 
 def test_leases_under_traffic_lose_and_duplicate_nothing(make_queue, backend):
@@ -200,7 +184,7 @@ def test_shutdown_of_a_paused_queue(make_queue, drain):
 
 
 def test_shutdown_of_a_parked_queue(make_queue):
-    q = make_queue(capacity=8, slot_bytes=16, lease_ms=0.5, park_after_ms=0)
+    q = make_queue(capacity=8, slot_bytes=16, lease_ms=0.5)
     q.wait_result(q.enqueue(b"x"))
     assert wait_for(lambda: parked(q))
     q.shutdown()
@@ -259,10 +243,6 @@ def test_lease_config():
         with pytest.raises(ConfigError, match="lease_ms"):
             QueueConfig(lease_ms=bad)
     assert QueueConfig(lease_ms=np.float32(0.5)).lease_ns == 500_000 and QueueConfig(lease_ms=np.int64(2)).lease_ms == 2.0
-    assert QueueConfig().park_after_ms == 10.0 and QueueConfig(park_after_ms=0).park_after_ms == 0
-    for bad in (-1, "1", None, True, math.nan):
-        with pytest.raises(ConfigError, match="park_after_ms"):
-            QueueConfig(park_after_ms=bad)
 
 
 def test_a_queue_that_never_leaves(make_queue):
