@@ -9,6 +9,9 @@
     │   └── PayloadTypeError a payload that is not a contiguous bytes-like object (also a TypeError)
     ├── QueueFull            the ring stayed full for the whole timeout
     ├── QueueClosed          the queue was shut down or closed
+    ├── KernelStopped        the persistent kernel stopped for good: what it has not done never will be
+    ├── ResultTimeout        no result within the timeout (also a TimeoutError)
+    ├── UnknownMessage       a msg_id never issued or already taken (also a KeyError)
     ├── ProtocolError        the device saw a broken slot (a bug, not bad input)
     └── BrokerError          Redis (Track A) refused a command or the login, or no redis-server could be started
         └── BrokerUnavailable  Redis cannot be reached (bad URL, server down, connection lost)
@@ -69,6 +72,22 @@ class QueueFull(GpuqError):
 
 class QueueClosed(GpuqError):
     """The queue was shut down (no more enqueues) or closed (no more anything)."""
+
+
+class KernelStopped(GpuqError):
+    """The persistent kernel stopped for good (shut down or aborted, or it could not be launched
+    again): messages it has not processed never will be."""
+
+
+class ResultTimeout(GpuqError, TimeoutError):
+    """No result within the timeout; the message stays queued and its result can be taken later."""
+
+
+class UnknownMessage(GpuqError, KeyError):
+    """A msg_id that was never issued, or whose result was already taken."""
+
+    def __str__(self) -> str:  # KeyError would show the message in quotes
+        return str(self.args[0]) if self.args else ""
 
 
 class ProtocolError(GpuqError):

@@ -10,8 +10,8 @@ import time
 import numpy as np
 import pytest
 
-from gpuq_driver import (GpuqError, GpuQueue, PayloadError, PayloadTypeError, QueueClosed, QueueConfig,
-                         QueueFull, QueueStats)
+from gpuq_driver import (ConfigError, GpuqError, GpuQueue, PayloadError, PayloadTypeError, QueueClosed, QueueConfig,
+                         QueueFull, QueueStats, ResultTimeout, UnknownMessage)
 
 
 def drain(q: GpuQueue, ids, timeout=10.0) -> dict[int, bytes]:
@@ -288,3 +288,61 @@ def test_payloads_that_are_not_plain_data_are_refused(make_queue, payload, expec
     with pytest.raises(PayloadTypeError, match=expect):
         q.enqueue(payload)
     assert q.wait_result(q.enqueue(np.zeros((0, 5)))) == b""  # an empty array is an empty payload
+
+
+def test_a_lost_result_at_the_tail_is_named_and_listed(make_queue):
+    """capacity 4: results 1-3 taken, 0 not: the ring is full because slots free in msg_id order.
+    The error names msg_id 0 and what to do; outstanding() lists it."""
+    q = make_queue(capacity=4, slot_bytes=16)
+    ids = [q.enqueue(bytes([i])) for i in range(4)]
+    got = []
+    deadline = time.monotonic() + 10
+    while len(got) < 4 and time.monotonic() < deadline:
+        got += q.poll_completions()
+    assert got == ids
+    assert [q.try_dequeue_result(i) for i in ids[1:]] == [b"\x01", b"\x02", b"\x03"]
+    with pytest.raises(QueueFull, match=r"frees when msg_id 0 is taken.*try_dequeue_result\(0\).*1 of 4 slots"):
+        q.enqueue(b"x", timeout=0)
+    assert q.outstanding() == [0] and q.stats().occupied == 1 and q.poll_completions() == []
+    assert q.try_dequeue_result(0) == b"\x00"
+    assert q.enqueue(b"x", timeout=0) == 4 and q.outstanding() == [4]
+
+
+@pytest.mark.parametrize("bad", [-5, "abc", math.nan, True, -math.inf])
+def test_a_bad_enqueue_timeout_is_refused_up_front(make_queue, bad):
+    q = make_queue(capacity=8, slot_bytes=16)
+    with pytest.raises(ConfigError, match="timeout"):
+        q.enqueue(b"a", timeout=bad)
+    assert q.stats().enqueued == 0
+    assert q.wait_result(q.enqueue(b"a", timeout=np.float64(0.5))) == b"a"  # numpy numbers are numbers
+
+
+def test_poll_max_items_takes_numpy_integers(make_queue):
+    q = make_queue(capacity=8, slot_bytes=16)
+    ids = [q.enqueue(b"p") for _ in range(3)]
+    assert q.wait_result(ids[2], timeout=10) == b"p"  # taken out of order; 0 and 1 are polled below
+    seen = []
+    deadline = time.monotonic() + 10
+    while len(seen) < 2 and time.monotonic() < deadline:
+        seen += q.poll_completions(np.int64(2))
+    assert seen == ids[:2]
+    for bad in (-1, 1.5, True, "2"):
+        with pytest.raises(ConfigError, match="max_items"):
+            q.poll_completions(bad)
+
+
+def test_wait_result_errors_are_the_library_s_and_the_builtins(make_queue):
+    q = make_queue(capacity=8, slot_bytes=16)
+    with pytest.raises(UnknownMessage) as exc:
+        q.wait_result(99)
+    assert isinstance(exc.value, KeyError) and isinstance(exc.value, GpuqError)
+    assert str(exc.value) == "msg_id 99 was already taken or never issued"  # no KeyError quotes
+    with q.paused():
+        mid = q.enqueue(b"x")
+        with pytest.raises(ResultTimeout) as exc:
+            q.wait_result(mid, timeout=0.01)
+        assert isinstance(exc.value, TimeoutError) and isinstance(exc.value, GpuqError)
+    assert q.wait_result(mid) == b"x"
+    q.shutdown()
+    with pytest.raises(QueueClosed):
+        q.enqueue(b"late")
