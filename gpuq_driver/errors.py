@@ -142,9 +142,7 @@ def check_number(name: str, value, lo: float, hi: float = math.inf, unit: str = 
 def check_seconds(name: str, value) -> float:
     """A duration in seconds >= 0 (math.inf allowed) as a float; ConfigError (a ValueError)
     naming the field otherwise."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ConfigError(f"{name}={value!r} must be a number of seconds >= 0 (math.inf for no limit)")
-    return float(value)
+    return check_number(name, value, 0, math.inf, " of seconds", allow_inf=True)
 
 
 def _enum_text(code: Any) -> tuple[str, str]:

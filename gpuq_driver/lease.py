@@ -77,8 +77,12 @@ class Leases:
                 return False  # a launched lease has not begun yet: it will read the doorbell
             if not self._ahead and self.ended[0] != self.launches:
                 return False
-            self._kernel.launch()
-            self.launches += 1
+            self.launches += 1  # first: the device's ended count never passes it
+            try:
+                self._kernel.launch()
+            except BaseException:
+                self.launches -= 1
+                raise
         if self._keeper_parked:
             self._wake.set()
         return True
@@ -138,7 +142,7 @@ class Leases:
             if self.closed:
                 raise QueueClosed("queue was closed while pause() waited")
             if self.stopping:
-                return  # shutdown took over: the leases it launches stop the kernel for good
+                raise QueueClosed("queue was shut down while pause() waited")
             if time.monotonic() > deadline:
                 self.resume()
                 raise GpuqError(f"the persistent kernel did not leave within {timeout} s "

@@ -99,9 +99,7 @@ class QueueConfig:
         if self.threads_per_block % 32:
             raise ConfigError(f"threads_per_block={self.threads_per_block} must be a multiple of 32")
         for name in ("enqueue_timeout_s", "shutdown_timeout_s"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
-                raise ConfigError(f"{name}={v!r} must be a number >= 0")
+            object.__setattr__(self, name, check_seconds(name, getattr(self, name)))
         object.__setattr__(self, "lease_ms", check_number("lease_ms", self.lease_ms, MIN_LEASE_MS, MAX_LEASE_MS,
                                                           " of milliseconds", allow_inf=True))
         check("front_backoff_ns", 0, 1_000_000)
@@ -242,11 +240,11 @@ class GpuQueue:
         that is not a number >= 0), QueueFull (no slot freed within the timeout; nothing enqueued;
         the message names the msg_id holding the next slot), QueueClosed (after shutdown),
         KernelStopped (the kernel stopped for good while waiting), CudaError (the next lease could not be launched: the message is
-        queued, but the CUDA context is unusable).  Cost: 0.7-1.5 µs from CPython 3.12 on the H200
+        queued, and ``outstanding()`` lists its msg_id, but the CUDA context is unusable).  Cost: 0.7-1.5 µs from CPython 3.12 on the H200
         hosts (by their CPU), no CUDA call, except ~10 µs for a launch once per lease (after
         ``lease_ms`` of traffic, or for the first message after the queue was idle that long).
         """
-        if timeout is not None and not (type(timeout) in (int, float) and timeout >= 0):
+        if timeout is not None and not (type(timeout) in (int, float) and 0 <= timeout < 1e18):
             timeout = check_seconds("timeout", timeout)  # refused up front, not once the ring fills
         if type(payload) is not bytes:
             payload = _byte_view(payload)
@@ -310,8 +308,10 @@ class GpuQueue:
 
         Stops at the first message not yet done (a later one that finished early is reported
         once the earlier ones have).  ``max_items`` (int >= 0, numpy integers too, or None) caps
-        the list.  Does not wait for the device (only for the consumer lock).  Raises QueueClosed
-        after ``close()``, ConfigError (a ValueError) for a bad ``max_items``.
+        the list.  Does not wait for the device (only for the consumer lock); finding nothing, it
+        launches a lease if messages wait and none runs.  Raises QueueClosed after ``close()``,
+        ConfigError (a ValueError) for a bad ``max_items``, KernelStopped if the kernel could not
+        be launched again (a lost CUDA context).
         """
         if max_items is not None:
             max_items = check_int("max_items", max_items, 0)
@@ -342,14 +342,14 @@ class GpuQueue:
             return [m for m in range(self._tail, self._head) if taken[m & mask] != m]
 
     def _keep_serving(self) -> None:
-        """Messages wait but no lease runs or is queued: launch one (the keeper thread does too;
-        a consumer that waits need not wait for it).  Raises GpuqError if the keeper's launch
-        failed, CudaError if this one does."""
+        """Messages wait unprocessed but no lease runs or is queued: launch one (the keeper thread
+        does too; a consumer that waits need not wait for it).  Raises KernelStopped if the
+        keeper's launch failed, CudaError if this one does."""
         leases = self._leases
         if leases.error is not None:
             raise KernelStopped(f"the persistent kernel could not be launched again ({leases.error}); "
                                 "the CUDA context is probably unusable") from leases.error
-        if self._head > self._polled and not leases.serving() and not leases.paused:
+        if not leases.paused and not leases.serving() and self._pending():
             leases.kick()
 
     def try_dequeue_result(self, msg_id: int) -> bytes | None:
@@ -440,6 +440,9 @@ class GpuQueue:
     def stats(self) -> QueueStats:
         """A QueueStats snapshot (reads device counters in place; no copy, no CUDA call).
 
+        The counters are read one after another while producers, consumers and the device go
+        on, so ``pending`` and ``occupied`` are clamped to 0 .. capacity.
+
         Raises QueueClosed after ``close()``.
         """
         with self._clock:
@@ -459,8 +462,9 @@ class GpuQueue:
             kernel = "running"
         else:
             kernel = "parked" if state == KERNEL_PARKED else "not started"
-        return QueueStats(enqueued=head, processed=processed, taken=taken, pending=head - processed,
-                          occupied=head - taken, capacity=self._cap, slot_bytes=self._sb,
+        cap = self._cap
+        return QueueStats(enqueued=head, processed=processed, taken=taken, pending=min(cap, max(0, head - processed)),
+                          occupied=min(cap, max(0, head - taken)), capacity=cap, slot_bytes=self._sb,
                           blocks=k.blocks, threads_per_block=k.threads, warps=k.warps, kernel=kernel,
                           launches=launches, exits=exits, pauses=leases.pauses, backend=k.backend)
 

@@ -266,3 +266,39 @@ def test_a_dropped_queue_is_collected_and_its_kernel_closed(backend):
     gc.collect()
     assert ref() is None, "something (the lease keeper?) still holds the queue"
     assert wait_for(lambda: kernel.closed), "the finalizer did not close the kernel"
+
+
+def test_a_producer_waiting_on_untaken_results_launches_nothing(make_queue):
+    """A ring full of results nobody took: nothing is pending for the kernel, so a producer that
+    waits for a slot must not keep launching leases (the GPU would never be left alone)."""
+    q = make_queue(capacity=8, slot_bytes=16)
+    for _ in range(8):
+        q.enqueue(b"x")
+    assert wait_for(lambda: q.stats().processed == 8) and wait_for(lambda: parked(q))
+    launches = q.stats().launches
+    with pytest.raises(QueueFull):
+        q.enqueue(b"y", timeout=0.2)
+    assert q.poll_completions(0) == []
+    assert q.stats().launches == launches
+
+
+def test_huge_timeouts_are_config_errors(make_queue):
+    q = make_queue(capacity=8, slot_bytes=16)
+    for call in (lambda: q.wait_result(0, timeout=10**400), lambda: q.pause(timeout=10**400),
+                 lambda: q.enqueue(b"x", timeout=10**400), lambda: q.shutdown(timeout=10**400)):
+        with pytest.raises(ConfigError, match="timeout"):
+            call()
+    with pytest.raises(ConfigError, match="enqueue_timeout_s"):
+        QueueConfig(enqueue_timeout_s=10**400)
+    assert q.stats().enqueued == 0 and q.wait_result(q.enqueue(b"ok")) == b"ok"
+
+
+def test_a_pause_overtaken_by_shutdown_raises():
+    q = GpuQueue(QueueConfig(capacity=8, slot_bytes=16, backend="sim"))
+    q._kernel.delay_s = 0.3  # a slow message keeps the lease from leaving
+    q.enqueue(b"a")
+    time.sleep(0.02)
+    threading.Timer(0.05, lambda: q.shutdown(drain=False)).start()
+    with pytest.raises(QueueClosed, match="shut down while pause"):
+        q.pause(timeout=5)
+    q.close()
