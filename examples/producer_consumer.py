@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         queue = GpuQueue(config)
     except CudaUnavailable as exc:
-        print(f"producer_consumer: needs an NVIDIA GPU with its driver; none usable here ({exc.text})",
+        print(f"producer_consumer: needs an NVIDIA GPU with its driver; none usable here ({exc.text}); "
+              "--backend sim runs the example on the CPU simulator",
               file=sys.stderr)
         return 2
 

@@ -185,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             engine, engine_text = make_engine(args)
         except CudaUnavailable as exc:
-            print(f"redis_consumer: --backend cuda needs an NVIDIA GPU with its driver; none usable here ({exc.text})",
+            print(f"redis_consumer: --backend cuda needs an NVIDIA GPU with its driver; none usable here ({exc.text}); "
+                  "--backend sim (or numpy) runs it on the CPU",
                   file=sys.stderr)
             return 2
 

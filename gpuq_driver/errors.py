@@ -43,7 +43,11 @@ class CudaError(GpuqError):
 
 
 class CudaUnavailable(CudaError):
-    """No usable CUDA driver or device on this machine (the queue cannot start here)."""
+    """No usable CUDA driver or device on this machine (the queue cannot start here); the message
+    says that ``QueueConfig(backend="sim")`` runs the same queue on the CPU simulator."""
+
+    def __str__(self) -> str:
+        return super().__str__() + ' (without a GPU, QueueConfig(backend="sim") runs the queue on the CPU simulator)'
 
 
 class CompileError(GpuqError):

@@ -53,3 +53,9 @@ def test_no_gpu_gives_a_clear_error():
     assert info.value.call == "cuInit" or "device" in str(info.value).lower()
     with pytest.raises(CudaUnavailable):
         gpuq_driver.device_count()
+
+
+def test_cuda_unavailable_points_to_the_simulator():
+    """Issue 10 item 12: where no GPU exists, the error says how to run without one."""
+    exc = CudaUnavailable(100, "CUDA_ERROR_NO_DEVICE", "no CUDA-capable device is detected", "cuInit")
+    assert 'QueueConfig(backend="sim")' in str(exc) and "CUDA_ERROR_NO_DEVICE" in str(exc)

@@ -870,3 +870,19 @@ def test_redis_server_closed_once_its_process_is_killed(redis_server):
     finally:
         server.close()
     assert server.closed
+
+
+def test_redis_server_that_exits_at_once_says_so_with_its_status(redis_py):
+    """Issue 10 item 8: a binary that is not redis-server exits at once: say so, with the status,
+    rather than waiting out the PING timeout; a negative startup timeout is refused."""
+    import shutil
+
+    false = shutil.which("false")
+    if false is None:
+        pytest.skip("no `false` binary on this machine")
+    t0 = time.monotonic()
+    with pytest.raises(BrokerError, match=r"exited with status 1 before answering PING; its log:\n\(empty\)"):
+        RedisServer(false)
+    assert time.monotonic() - t0 < 5
+    with pytest.raises(ConfigError, match="startup_timeout_s"):
+        RedisServer(false, startup_timeout_s=-1)

@@ -23,7 +23,7 @@ import time
 import weakref
 from urllib.parse import urlsplit, urlunsplit
 
-from ..errors import BrokerError, BrokerUnavailable, ConfigError
+from ..errors import BrokerError, BrokerUnavailable, ConfigError, check_seconds
 
 DEFAULT_URL_ENV = "REDIS_URL"
 
@@ -197,6 +197,8 @@ class RedisServer:
     def __init__(self, executable: str | None = None, *, startup_timeout_s: float = 10.0):
         import redis
 
+        startup_timeout_s = check_seconds("startup_timeout_s", startup_timeout_s)
+
         self.executable = executable or find_redis_server()
         for _ in range(5):  # the free port may be taken between the probe and the bind: retry
             self._workdir = tempfile.TemporaryDirectory(prefix="gpuq-redis-")
@@ -219,12 +221,14 @@ class RedisServer:
                 except redis.ConnectionError:
                     time.sleep(0.02)
             text = open(log).read()[-2000:] if os.path.exists(log) else ""
+            code = self._proc.poll()  # None: it still ran when the time was up
             client.close()
             self._finalizer()
             if "Address already in use" not in text:
                 break
-        raise BrokerError(f"{self.executable} did not answer PING on port {self.port} within "
-                          f"{startup_timeout_s} s; its log:\n{text}")
+        what = (f"exited with status {code} before answering PING" if code is not None
+                else f"did not answer PING on port {self.port} within {startup_timeout_s} s")
+        raise BrokerError(f"{self.executable} {what}; its log:\n{text or '(empty)'}")
 
     def close(self) -> None:
         """Stop the server (SIGTERM, then SIGKILL after 5 s) and delete its folder.  Idempotent."""
