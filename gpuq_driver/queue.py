@@ -26,11 +26,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import (ConfigError, GpuqError, KernelStopped, PayloadError, PayloadTypeError, ProtocolError, QueueClosed,
-                     QueueFull, ResultTimeout, UnknownMessage, check_int, check_number, check_seconds)
+from .errors import (ConfigError, GpuqError, KernelStopped, PayloadError, ProtocolError, QueueClosed, QueueFull,
+                     ResultTimeout, UnknownMessage, check_int, check_number, check_seconds)
 from .layout import (DONE, DOORBELL_STOP_SHIFT, ERROR_NAMES, KERNEL_EXITED, KERNEL_PARKED, KERNEL_RUNNING, NO_MSG,
                      READY, STOP_ABORT, STOP_DRAIN, is_power_of_two)
 from .lease import Leases
+from .payload import byte_view
 
 MAX_CAPACITY = 1 << 22
 MAX_SLOT_BYTES = 1 << 20
@@ -247,7 +248,7 @@ class GpuQueue:
         if timeout is not None and not (type(timeout) in (int, float) and 0 <= timeout < 1e18):
             timeout = check_seconds("timeout", timeout)  # refused up front, not once the ring fills
         if type(payload) is not bytes:
-            payload = _byte_view(payload)
+            payload = byte_view(payload)
         n = len(payload)
         if n > self._sb:
             raise PayloadError(f"payload is {n} bytes; slot_bytes is {self._sb} (the limit per message)")
@@ -624,20 +625,3 @@ def _abandon_open_queues() -> None:
             q._abandon()
         except Exception:  # exit must go on
             pass
-
-
-def _byte_view(payload) -> memoryview:
-    """A flat byte view of any C-contiguous buffer of plain data; PayloadTypeError otherwise."""
-    try:
-        view = memoryview(payload)
-    except (TypeError, ValueError) as exc:  # ValueError: numpy dtypes the buffer protocol cannot carry
-        raise PayloadTypeError(
-            f"payload must be a bytes-like object (bytes, bytearray, memoryview, numpy array of plain "
-            f"numbers), not {type(payload).__name__} ({exc})") from None
-    if not view.c_contiguous:
-        raise PayloadTypeError("payload must be C-contiguous")
-    if "O" in view.format or "P" in view.format:
-        raise PayloadTypeError(f"payload of format {view.format!r} holds object pointers, not data")
-    if view.nbytes == 0:
-        return memoryview(b"")
-    return view if view.format == "B" and view.ndim == 1 else view.cast("B")

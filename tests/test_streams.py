@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gpuq_driver import ConfigError, GpuqError, PayloadError
+from gpuq_driver import ConfigError, GpuqError, GpuQueue, PayloadError, QueueConfig
 from gpuq_driver.errors import BrokerError, BrokerUnavailable
 from gpuq_driver.streams import (BatchProcessor, GpuBridge, RedisServer, StreamConsumer, StreamProducer,
                                  StreamWorker, connect, decode_frame, encode_frame, read_results)
@@ -886,3 +886,27 @@ def test_redis_server_that_exits_at_once_says_so_with_its_status(redis_py):
     assert time.monotonic() - t0 < 5
     with pytest.raises(ConfigError, match="startup_timeout_s"):
         RedisServer(false, startup_timeout_s=-1)
+
+
+@pytest.mark.parametrize("bad, expect", [
+    (np.array([b"a", "b", 3], dtype=object), "object pointers"),
+    (np.zeros(2, dtype=object), "object pointers"),
+    (np.zeros(1, "datetime64[s]"), "bytes-like"),
+    (None, "bytes-like"),
+])
+def test_one_payload_check_for_every_entry_point(redis_client, bad, expect):
+    """Issue 10 item 1: the producer and the batch path refuse what GpuQueue.enqueue refuses
+    (object arrays used to be sent as raw pointer bytes), with PayloadTypeError naming the payload."""
+    from gpuq_driver.errors import PayloadTypeError
+
+    producer = StreamProducer(redis_client, "s")
+    with pytest.raises(PayloadTypeError, match=f"payload 0 .*{expect}|payload 0 must be {expect}"):
+        producer.send(bad)
+    with BatchProcessor(slot_bytes=64, backend="numpy") as proc:
+        with pytest.raises(PayloadTypeError, match=f"payload 1 .*{expect}|payload 1 must be {expect}"):
+            proc.process([b"ok", bad])
+    with GpuQueue(QueueConfig(backend="sim", capacity=8, slot_bytes=64)) as q:
+        with pytest.raises(PayloadTypeError, match=expect):
+            q.enqueue(bad)
+        assert q.stats().enqueued == 0
+    assert redis_client.exists("s") == 0

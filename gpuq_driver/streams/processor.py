@@ -19,6 +19,7 @@ import weakref
 import numpy as np
 
 from ..errors import ConfigError, GpuqError, PayloadError, check_int
+from ..payload import byte_view
 from .wire import FAILED, items
 
 _LENS_ALIGN = 256
@@ -104,9 +105,11 @@ class BatchProcessor:
         bytes, or None where the plugin's result did not fit in a slot.
 
         Raises PayloadError (naming the message's index, size and ``slot_bytes``) before
-        anything runs if a payload is larger than a slot; ValueError for too many payloads.
+        anything runs if a payload is larger than a slot, PayloadTypeError for one that is not
+        plain bytes (payload.byte_view: the check every entry point shares); ValueError for too
+        many payloads.
         """
-        views = [memoryview(p).cast("B") for p in payloads]
+        views = [byte_view(p, f"payload {i}") for i, p in enumerate(payloads)]
         for i, v in enumerate(views):
             if len(v) > self.slot_bytes:
                 raise PayloadError(f"payload {i} is {len(v)} bytes; slot_bytes is {self.slot_bytes} "

@@ -4,23 +4,13 @@ from __future__ import annotations
 
 import time
 
-from ..errors import BrokerError, ConfigError, PayloadError, PayloadTypeError, check_int
+from ..errors import BrokerError, ConfigError, PayloadError, check_int
+from ..payload import byte_view
 from .server import broker_errors, check_client
 from .wire import FRAME, PAYLOAD, encode_frame
 
 
 MAX_ENTRY_BYTES = 512 << 20  # Redis's default proto-max-bulk-len
-
-
-def _payload(p, i: int):
-    """bytes as they are; other buffers as a byte view (redis-py would count their items, not bytes)."""
-    if type(p) is bytes:
-        return p
-    try:
-        return memoryview(p).cast("B")
-    except TypeError as exc:
-        raise PayloadTypeError(f"payload {i} is {type(p).__name__}, not a C-contiguous bytes-like object "
-                               f"({exc})") from None
 
 
 class StreamProducer:
@@ -62,7 +52,7 @@ class StreamProducer:
 
     def send(self, payload) -> bytes:
         """XADD one message as a plain entry; returns its entry id (e.g. ``b"1732900000000-0"``)."""
-        return self._xadd([{PAYLOAD: _payload(payload, 0)}], 1)[0]
+        return self._xadd([{PAYLOAD: byte_view(payload, "payload 0")}], 1)[0]
 
     def send_many(self, payloads) -> list[bytes]:
         """XADD ``payloads`` (bytes-like) in pipelined round trips; returns the entry ids, in order.
@@ -70,7 +60,8 @@ class StreamProducer:
         With ``frame`` > 1 each entry holds up to ``frame`` consecutive messages, so the list has
         ceil(len / frame) ids.  Raises BrokerUnavailable (with ``sent_ids``) if Redis goes away.
         """
-        payloads = [_payload(p, i) for i, p in enumerate(payloads)]
+        # bytes as they are, other buffers as byte views (redis-py would count their items, not bytes)
+        payloads = [byte_view(p, f"payload {i}") for i, p in enumerate(payloads)]
         k = self.frame
         if k == 1:
             entries = [{PAYLOAD: p} for p in payloads]
