@@ -143,6 +143,20 @@ def check_number(name: str, value, lo: float, hi: float = math.inf, unit: str = 
     return number
 
 
+def check_name(name: str, value) -> str | bytes:
+    """A Redis key or name: a non-empty str or bytes; ConfigError naming the field otherwise."""
+    if not isinstance(value, (str, bytes)) or not value:
+        raise ConfigError(f"{name}={value!r} must be a non-empty str or bytes")
+    return value
+
+
+def check_instance(name: str, value, cls, what: str):
+    """``value`` if it is a ``cls``; ConfigError naming the field and what it must be otherwise."""
+    if not isinstance(value, cls):
+        raise ConfigError(f"{name} must be {what}, not {type(value).__name__}")
+    return value
+
+
 def check_seconds(name: str, value) -> float:
     """A duration in seconds >= 0 (math.inf allowed) as a float; ConfigError (a ValueError)
     naming the field otherwise."""

@@ -910,3 +910,31 @@ def test_one_payload_check_for_every_entry_point(redis_client, bad, expect):
             q.enqueue(bad)
         assert q.stats().enqueued == 0
     assert redis_client.exists("s") == 0
+
+
+def test_streams_arguments_are_checked_up_front(redis_client):
+    """Issue 10 items 2-3: library errors naming the argument, before anything reaches Redis."""
+    from gpuq_driver.streams import StreamWorker, connect
+
+    with pytest.raises(ConfigError, match="url=None"):
+        connect(None)
+    with pytest.raises(BrokerError, match="no such executable"):
+        RedisServer("/nonexistent/redis-server")
+    with pytest.raises(ConfigError, match="client must be a redis-py client"):
+        StreamProducer(None, "s")
+    with pytest.raises(ConfigError, match="stream=None"):
+        StreamProducer(redis_client, None)
+    for args, name in ((("in", "", "w"), "group"), (("in", "g", None), "consumer"), ((b"", "g", "w"), "stream")):
+        with pytest.raises(ConfigError, match=f"{name}="):
+            StreamConsumer(redis_client, *args)
+    consumer = StreamConsumer(redis_client, "in", "g", "w")
+    with pytest.raises(ConfigError, match="queue must be a GpuQueue"):
+        GpuBridge(consumer, None)
+    with BatchProcessor(slot_bytes=64, backend="numpy") as proc:
+        with pytest.raises(ConfigError, match="consumer must be a StreamConsumer"):
+            StreamWorker(None, proc)
+        worker = StreamWorker(consumer, proc)
+        for kw, name in (({"max_messages": -1}, "max_messages"), ({"idle_exit_s": -1}, "idle_exit_s")):
+            with pytest.raises(ConfigError, match=name):
+                worker.run(**kw)
+    assert redis_client.exists("s") == 0

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 
-from ..errors import PayloadError, QueueFull, check_int, check_seconds
+from ..errors import PayloadError, QueueFull, check_instance, check_int, check_seconds
 from .wire import encode_frame
 from .worker import _Loop
 
@@ -35,8 +35,10 @@ class GpuBridge(_Loop):
 
     def __init__(self, consumer, queue, *, publish_batch: int = 256, max_wait_s: float = 1e-3,
                  reclaim_every_s: float = 1.0):
+        from ..queue import GpuQueue
+
         super().__init__(consumer, reclaim_every_s)
-        self.queue = queue
+        self.queue = check_instance("queue", queue, GpuQueue, "a GpuQueue")
         self.publish_batch = check_int("publish_batch", publish_batch, 1)
         self.max_wait_s = check_seconds("max_wait_s", max_wait_s)
         self._done_since = 0.0

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import ConfigError, check_int
+from ..errors import ConfigError, check_int, check_name
 from .server import broker_errors, check_client
 from .wire import encode_frame, entry_messages, frames, items
 
@@ -125,6 +125,8 @@ class StreamConsumer:
         check_int("claim_idle_ms", claim_idle_ms, 0)
         check_int("result_maxlen", result_maxlen, 1)
         self.url = check_client(client)
+        for name, value in (("stream", stream), ("group", group), ("consumer", consumer)):
+            check_name(name, value)
         self.client, self.stream, self.group, self.consumer = client, stream, group, consumer
         self.count, self.block_ms, self.claim_idle_ms = count, block_ms, claim_idle_ms
         if result_stream is None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from ..errors import BrokerError, ConfigError, PayloadError, check_int
+from ..errors import BrokerError, ConfigError, PayloadError, check_int, check_name
 from ..payload import byte_view
 from .server import broker_errors, check_client
 from .wire import FRAME, PAYLOAD, encode_frame
@@ -43,7 +43,7 @@ class StreamProducer:
         if rate_limit is not None and (isinstance(rate_limit, bool) or not isinstance(rate_limit, (int, float))
                                        or not rate_limit > 0):
             raise ConfigError(f"rate_limit={rate_limit!r} must be > 0 messages/s, or None")
-        self.client, self.stream, self.maxlen = client, stream, maxlen
+        self.client, self.stream, self.maxlen = client, check_name("stream", stream), maxlen
         self.frame, self.pipeline, self.rate_limit = frame, pipeline, rate_limit
         self.url = check_client(client)
         self.sent_messages = 0

@@ -50,6 +50,8 @@ def connect(url: str, *, socket_timeout_s: float | None = 5.0, **kwargs):
     """
     import redis
 
+    if not isinstance(url, str) or not url:
+        raise ConfigError(f"url={url!r} must be a Redis URL such as redis://localhost:6379/0")
     if kwargs.get("decode_responses"):
         raise ConfigError("decode_responses=True: the streams carry binary payloads; leave it False")
     if socket_timeout_s is not None and (isinstance(socket_timeout_s, bool) or not socket_timeout_s > 0):
@@ -99,7 +101,10 @@ def client_url(client) -> str:
 
 
 def check_client(client) -> str:
-    """Raise ConfigError for a client that decodes replies to str; return its URL (for messages)."""
+    """Raise ConfigError for something that is not a redis-py client, or one that decodes replies
+    to str; return its URL (for messages)."""
+    if not callable(getattr(client, "xadd", None)):
+        raise ConfigError(f"client must be a redis-py client (e.g. from connect(url)), not {type(client).__name__}")
     encoder = getattr(client, "get_encoder", None)
     if encoder is not None and getattr(encoder(), "decode_responses", False):
         raise ConfigError("client has decode_responses=True: the streams carry binary payloads; leave it False")
@@ -200,6 +205,9 @@ class RedisServer:
         startup_timeout_s = check_seconds("startup_timeout_s", startup_timeout_s)
 
         self.executable = executable or find_redis_server()
+        if not os.access(self.executable, os.X_OK):
+            raise BrokerError(f"{self.executable}: no such executable (a redis-server binary is needed; "
+                              "GPUQ_REDIS_SERVER or PATH can name one)")
         for _ in range(5):  # the free port may be taken between the probe and the bind: retry
             self._workdir = tempfile.TemporaryDirectory(prefix="gpuq-redis-")
             self.port = _free_port()

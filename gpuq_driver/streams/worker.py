@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import check_seconds
+from ..errors import check_instance, check_int, check_seconds
 from .wire import FAILED, join_frame
 
 
@@ -31,6 +31,9 @@ class _Loop:
     """step() until a message count, a stop event, or an idle time; reclaim on a timer."""
 
     def __init__(self, consumer, reclaim_every_s: float):
+        from .consumer import StreamConsumer
+
+        check_instance("consumer", consumer, StreamConsumer, "a StreamConsumer")
         self.consumer, self.reclaim_every_s = consumer, check_seconds("reclaim_every_s", reclaim_every_s)
         self.stats = WorkerStats()
         self._next_reclaim = 0.0
@@ -70,6 +73,11 @@ class _Loop:
         set, or nothing arrived for ``idle_exit_s`` seconds; ``progress(stats)`` is called about
         every ``progress_every_s`` seconds.  Work already taken (the bridge's messages in flight)
         is then finished and published before it returns, without reading more.  Returns the stats."""
+        if max_messages is not None:
+            check_int("max_messages", max_messages, 0)
+        if idle_exit_s is not None:
+            check_seconds("idle_exit_s", idle_exit_s)
+        check_seconds("progress_every_s", progress_every_s)
         last_work = last_report = time.monotonic()
         while not (stop is not None and stop.is_set()):
             if max_messages is not None and self.stats.messages >= max_messages:
