@@ -27,6 +27,9 @@ import numpy as np
 from gpuq_driver import ConfigError, CudaUnavailable, GpuQueue, QueueConfig
 
 
+MAX_MESSAGES = 100_000_000
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--messages", type=float, default=1_000_000, help="messages to send (default 1e6)")
@@ -35,9 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backend", choices=["cuda", "sim"], default="cuda")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    if not 1 <= args.messages <= MAX_MESSAGES:  # also refuses nan and inf
+        ap.error(f"--messages {args.messages:g}: send 1 to {MAX_MESSAGES:,.0f} messages "
+                 "(16 bytes of timing each are kept for the latency figures)")
     n = int(args.messages)
-    if n < 1:
-        ap.error(f"--messages {args.messages:g}: send at least one message")
     try:
         config = QueueConfig(capacity=args.capacity, slot_bytes=args.slot_bytes, backend=args.backend)
     except ConfigError as exc:
@@ -53,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # Payloads are random slices of one random pool: cheap to make, and each one is different.
     rng = random.Random(args.seed)
-    pool = np.random.default_rng(args.seed).integers(0, 256, 1 << 20, dtype=np.uint8).tobytes()
+    pool_bytes = max(1 << 20, 2 * args.slot_bytes)  # room for a slice of any length up to slot_bytes
+    pool = np.random.default_rng(args.seed).integers(0, 256, pool_bytes, dtype=np.uint8).tobytes()
     offsets = np.array([rng.randrange(len(pool) - args.slot_bytes) for _ in range(min(n, 1 << 16))])
     lengths = np.array([rng.randint(0, args.slot_bytes) for _ in range(min(n, 1 << 16))])
     sent_at = np.zeros(n, dtype=np.int64)   # ns, by msg_id (msg_ids are 0..n-1: one producer)

@@ -33,3 +33,18 @@ def test_example_on_the_gpu(gpu):
     r = run("--messages", "50000")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "50,000 sent, 50,000 received, 0 mismatched, 0 lost" in r.stdout
+
+
+@pytest.mark.parametrize("args", [("--messages", "nan"), ("--messages", "inf"), ("--messages", "1e12"),
+                                  ("--messages", "0")])
+def test_bad_message_counts_are_one_usage_line(args):
+    """Issue 10 item 10: no traceback, argparse's exit 2 with the reason."""
+    r = run("--backend", "sim", *args)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "--messages" in r.stderr.strip().splitlines()[-1]
+
+
+def test_the_largest_slot_runs():
+    r = run("--backend", "sim", "--capacity", "4", "--slot-bytes", "1048576", "--messages", "20")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "20 sent, 20 received, 0 mismatched, 0 lost" in r.stdout
