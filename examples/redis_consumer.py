@@ -167,15 +167,23 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--backend sim is the GpuQueue simulator, for --mode bridge; batch mode's CPU path is --backend numpy")
     if args.mode == "bridge" and args.backend == "numpy":
         ap.error("--backend numpy is BatchProcessor's CPU path, for --mode batch; bridge mode's is --backend sim")
-    n = int(args.messages)
-    if not args.redis_url and n < 1:
-        ap.error(f"--messages {args.messages:g}: produce at least one message")
+    # Every argument is checked here, before a server starts (nan and inf fail these comparisons).
+    if not args.redis_url and not 1 <= args.messages <= 1e9:
+        ap.error(f"--messages {args.messages:g}: produce 1 to 1,000,000,000 messages")
+    n = 0 if args.redis_url else int(args.messages)  # the self-contained demo's count
     if not HEADER <= args.size <= MAX_SIZE:
         ap.error(f"--size {args.size}: payloads are {HEADER} .. {MAX_SIZE} bytes")
+    if not args.redis_url and args.size > args.slot_bytes:
+        ap.error(f"--size {args.size} is over --slot-bytes {args.slot_bytes}: every message would fail")
     if args.simulate_crash < 0:
         ap.error(f"--simulate-crash {args.simulate_crash}: a number of entries, >= 0")
-    if args.idle_exit <= 0:
-        ap.error(f"--idle-exit {args.idle_exit:g}: must be > 0 seconds")
+    if not 0 < args.idle_exit < float("inf"):
+        ap.error(f"--idle-exit {args.idle_exit:g}: must be a number of seconds > 0")
+    for flag, value, lo in (("--count", args.count, 1), ("--frame", args.frame, 1), ("--block-ms", args.block_ms, 0)):
+        if value < lo:
+            ap.error(f"{flag} {value}: must be >= {lo}")
+    if args.max_messages is not None and not 0 <= args.max_messages < float("inf"):
+        ap.error(f"--max-messages {args.max_messages:g}: must be a number >= 0")
     claim_idle_ms = args.claim_idle_ms if args.claim_idle_ms is not None else 500 if args.simulate_crash else 30_000
     max_messages = None if args.max_messages is None else int(args.max_messages)
 

@@ -97,9 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--maxlen", type=int, default=1_000_000,
                     help="approximate stream length cap, entries (default 1e6)")
     args = ap.parse_args(argv)
+    if not 1 <= args.messages <= 1e12:  # also refuses nan and inf
+        ap.error(f"--messages {args.messages:g}: send 1 to 1,000,000,000,000 messages")
     n = int(args.messages)
-    if n < 1:
-        ap.error(f"--messages {args.messages:g}: send at least one message")
+    if args.frame < 1:
+        ap.error(f"--frame {args.frame}: must be >= 1 message per entry")
     if not HEADER <= args.size <= MAX_SIZE:
         ap.error(f"--size {args.size}: payloads are {HEADER} .. {MAX_SIZE} bytes (the first {HEADER} hold the number)")
 
