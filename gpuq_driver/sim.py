@@ -48,14 +48,17 @@ class SimulatedKernel:
         self._thread = threading.Thread(target=self._stream, name="gpuq-sim-kernel", daemon=True)
 
     def start(self) -> None:
+        """Start the thread that plays the stream (it runs the leases launched, one after another)."""
         self._thread.start()
 
     def launch(self) -> None:
+        """Queue one lease behind those already launched (kernel.PersistentKernel.launch's twin)."""
         with self._cv:
             self._queued += 1
             self._cv.notify()
 
     def idle(self) -> bool:
+        """True when no launched lease is still running or queued."""
         return self._queued == 0
 
     @property
@@ -63,9 +66,11 @@ class SimulatedKernel:
         return self.ctrl.error, self.ctrl.error_msg_id
 
     def exited(self) -> bool:
+        """True once the simulated kernel has stopped for good (or was never launched)."""
         return self.closed or (self.ctrl.state in (KERNEL_EXITED, 0) and self.idle())
 
     def close(self) -> None:
+        """Abort the running lease and stop the stream thread (waits up to 5 s).  Idempotent."""
         if not self.closed:
             request_stop(self.doorbell, STOP_ABORT)
             with self._cv:
