@@ -12,7 +12,8 @@ Everything is measured in one process, one run, on one GPU:
               checked); enqueue + take interleaved in one thread (sustained, ring of 1024)
   leases      the same queue figures with the default lease (1 ms) and with lease_ms=inf (the kernel
               never leaves: the behaviour before leases); the first message after the queue was
-              idle for 5 ms and for 50 ms (the kernel has parked: enqueue launches a lease);
+              idle for 5 ms and for 50 ms (within the default linger_ms: the kernel still serves),
+              and after 5 ms with linger_ms=0 (the kernel has parked: enqueue launches a lease);
               pause()/resume()
 Latencies are per-iteration perf_counter_ns deltas after a warm-up: p50 / p99 in µs.
 Writes <out>/bench_latency.json and <out>/bench_latency.png and prints a table.
@@ -347,7 +348,7 @@ def main() -> int:
         for name, cfg in (("1_block_1_warp", {"blocks": 1, "threads_per_block": 32}),):
             queue_round_trip(64, 200, **cfg)
         print(enqueue_throughput(3000), sustained_one_thread(3000), after_idle(5, 0.005), after_idle(3, 0.05),
-              pause_resume(5))
+              after_idle(3, 0.005, linger_ms=0.0), pause_resume(5))
         return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -385,6 +386,7 @@ def main() -> int:
     lat["gpuq_round_trip_64B_never_leaves"] = queue_round_trip(64, args.iters, **never)
     lat["gpuq_first_after_5ms_idle_64B"] = after_idle(args.iters // 40, 0.005)
     lat["gpuq_first_after_50ms_idle_64B"] = after_idle(args.iters // 100, 0.05)
+    lat["gpuq_first_after_5ms_idle_64B_parked"] = after_idle(args.iters // 40, 0.005, linger_ms=0.0)
     results["pause_resume"] = pause_resume(200)
     results["enqueue_throughput"] = enqueue_throughput(args.enqueue_messages)
     results["enqueue_throughput_never_leaves"] = enqueue_throughput(args.enqueue_messages, **never)

@@ -22,7 +22,7 @@ PY=${PYTHON:-python3}
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader | tee "$OUT/nvidia-smi.txt"
 # A quick smoke run first, so a broken build costs one minute, not the whole session.
 timeout 90 $PY benchmarks/smoke.py 2>&1 | tee "$OUT/smoke.log" || { echo "smoke run failed: stopping"; exit 1; }
-STEPS=${STEPS:-tests example redis_example latency share soak redis}   # which of the steps after the smoke run to do
+STEPS=${STEPS:-tests example redis_example latency probe share soak redis}   # which of the steps after the smoke run to do
 step() { [[ " $STEPS " == *" $1 "* ]]; }
 step tests && timeout 480 $PY -m pytest -q -rs -p no:cacheprovider ${PYTEST_ARGS:-tests properties} 2>&1 | tee "$OUT/pytest.log"
 step example && timeout 120 $PY examples/producer_consumer.py --messages "${EXAMPLE_MESSAGES:-1000000}" 2>&1 | tee "$OUT/example.log"
@@ -31,6 +31,7 @@ if step redis_example; then
     timeout 120 $PY examples/redis_consumer.py --mode bridge --backend cuda --frame 16 --messages 200000 2>&1 | tee "$OUT/redis_example_bridge.log"
 fi
 step latency && timeout 300 $PY benchmarks/bench_latency.py --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
+step probe && timeout 90 $PY benchmarks/probe_launch.py 2>&1 | tee "$OUT/probe_launch.log"
 step share && timeout 400 $PY benchmarks/bench_share.py --out "$OUT" ${SHARE_ARGS:-} 2>&1 | tee "$OUT/bench_share.log"
 step soak && timeout $(( ${SOAK_S:-300} + 120 )) $PY benchmarks/soak.py --duration "${SOAK_S:-300}" --out "$OUT" 2>&1 | tail -n 60 | tee "$OUT/soak.log"
 step redis && timeout 400 $PY benchmarks/bench_redis.py --out "$OUT" ${REDIS_BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_redis.log"

@@ -86,20 +86,24 @@ def main():
     print(f"  {'launch until the lease has begun':40s} {timed(launch_and_begin, 500, sync)}", flush=True)
     sync()
     # After 5 ms of nothing: the host CPU idles (sleep) or stays busy (spin); the GPU idles in both.
-    for how in ("sleep", "spin"):
+    for how in ("sleep", "spin", "sleep, graph launch, no query"):
         calls, begins, query = [], [], []
         for _ in range(300):
-            if how == "sleep":
+            if how.startswith("sleep"):
                 time.sleep(5e-3)
             else:
                 end = time.perf_counter() + 5e-3
                 while time.perf_counter() < end:
                     pass
             t0 = time.perf_counter_ns()
-            s.done()
+            if "graph" not in how:
+                s.done()
             t1 = time.perf_counter_ns()
             b = begun[0]
-            k.launch()
+            if "graph" in how:
+                graph_launch()
+            else:
+                k.launch()
             t2 = time.perf_counter_ns()
             while begun[0] == b:
                 pass

@@ -10,8 +10,9 @@
 //   ---------------   -------------------------   ---------------   -----------------------
 //   GpuqCtrlHost      mapped pinned (host RAM)    host              device (front warp)
 //   GpuqCtrlDev       mapped pinned               device            host
-//                     (RUNNING, leases_begun: the first front warp of a lease; PARKED/EXITED,
-//                     leases_ended: the last warp out; error: the first to fail)
+//                     (RUNNING, leases_begun: the first front warp of a lease; leases_leaving:
+//                     the front warp whose lease is up; PARKED/EXITED, leases_ended: the last
+//                     warp out; error: the first to fail)
 //   req_hdr[cap]      mapped pinned               host              device (owning warp)
 //   req_data[cap]     mapped pinned               host              device (owning warp)
 //   res_hdr[cap]      mapped pinned               device            host
@@ -39,17 +40,23 @@
 // GpuqParams.lease_ns, then leaves at a message boundary so that other CUDA work in the process
 // (context synchronisation, cuMemFree, module loads, large GEMMs) gets through; the host launches
 // the next lease on the same stream.  A lease ends when the front warp (the one whose claim equals
-// the head) finds its time up before reading the doorbell: it sets GpuqDevState.stop = LEAVE
-// without publishing a new head, so exactly the msg_ids below the head are processed (at most one
-// per warp is still in flight) and the rest wait in their READY slots for the next lease.  The
-// last warp out resets claim = head, so msg_ids stay consecutive across leases.
+// the head) finds its time up before reading the doorbell: it stores leases_leaving, fences, reads
+// the doorbell one last time and publishes that head with GpuqDevState.stop = LEAVE, so exactly
+// the msg_ids below it are processed in this lease and later ones wait in their READY slots for
+// the next.  The last warp out resets claim = head, so msg_ids stay consecutive across leases.
 //
-// Who relaunches (the host; no lease is lost, none is needed while the queue is idle):
+// Who relaunches (the host; no lease is lost, none is needed while the queue is idle).  Two
+// handshakes of the same shape (store -> full fence -> load on both sides, so one side sees the
+// other's store):
 //   device, first front warp of lease n:  leases_begun = n; fence.sc.sys; then reads the doorbell
-//   host, after publishing a message:     (lock release = full fence) if leases_begun == launches,
-//                                         launch lease launches + 1 on the queue's stream
-// One of the two sees the other's store (store -> full fence -> load on both sides), so every
-// message is published before the first doorbell read of some lease that is running or queued.
+//   device, front warp of lease n leaving: leases_leaving = n; fence.sc.sys; one last doorbell read
+//   host, after publishing a message:     (lock release = full fence) then, under the launch lock,
+//                                         if leases_begun == launches and leases_leaving ==
+//                                         launches, launch lease launches + 1 on the queue's stream
+// A lease not yet begun, or begun and not yet leaving, when the host looks will read the doorbell
+// after the host's store; otherwise the host launches one that will.  So every message is read by
+// some lease.  (The host's lease keeper also launches lease n + 1 as soon as n has begun, while
+// traffic is recent, so that under traffic one lease waits queued behind the running one; lease.py.)
 #pragma once
 
 #ifdef __CUDACC_RTC__
@@ -61,7 +68,7 @@ using cuda::std::uint8_t;
 #include <cstdint>
 #endif
 
-#define GPUQ_LAYOUT_VERSION 2u
+#define GPUQ_LAYOUT_VERSION 3u
 
 // Slot states (GpuqSlotHeader.flags, low byte).
 #define GPUQ_EMPTY 0u
@@ -108,7 +115,8 @@ struct __align__(128) GpuqCtrlHost {
 };
 
 // Device-written control line (128 B): state RUNNING and leases_begun by the first front warp
-// of each lease, PARKED/EXITED and leases_ended by its last warp to leave; error fields by the
+// of each lease, leases_leaving by its front warp when its time is up, PARKED/EXITED and
+// leases_ended (and leases_leaving again) by its last warp to leave; error fields by the
 // first warp to see a broken slot (VRAM CAS first).
 struct __align__(128) GpuqCtrlDev {
   uint32_t state;       // GPUQ_KERNEL_*
@@ -118,7 +126,8 @@ struct __align__(128) GpuqCtrlDev {
   uint32_t warps;       // worker warps in the grid
   uint64_t leases_begun;  // leases that have read the doorbell (1, 2, ...)
   uint64_t leases_ended;  // leases whose last warp has left
-  uint64_t pad[11];
+  uint64_t leases_leaving;  // leases whose time is up (set before their last doorbell read)
+  uint64_t pad[10];
 };
 
 // Device-only scalars in VRAM; zeroed by the host before the first lease, carried from lease to

@@ -84,11 +84,14 @@ __device__ uint64_t claim_and_wait(const GpuqParams& p, uint64_t& publish) {
       if (first) announce_lease(p);
       const uint64_t lease_start = volatile_load(&dev->lease_start);
       for (uint32_t polls = 0;; ++polls) {
-        // The lease is over: leave before this read, publishing nothing new.  Every lease reads
-        // the doorbell at least once (its first front skips this check on its first poll).
-        if (!(first && polls == 0u) && globaltimer_ns() - lease_start >= p.lease_ns) {
-          store_release<kGpu>(&dev->stop, GPUQ_STOP_LEAVE);
-          return GPUQ_NO_MSG;
+        // The lease is over: say so (leases_leaving, then a full system fence), then read the
+        // doorbell one last time; what that read shows is served in this lease, nothing after it
+        // (the device half of the leaving handshake, gpuq_layout.cuh).  Every lease reads the
+        // doorbell at least once before it may leave (its first front skips this check once).
+        const bool leaving = !(first && polls == 0u) && globaltimer_ns() - lease_start >= p.lease_ns;
+        if (leaving) {
+          *reinterpret_cast<volatile uint64_t*>(&p.ctrl_dev->leases_leaving) = dev->leases + 1u;
+          cuda::atomic_thread_fence(cuda::memory_order_seq_cst, kSys);
         }
         const uint64_t db = load_acquire<kSys>(&p.ctrl_host->doorbell);
         const uint64_t hh = db & GPUQ_DOORBELL_HEAD_MASK;
@@ -97,15 +100,15 @@ __device__ uint64_t claim_and_wait(const GpuqParams& p, uint64_t& publish) {
           store_release<kGpu>(&dev->stop, hstop);
           return GPUQ_NO_MSG;
         }
-        if (hstop != GPUQ_RUN) {  // DRAIN: the head in the same word is final
+        if (hstop != GPUQ_RUN || leaving) {  // DRAIN, or the last read of a lease: this head is final
           publish_head(dev, hh);
-          store_release<kGpu>(&dev->stop, hstop);
+          store_release<kGpu>(&dev->stop, hstop != GPUQ_RUN ? hstop : GPUQ_STOP_LEAVE);
+          return s < hh ? s : GPUQ_NO_MSG;
         }
         if (s < hh) {
           publish = hh;  // published by process_one, once its PCIe reads are in flight
           return s;
         }
-        if (hstop == GPUQ_STOP_DRAIN) return GPUQ_NO_MSG;
         // Spin while traffic is recent (a poll is one PCIe round trip, ~1 us); back off once idle.
         if (polls > 1024u) backoff(ns, p.front_backoff_ns);
       }
@@ -196,6 +199,7 @@ __device__ void end_lease(const GpuqParams& p) {
   dev->begun = 0u;
   dev->leases = ended;
   __threadfence();
+  *reinterpret_cast<volatile uint64_t*>(&p.ctrl_dev->leases_leaving) = ended;  // also after DRAIN/ABORT
   *reinterpret_cast<volatile uint64_t*>(&p.ctrl_dev->leases_ended) = ended;
   __threadfence_system();
   const bool host_stop = stop == GPUQ_STOP_DRAIN || stop == GPUQ_STOP_ABORT;
@@ -249,6 +253,7 @@ extern "C" __global__ void gpuq_layout_probe(uint64_t* out) {
       GPUQ_OFFSETOF(GpuqCtrlDev, error), GPUQ_OFFSETOF(GpuqCtrlDev, error_msg_id),
       GPUQ_OFFSETOF(GpuqCtrlDev, layout_version), GPUQ_OFFSETOF(GpuqCtrlDev, warps),
       GPUQ_OFFSETOF(GpuqCtrlDev, leases_begun), GPUQ_OFFSETOF(GpuqCtrlDev, leases_ended),
+      GPUQ_OFFSETOF(GpuqCtrlDev, leases_leaving),
       sizeof(GpuqDevState), sizeof(GpuqParams), GPUQ_OFFSETOF(GpuqParams, warp_totals),
       GPUQ_OFFSETOF(GpuqParams, lease_ns), GPUQ_OFFSETOF(GpuqParams, capacity), GPUQ_OFFSETOF(GpuqParams, slot_bytes),
       GPUQ_OFFSETOF(GpuqParams, front_backoff_ns), GPUQ_OFFSETOF(GpuqParams, idle_backoff_ns),

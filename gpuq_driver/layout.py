@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ctypes
 
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3
 
 EMPTY, READY, INFLIGHT, DONE = 0, 1, 2, 3
 RUN, STOP_DRAIN, STOP_ABORT, STOP_LEAVE = 0, 1, 2, 3
@@ -40,7 +40,8 @@ class CtrlDev(ctypes.Structure):
 
     _fields_ = [("state", ctypes.c_uint32), ("error", ctypes.c_uint32), ("error_msg_id", ctypes.c_uint64),
                 ("layout_version", ctypes.c_uint32), ("warps", ctypes.c_uint32),
-                ("leases_begun", ctypes.c_uint64), ("leases_ended", ctypes.c_uint64), ("pad", ctypes.c_uint64 * 11)]
+                ("leases_begun", ctypes.c_uint64), ("leases_ended", ctypes.c_uint64),
+                ("leases_leaving", ctypes.c_uint64), ("pad", ctypes.c_uint64 * 10)]
 
 
 class DevState(ctypes.Structure):
@@ -71,7 +72,7 @@ def expected_probe() -> list[int]:
         ctypes.sizeof(CtrlHost), _off(CtrlHost, "doorbell"),
         ctypes.sizeof(CtrlDev), _off(CtrlDev, "state"), _off(CtrlDev, "error"), _off(CtrlDev, "error_msg_id"),
         _off(CtrlDev, "layout_version"), _off(CtrlDev, "warps"),
-        _off(CtrlDev, "leases_begun"), _off(CtrlDev, "leases_ended"),
+        _off(CtrlDev, "leases_begun"), _off(CtrlDev, "leases_ended"), _off(CtrlDev, "leases_leaving"),
         ctypes.sizeof(DevState), ctypes.sizeof(Params), _off(Params, "warp_totals"),
         _off(Params, "lease_ns"), _off(Params, "capacity"), _off(Params, "slot_bytes"), _off(Params, "front_backoff_ns"),
         _off(Params, "idle_backoff_ns"),

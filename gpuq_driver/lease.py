@@ -4,21 +4,30 @@ A persistent kernel that never returns blocks every call that synchronises its C
 (``cuCtxSynchronize``, ``cuMemFree``, module loads, and so ``torch.cuda.synchronize()``, CuPy's
 first kernels, cuBLAS set-up), for good.  So the queue's kernel runs on a *lease*: each launch
 serves for at most ``QueueConfig.lease_ms`` and then leaves at a message boundary, and the host
-launches the next lease on demand (the device half and the handshake are in
-``device_src/gpuq_layout.cuh``, "Leases"; the measurements behind the choice in ``docs/design.md``).
+launches the next lease (the device half and the handshakes are in ``device_src/gpuq_layout.cuh``,
+"Leases"; the measurements behind the choice in ``docs/design.md``).
 
-The rule, applied by every producer after it publishes a message: *if the newest launched lease
-has begun serving (``leases_begun == launches``), launch the next one* on the queue's stream.
-Under traffic that keeps exactly one lease queued behind the running one, so the GPU never waits
-for the host between leases; when the queue is idle nothing is launched at all, and the first
-message afterwards launches a lease itself.  A lease that sees a message does not always finish
-it (its time may run out under a backlog), so a *keeper* thread watches too: when messages are
-pending and no lease is running or queued, it launches one.  It looks once a lease (at most every
-5 ms) while a lease runs, every 20 ms while the kernel is parked, and at once when a producer
-launches a lease into a parked queue; a look costs ~1 µs of the GIL.
-A user's synchronising call made at time t waits for at most the running lease and the one
-queued behind it: ``2 × lease_ms`` plus the messages in flight (one per warp), after which the
-queue goes on where it left off.
+Two parties launch:
+
+* The *keeper*, a daemon thread, keeps the kernel serving while traffic is recent: from a message
+  until ``linger_ms`` after the last one, it launches lease n + 1 as soon as lease n has begun, so
+  one lease always waits queued behind the running one and the GPU never waits for the host
+  between leases.  It looks every ``lease_ms / 3`` (0.2 .. 5 ms) then; once the queue has been idle
+  for ``linger_ms`` it stops launching, the last lease ends and the kernel *parks* (no GPU work at
+  all), and the keeper looks every 20 ms.  A launch costs the keeper 4-50 µs with the GIL released.
+* A *producer*, after publishing a message, launches only when no lease will read the doorbell
+  after its store: the newest lease has begun (``leases_begun == launches``) and is leaving
+  (``leases_leaving == launches``), or has ended, i.e. the kernel is parked.  While the keeper is
+  keeping up, the producer therefore makes no CUDA call at all: the first message after a pause in
+  traffic shorter than ``linger_ms`` costs a plain round trip, not a launch (a driver call after
+  the thread slept costs 20-50 µs on the H200 hosts, ``benchmarks/probe_launch.py``).  When the
+  keeper falls behind (it needs the GIL: a busy Python thread can hold it for the 5 ms switch
+  interval), the producer queues the successor itself, as soon as the newest lease has begun.
+
+A user's synchronising call made at time t waits for at most the running lease and the one queued
+behind it: ``2 × lease_ms`` plus the messages the running lease has already seen, after which the
+queue goes on where it left off.  The price of lingering is a kernel that polls (one PCIe read per
+~µs, one block per SM) for ``linger_ms`` after the last message.
 
 ``Leases`` serves both backends (kernel.PersistentKernel and sim.SimulatedKernel): the backend
 provides ``launch()`` (one more lease on its stream), ``idle()`` (nothing launched is still
@@ -37,26 +46,30 @@ from .layout import KERNEL_EXITED, CtrlDev
 
 _BEGUN = CtrlDev.leases_begun.offset // 8
 _ENDED = CtrlDev.leases_ended.offset // 8
+_LEAVING = CtrlDev.leases_leaving.offset // 8
 
 
 class Leases:
     """Launch bookkeeping of one queue's kernel: ``launches`` (host-counted), ``pauses``, and the
-    device's ``begun`` / ``ended`` lease counters, read in place (no CUDA call).
+    device's ``begun`` / ``leaving`` / ``ended`` lease counters, read in place (no CUDA call).
 
-    Thread-safe: any thread may call ``kick``; launches are serialised by one lock, and the
-    backend makes its context current in the calling thread.
+    lease_ms, linger_ms: as in QueueConfig.  Thread-safe: any thread may call ``kick``; launches
+    are serialised by one lock, and the backend makes its context current in the calling thread.
     """
 
-    def __init__(self, kernel, lease_ms: float):
+    def __init__(self, kernel, lease_ms: float, linger_ms: float = 0.0):
         self._kernel = kernel
         self._ahead = not math.isinf(lease_ms)  # a lease that never ends needs no successor queued
-        self._period = min(lease_ms / 1e3, 5e-3)  # the keeper's look, while a lease runs
+        self._period = min(max(lease_ms / 3e3, 2e-4), 5e-3)  # the keeper's look while keeping
+        self._linger = linger_ms / 1e3
         self._wake = threading.Event()
         self._keeper_parked = False  # the keeper waits 20 ms: a launch should wake it
+        self.fresh_until = 0.0   # time.monotonic() until which the keeper queues successors itself
         self.error: BaseException | None = None  # a launch by the keeper that failed
         words = kernel.layout.view(kernel.mem, "ctrl_dev", "Q")
         self.begun = words[_BEGUN:_BEGUN + 1]   # one-item views: [0] is the live value
         self.ended = words[_ENDED:_ENDED + 1]
+        self.leaving = words[_LEAVING:_LEAVING + 1]
         self.launches = 0
         self.pauses = 0          # times the kernel was asked to park (0 -> 1 pause in force)
         self._depth = 0          # pause() calls in force: nested and concurrent pauses count
@@ -64,8 +77,10 @@ class Leases:
         self.closed = False      # no launch ever again (close, interpreter exit)
         self._lock = threading.Lock()
 
-    def kick(self) -> bool:
-        """Launch the next lease if the newest one has begun (or none is queued); True if it did.
+    def kick(self, ahead: bool = True) -> bool:
+        """Launch the next lease if the newest one has begun (ahead=True: queue a successor behind
+        a running lease) or, with ahead=False, only if it has also reached its last doorbell read
+        (nothing launched would see a message published before this call).  True if it launched.
 
         Does nothing while paused, after the kernel stopped for good, or after ``close``.
         Raises CudaError if the launch fails (a lost context, say).
@@ -73,39 +88,56 @@ class Leases:
         with self._lock:
             if self.paused or self.closed or self._kernel.ctrl.state == KERNEL_EXITED:
                 return False
-            if self.begun[0] != self.launches:
+            n = self.launches
+            if self.begun[0] != n:
                 return False  # a launched lease has not begun yet: it will read the doorbell
-            if not self._ahead and self.ended[0] != self.launches:
+            if not ahead and self.leaving[0] != n:
+                return False  # the running lease has not begun to leave: its last read is to come
+            if not self._ahead and self.ended[0] != n:
                 return False
-            self.launches += 1  # first: the device's ended count never passes it
+            self.launches = n + 1  # first: the device's ended count never passes it
             try:
                 self._kernel.launch()
             except BaseException:
-                self.launches -= 1
+                self.launches = n
                 raise
         if self._keeper_parked:
             self._wake.set()
         return True
 
-    def keep(self, pending_ref) -> threading.Thread:
-        """Start the keeper: a daemon thread that, while ``pending_ref()()`` (messages enqueued and
-        not yet processed; a weak reference, so that the keeper does not keep its queue alive) and
-        no lease runs or is queued, launches one.  Ends at ``close`` or when the queue is gone."""
+    def after_publish(self) -> bool:
+        """The producer's rule, after its doorbell store and a full fence: launch only if no lease
+        will read the doorbell later, unless the keeper has fallen behind (then queue the successor
+        now, as the keeper would have).  True if it launched.  Raises CudaError."""
+        return self.kick(ahead=time.monotonic() > self.fresh_until)
+
+    def keep(self, progress_ref) -> threading.Thread:
+        """Start the keeper, a daemon thread.  ``progress_ref()`` is a weak reference to a callable
+        returning ``(enqueued, processed)`` (weak, so that the keeper does not keep its queue
+        alive).  While messages are pending, or for ``linger_ms`` after the last enqueue, it keeps
+        a lease running and one queued; ends at ``close`` or when the queue is gone."""
         def run():
+            seen, active = -1, 0.0
             while not self.closed:
-                serving = self.serving()
-                pending = pending_ref()
-                if pending is None:
+                progress = progress_ref()
+                if progress is None:
                     return
-                if not serving and not self.paused and pending():
+                enqueued, processed = progress()
+                del progress
+                now = time.monotonic()
+                if enqueued != seen:
+                    seen, active = enqueued, now
+                keeping = not self.paused and (processed < enqueued or now - active < self._linger)
+                if keeping and (self.begun[0] == self.launches or not self.serving()):
                     try:
-                        serving = self.kick()
+                        self.kick()
                     except Exception as exc:  # a lost context: report it to the consumers, stop
                         self.error = exc
+                        self.fresh_until = 0.0
                         return
-                del pending
-                self._keeper_parked = not serving
-                self._wake.wait(self._period if serving else 20e-3)
+                self.fresh_until = now + 2 * self._period if keeping else 0.0
+                self._keeper_parked = not keeping
+                self._wake.wait(self._period if keeping else 20e-3)
                 self._wake.clear()
 
         thread = threading.Thread(target=run, name="gpuq-lease-keeper", daemon=True)

@@ -7,9 +7,9 @@
 
 The host side is plain loads and stores into mapped pinned memory: ``enqueue`` copies the
 payload into its request slot, writes the slot header, then rings the doorbell (a 64-bit store);
-no CUDA call is made on the hot path, except one kernel launch per lease (lease.py): the kernel
-leaves every ``lease_ms`` so that the rest of the process can use the GPU, and the next message
-launches it again.  ``docs/design.md`` gives the placement and the numbers behind it;
+no CUDA call is made on the hot path: the kernel leaves every ``lease_ms`` so that the rest of
+the process can use the GPU, and a keeper thread launches the next lease ahead while traffic is
+recent (lease.py); a producer launches one only into a parked queue or when the keeper lags.  ``docs/design.md`` gives the placement and the numbers behind it;
 ``device_src/gpuq_layout.cuh`` the protocol.
 """
 
@@ -59,6 +59,13 @@ class QueueConfig:
                         wait at most ~2 × lease_ms (default 1.0 ms; 0.05 .. 3,600,000, or
                         ``math.inf``: never leaves, lowest overhead, but any such call then hangs
                         while the queue lives, and ``pause()`` is refused).  docs/design.md, "Sharing the GPU", has the measurements.
+    linger_ms:          after the last message the kernel keeps serving (lease after lease, the
+                        next always queued) this long before it parks, so that a message after a
+                        shorter pause in traffic costs a plain round trip (~5 µs) instead of a
+                        launch (~50-130 µs after the host thread slept); default 100.0 ms; 0 ..
+                        3,600,000 or ``math.inf`` (never park).  While it lingers the kernel polls
+                        the doorbell (one block per SM, ~1 PCIe read per µs); other CUDA work waits
+                        at most ~2 × lease_ms, as under traffic.
     front_backoff_ns:   the front warp reads the doorbell over PCIe back to back (one read in
                         flight, ~1 µs each) while traffic is recent; after 1,024 empty reads it
                         sleeps between reads, growing up to this cap (default 1000 ns; 0 = always
@@ -77,6 +84,7 @@ class QueueConfig:
     enqueue_timeout_s: float = 1.0
     shutdown_timeout_s: float = 10.0
     lease_ms: float = 1.0
+    linger_ms: float = 100.0
     front_backoff_ns: int = 1000
     idle_backoff_ns: int = 2000
     device: int = 0
@@ -103,6 +111,8 @@ class QueueConfig:
             object.__setattr__(self, name, check_seconds(name, getattr(self, name)))
         object.__setattr__(self, "lease_ms", check_number("lease_ms", self.lease_ms, MIN_LEASE_MS, MAX_LEASE_MS,
                                                           " of milliseconds", allow_inf=True))
+        object.__setattr__(self, "linger_ms", check_number("linger_ms", self.linger_ms, 0.0, MAX_LEASE_MS,
+                                                           " of milliseconds", allow_inf=True))
         check("front_backoff_ns", 0, 1_000_000)
         check("idle_backoff_ns", 0, 1_000_000)
         check("device", 0, 1023)
@@ -177,7 +187,7 @@ class GpuQueue:
         else:
             from .kernel import PersistentKernel as Backend
         self._kernel = kernel = Backend(config)
-        self._leases = leases = Leases(kernel, config.lease_ms)
+        self._leases = leases = Leases(kernel, config.lease_ms, config.linger_ms)
         self._finalizer = weakref.finalize(self, _close_kernel, leases, kernel)
         self._finalizer.atexit = False  # _abandon_open_queues handles exit
         lay, mem, cap, sb = kernel.layout, kernel.mem, config.capacity, config.slot_bytes
@@ -211,12 +221,16 @@ class GpuQueue:
         except BaseException:
             self._finalizer()
             raise
-        leases.keep(weakref.WeakMethod(self._pending))  # weak: a dropped queue is still collected
+        leases.keep(weakref.WeakMethod(self._progress))  # weak: a dropped queue is still collected
         _open_queues.add(self)
 
     def _pending(self) -> bool:
-        """Messages enqueued and not yet processed (the lease keeper's question)."""
+        """Messages enqueued and not yet processed."""
         return self._head > int(self._counters.sum())
+
+    def _progress(self) -> tuple[int, int]:
+        """(enqueued, processed): the lease keeper's look at the traffic."""
+        return self._head, int(self._counters.sum())
 
     def _wait_for_first_lease(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -241,9 +255,11 @@ class GpuQueue:
         that is not a number >= 0), QueueFull (no slot freed within the timeout; nothing enqueued;
         the message names the msg_id holding the next slot), QueueClosed (after shutdown),
         KernelStopped (the kernel stopped for good while waiting), CudaError (the next lease could not be launched: the message is
-        queued, and ``outstanding()`` lists its msg_id, but the CUDA context is unusable).  Cost: 0.7-1.5 µs from CPython 3.12 on the H200
-        hosts (by their CPU), no CUDA call, except ~10 µs for a launch once per lease (after
-        ``lease_ms`` of traffic, or for the first message after the queue was idle that long).
+        queued, and ``outstanding()`` lists its msg_id, but the CUDA context is unusable).
+        Cost: 0.7-1.5 µs from CPython 3.12 on the H200 hosts (by their CPU) and no CUDA call,
+        except a launch (~5 µs, 20-50 µs after the thread slept) for the first message into a
+        parked queue (idle longer than ``linger_ms``) and, once per lease, while the lease keeper
+        thread is kept from the GIL.
         """
         if timeout is not None and not (type(timeout) in (int, float) and 0 <= timeout < 1e18):
             timeout = check_seconds("timeout", timeout)  # refused up front, not once the ring fills
@@ -265,9 +281,9 @@ class GpuQueue:
             self._head = seq = seq + 1
             self._doorbell[0] = seq  # the doorbell, last
         # The lock's release is a full fence (x86 locked instruction): the doorbell store is
-        # visible before this load, the host half of the relaunch handshake (lease.py).
+        # visible before these loads, the host half of the relaunch handshakes (lease.py).
         if self._begun[0] == self._leases.launches:
-            self._leases.kick()
+            self._leases.after_publish()
         return seq - 1
 
     def _wait_for_slot(self, seq: int, timeout: float | None) -> None:

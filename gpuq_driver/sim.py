@@ -1,14 +1,14 @@
 """The CPU simulator: a Python thread plays the persistent kernel over the same memory layout.
 
-``QueueConfig(backend="sim")`` runs GpuQueue's real host code against this, so the whole host
-side (enqueue, backpressure, polling, leases and relaunches, pause/resume, shutdown, exit) is
-tested on machines without a GPU, as numba-cuda's simulator does for kernels.  It follows the
-device protocol of gpuq_queue.cu (doorbell, stop before head, result data before header, msg_id
-last; a lease announces itself before its first doorbell read, leaves when its time is up before
-the next read, and carries its position over to the next lease) with one simulated warp and the
-Python twin of each plugin.  A thread plays the stream: leases launched while one runs wait their
-turn.  It is for tests, not for speed: ``blocks`` and ``threads_per_block`` are ignored (stats
-report one block of one warp).
+``QueueConfig(backend="sim")`` runs GpuQueue's real host code against this, so the whole host side
+(enqueue, backpressure, polling, leases and relaunches, pause/resume, shutdown, exit) is tested on
+machines without a GPU, as numba-cuda's simulator does for kernels. It follows the device protocol
+of gpuq_queue.cu (doorbell, stop before head, result data before header, msg_id last; a lease
+announces itself before its first doorbell read, announces that it is leaving when its time is up,
+serves what one last read shows, and carries its position over to the next lease) with one
+simulated warp and the Python twin of each plugin. A thread plays the stream: leases launched while
+one runs wait their turn. It is for tests, not for speed: ``blocks`` and ``threads_per_block`` are
+ignored (stats report one block of one warp).
 """
 
 from __future__ import annotations
@@ -103,15 +103,20 @@ class SimulatedKernel:
         ctrl.leases_begun = ctrl.leases_ended + 1  # announce, then read the doorbell (the GIL orders both)
         ctrl.state = KERNEL_RUNNING
         start, first = time.monotonic(), True
-        seq, idle, stop = self._claim, 0, 0
+        seq, idle, stop, final = self._claim, 0, 0, None
         while not self.closed:
-            if not first and time.monotonic() - start >= self._lease_s:
-                stop = 0  # the lease is over: leave before this read
-                break
-            first = False
-            db = doorbell[0]
-            stop, head = db >> DOORBELL_STOP_SHIFT, db & DOORBELL_HEAD_MASK
-            if stop == STOP_ABORT or (stop == STOP_DRAIN and seq >= head):
+            if final is None:
+                leaving = not first and time.monotonic() - start >= self._lease_s
+                if leaving:  # the lease is over: say so, then one last read (the GIL orders both)
+                    ctrl.leases_leaving = ctrl.leases_begun
+                first = False
+                db = doorbell[0]
+                stop, head = db >> DOORBELL_STOP_SHIFT, db & DOORBELL_HEAD_MASK
+                if leaving:
+                    final = head  # served in this lease, nothing after it
+            else:
+                head = final
+            if stop == STOP_ABORT or (seq >= head and (stop == STOP_DRAIN or final is not None)):
                 break
             if seq >= head:
                 idle += 1
@@ -135,5 +140,6 @@ class SimulatedKernel:
             seq += 1
             counter[0] = seq
         self._claim = seq
+        ctrl.leases_leaving = ctrl.leases_ended + 1
         ctrl.leases_ended += 1
         ctrl.state = KERNEL_EXITED if stop in (STOP_DRAIN, STOP_ABORT) else KERNEL_PARKED

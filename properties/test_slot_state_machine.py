@@ -26,6 +26,7 @@ from tests.conftest import gpu_unavailable_reason
 
 CAPACITY, SLOT_BYTES = 8, 48
 LEASE_MS = 1.0
+LINGER_MS = 5.0  # short: the kernel lingers after a message (no producer launch), then parks
 
 
 def make_machine(backend: str):
@@ -33,7 +34,7 @@ def make_machine(backend: str):
         def __init__(self):
             super().__init__()
             self.q = GpuQueue(QueueConfig(capacity=CAPACITY, slot_bytes=SLOT_BYTES, backend=backend,
-                                          lease_ms=LEASE_MS))
+                                          lease_ms=LEASE_MS, linger_ms=LINGER_MS))
             self.model = RingModel(CAPACITY, SLOT_BYTES)
             self.seen: dict[int, int] = {}  # msg_id -> last observed state
             self.reported: set[int] = set()

@@ -12,6 +12,8 @@ import pytest
 import numpy as np
 
 from gpuq_driver import ConfigError, GpuqError, GpuQueue, QueueClosed, QueueConfig, QueueFull
+from gpuq_driver.layout import CtrlDev
+from gpuq_driver.lease import Leases
 
 
 def wait_for(predicate, timeout=5.0):
@@ -33,7 +35,7 @@ def parked(q) -> bool:
 
 
 def test_an_idle_queue_parks_and_the_next_message_relaunches(make_queue):
-    q = make_queue(capacity=16, slot_bytes=32, lease_ms=1.0)
+    q = make_queue(capacity=16, slot_bytes=32, lease_ms=1.0, linger_ms=0)
     assert q.wait_result(q.enqueue(b"first")) == b"first"
     assert wait_for(lambda: parked(q)), q.stats()  # within ~2 leases nothing runs any more
     before = q.stats()
@@ -184,7 +186,7 @@ def test_shutdown_of_a_paused_queue(make_queue, drain):
 
 
 def test_shutdown_of_a_parked_queue(make_queue):
-    q = make_queue(capacity=8, slot_bytes=16, lease_ms=0.5)
+    q = make_queue(capacity=8, slot_bytes=16, lease_ms=0.5, linger_ms=0)
     q.wait_result(q.enqueue(b"x"))
     assert wait_for(lambda: parked(q))
     q.shutdown()
@@ -236,6 +238,54 @@ def test_a_producer_and_a_pauser_thread(make_queue, backend):
     assert got == sent and q.stats().pauses > 0
 
 
+def test_a_lingering_kernel_keeps_serving_then_parks(make_queue):
+    """After the last message the keeper keeps leases coming for linger_ms, then lets the kernel park."""
+    q = make_queue(capacity=16, slot_bytes=32, lease_ms=1.0, linger_ms=400)
+    assert q.wait_result(q.enqueue(b"x")) == b"x"
+    before = q.stats().launches
+    time.sleep(0.1)
+    s = q.stats()
+    assert s.kernel == "running" and s.launches >= before + 5, s  # a lease per ~1 ms, from the keeper
+    assert s.launches - s.exits <= 2
+    assert wait_for(lambda: parked(q), timeout=10), q.stats()
+    assert q.wait_result(q.enqueue(b"y")) == b"y"
+
+
+class _FakeKernel:
+    """Just the device-written line and a launch counter: enough to drive Leases by hand."""
+
+    def __init__(self):
+        from gpuq_driver.layout import HostLayout
+
+        self.layout = HostLayout(2, 16, 1)
+        self.mem = memoryview(bytearray(self.layout.nbytes))
+        self.ctrl = CtrlDev.from_buffer(self.mem, self.layout.offsets["ctrl_dev"])
+        self.launched = 0
+
+    def launch(self):
+        self.launched += 1
+
+
+def test_the_producer_launches_only_when_no_lease_will_read_the_doorbell():
+    """Leases' launch rule, with the device counters set by hand (lease.py, gpuq_layout.cuh)."""
+    k = _FakeKernel()
+    leases = Leases(k, lease_ms=1.0, linger_ms=100.0)
+    assert leases.kick() and k.launched == 1          # the first lease
+    assert not leases.kick(ahead=False)               # lease 1 not begun: it will read the doorbell
+    k.ctrl.leases_begun = 1
+    leases.fresh_until = time.monotonic() + 60        # a keeper that keeps up
+    assert not leases.after_publish() and k.launched == 1  # lease 1 runs, not leaving: its last read is to come
+    k.ctrl.leases_leaving = 1
+    assert leases.after_publish() and k.launched == 2      # lease 1 is leaving: the producer launches lease 2
+    assert not leases.after_publish()                      # lease 2 not begun
+    k.ctrl.leases_begun = 2
+    leases.fresh_until = 0.0                               # the keeper fell behind (or is not keeping)
+    assert leases.after_publish() and k.launched == 3      # so the producer queues the successor itself
+    k.ctrl.leases_begun = k.ctrl.leases_leaving = k.ctrl.leases_ended = 3
+    leases._depth = 1                                      # paused: nobody launches
+    assert not leases.after_publish() and not leases.kick() and k.launched == 3
+
+
 def test_lease_config():
     assert QueueConfig().lease_ms == 1.0 and QueueConfig().lease_ns == 1_000_000
     assert QueueConfig(lease_ms=math.inf).lease_ns == (1 << 64) - 1
@@ -243,6 +293,11 @@ def test_lease_config():
         with pytest.raises(ConfigError, match="lease_ms"):
             QueueConfig(lease_ms=bad)
     assert QueueConfig(lease_ms=np.float32(0.5)).lease_ns == 500_000 and QueueConfig(lease_ms=np.int64(2)).lease_ms == 2.0
+    assert QueueConfig().linger_ms == 100.0 and QueueConfig(linger_ms=0).linger_ms == 0.0
+    assert QueueConfig(linger_ms=math.inf).linger_ms == math.inf
+    for bad in (-1, "1", None, True, math.nan, 3_600_001):
+        with pytest.raises(ConfigError, match="linger_ms"):
+            QueueConfig(linger_ms=bad)
 
 
 def test_a_queue_that_never_leaves(make_queue):
@@ -271,7 +326,7 @@ def test_a_dropped_queue_is_collected_and_its_kernel_closed(backend):
 def test_a_producer_waiting_on_untaken_results_launches_nothing(make_queue):
     """A ring full of results nobody took: nothing is pending for the kernel, so a producer that
     waits for a slot must not keep launching leases (the GPU would never be left alone)."""
-    q = make_queue(capacity=8, slot_bytes=16)
+    q = make_queue(capacity=8, slot_bytes=16, linger_ms=0)
     for _ in range(8):
         q.enqueue(b"x")
     assert wait_for(lambda: q.stats().processed == 8) and wait_for(lambda: parked(q))
