@@ -142,7 +142,9 @@ struct __align__(128) GpuqDevState {
   uint32_t begun;   // 1 once this lease's first front warp has announced it
   uint64_t lease_start;  // %globaltimer (ns) when this lease was announced
   uint64_t leases;       // leases ended so far
-  uint64_t pad1[11];
+  uint32_t leaving;      // 1 once a front warp has begun this lease's last doorbell read
+  uint32_t pad2;
+  uint64_t pad1[10];
 };
 
 // The persistent kernel's single argument (passed by value).

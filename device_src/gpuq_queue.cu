@@ -84,14 +84,25 @@ __device__ uint64_t claim_and_wait(const GpuqParams& p, uint64_t& publish) {
       if (first) announce_lease(p);
       const uint64_t lease_start = volatile_load(&dev->lease_start);
       for (uint32_t polls = 0;; ++polls) {
-        // The lease is over: say so (leases_leaving, then a full system fence), then read the
-        // doorbell one last time; what that read shows is served in this lease, nothing after it
-        // (the device half of the leaving handshake, gpuq_layout.cuh).  Every lease reads the
-        // doorbell at least once before it may leave (its first front skips this check once).
-        const bool leaving = !(first && polls == 0u) && globaltimer_ns() - lease_start >= p.lease_ns;
-        if (leaving) {
+        // The lease is over: one front warp (the first to see it, atomicExch on dev->leaving)
+        // says so (leases_leaving, then a full system fence) and reads the doorbell one last
+        // time; what that read shows is served in this lease, nothing after it (the device half
+        // of the leaving handshake, gpuq_layout.cuh).  A warp that becomes front after it (its
+        // claim is that final head) must not read again: it waits for the final head and stop.
+        // Every lease reads the doorbell at least once before it may leave (its first front
+        // skips the time check once).
+        const bool over = !(first && polls == 0u) && globaltimer_ns() - lease_start >= p.lease_ns;
+        bool leaving = false;
+        if (over || volatile_load(&dev->leaving) != 0u) {
+          if (atomicExch(&dev->leaving, 1u) != 0u) {
+            uint32_t st;
+            while ((st = load_acquire<kGpu>(&dev->stop)) == GPUQ_RUN) {
+            }
+            return st != GPUQ_STOP_ABORT && s < load_acquire<kGpu>(&dev->head) ? s : GPUQ_NO_MSG;
+          }
           *reinterpret_cast<volatile uint64_t*>(&p.ctrl_dev->leases_leaving) = dev->leases + 1u;
           cuda::atomic_thread_fence(cuda::memory_order_seq_cst, kSys);
+          leaving = true;
         }
         const uint64_t db = load_acquire<kSys>(&p.ctrl_host->doorbell);
         const uint64_t hh = db & GPUQ_DOORBELL_HEAD_MASK;
@@ -195,6 +206,7 @@ __device__ void end_lease(const GpuqParams& p) {
   const uint64_t ended = dev->leases + 1u;
   dev->claim = dev->head;
   dev->stop = GPUQ_RUN;
+  dev->leaving = 0u;
   dev->exited = 0u;
   dev->begun = 0u;
   dev->leases = ended;

@@ -48,7 +48,7 @@ class DevState(ctypes.Structure):
     _fields_ = [("claim", ctypes.c_uint64), ("pad0", ctypes.c_uint64 * 15), ("head", ctypes.c_uint64),
                 ("stop", ctypes.c_uint32), ("exited", ctypes.c_uint32), ("error", ctypes.c_uint32),
                 ("begun", ctypes.c_uint32), ("lease_start", ctypes.c_uint64), ("leases", ctypes.c_uint64),
-                ("pad1", ctypes.c_uint64 * 11)]
+                ("leaving", ctypes.c_uint32), ("pad2", ctypes.c_uint32), ("pad1", ctypes.c_uint64 * 10)]
 
 
 class Params(ctypes.Structure):
