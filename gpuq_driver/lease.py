@@ -9,20 +9,21 @@ launches the next lease (the device half and the handshakes are in ``device_src/
 
 Two parties launch:
 
-* The *keeper*, a daemon thread, keeps the kernel serving while traffic is recent: from a message
-  until ``linger_ms`` after the last one, it launches lease n + 1 as soon as lease n has begun, so
-  one lease always waits queued behind the running one and the GPU never waits for the host
-  between leases.  It looks every ``lease_ms / 3`` (0.2 .. 5 ms) then; once the queue has been idle
-  for ``linger_ms`` it stops launching, the last lease ends and the kernel *parks* (no GPU work at
-  all), and the keeper looks every 20 ms.  A launch costs the keeper 4-50 µs with the GIL released.
-* A *producer*, after publishing a message, launches only when no lease will read the doorbell
-  after its store: the newest lease has begun (``leases_begun == launches``) and is leaving
-  (``leases_leaving == launches``), or has ended, i.e. the kernel is parked.  While the keeper is
-  keeping up, the producer therefore makes no CUDA call at all: the first message after a pause in
-  traffic shorter than ``linger_ms`` costs a plain round trip, not a launch (a driver call after
-  the thread slept costs 20-50 µs on the H200 hosts, ``benchmarks/probe_launch.py``).  When the
-  keeper falls behind (it needs the GIL: a busy Python thread can hold it for the 5 ms switch
-  interval), the producer queues the successor itself, as soon as the newest lease has begun.
+* While messages flow, a *producer*, after publishing, launches lease n + 1 as soon as lease n has
+  begun (``leases_begun == launches``), so one lease always waits queued behind the running one
+  and the GPU never waits for the host between leases (~5 µs once per lease).
+* The *keeper*, a daemon thread, keeps the kernel serving for ``linger_ms`` after the last message:
+  it looks every ``lease_ms / 2`` (0.2 .. 5 ms) and queues each successor itself, and while it
+  does, a producer launches only when no lease will read the doorbell after its store: the newest
+  lease has begun and is leaving (``leases_leaving == launches``) or has ended.  So the first
+  message after a pause in traffic shorter than ``linger_ms`` costs a plain round trip, not a
+  launch (a driver call after the thread slept costs 20-50 µs on the H200 hosts,
+  ``benchmarks/probe_launch.py``).  Once the queue has been quiet for ``linger_ms`` the keeper
+  stops launching, the last lease ends and the kernel *parks* (no GPU work at all); the next
+  message launches a lease itself.  The keeper also launches whenever messages are pending and no
+  lease runs or is queued (a lease does not always finish what it saw).  While messages flow it
+  looks once a lease (at most every 5 ms), and every 20 ms while the kernel is parked; a look
+  reads the doorbell's head and two device counters, with the GIL (a launch releases it).
 
 A user's synchronising call made at time t waits for at most the running lease and the one queued
 behind it: ``2 × lease_ms`` plus the messages the running lease has already seen, after which the
@@ -60,7 +61,8 @@ class Leases:
     def __init__(self, kernel, lease_ms: float, linger_ms: float = 0.0):
         self._kernel = kernel
         self._ahead = not math.isinf(lease_ms)  # a lease that never ends needs no successor queued
-        self._period = min(max(lease_ms / 3e3, 2e-4), 5e-3)  # the keeper's look while keeping
+        self._period = min(max(lease_ms / 2e3, 2e-4), 5e-3)  # the keeper's look while lingering
+        self._flow_period = min(lease_ms / 1e3, 5e-3)          # ... while messages flow
         self._linger = linger_ms / 1e3
         self._wake = threading.Event()
         self._keeper_parked = False  # the keeper waits 20 ms: a launch should wake it
@@ -111,23 +113,31 @@ class Leases:
         now, as the keeper would have).  True if it launched.  Raises CudaError."""
         return self.kick(ahead=time.monotonic() > self.fresh_until)
 
-    def keep(self, progress_ref) -> threading.Thread:
-        """Start the keeper, a daemon thread.  ``progress_ref()`` is a weak reference to a callable
-        returning ``(enqueued, processed)`` (weak, so that the keeper does not keep its queue
-        alive).  While messages are pending, or for ``linger_ms`` after the last enqueue, it keeps
-        a lease running and one queued; ends at ``close`` or when the queue is gone."""
+    def keep(self, enqueued_ref, pending_ref) -> threading.Thread:
+        """Start the keeper, a daemon thread.  ``enqueued_ref()`` and ``pending_ref()`` are weak
+        references to callables returning messages enqueued so far (cheap: the doorbell's head) and
+        whether any wait unprocessed (a sum over the warps' counters, asked only once the queue has
+        been quiet for ``linger_ms``).  Weak, so that the keeper does not keep its queue alive.
+
+        While messages flow it looks once a lease (at most every 5 ms) and leaves queueing the
+        successor to the producers (``after_publish``), as they publish anyway; for ``linger_ms``
+        after the last message it looks every ``lease_ms / 2`` (0.2 .. 5 ms), queues each
+        successor itself and tells the producers so (``fresh_until``), so that the next message
+        needs no launch; after that, while nothing is pending, it launches nothing (the kernel
+        parks) and looks every 20 ms.  Ends at ``close`` or when the queue is gone."""
         def run():
             seen, active = -1, 0.0
             while not self.closed:
-                progress = progress_ref()
-                if progress is None:
+                enqueued, pending = enqueued_ref(), pending_ref()
+                if enqueued is None or pending is None:
                     return
-                enqueued, processed = progress()
-                del progress
+                n = enqueued()
                 now = time.monotonic()
-                if enqueued != seen:
-                    seen, active = enqueued, now
-                keeping = not self.paused and (processed < enqueued or now - active < self._linger)
+                flowing = n != seen
+                if flowing:
+                    seen, active = n, now
+                keeping = not self.paused and (flowing or now - active < self._linger or pending())
+                del enqueued, pending
                 if keeping and (self.begun[0] == self.launches or not self.serving()):
                     try:
                         self.kick()
@@ -135,9 +145,10 @@ class Leases:
                         self.error = exc
                         self.fresh_until = 0.0
                         return
-                self.fresh_until = now + 2 * self._period if keeping else 0.0
+                lingering = keeping and not flowing
+                self.fresh_until = now + 2 * self._period if lingering else 0.0
                 self._keeper_parked = not keeping
-                self._wake.wait(self._period if keeping else 20e-3)
+                self._wake.wait(self._period if lingering else self._flow_period if keeping else 20e-3)
                 self._wake.clear()
 
         thread = threading.Thread(target=run, name="gpuq-lease-keeper", daemon=True)

@@ -221,16 +221,17 @@ class GpuQueue:
         except BaseException:
             self._finalizer()
             raise
-        leases.keep(weakref.WeakMethod(self._progress))  # weak: a dropped queue is still collected
+        # weak: a dropped queue is still collected
+        leases.keep(weakref.WeakMethod(self._enqueued), weakref.WeakMethod(self._pending))
         _open_queues.add(self)
 
     def _pending(self) -> bool:
         """Messages enqueued and not yet processed."""
         return self._head > int(self._counters.sum())
 
-    def _progress(self) -> tuple[int, int]:
-        """(enqueued, processed): the lease keeper's look at the traffic."""
-        return self._head, int(self._counters.sum())
+    def _enqueued(self) -> int:
+        """Messages enqueued so far: the lease keeper's look at the traffic."""
+        return self._head
 
     def _wait_for_first_lease(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s

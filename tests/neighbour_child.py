@@ -53,6 +53,7 @@ class Traffic:
         self.base = q.stats().enqueued  # msg_id of this producer's first message
         self.pool = [os.urandom(64) for _ in range(251)]
         self.sent = self.received = self.wrong = 0
+        self.produced = False
         self.threads = [threading.Thread(target=self.produce), threading.Thread(target=self.consume)]
 
     def start(self):
@@ -61,6 +62,12 @@ class Traffic:
             t.start()
 
     def produce(self):
+        try:
+            self._produce()
+        finally:
+            self.produced = True  # sent is final from here on
+
+    def _produce(self):
         while not self.stop.is_set():
             if self.rate:  # paced: sleep (releasing the GIL) until the next message is due
                 wait = self.t0 + self.sent / self.rate - time.perf_counter()
@@ -75,7 +82,7 @@ class Traffic:
             self.sent += 1
 
     def consume(self):
-        while not (self.stop.is_set() and self.received == self.sent):
+        while not (self.produced and self.received == self.sent):
             ids = self.q.poll_completions()
             for mid in ids:
                 self.wrong += self.q.try_dequeue_result(mid) != self.pool[mid % 251]
