@@ -30,8 +30,10 @@ from gpuq_driver import ConfigError, CudaUnavailable, GpuQueue, QueueConfig
 MAX_MESSAGES = 100_000_000
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None, progress=None) -> int:
+    """Run the example; ``progress(received, total)``, if given, is called about every 0.1 s (the
+    ``gpuq demo`` command draws its progress bar with it).  Returns the exit status."""
+    ap = argparse.ArgumentParser(prog="producer_consumer", description=__doc__.split("\n\n")[0])
     ap.add_argument("--messages", type=float, default=1_000_000, help="messages to send (default 1e6)")
     ap.add_argument("--capacity", type=int, default=4096, help="ring slots, a power of two")
     ap.add_argument("--slot-bytes", type=int, default=512, help="max payload bytes, a multiple of 16")
@@ -79,7 +81,11 @@ def main(argv: list[str] | None = None) -> int:
         nonlocal received
         k = len(offsets)
         clock = time.perf_counter_ns
+        shown = 0.0
         while received < n:
+            if progress is not None and time.monotonic() - shown > 0.1:
+                progress(received, n)
+                shown = time.monotonic()
             ids = queue.poll_completions()
             if not ids:
                 time.sleep(0)

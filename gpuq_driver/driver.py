@@ -63,6 +63,12 @@ def init() -> None:
         _init_pid = os.getpid()
 
 
+def driver_version() -> int:
+    """The CUDA driver's version as ``cuDriverGetVersion`` gives it (13000 = 13.0); raises CudaUnavailable."""
+    init()
+    return int(check(_driver().cuDriverGetVersion(), "cuDriverGetVersion"))
+
+
 def device_count() -> int:
     """Number of CUDA devices; raises CudaUnavailable where there is no driver or device."""
     init()

@@ -1,4 +1,5 @@
-"""The wheel carries device_src/, and an installed package finds its kernels there."""
+"""The wheel carries device_src/, the examples, py.typed and the ``gpuq`` command, and an installed
+package finds its kernels and examples there."""
 
 import importlib.util
 import subprocess
@@ -21,11 +22,15 @@ def test_wheel_ships_device_src(tmp_path):
     for src in sorted((ROOT / "device_src").rglob("*")):
         if src.is_file():
             assert f"gpuq_driver/device_src/{src.relative_to(ROOT / 'device_src')}" in names
-    assert "gpuq_driver/queue.py" in names
+    assert {"gpuq_driver/queue.py", "gpuq_driver/py.typed", "gpuq_driver/cli.py",
+            "gpuq_driver/examples/producer_consumer.py"} <= names
+    (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+    assert "gpuq = gpuq_driver.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
     # unpacked, the package uses its own copy of the kernels
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
-    out = subprocess.run([sys.executable, "-c", "from gpuq_driver import compiler; print(compiler.DEVICE_SRC)"],
+    out = subprocess.run([sys.executable, "-c", "from gpuq_driver import cli, compiler; "
+                          "print(compiler.DEVICE_SRC); print(cli.EXAMPLES)"],
                          cwd=tmp_path, env={"PYTHONPATH": str(site), "PATH": ""}, capture_output=True, text=True,
                          check=True)
-    assert Path(out.stdout.strip()) == site / "gpuq_driver" / "device_src"
+    assert out.stdout.split() == [str(site / "gpuq_driver" / "device_src"), str(site / "gpuq_driver" / "examples")]

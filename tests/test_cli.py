@@ -1,0 +1,81 @@
+"""The ``gpuq`` command (gpuq_driver/cli.py) as a user runs it: exit codes, what it prints."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import gpu_unavailable_reason
+
+NO_GPU = gpu_unavailable_reason()
+
+
+def gpuq(*args, env=None, timeout=300):
+    import os
+
+    return subprocess.run([sys.executable, "-m", "gpuq_driver.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "COLUMNS": "200", **(env or {})})
+
+
+def test_info_lists_versions_nvrtc_and_the_cache():
+    r = gpuq("info")
+    for row in ("gpuq_driver", "cuda-bindings", "NVRTC", "CCCL headers", "plugins", "CUBIN cache"):
+        assert row in r.stdout, r.stdout
+    if NO_GPU:
+        assert r.returncode == 2 and "no usable CUDA GPU" in r.stdout and "backend='sim'" in r.stdout
+    else:
+        assert r.returncode == 0 and "device 0" in r.stdout and "sm_" in r.stdout and "ready" in r.stdout
+
+
+def test_demo_on_the_simulator_checks_every_message():
+    r = gpuq("demo", "--backend", "sim", "--messages", "3000", "--capacity", "64", "--slot-bytes", "64")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "3,000 sent, 3,000 received, 0 mismatched, 0 lost" in r.stdout and "OK" in r.stdout
+
+
+def test_demo_usage_errors_are_the_examples_own():
+    r = gpuq("demo", "--messages", "nan")
+    assert r.returncode == 2 and "--messages" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.skipif(NO_GPU is None, reason="this machine has a GPU: the no-GPU path cannot be seen")
+def test_demo_and_bench_without_gpu_say_so_and_exit_2():
+    for args in (("demo", "--messages", "10"), ("bench",)):
+        r = gpuq(*args)
+        assert r.returncode == 2 and "needs an NVIDIA GPU" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+@pytest.mark.skipif(NO_GPU is not None, reason=f"needs a GPU: {NO_GPU}")
+def test_bench_measures_both_paths_side_by_side(tmp_path):
+    out = tmp_path / "bench.json"
+    r = gpuq("bench", "--messages", "500", "--json", str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+    figures = json.loads(out.read_text())["round_trip_64B"]
+    assert len(figures) == 2 and all(0 < f["p50_us"] <= f["p99_us"] and f["n"] == 500 for f in figures.values())
+
+
+@pytest.mark.parametrize("n", ["5", "0", "-1"])
+def test_bench_refuses_a_message_count_out_of_range(n):
+    r = gpuq("bench", "--messages", n)
+    assert r.returncode == 2 and "100 .. 10,000,000" in r.stderr
+
+
+def test_cache_lists_and_clears_entries(tmp_path):
+    env = {"GPUQ_CACHE_DIR": str(tmp_path)}
+    from gpuq_driver.compiler import CACHE_FORMAT
+
+    folder = tmp_path / CACHE_FORMAT
+    folder.mkdir()
+    (folder / "a.cubin").write_bytes(b"x" * 1000)
+    (folder / "b.cubin").write_bytes(b"y" * 500)
+    r = gpuq("cache", env=env)
+    assert r.returncode == 0 and "2 entries" in r.stdout
+    r = gpuq("cache", "--clear", env=env)
+    assert r.returncode == 0 and "removed 2 entries" in r.stdout and not list(folder.glob("*.cubin"))
+    assert "off" in gpuq("cache", env={"GPUQ_CACHE_DIR": "off"}).stdout
+
+
+def test_no_command_is_a_usage_error():
+    r = gpuq()
+    assert r.returncode == 2 and "usage: gpuq" in r.stderr
