@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import ctypes
 
+from .errors import ConfigError, check_int
+
 LAYOUT_VERSION = 3
 
 EMPTY, READY, INFLIGHT, DONE = 0, 1, 2, 3
@@ -100,6 +102,27 @@ def slot_of(msg_id: int, capacity: int) -> int:
 
 def is_power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
+
+
+MAX_SLOT_BYTES = 1 << 20
+
+
+def check_slot_bytes(value) -> int:
+    """The one slot-size rule of the queue's ring and the batch path: an int, a multiple of 16
+    (slots are read and written in 16-byte vectors), 16 .. 1,048,576 bytes.  Raises ConfigError
+    naming ``slot_bytes`` and the limit."""
+    value = check_int("slot_bytes", value, 16, MAX_SLOT_BYTES)
+    if value % 16:
+        raise ConfigError(f"slot_bytes={value} must be a multiple of 16")
+    return value
+
+
+def check_threads_per_block(value) -> int:
+    """Block size of the kernels: whole warps (a multiple of 32), 32 .. 1024 threads.  Raises ConfigError."""
+    value = check_int("threads_per_block", value, 32, 1024)
+    if value % 32:
+        raise ConfigError(f"threads_per_block={value} must be a multiple of 32")
+    return value
 
 
 class HostLayout:

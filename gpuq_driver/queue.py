@@ -28,13 +28,13 @@ import numpy as np
 
 from .errors import (ConfigError, GpuqError, KernelStopped, PayloadError, ProtocolError, QueueClosed, QueueFull,
                      ResultTimeout, UnknownMessage, check_int, check_number, check_seconds)
-from .layout import (DONE, DOORBELL_STOP_SHIFT, ERROR_NAMES, KERNEL_EXITED, KERNEL_PARKED, KERNEL_RUNNING, NO_MSG,
-                     READY, STOP_ABORT, STOP_DRAIN, is_power_of_two)
+from .layout import (DONE, DOORBELL_STOP_SHIFT, ERROR_NAMES, KERNEL_EXITED, KERNEL_PARKED, KERNEL_RUNNING,
+                     NO_MSG, READY, STOP_ABORT, STOP_DRAIN, check_slot_bytes, check_threads_per_block,
+                     is_power_of_two)
 from .lease import Leases
 from .payload import byte_view
 
 MAX_CAPACITY = 1 << 22
-MAX_SLOT_BYTES = 1 << 20
 MAX_RING_BYTES = 1 << 32
 MIN_LEASE_MS, MAX_LEASE_MS = 0.05, 3_600_000.0  # 50 µs .. 1 hour (or math.inf: never leave)
 
@@ -97,16 +97,12 @@ class QueueConfig:
         check("capacity", 2, MAX_CAPACITY)
         if not is_power_of_two(self.capacity):
             raise ConfigError(f"capacity={self.capacity} must be a power of two (e.g. {1 << self.capacity.bit_length()})")
-        check("slot_bytes", 16, MAX_SLOT_BYTES)
-        if self.slot_bytes % 16:
-            raise ConfigError(f"slot_bytes={self.slot_bytes} must be a multiple of 16")
+        object.__setattr__(self, "slot_bytes", check_slot_bytes(self.slot_bytes))
         if self.capacity * self.slot_bytes > MAX_RING_BYTES:
             raise ConfigError(f"capacity*slot_bytes={self.capacity * self.slot_bytes} exceeds {MAX_RING_BYTES} bytes")
         if self.blocks is not None:
             check("blocks", 1, 65535)
-        check("threads_per_block", 32, 1024)
-        if self.threads_per_block % 32:
-            raise ConfigError(f"threads_per_block={self.threads_per_block} must be a multiple of 32")
+        object.__setattr__(self, "threads_per_block", check_threads_per_block(self.threads_per_block))
         for name in ("enqueue_timeout_s", "shutdown_timeout_s"):
             object.__setattr__(self, name, check_seconds(name, getattr(self, name)))
         object.__setattr__(self, "lease_ms", check_number("lease_ms", self.lease_ms, MIN_LEASE_MS, MAX_LEASE_MS,

@@ -51,3 +51,16 @@ def test_config_error_is_a_value_error():
 def test_config_is_frozen():
     with pytest.raises(AttributeError):
         QueueConfig().capacity = 8  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("field, bad", [("slot_bytes", 100), ("slot_bytes", 0), ("slot_bytes", 1 << 21),
+                                        ("slot_bytes", 64.0), ("threads_per_block", 48), ("threads_per_block", 2048)])
+def test_the_queue_and_the_batch_path_share_one_geometry_rule(field, bad):
+    """QueueConfig and BatchProcessor refuse the same slot size / block size with the same words."""
+    from gpuq_driver.streams import BatchProcessor
+
+    with pytest.raises(ConfigError) as queue_error:
+        QueueConfig(**{field: bad})
+    with pytest.raises(ConfigError) as batch_error:
+        BatchProcessor(**{field: bad}, backend="numpy")
+    assert str(queue_error.value) == str(batch_error.value) and field in str(queue_error.value)

@@ -19,6 +19,7 @@ import weakref
 import numpy as np
 
 from ..errors import ConfigError, GpuqError, PayloadError, check_int
+from ..layout import check_slot_bytes, check_threads_per_block
 from ..payload import byte_view
 from .wire import FAILED, items
 
@@ -42,11 +43,9 @@ class BatchProcessor:
 
     def __init__(self, slot_bytes: int = 512, max_batch: int = 4096, plugin: str = "echo", backend: str = "auto",
                  threads_per_block: int = 256, device: int = 0):
-        if check_int("slot_bytes", slot_bytes, 16, 1 << 20) % 16:
-            raise ConfigError(f"slot_bytes={slot_bytes} must be a multiple of 16")
+        slot_bytes = check_slot_bytes(slot_bytes)  # the queue's rule (layout.py)
         check_int("max_batch", max_batch, 1, 1 << 20)
-        if check_int("threads_per_block", threads_per_block, 32, 1024) % 32:
-            raise ConfigError(f"threads_per_block={threads_per_block} must be a multiple of 32")
+        threads_per_block = check_threads_per_block(threads_per_block)
         if backend not in ("auto", "cuda", "numpy"):
             raise ConfigError(f"backend={backend!r} must be 'auto', 'cuda' or 'numpy'")
         if backend == "auto":
