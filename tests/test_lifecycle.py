@@ -251,6 +251,24 @@ def test_a_lingering_kernel_keeps_serving_then_parks(make_queue):
     assert q.wait_result(q.enqueue(b"y")) == b"y"
 
 
+def test_a_message_after_a_short_pause_makes_no_cuda_call_in_the_producer(make_queue):
+    """While the kernel lingers the keeper queues every lease; the producer launches none."""
+    q = make_queue(capacity=16, slot_bytes=32, lease_ms=1.0, linger_ms=1000)
+    kernel, launches_by = q._kernel, []
+    launch = kernel.launch
+
+    def counted():
+        launches_by.append(threading.current_thread().name)
+        launch()
+    kernel.launch = counted
+    for i in range(20):
+        time.sleep(0.02)  # a pause in traffic, shorter than linger_ms
+        assert q.wait_result(q.enqueue(bytes([i]))) == bytes([i])
+    by_main = launches_by.count(threading.current_thread().name)
+    assert by_main <= 1, f"{by_main} of 20 messages launched a lease from the producer ({launches_by.count('gpuq-lease-keeper')} by the keeper)"
+    assert launches_by.count("gpuq-lease-keeper") >= 20 * 20 // 2  # ~a lease per ms, all from the keeper
+
+
 class _FakeKernel:
     """Just the device-written line and a launch counter: enough to drive Leases by hand."""
 
