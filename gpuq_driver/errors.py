@@ -13,7 +13,8 @@
     ├── ResultTimeout        no result within the timeout (also a TimeoutError)
     ├── UnknownMessage       a msg_id never issued or already taken (also a KeyError)
     ├── ProtocolError        the device saw a broken slot (a bug, not bad input)
-    └── BrokerError          Redis (Track A) refused a command or the login, or no redis-server could be started
+    └── BrokerError          Redis (Track A) refused a command or the login, no redis-server could be started,
+        │                    or the client's connection pool is exhausted (max_connections)
         └── BrokerUnavailable  Redis cannot be reached (bad URL, server down, connection lost)
 """
 
@@ -99,7 +100,8 @@ class ProtocolError(GpuqError):
 
 
 class BrokerError(GpuqError):
-    """Redis refused a command or the login, or no redis-server could be found or started (Track A).
+    """Redis refused a command or the login, no redis-server could be found or started, or the
+    client's connection pool had no free connection (the message names its ``max_connections``) (Track A).
 
     ``url`` is the server's address (without password).  Where a producer had already been
     acknowledged by Redis for some entries, ``sent_ids`` holds their ids: those are stored.

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import ConfigError, check_int, check_name
-from .server import broker_errors, check_client
+from .server import broker_errors, check_client, without_retries
 from .wire import encode_frame, entry_messages, frames, items
 
 # KEYS[1] source stream, KEYS[2] result stream.  ARGV[1] group, ARGV[2] result stream MAXLEN (~),
@@ -114,7 +114,12 @@ class StreamConsumer:
 
     The group is created if missing (XGROUP CREATE ... MKSTREAM; an existing group is kept).
     Every method raises BrokerUnavailable when Redis cannot be reached, BrokerError when it
-    refuses a command.
+    refuses a command or when the client's pool has no free connection (its message names
+    ``max_connections``: one blocked :meth:`read` holds a connection, so a client shared by N
+    reading threads needs ``max_connections`` >= N, or a ``redis.BlockingConnectionPool``).
+    Reads run with the client's own retry policy; :meth:`complete` runs without retries (see
+    :func:`~gpuq_driver.streams.server.without_retries`).  RESP2 and RESP3 clients
+    (``protocol=3``), with redis-py's legacy or unified replies (``legacy_responses``), work alike.
     """
 
     def __init__(self, client, stream: str, group: str, consumer: str, *, count: int = 1000,
@@ -143,7 +148,8 @@ class StreamConsumer:
         self.lost: list[bytes] = []        # every entry id reported lost so far
         self.published = 0                 # entries whose results this consumer published
         self.duplicates = 0                # entries completed here after another consumer had
-        self._complete = client.register_script(_COMPLETE_LUA)  # no round trip: EVALSHA, then EVAL once
+        self._writer = without_retries(client)  # the completion script is not retried
+        self._complete = self._writer.register_script(_COMPLETE_LUA)  # no round trip: EVALSHA, then EVAL once
         self.ensure_group(start_id)
         self._max_script_bytes = COMPLETE_MAX_BYTES
         try:  # a server with a lower proto-max-bulk-len takes smaller scripts (CONFIG may be disabled)
@@ -158,7 +164,7 @@ class StreamConsumer:
         """Create the group (and the stream) if missing; True if created, False if it existed."""
         import redis
 
-        with broker_errors(self.url, f"XGROUP CREATE {self.stream} {self.group}"):
+        with broker_errors(self.url, f"XGROUP CREATE {self.stream} {self.group}", client=self.client):
             try:
                 self.client.xgroup_create(self.stream, self.group, id=start_id, mkstream=True)
                 return True
@@ -173,13 +179,14 @@ class StreamConsumer:
         count = check_int("count", self.count if count is None else count, 1, MAX_COUNT)
         block = check_int("block_ms", self.block_ms if block_ms is None else block_ms, 0)
         deadline = time.monotonic() + block / 1000
-        with broker_errors(self.url, f"XREADGROUP {self.stream} {self.group}"):
+        with broker_errors(self.url, f"XREADGROUP {self.stream} {self.group}", client=self.client):
             while True:
                 wait = block if self._block_slice is None else min(block, self._block_slice)
                 reply = self.client.xreadgroup(self.group, self.consumer, {self.stream: ">"}, count=count,
                                                block=wait if wait > 0 else None)
-                if reply and reply[0][1]:
-                    return [_entry(eid, fields) for eid, fields in reply[0][1]]
+                rows = stream_rows(reply)
+                if rows:
+                    return [_entry(eid, fields) for eid, fields in rows]
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return []
@@ -198,7 +205,7 @@ class StreamConsumer:
         idle = check_int("min_idle_ms", self.claim_idle_ms if min_idle_ms is None else min_idle_ms, 0)
         limit = check_int("count", self.count if count is None else count, 1, MAX_COUNT)
         out, cursor = Reclaimed(), b"0-0"
-        with broker_errors(self.url, f"XAUTOCLAIM {self.stream} {self.group}"):
+        with broker_errors(self.url, f"XAUTOCLAIM {self.stream} {self.group}", client=self.client):
             while len(out.entries) < limit:
                 reply = self.client.xautoclaim(self.stream, self.group, self.consumer, idle, cursor,
                                                count=limit - len(out.entries))
@@ -238,7 +245,9 @@ class StreamConsumer:
         (processed twice, published once) and are counted in ``duplicates``, as is an entry
         given twice in one call (its first results are used).  Batches whose results exceed
         64 MiB (or half the server's proto-max-bulk-len) go to Redis in several scripts, each
-        atomic for its entries.
+        atomic for its entries.  A script is never retried by the client: with no reply within
+        the socket timeout it raises BrokerUnavailable, and those entries may or may not be
+        completed; calling complete again with them is safe (published ones count as duplicates).
         """
         if len(entries) != len(results):
             raise ValueError(f"{len(entries)} entries but {len(results)} result lists")
@@ -263,7 +272,7 @@ class StreamConsumer:
         if not ids:
             return 0
         args = [self.group, self.result_maxlen, b"".join(frames), *ids]
-        with broker_errors(self.url, f"complete {len(ids)} entries of {self.stream}"):
+        with broker_errors(self.url, f"complete {len(ids)} entries of {self.stream}", client=self._writer):
             n = int(self._complete(keys=[self.stream, self.result_stream], args=args))
         self.published += n
         self.duplicates += len(ids) - n
@@ -271,12 +280,25 @@ class StreamConsumer:
 
     def pending(self) -> int:
         """Entries delivered to the group and not yet acked (all consumers)."""
-        with broker_errors(self.url, f"XPENDING {self.stream} {self.group}"):
+        with broker_errors(self.url, f"XPENDING {self.stream} {self.group}", client=self.client):
             return int(self.client.xpending(self.stream, self.group)["pending"])
 
     def __repr__(self) -> str:
         return (f"<StreamConsumer {self.consumer} of {self.group} on {self.stream} ({self.url}): "
                 f"{self.published} published, {self.duplicates} duplicates, {len(self.lost)} lost>")
+
+
+def stream_rows(reply) -> list:
+    """The ``(entry id, fields)`` rows of an XREAD / XREADGROUP reply for one stream, in every
+    shape redis-py gives it: RESP2 ``[[stream, rows]]``, RESP3 ``{stream: [rows]}`` and the
+    unified ``{stream: rows}`` (``legacy_responses=False``); ``[]`` for no reply (None, [] or {}).
+    (XAUTOCLAIM, XPENDING and CONFIG GET come back alike in all of them.)"""
+    if not reply:
+        return []
+    rows = next(iter(reply.values())) if isinstance(reply, dict) else reply[0][1]
+    if len(rows) == 1 and isinstance(rows[0], list) and (not rows[0] or isinstance(rows[0][0], (list, tuple))):
+        rows = rows[0]  # RESP3's extra level: a row is (id, fields), its first item an id, not a row
+    return rows
 
 
 def _entry(eid, fields) -> Entry:
@@ -296,19 +318,18 @@ def read_results(client, result_stream: str, after: bytes | str = "0", count: in
     had been published already by another consumer, ``dup`` (their 0-based positions, skipped
     here).  An entry of another shape is skipped with a warning.
     """
-    with broker_errors(check_client(client), f"XREAD {result_stream}"):
+    with broker_errors(check_client(client), f"XREAD {result_stream}", client=client):
         reply = client.xread({result_stream: after}, count=count, block=block_ms)
     last, out = after, []
-    for _, rows in reply or []:
-        for rid, fields in rows:
-            last = rid
-            try:
-                dup = {int(k) for k in fields[b"dup"].split(b",")} if b"dup" in fields else ()
-                got = [((src, i), None if r is None else bytes(r))
-                       for k, (src, (lens, data)) in enumerate(zip(fields[b"ids"].split(b","), frames(fields[b"r"])))
-                       if k not in dup for i, r in enumerate(items(lens, data))]
-            except (KeyError, ValueError) as exc:
-                warnings.warn(f"{result_stream} entry {rid!r} is not a result entry ({exc!r}): skipped", stacklevel=2)
-                continue
-            out += got
+    for rid, fields in stream_rows(reply):
+        last = rid
+        try:
+            dup = {int(k) for k in fields[b"dup"].split(b",")} if b"dup" in fields else ()
+            got = [((src, i), None if r is None else bytes(r))
+                   for k, (src, (lens, data)) in enumerate(zip(fields[b"ids"].split(b","), frames(fields[b"r"])))
+                   if k not in dup for i, r in enumerate(items(lens, data))]
+        except (KeyError, ValueError) as exc:
+            warnings.warn(f"{result_stream} entry {rid!r} is not a result entry ({exc!r}): skipped", stacklevel=2)
+            continue
+        out += got
     return last, out

@@ -6,7 +6,7 @@ import time
 
 from ..errors import BrokerError, ConfigError, PayloadError, check_int, check_name
 from ..payload import byte_view
-from .server import broker_errors, check_client
+from .server import broker_errors, check_client, without_retries
 from .wire import FRAME, PAYLOAD, encode_frame
 
 
@@ -30,10 +30,15 @@ class StreamProducer:
     proto-max-bulk-len) PayloadError, before anything of that call is sent.
 
     Nothing is retried: an XADD whose reply never came may or may not be stored, and retrying it
-    could store it twice.  On a lost connection BrokerUnavailable is raised with ``sent_ids``:
-    the ids of the round trips Redis answered (the round trip in flight may or may not be
-    stored).  If Redis refuses some XADDs of a round trip (e.g. OOM), BrokerError is raised
-    after it with ``sent_ids`` holding every id Redis did store, that round trip's included.
+    could store it twice.  A client that retries (redis-py 8's ``redis.Redis(...)`` retries
+    timeouts by default) is neutralised, not refused: XADDs go through a copy of it with retries
+    off (:func:`~gpuq_driver.streams.server.without_retries`; ``client`` itself is left as it
+    is).  On a lost connection, or no reply within the client's ``socket_timeout`` (seconds; a
+    busy server), BrokerUnavailable is raised with ``sent_ids``: the ids of the round trips Redis
+    answered (the round trip in flight may or may not be stored, once).  If Redis refuses some
+    XADDs of a round trip (e.g. OOM), BrokerError is raised after it with ``sent_ids`` holding
+    every id Redis did store, that round trip's included.  A client whose pool has no free
+    connection raises BrokerError naming its ``max_connections``.
     """
 
     def __init__(self, client, stream: str, *, maxlen: int = 1_000_000, frame: int = 1, pipeline: int = 1000,
@@ -46,6 +51,7 @@ class StreamProducer:
         self.client, self.stream, self.maxlen = client, check_name("stream", stream), maxlen
         self.frame, self.pipeline, self.rate_limit = frame, pipeline, rate_limit
         self.url = check_client(client)
+        self._writer = without_retries(client)
         self.sent_messages = 0
         self.sent_entries = 0
         self._t0 = None
@@ -85,11 +91,11 @@ class StreamProducer:
             wait = self._t0 + (self.sent_messages + messages) / self.rate_limit - time.monotonic()
             if wait > 0:
                 time.sleep(wait)
-        with broker_errors(self.url, f"XADD {self.stream}", sent):
+        with broker_errors(self.url, f"XADD {self.stream}", sent, self._writer):
             if len(entries) == 1:
-                ids = [self.client.xadd(self.stream, entries[0], maxlen=self.maxlen, approximate=True)]
+                ids = [self._writer.xadd(self.stream, entries[0], maxlen=self.maxlen, approximate=True)]
             else:
-                pipe = self.client.pipeline(transaction=False)
+                pipe = self._writer.pipeline(transaction=False)
                 for fields in entries:
                     pipe.xadd(self.stream, fields, maxlen=self.maxlen, approximate=True)
                 ids = pipe.execute(raise_on_error=False)

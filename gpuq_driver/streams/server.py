@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import weakref
 from urllib.parse import urlsplit, urlunsplit
@@ -46,6 +47,9 @@ def connect(url: str, *, socket_timeout_s: float | None = 5.0, **kwargs):
     ``socket_timeout_s`` bounds every reply wait (seconds; redis-py 8's default is also 5 s).
     Blocking reads (XREADGROUP BLOCK) are cut by :class:`StreamConsumer` into waits shorter than
     it, so a long BLOCK never trips it.  Binary replies (``decode_responses=False``) are required.
+    ``kwargs`` go to ``redis.Redis.from_url``, e.g. ``max_connections`` (redis-py's default: 100
+    connections; each thread blocked in a read holds one) or ``protocol=3``.  The client does not
+    retry commands (redis-py's default for URLs), so a timeout raises BrokerUnavailable.
     Raises ConfigError for a malformed URL, BrokerUnavailable when the server cannot be reached.
     """
     import redis
@@ -67,9 +71,10 @@ def connect(url: str, *, socket_timeout_s: float | None = 5.0, **kwargs):
 
 
 @contextlib.contextmanager
-def broker_errors(url: str, what: str, sent_ids: list | None = None):
+def broker_errors(url: str, what: str, sent_ids: list | None = None, client=None):
     """Turn redis-py's errors into BrokerError (refused: bad credentials, a command error, not a
-    Redis server) and BrokerUnavailable (cannot be reached, or the connection was lost)."""
+    Redis server; or no free connection in ``client``'s pool, naming its ``max_connections``)
+    and BrokerUnavailable (cannot be reached, or the connection was lost)."""
     import redis
 
     try:
@@ -77,6 +82,13 @@ def broker_errors(url: str, what: str, sent_ids: list | None = None):
     except (redis.exceptions.AuthenticationError, redis.exceptions.AuthorizationError) as exc:
         raise BrokerError(f"{what}: Redis at {redact(url)} refused the login: {exc}", redact(url), sent_ids) from exc
     except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+        if isinstance(exc, redis.ConnectionError) and str(exc) in _POOL_EXHAUSTED:
+            limit = getattr(getattr(client, "connection_pool", None), "max_connections", "?")
+            raise BrokerError(
+                f"{what}: no free connection to {redact(url)}: all max_connections={limit} connections of the "
+                "client's pool are in use (each blocked read holds one). Raise it (connect(url, max_connections=N), "
+                "redis.Redis(..., max_connections=N)), give the client a redis.BlockingConnectionPool to wait for "
+                "a free one, or give each thread its own client", redact(url), sent_ids) from exc
         raise BrokerUnavailable(f"{what}: Redis at {redact(url)} is unreachable: {exc}", redact(url),
                                 sent_ids) from exc
     except redis.ResponseError as exc:
@@ -87,6 +99,54 @@ def broker_errors(url: str, what: str, sent_ids: list | None = None):
     except redis.RedisError as exc:  # InvalidResponse (not a Redis server), DataError, ...
         raise BrokerError(f"{what}: talking to {redact(url)} failed: {type(exc).__name__}: {exc}", redact(url),
                           sent_ids) from exc
+
+
+# redis-py's words for a pool with no free connection: ConnectionPool (MaxConnectionsError since
+# redis-py 6, a plain ConnectionError before) and BlockingConnectionPool after its timeout.
+_POOL_EXHAUSTED = ("Too many connections", "No connection available.")
+
+
+_NO_RETRY: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # a client's pool -> its twin
+_NO_RETRY_LOCK = threading.Lock()
+# per-pool objects that the twin pool makes for itself
+_POOL_OWNED = ("maint_notifications_pool_handler", "oss_cluster_maint_notifications_handler", "himport_registry")
+
+
+def without_retries(client):
+    """``client`` itself if it never retries a command; otherwise a client on a copy of its
+    connection pool (same server, credentials, protocol, timeouts, pool class and
+    ``max_connections``) that never does, made once per pool and shared.
+
+    For the commands that are not idempotent (XADD with an automatic id, the completion script):
+    redis-py 8's ``redis.Redis(...)`` retries a command whose reply timed out (3 to 10 times, by
+    version), and a retried XADD whose first try was stored only late (a busy server) is stored
+    twice.  Without retries the call raises BrokerUnavailable instead, as through :func:`connect`.
+    """
+    pool = getattr(client, "connection_pool", None)
+    kwargs = getattr(pool, "connection_kwargs", None)
+    if not isinstance(kwargs, dict):
+        return client
+    retry = kwargs.get("retry")
+    if retry is not None:  # a Retry that cannot say how often it retries is taken to retry
+        retries = getattr(retry, "get_retries", lambda: 1)()
+    else:  # as redis-py's Connection decides: without a Retry, only retry_on_error / retry_on_timeout retry
+        retries = 1 if kwargs.get("retry_on_error") or kwargs.get("retry_on_timeout") else 0
+    if retries == 0:
+        return client
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    with _NO_RETRY_LOCK:
+        twin = _NO_RETRY.get(pool)
+        if twin is None:
+            kw = {k: v for k, v in kwargs.items() if k not in _POOL_OWNED and k != "retry_on_timeout"}
+            kw.update(retry=Retry(NoBackoff(), 0), retry_on_error=[], connection_class=pool.connection_class,
+                      max_connections=pool.max_connections)
+            if isinstance(pool, redis.BlockingConnectionPool):
+                kw["timeout"] = pool.timeout
+            twin = _NO_RETRY[pool] = redis.Redis(connection_pool=type(pool)(**kw))
+    return twin
 
 
 def client_url(client) -> str:
@@ -196,7 +256,9 @@ class RedisServer:
     for PING.  Raises BrokerError if no binary exists or it does not come up (its log is in the
     message).  Usable as a context manager; a ``weakref.finalize`` stops it if you forget, and
     on Linux the server also gets SIGTERM when the thread that created it ends (even by SIGKILL
-    of the process), so create it on a thread that lives as long as you need it.
+    of the process), so create it on a thread that lives as long as you need it.  It runs in a
+    session of its own: a terminal's Ctrl-C reaches your process, not the server, so the
+    program can still use it while it stops (``closed`` and ``exit_status`` tell if it died).
     """
 
     def __init__(self, executable: str | None = None, *, startup_timeout_s: float = 10.0):
@@ -216,7 +278,9 @@ class RedisServer:
                 [self.executable, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                  "--appendonly", "no", "--dir", self._workdir.name, "--logfile", log, "--daemonize", "no"],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+                # its own session: Ctrl-C in a terminal signals the foreground process group, and
+                # the server must outlive that long enough for the example to print its counts
+                start_new_session=True, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
             self._finalizer = weakref.finalize(self, _stop, self._proc, self._workdir)
             self.url = f"redis://127.0.0.1:{self.port}/0"
             client = redis.Redis.from_url(self.url, socket_timeout=1.0, socket_connect_timeout=1.0)
@@ -246,6 +310,11 @@ class RedisServer:
     def closed(self) -> bool:
         """True once closed, or once the process has exited for any other reason."""
         return not self._finalizer.alive or self._proc.poll() is not None
+
+    @property
+    def exit_status(self) -> int | None:
+        """The process's exit status once it has exited (negative: killed by that signal), else None."""
+        return self._proc.poll()
 
     def __enter__(self) -> "RedisServer":
         return self
