@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from gpuq_driver.errors import BrokerError, BrokerUnavailable
+from gpuq_driver.errors import BrokerError, BrokerUnavailable, ConfigError
 from gpuq_driver.streams import StreamConsumer, StreamProducer, connect, read_results
 from gpuq_driver.streams.consumer import stream_rows
 from gpuq_driver.streams.server import without_retries
@@ -124,6 +124,18 @@ def test_without_retries_copies_a_retrying_client_once_and_keeps_the_rest(redis_
     assert twin.ping() and StreamProducer(client, "s").send(b"x") and client.xlen("s") == 1
     for c in (plain, client, twin):
         c.close()
+
+
+def test_a_retrying_client_that_cannot_be_copied_is_refused(redis_server, redis_py):
+    class OwnPool(redis_py.ConnectionPool):
+        pass
+
+    client = redis_py.Redis(connection_pool=OwnPool.from_url(redis_server.url, retry=redis_py.retry.Retry(
+        redis_py.backoff.NoBackoff(), 3)))
+    for make in (lambda: StreamProducer(client, "s"), lambda: StreamConsumer(client, "s", "g", "c")):
+        with pytest.raises(ConfigError, match=r"OwnPool cannot be copied.*Retry\(redis.backoff.NoBackoff\(\), 0\)"):
+            make()
+    client.close()
 
 
 # --- item 6: RESP3 and unified reply shapes ----------------------------------------------------

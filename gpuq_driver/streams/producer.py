@@ -33,7 +33,7 @@ class StreamProducer:
     could store it twice.  A client that retries (redis-py 8's ``redis.Redis(...)`` retries
     timeouts by default) is neutralised, not refused: XADDs go through a copy of it with retries
     off (:func:`~gpuq_driver.streams.server.without_retries`; ``client`` itself is left as it
-    is).  On a lost connection, or no reply within the client's ``socket_timeout`` (seconds; a
+    is; one on a pool class that cannot be copied, e.g. Sentinel's, is refused: ConfigError).  On a lost connection, or no reply within the client's ``socket_timeout`` (seconds; a
     busy server), BrokerUnavailable is raised with ``sent_ids``: the ids of the round trips Redis
     answered (the round trip in flight may or may not be stored, once).  If Redis refuses some
     XADDs of a round trip (e.g. OOM), BrokerError is raised after it with ``sent_ids`` holding

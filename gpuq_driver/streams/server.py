@@ -115,12 +115,13 @@ _POOL_OWNED = ("maint_notifications_pool_handler", "oss_cluster_maint_notificati
 def without_retries(client):
     """``client`` itself if it never retries a command; otherwise a client on a copy of its
     connection pool (same server, credentials, protocol, timeouts, pool class and
-    ``max_connections``) that never does, made once per pool and shared.
+    ``max_connections``, its own connections) that never does, made once per pool and shared.
 
     For the commands that are not idempotent (XADD with an automatic id, the completion script):
     redis-py 8's ``redis.Redis(...)`` retries a command whose reply timed out (3 to 10 times, by
     version), and a retried XADD whose first try was stored only late (a busy server) is stored
     twice.  Without retries the call raises BrokerUnavailable instead, as through :func:`connect`.
+    A retrying client on another pool class (Sentinel's, your own) cannot be copied: ConfigError.
     """
     pool = getattr(client, "connection_pool", None)
     kwargs = getattr(pool, "connection_kwargs", None)
@@ -137,6 +138,10 @@ def without_retries(client):
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 
+    if type(pool) not in (redis.ConnectionPool, redis.BlockingConnectionPool):
+        raise ConfigError(f"client retries timed-out commands and its {type(pool).__name__} cannot be copied "
+                          "without retries: a retried XADD may be stored twice. Make the client with "
+                          "retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0)")
     with _NO_RETRY_LOCK:
         twin = _NO_RETRY.get(pool)
         if twin is None:
