@@ -49,11 +49,13 @@ class GpuBridge(_Loop):
         self._held: set = set()         # ids of every entry in here, until published
 
     def busy(self) -> bool:
-        return bool(self._backlog or self._inflight or self._done)
+        return bool(self._backlog or self._inflight or self._done) or super().busy()
 
     def step(self, block_ms: int | None = None) -> int:
         """One round: read when there is room, enqueue, collect results, publish finished
         entries; returns the messages published in this step."""
+        if self._unconfirmed is not None:
+            return self._complete_again()
         if not self._draining and not self._backlog and len(self._inflight) < self._capacity // 2:
             wait = 0 if self._inflight or self._done else (self.consumer.block_ms if block_ms is None else block_ms)
             for entry in self._claim_or_read(wait):

@@ -17,7 +17,12 @@ class WorkerStats:
     """Counts since the worker started.  messages/entries: completed here and published or
     found already published (``duplicates`` entries); failed: messages that got no result
     (payload or result larger than a slot, undecodable entry); reclaimed: entries taken over
-    from idle consumers; lost: entries trimmed before anyone acked them."""
+    from idle consumers; lost: entries trimmed before anyone acked them.
+
+    A completion that raised (BrokerUnavailable, Ctrl-C: it may have run and only its reply
+    been lost) is done again by the next step, before anything is read; its entries are counted
+    then, once, and those the second try finds acked are not counted as duplicates (most likely
+    the first try published them)."""
 
     messages: int = 0
     entries: int = 0
@@ -38,6 +43,7 @@ class _Loop:
         self.stats = WorkerStats()
         self._next_reclaim = 0.0
         self._draining = False
+        self._unconfirmed = None  # (entries, frames) of a completion that raised: done again first
 
     def _claim_or_read(self, block_ms: int) -> list:
         now = time.monotonic()
@@ -52,20 +58,34 @@ class _Loop:
 
     def _publish(self, entries, frames) -> None:
         """Publish + ack ``entries`` with their result frames; count entries, messages, duplicates
-        and undecodable entries (failed messages are counted where the results are made)."""
+        and undecodable entries (failed messages are counted where the results are made).
+
+        If it raises, the completion may or may not have happened (a lost connection can lose
+        the reply of a script that ran): it is kept and done again by :meth:`_complete_again`,
+        which is safe (the acks decide what is published) and counts every entry once."""
+        again, self._unconfirmed = self._unconfirmed is not None, (entries, frames)
         published = self.consumer.complete(entries, frames)
+        self._unconfirmed = None
         self.stats.entries += len(entries)
-        self.stats.duplicates += len(entries) - published
+        if not again:
+            self.stats.duplicates += len(entries) - published
         self.stats.messages += sum(map(len, entries))
         self.stats.failed += sum(1 for e in entries if e.error)
+
+    def _complete_again(self) -> int:
+        """Complete again the entries whose completion raised; returns their messages."""
+        entries, frames = self._unconfirmed
+        self._publish(entries, frames)
+        return sum(map(len, entries))
 
     def step(self, block_ms: int | None = None) -> int:  # pragma: no cover - overridden
         """One round of work; returns the messages published in it."""
         raise NotImplementedError
 
     def busy(self) -> bool:
-        """True while taken work is not yet published (the bridge's messages in flight)."""
-        return False
+        """True while taken work is not yet published (the bridge's messages in flight, or a
+        completion that raised)."""
+        return self._unconfirmed is not None
 
     def run(self, *, max_messages: int | None = None, stop=None, idle_exit_s: float | None = None,
             progress=None, progress_every_s: float = 1.0) -> WorkerStats:
@@ -115,6 +135,8 @@ class StreamWorker(_Loop):
 
     def step(self, block_ms: int | None = None) -> int:
         """Read (or reclaim) one batch of entries, process, publish + ack; returns messages done."""
+        if self._unconfirmed is not None:
+            return self._complete_again()
         entries = self._claim_or_read(self.consumer.block_ms if block_ms is None else block_ms)
         if not entries:
             return 0
