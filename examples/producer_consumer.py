@@ -3,9 +3,9 @@
 
 The producer enqueues random payloads of random lengths (0..slot_bytes); the consumer polls
 completions, takes each result and checks it byte for byte against the payload that went in.
-At the end it prints messages/s and the p50/p99 round trip (enqueue -> result taken on the host,
-under full load, so queueing time is included), and exits 0 only if every message came back
-intact: no mismatch, no loss.
+It prints a progress line about every second and, at the end, messages/s and the p50/p99 round
+trip (enqueue -> result taken on the host, under full load, so queueing time is included); it
+exits 0 only if every message came back intact: no mismatch, no loss.
 
     python examples/producer_consumer.py                  # 1,000,000 messages on GPU 0
     python examples/producer_consumer.py --messages 1e5 --slot-bytes 64
@@ -102,10 +102,20 @@ def main(argv: list[str] | None = None, progress=None) -> int:
         threads = [threading.Thread(target=producer, name="producer"),
                    threading.Thread(target=consumer, name="consumer", daemon=True)]
         t0 = time.perf_counter()
+
+        def wait(thread: threading.Thread, timeout: float) -> None:
+            """Join ``thread`` (at most ``timeout`` s), printing a progress line about every second."""
+            end = time.perf_counter() + timeout
+            while thread.is_alive() and (left := end - time.perf_counter()) > 0:
+                thread.join(min(1.0, left))
+                if thread.is_alive():  # the rate as the final line computes it
+                    print(f"sent {queue.stats().enqueued:,}, received {received:,} of {n:,} messages, "
+                          f"{received / (time.perf_counter() - t0):,.0f} messages/s", flush=True)
+
         for t in threads:
             t.start()
-        threads[0].join()
-        threads[1].join(timeout=60)
+        wait(threads[0], float("inf"))
+        wait(threads[1], 60)
         elapsed = time.perf_counter() - t0
         stats = queue.stats()
 

@@ -41,7 +41,7 @@ from gpuq_driver.streams.server import broker_errors, client_url
 from gpuq_driver.streams.wire import FRAME, PAYLOAD, decode_frame
 
 # The payload format and the producing loop are shared with the producer example (same folder).
-from redis_producer import HEADER, MAX_SIZE, payload_seq, produce, status
+from redis_producer import HEADER, MAX_SIZE, payload_seq, produce, status, stop_on_signal
 
 
 def make_engine(args):
@@ -91,6 +91,7 @@ def verify(client, stream: str, result_stream: str, after, slot_bytes: int, expe
     (the demo produced messages 0 .. expected-1), ``missing`` counts numbers with no result.
     """
     out = dict(checked=0, mismatched=0, duplicates=0, by_pattern=0, missing=0, examples=[])
+    started = last_print = time.perf_counter()
     seen_entries: set = set()
     seen_seqs = bytearray(expected) if expected else None
     while True:
@@ -128,6 +129,13 @@ def verify(client, stream: str, result_stream: str, after, slot_bytes: int, expe
                     out["examples"].append((src, i))
             if seen_seqs is not None and seq is not None and seq < expected:
                 seen_seqs[seq] = 1
+        now = time.perf_counter()
+        if now - last_print >= 1.0:  # a progress line about every second
+            last_print = now
+            status(f"verify: {out['checked']:,}{f' / {expected:,}' if expected else ''} results checked, "
+                   f"{out['mismatched']:,} mismatched, {out['checked'] / (now - started):,.0f} results/s")
+    if last_print > started and sys.stdout.isatty():
+        sys.stdout.write("\n")  # end the in-place progress line
     if seen_seqs is not None:
         out["missing"] = expected - sum(seen_seqs)
     return out
@@ -238,35 +246,46 @@ def main(argv: list[str] | None = None) -> int:
         # 6. Run: read (or reclaim) -> process -> publish results + XACK, until idle.
         worker = StreamWorker(consumer, engine) if args.mode == "batch" else GpuBridge(consumer, engine)
         print(f"consumer {args.consumer!r} of group {args.group!r} on {args.stream} at {url}: {engine_text}")
-        t0 = last_done = last_print = time.perf_counter()
+        start = last_done = last_print = time.perf_counter()
         done_before = printed_before = 0
 
-        def progress(stats) -> None:  # called after every step: note when work last finished
-            nonlocal last_done, last_print, done_before, printed_before
+        def rate() -> float:
+            """msg/s over the time work was done (start: the end of the last step before the first
+            result; the idle wait before exiting is not counted): the progress lines and the
+            final figure are both this."""
+            return done_before / max(last_done - start, 1e-9)
+
+        def progress(stats, final: bool = False) -> None:  # called after every step
+            nonlocal start, last_done, last_print, done_before, printed_before
             now = time.perf_counter()
             if stats.messages != done_before:
                 done_before, last_done = stats.messages, now
-            # a line about every second (on a terminal, or in a log while messages flow)
-            if now - last_print >= 1.0 and (sys.stdout.isatty() or stats.messages != printed_before):
-                # over the time messages were flowing: an idle tail does not dilute the rate
-                rate = (stats.messages - printed_before) / max((last_done if last_done > last_print else now) - last_print, 1e-9)
+            elif not done_before:
+                start = now
+            # a line about every second (on a terminal, or in a log while messages flow), and a
+            # last one with the final figures
+            if (now - last_print >= 1.0 and (sys.stdout.isatty() or stats.messages != printed_before)
+                    or final and stats.messages != printed_before):
                 last_print, printed_before = now, stats.messages
                 status(f"consumed {stats.messages:,} messages ({stats.entries:,} entries), "
-                       f"{stats.reclaimed:,} reclaimed, {rate:,.0f} msg/s")
+                       f"{stats.reclaimed:,} reclaimed, {rate():,.0f} msg/s")
 
-        interrupted = False
-        try:
-            stats = worker.run(max_messages=max_messages, idle_exit_s=idle_exit, progress=progress,
-                               progress_every_s=0.0)
-        except KeyboardInterrupt:
-            interrupted, stats = True, worker.stats
-        progress(stats)
-        busy = max(last_done - t0, 1e-9)  # the idle wait before exiting is not counted
+        # Ctrl-C stops it after the step in progress, once what was taken is published
+        # (a second Ctrl-C at once)
+        with stop_on_signal() as stop:
+            try:
+                stats = worker.run(max_messages=max_messages, idle_exit_s=idle_exit, progress=progress,
+                                   progress_every_s=0.0, stop=stop)
+            except KeyboardInterrupt:
+                stats = worker.stats
+        interrupted = stop.is_set()
+        progress(stats, final=True)
         if sys.stdout.isatty():
             sys.stdout.write("\n")
         print(f"counts: messages {stats.messages:,}, entries {stats.entries:,}, failed {stats.failed:,}, "
               f"reclaimed {stats.reclaimed:,}, duplicates {stats.duplicates:,}, lost {stats.lost:,}")
-        print(f"throughput: {stats.messages / busy:,.0f} msg/s ({busy:.2f} s from start to the last result)")
+        print(f"throughput: {rate():,.0f} msg/s ({max(last_done - start, 0):.2f} s from the first read "
+              "to the last result)")
         if interrupted:
             print(f"interrupted: {consumer.pending():,} entries still pending in group {args.group!r} "
                   "(a consumer reclaims them after --claim-idle-ms)")

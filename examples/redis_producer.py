@@ -12,7 +12,8 @@ end, how many messages and entries were added and at what rate.
 
 Without --redis-url (or REDIS_URL) it starts an embedded redis-server on a free port and prints
 its URL.  That server stops when this script exits; --serve keeps it (and the stream) alive until
-Ctrl-C, so examples/redis_consumer.py can be pointed at the printed URL from another terminal.
+Ctrl-C, so examples/redis_consumer.py can be pointed at the printed URL from another terminal;
+if that server dies meanwhile, it says so and exits 3.
 
 Exit codes: 0 done, 2 bad arguments, 3 Redis unreachable or unusable, 130 interrupted.
 """
@@ -20,9 +21,11 @@ Exit codes: 0 done, 2 bad arguments, 3 Redis unreachable or unusable, 130 interr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
+import threading
 import time
 
 import numpy as np
@@ -60,25 +63,52 @@ def status(text: str, final: bool = False) -> None:
     sys.stdout.flush()
 
 
+@contextlib.contextmanager
+def stop_on_signal():
+    """While inside, Ctrl-C (SIGINT) and SIGTERM set the Event it yields, for the loop to check,
+    rather than raise KeyboardInterrupt wherever Python happens to be: inside a redis-py call
+    hiredis can crash on it (its pack_command does not check an int's repr, which fails when a
+    signal is pending).  A second one raises KeyboardInterrupt at once."""
+    stop = threading.Event()
+
+    def handler(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+
 def produce(producer: StreamProducer, n: int, size: int, label: str = "produced") -> float:
     """Send messages 0 .. n-1 of ``size`` bytes through ``producer``, printing progress about
-    every second; returns the seconds it took."""
+    every second; returns the seconds it took.  Ctrl-C stops it between round trips
+    (KeyboardInterrupt)."""
     # One send_many call sends `chunk` messages in pipelined round trips.  Under a rate limit the
     # chunk is ~0.1 s worth of messages, so the progress line keeps moving.
     chunk = producer.frame * producer.pipeline
     if producer.rate_limit:
         chunk = max(producer.frame, min(chunk, int(producer.rate_limit / 10) // producer.frame * producer.frame))
     t0 = last = time.perf_counter()
-    for start in range(0, n, chunk):
-        producer.send_many([make_payload(seq, size) for seq in range(start, min(n, start + chunk))])
-        now = time.perf_counter()
-        if now - last >= 1.0:
-            last = now
-            status(f"{label} {producer.sent_messages:,} / {n:,} messages ({producer.sent_entries:,} entries), "
-                   f"{producer.sent_messages / (now - t0):,.0f} msg/s")
+    with stop_on_signal() as stop:
+        for start in range(0, n, chunk):
+            if stop.is_set():
+                break
+            producer.send_many([make_payload(seq, size) for seq in range(start, min(n, start + chunk))])
+            now = time.perf_counter()
+            if now - last >= 1.0:
+                last = now
+                status(f"{label} {producer.sent_messages:,} / {n:,} messages ({producer.sent_entries:,} entries), "
+                       f"{producer.sent_messages / (now - t0):,.0f} msg/s")
     elapsed = time.perf_counter() - t0
     if sys.stdout.isatty() and elapsed >= 1.0:
         sys.stdout.write("\n")  # end the in-place progress line
+    if stop.is_set():
+        raise KeyboardInterrupt
     return elapsed
 
 
@@ -129,10 +159,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"serving {url} until Ctrl-C; in another terminal:\n"
                   f"    python examples/redis_consumer.py --redis-url {url} --stream {args.stream}", flush=True)
             try:
-                while True:
-                    time.sleep(1.0)
+                while not server.closed:
+                    time.sleep(0.2)
             except KeyboardInterrupt:
                 print("stopping the embedded redis-server")
+            else:  # it died under us (killed, out of memory): the stream went with it
+                print(f"redis_producer: the embedded redis-server at {url} exited (status {server.exit_status}); "
+                      f"the stream {args.stream} is gone", file=sys.stderr)
+                return 3
         elif args.serve:
             print("--serve: nothing to keep running, Redis at --redis-url is not ours")
         return 0
