@@ -136,19 +136,24 @@ class Leases:
                 flowing = n != seen
                 if flowing:
                     seen, active = n, now
-                keeping = not self.paused and (flowing or now - active < self._linger or pending())
+                lingering = not flowing and not self.paused and now - active < self._linger
+                serving = self.serving()
+                if lingering:  # queue each successor itself, so that the next message needs no launch
+                    launch = self.begun[0] == self.launches or not serving
+                else:          # a rescue: messages wait and nothing runs or is queued
+                    launch = not serving and not self.paused and pending()
                 del enqueued, pending
-                if keeping and (self.begun[0] == self.launches or not self.serving()):
+                if launch:
                     try:
-                        self.kick()
+                        serving = self.kick() or serving
                     except Exception as exc:  # a lost context: report it to the consumers, stop
                         self.error = exc
                         self.fresh_until = 0.0
                         return
-                lingering = keeping and not flowing
                 self.fresh_until = now + 2 * self._period if lingering else 0.0
-                self._keeper_parked = not keeping
-                self._wake.wait(self._period if lingering else self._flow_period if keeping else 20e-3)
+                awake = flowing or serving
+                self._keeper_parked = not (lingering or awake)
+                self._wake.wait(self._period if lingering else self._flow_period if awake else 20e-3)
                 self._wake.clear()
 
         thread = threading.Thread(target=run, name="gpuq-lease-keeper", daemon=True)
