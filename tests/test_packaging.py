@@ -23,7 +23,7 @@ def test_wheel_ships_device_src(tmp_path):
         if src.is_file():
             assert f"gpuq_driver/device_src/{src.relative_to(ROOT / 'device_src')}" in names
     assert {"gpuq_driver/queue.py", "gpuq_driver/py.typed", "gpuq_driver/cli.py",
-            "gpuq_driver/examples/producer_consumer.py"} <= names
+            "gpuq_driver/examples/producer_consumer.py", "gpuq_driver/streams/complete.lua"} <= names
     (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
     assert "gpuq = gpuq_driver.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
     # unpacked, the package uses its own copy of the kernels
