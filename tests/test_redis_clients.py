@@ -22,7 +22,7 @@ from gpuq_driver.streams import StreamConsumer, StreamProducer, connect, read_re
 from gpuq_driver.streams.consumer import stream_rows
 from gpuq_driver.streams.server import without_retries
 
-from .test_streams import all_results, assert_exactly_once, expected_results, make_payloads
+from .streams_helpers import all_results, assert_exactly_once, expected_results, make_payloads
 
 # Keeps the server busy for ARGV[1] seconds (a script runs alone: every other client waits;
 # Redis answers BUSY only after 5 s).  DEBUG SLEEP would do the same, but Redis 7 disables DEBUG.

@@ -76,7 +76,7 @@ def test_demo_bridge_sim_frames_and_a_crashed_consumer(redis_server):
 def test_demo_messages_larger_than_a_slot_are_refused_up_front(redis_server):
     """Issue 10 item 10: the demo used to fail every message and still print OK; now it refuses
     the combination before anything starts (failed messages of real traffic are still counted:
-    test_streams.py)."""
+    test_stream_worker.py)."""
     r = run(CONSUMER, "--backend", "numpy", "--messages", 200, "--size", 100, "--slot-bytes", 64,
             "--idle-exit", 0.5, server=redis_server)
     assert r.returncode == 2 and "--size 100 is over --slot-bytes 64" in r.stderr

@@ -1,0 +1,47 @@
+"""BatchProcessor (gpuq_driver.streams.processor): one kernel launch per batch, no Redis.
+
+GPU variants take the ``gpu`` fixture and skip without a GPU.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gpuq_driver import ConfigError, GpuqError, PayloadError
+from gpuq_driver.streams import BatchProcessor
+from gpuq_driver.streams.wire import FAILED
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"slot_bytes": 17}, "slot_bytes"), ({"slot_bytes": 0}, "slot_bytes"), ({"slot_bytes": 2 << 20}, "slot_bytes"),
+    ({"max_batch": 0}, "max_batch"), ({"max_batch": True}, "max_batch"), ({"threads_per_block": 48}, "threads_per_block"),
+    ({"backend": "opencl"}, "backend"), ({"plugin": "no-such-plugin", "backend": "numpy"}, "plugin"),
+])
+def test_batch_processor_config_errors_name_the_field(kwargs, field):
+    with pytest.raises(ConfigError, match=f"{field}="):
+        BatchProcessor(**kwargs)
+
+
+@pytest.mark.parametrize("proc_backend", ["numpy", "cuda"])
+def test_batch_processor_direct(request, proc_backend):
+    if proc_backend == "cuda":
+        request.getfixturevalue("gpu")
+    with BatchProcessor(slot_bytes=64, max_batch=8, backend=proc_backend) as proc:
+        mixed = [b"", b"a", b"x" * 64, memoryview(b"mv-payload"), bytearray(b"ba")]
+        assert proc.process(mixed) == [bytes(p) for p in mixed]
+        equal = [bytes([i]) * 16 for i in range(8)]  # equal sizes: the strided path
+        assert proc.process(equal) == equal
+        assert proc.process([]) == []
+        with pytest.raises(PayloadError, match=r"payload 1 is 65 bytes; slot_bytes is 64"):
+            proc.process([b"ok", b"x" * 65, b"ok"])
+        with pytest.raises(ValueError, match="max_batch is 8"):
+            proc.process([b"x"] * 9)
+        lens, out = proc.process_packed(np.array([2, 70, 3], np.uint32), b"ab" + b"y" * 70 + b"cde")
+        assert lens.tolist() == [2, FAILED, 3] and bytes(out) == b"abcde"  # oversized: failed, not run
+        with pytest.raises(ValueError, match="add up to"):
+            proc.process_packed([2, 2], b"abc")
+        assert proc.process([b"after"]) == [b"after"]  # errors left it usable
+    assert proc.closed
+    with pytest.raises(GpuqError, match="closed"):
+        proc.process([b"x"])
