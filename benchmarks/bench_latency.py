@@ -38,14 +38,19 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from plotting import pyplot  # noqa: E402  (benchmarks/plotting.py)
+
 from gpuq_driver import GpuQueue, QueueConfig, compile_cubin, driver  # noqa: E402
 from gpuq_driver.compiler import CompileOptions, nvrtc_version  # noqa: E402
 
 
 def pct(samples_ns) -> dict:
     a = np.asarray(samples_ns, dtype=np.float64) / 1e3
-    return {"p50_us": float(np.percentile(a, 50)), "p99_us": float(np.percentile(a, 99)),
-            "mean_us": float(a.mean()), "n": int(a.size)}
+    return {
+        "p50_us": float(np.percentile(a, 50)),
+        "p99_us": float(np.percentile(a, 99)),
+        "mean_us": float(a.mean()),
+        "n": int(a.size),
+    }
 
 
 def timed(fn, iters: int, warmup: int) -> dict:
@@ -64,7 +69,11 @@ def floors_and_baselines(ctx, info, iters: int) -> tuple[dict, dict]:
     opts = CompileOptions(arch=info.arch)
     bench = driver.Module(ctx, compile_cubin("gpuq_bench.cu", opts))
     batch = driver.Module(ctx, compile_cubin("gpuq_batch.cu", opts))
-    empty, pingpong, batch_fn = bench.function("gpuq_empty"), bench.function("gpuq_pingpong"), batch.function("gpuq_batch")
+    empty, pingpong, batch_fn = (
+        bench.function("gpuq_empty"),
+        bench.function("gpuq_pingpong"),
+        batch.function("gpuq_batch"),
+    )
     s = driver.Stream(ctx)
     pinned = driver.MappedHostBuffer(ctx, 1 << 16)
     dev = driver.DeviceBuffer(ctx, 1 << 16)
@@ -72,7 +81,8 @@ def floors_and_baselines(ctx, info, iters: int) -> tuple[dict, dict]:
 
     res["empty_launch_sync"] = timed(lambda: (driver.launch(empty, 1, 32, [], s), s.synchronize()), iters, 500)
     res["h2d_64B_sync"] = timed(
-        lambda: (driver.copy_htod_async(dev.ptr, pinned.host_ptr, 64, s), s.synchronize()), iters, 500)
+        lambda: (driver.copy_htod_async(dev.ptr, pinned.host_ptr, 64, s), s.synchronize()), iters, 500
+    )
     res["h2d_64B_async_call_only"] = timed(lambda: driver.copy_htod_async(dev.ptr, pinned.host_ptr, 64, s), iters, 500)
     s.synchronize()
 
@@ -80,8 +90,15 @@ def floors_and_baselines(ctx, info, iters: int) -> tuple[dict, dict]:
     # [8192:8256) result, [12288:12292) result len.
     payload = np.random.default_rng(1).integers(0, 256, 64, dtype=np.uint8).tobytes()
     pv = pinned.view
-    args_copy = [ctypes.c_uint64(dev.ptr), ctypes.c_uint64(dev.ptr + 4096), ctypes.c_uint64(dev.ptr + 8192),
-                 ctypes.c_uint64(dev.ptr + 12288), ctypes.c_uint32(1), ctypes.c_uint32(64), ctypes.c_uint64(0)]
+    args_copy = [
+        ctypes.c_uint64(dev.ptr),
+        ctypes.c_uint64(dev.ptr + 4096),
+        ctypes.c_uint64(dev.ptr + 8192),
+        ctypes.c_uint64(dev.ptr + 12288),
+        ctypes.c_uint32(1),
+        ctypes.c_uint32(64),
+        ctypes.c_uint64(0),
+    ]
 
     def per_message_copies():
         pv[0:64] = payload
@@ -98,8 +115,15 @@ def floors_and_baselines(ctx, info, iters: int) -> tuple[dict, dict]:
 
     # (b): the kernel reads and writes mapped pinned memory directly: launch + sync only.
     base = pinned.device_ptr
-    args_mapped = [ctypes.c_uint64(base), ctypes.c_uint64(base + 4096), ctypes.c_uint64(base + 8192),
-                   ctypes.c_uint64(base + 12288), ctypes.c_uint32(1), ctypes.c_uint32(64), ctypes.c_uint64(0)]
+    args_mapped = [
+        ctypes.c_uint64(base),
+        ctypes.c_uint64(base + 4096),
+        ctypes.c_uint64(base + 8192),
+        ctypes.c_uint64(base + 12288),
+        ctypes.c_uint32(1),
+        ctypes.c_uint32(64),
+        ctypes.c_uint64(0),
+    ]
     pv[8192:8256] = bytes(64)
 
     def per_message_mapped():
@@ -111,7 +135,7 @@ def floors_and_baselines(ctx, info, iters: int) -> tuple[dict, dict]:
     assert bytes(pv[8192:8256]) == payload
 
     # flag ping-pong floor
-    flags = pv[32768:32768 + 16].cast("Q")
+    flags = pv[32768 : 32768 + 16].cast("Q")
     flags[0] = flags[1] = 0
     driver.launch(pingpong, 1, 32, [ctypes.c_uint64(base + 32768), ctypes.c_uint64(base + 32776)], s)
     counter = [0]
@@ -129,13 +153,27 @@ def floors_and_baselines(ctx, info, iters: int) -> tuple[dict, dict]:
 
     # the same with the queue's steps, one at a time: +64 B read, +64 B write and release
     pingpong_ex = bench.function("gpuq_pingpong_ex")
-    for mode, name in ((0, "pingpong_warp"), (1, "pingpong_warp_read64"), (2, "pingpong_warp_write64"),
-                       (3, "pingpong_warp_read64_write64")):
+    for mode, name in (
+        (0, "pingpong_warp"),
+        (1, "pingpong_warp_read64"),
+        (2, "pingpong_warp_write64"),
+        (3, "pingpong_warp_read64_write64"),
+    ):
         flags[0] = flags[1] = 0
         counter[0] = 0
-        driver.launch(pingpong_ex, 1, 32, [ctypes.c_uint64(base + 32768), ctypes.c_uint64(base + 32776),
-                                           ctypes.c_uint64(base + 40960), ctypes.c_uint64(base + 49152),
-                                           ctypes.c_uint32(mode)], s)
+        driver.launch(
+            pingpong_ex,
+            1,
+            32,
+            [
+                ctypes.c_uint64(base + 32768),
+                ctypes.c_uint64(base + 32776),
+                ctypes.c_uint64(base + 40960),
+                ctypes.c_uint64(base + 49152),
+                ctypes.c_uint32(mode),
+            ],
+            s,
+        )
         res[name] = timed(ping, iters // 2, 1000)
         flags[0] = 0xFFFFFFFFFFFFFFFF
         s.synchronize()
@@ -155,12 +193,16 @@ def store_costs(ctx, pingpong, s) -> dict:
     payload = bytes(64)
 
     def run(mv, n=400_000):
-        hdr, data, db = mv[0:1 << 16].cast("Q"), mv[1 << 16:(1 << 16) + (1 << 22)], mv[1 << 22:(1 << 22) + 8].cast("Q")
+        hdr, data, db = (
+            mv[0 : 1 << 16].cast("Q"),
+            mv[1 << 16 : (1 << 16) + (1 << 22)],
+            mv[1 << 22 : (1 << 22) + 8].cast("Q"),
+        )
         t0 = time.perf_counter()
         for i in range(n):
             slot = i & 4095
             off = slot << 6
-            data[off:off + 64] = payload
+            data[off : off + 64] = payload
             hdr[slot << 1] = 64
             hdr[(slot << 1) | 1] = i
             db[0] = i + 1
@@ -169,11 +211,11 @@ def store_costs(ctx, pingpong, s) -> dict:
     out["plain_bytearray_ns"] = run(memoryview(bytearray(1 << 23)))
     out["pinned_idle_ns"] = run(buf.view)
     pong = driver.MappedHostBuffer(ctx, 4096)
-    buf.view[1 << 22:(1 << 22) + 8].cast("Q")[0] = 0
+    buf.view[1 << 22 : (1 << 22) + 8].cast("Q")[0] = 0
     driver.launch(pingpong, 1, 32, [ctypes.c_uint64(buf.device_ptr + (1 << 22)), ctypes.c_uint64(pong.device_ptr)], s)
     time.sleep(0.01)
     out["pinned_gpu_polling_ns"] = run(buf.view)
-    buf.view[1 << 22:(1 << 22) + 8].cast("Q")[0] = 0xFFFFFFFFFFFFFFFF
+    buf.view[1 << 22 : (1 << 22) + 8].cast("Q")[0] = 0xFFFFFFFFFFFFFFFF
     s.synchronize()
     buf.close()
     pong.close()
@@ -211,10 +253,18 @@ def queue_round_trip(size: int, iters: int, **cfg) -> dict:
     out = pct(readable)
     tk = pct(taken)
     out.update(cfg)
-    out.update(taken_p50_us=tk["p50_us"], taken_p99_us=tk["p99_us"], mismatches=int(bad), blocks=stats.blocks,
-               threads_per_block=stats.threads_per_block)
-    print(f"  round trip {size} B {cfg}: readable p50 {out['p50_us']:.2f} us, p99 {out['p99_us']:.2f} us; "
-          f"taken p50 {tk['p50_us']:.2f} us, p99 {tk['p99_us']:.2f} us", flush=True)
+    out.update(
+        taken_p50_us=tk["p50_us"],
+        taken_p99_us=tk["p99_us"],
+        mismatches=int(bad),
+        blocks=stats.blocks,
+        threads_per_block=stats.threads_per_block,
+    )
+    print(
+        f"  round trip {size} B {cfg}: readable p50 {out['p50_us']:.2f} us, p99 {out['p99_us']:.2f} us; "
+        f"taken p50 {tk['p50_us']:.2f} us, p99 {tk['p99_us']:.2f} us",
+        flush=True,
+    )
     return out
 
 
@@ -240,10 +290,19 @@ def after_idle(iters: int, idle_s: float, **cfg) -> dict:
         s = q.stats()
     out = pct(readable)
     e = pct(enq)
-    out.update(cfg, enqueue_p50_us=e["p50_us"], enqueue_p99_us=e["p99_us"], parked_before=parked,
-               launches=s.launches, idle_s=idle_s)
-    print(f"  first message after {idle_s * 1e3:.0f} ms idle {cfg}: readable p50 {out['p50_us']:.2f} us, p99 "
-          f"{out['p99_us']:.2f} us; enqueue call p50 {e['p50_us']:.2f} us; parked before {parked}/{iters}", flush=True)
+    out.update(
+        cfg,
+        enqueue_p50_us=e["p50_us"],
+        enqueue_p99_us=e["p99_us"],
+        parked_before=parked,
+        launches=s.launches,
+        idle_s=idle_s,
+    )
+    print(
+        f"  first message after {idle_s * 1e3:.0f} ms idle {cfg}: readable p50 {out['p50_us']:.2f} us, p99 "
+        f"{out['p99_us']:.2f} us; enqueue call p50 {e['p50_us']:.2f} us; parked before {parked}/{iters}",
+        flush=True,
+    )
     return out
 
 
@@ -261,8 +320,10 @@ def pause_resume(iters: int) -> dict:
             q.resume()
             p[i], r[i] = t1 - t, clock() - t1
     pp, rr = pct(p), pct(r)
-    print(f"  pause(): p50 {pp['p50_us']:.1f} us, p99 {pp['p99_us']:.1f} us; resume(): p50 {rr['p50_us']:.1f} us",
-          flush=True)
+    print(
+        f"  pause(): p50 {pp['p50_us']:.1f} us, p99 {pp['p99_us']:.1f} us; resume(): p50 {rr['p50_us']:.1f} us",
+        flush=True,
+    )
     return {"pause": pp, "resume": rr}
 
 
@@ -288,9 +349,17 @@ def enqueue_throughput(n: int, **cfg) -> dict:
             bad += r != payloads[(mid - first) & 1023]
         t_take = time.perf_counter() - t0
         s = q.stats()
-    return {"messages": n, "capacity": cap, "enqueue_msg_per_s": n / t_enq, "enqueue_ns_per_msg": t_enq / n * 1e9,
-            "take_msg_per_s": n / t_take, "mismatches": int(bad), "processed": s.processed,
-            "launches": s.launches, **cfg}
+    return {
+        "messages": n,
+        "capacity": cap,
+        "enqueue_msg_per_s": n / t_enq,
+        "enqueue_ns_per_msg": t_enq / n * 1e9,
+        "take_msg_per_s": n / t_take,
+        "mismatches": int(bad),
+        "processed": s.processed,
+        "launches": s.launches,
+        **cfg,
+    }
 
 
 def sustained_one_thread(n: int, **cfg) -> dict:
@@ -325,8 +394,14 @@ def plot(results: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.2))
     names = [k for k, _ in rows]
     ax.barh(names, [v["p50_us"] for _, v in rows], color="tab:blue", label="p50")
-    ax.barh(names, [v["p99_us"] - v["p50_us"] for _, v in rows], left=[v["p50_us"] for _, v in rows],
-            color="tab:orange", alpha=0.6, label="p99")
+    ax.barh(
+        names,
+        [v["p99_us"] - v["p50_us"] for _, v in rows],
+        left=[v["p50_us"] for _, v in rows],
+        color="tab:orange",
+        alpha=0.6,
+        label="p99",
+    )
     ax.set_xlabel("round trip, µs (Python host, one message at a time)")
     ax.set_title(f"gpuq_driver on {results['env']['device']}")
     ax.legend()
@@ -345,10 +420,16 @@ def main() -> int:
         global GpuQueue
         real = GpuQueue
         GpuQueue = lambda cfg: real(QueueConfig(**{**cfg.__dict__, "backend": "sim"}))  # noqa: E731
-        for name, cfg in (("1_block_1_warp", {"blocks": 1, "threads_per_block": 32}),):
+        for _name, cfg in (("1_block_1_warp", {"blocks": 1, "threads_per_block": 32}),):
             queue_round_trip(64, 200, **cfg)
-        print(enqueue_throughput(3000), sustained_one_thread(3000), after_idle(5, 0.005), after_idle(3, 0.05),
-              after_idle(3, 0.005, linger_ms=0.0), pause_resume(5))
+        print(
+            enqueue_throughput(3000),
+            sustained_one_thread(3000),
+            after_idle(5, 0.005),
+            after_idle(3, 0.05),
+            after_idle(3, 0.005, linger_ms=0.0),
+            pause_resume(5),
+        )
         return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -357,11 +438,17 @@ def main() -> int:
     info = driver.device_info(0)
     from importlib.metadata import version
 
-    env = {"device": info.name, "arch": info.arch, "sm_count": info.sm_count,
-           "driver": int(driver.check(driver._driver().cuDriverGetVersion())),
-           "cuda_bindings": version("cuda-bindings"), "nvrtc": "%d.%d" % nvrtc_version(),
-           "python": platform.python_version(), "numpy": np.__version__,
-           "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    env = {
+        "device": info.name,
+        "arch": info.arch,
+        "sm_count": info.sm_count,
+        "driver": int(driver.check(driver._driver().cuDriverGetVersion())),
+        "cuda_bindings": version("cuda-bindings"),
+        "nvrtc": "{}.{}".format(*nvrtc_version()),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
     # Host CPUs of the lent machines start slow (clocks ramp up under load): spin 2 s first, and
     # record how long an empty Python loop iteration takes, to compare runs across machines.
     t_end = time.perf_counter() + 2.0
@@ -378,8 +465,10 @@ def main() -> int:
     queue_round_trip(64, args.iters // 2)  # warm-up (the first queue measured ran slower in early runs)
     for size in (64, 512, 4096):
         lat[f"gpuq_round_trip_{size}B"] = queue_round_trip(size, args.iters)
-    for name, cfg in (("1_block_1_warp", {"blocks": 1, "threads_per_block": 32}),
-                      ("8_blocks_4_warps", {"blocks": 8, "threads_per_block": 128})):
+    for name, cfg in (
+        ("1_block_1_warp", {"blocks": 1, "threads_per_block": 32}),
+        ("8_blocks_4_warps", {"blocks": 8, "threads_per_block": 128}),
+    ):
         lat[f"gpuq_round_trip_64B_{name}"] = queue_round_trip(64, args.iters // 2, **cfg)
     lat["gpuq_round_trip_64B_again"] = queue_round_trip(64, args.iters)  # the same version twice: the spread
     never = {"lease_ms": math.inf}  # the kernel never leaves: the behaviour before leases, side by side
@@ -396,23 +485,31 @@ def main() -> int:
     (out / "bench_latency.json").write_text(json.dumps(results, indent=2))
     plot(results, out / "bench_latency.png")
 
-    print(f"\n{env['device']} ({env['arch']}), driver {env['driver']}, cuda-bindings {env['cuda_bindings']}, "
-          f"NVRTC {env['nvrtc']}, Python {env['python']} (empty loop {env['python_empty_loop_ns']} ns/iter)")
+    print(
+        f"\n{env['device']} ({env['arch']}), driver {env['driver']}, cuda-bindings {env['cuda_bindings']}, "
+        f"NVRTC {env['nvrtc']}, Python {env['python']} (empty loop {env['python_empty_loop_ns']} ns/iter)"
+    )
     print(f"{'round trip (one at a time); gpuq: to readable | to taken':52s} {'p50 us':>8s} {'p99 us':>8s}")
     for k, v in lat.items():
         extra = f"  | {v['taken_p50_us']:6.2f} {v['taken_p99_us']:6.2f}" if "taken_p50_us" in v else ""
         print(f"{k:52s} {v['p50_us']:8.2f} {v['p99_us']:8.2f}{extra}")
     for suffix, label in (("", "lease 1 ms"), ("_never_leaves", "never leaves")):
         e = results["enqueue_throughput" + suffix]
-        print(f"enqueue, one Python thread, 64 B, {label}: {e['enqueue_msg_per_s']:,.0f} msg/s "
-              f"({e['enqueue_ns_per_msg']:.0f} ns/msg), then take {e['take_msg_per_s']:,.0f} msg/s, "
-              f"mismatches {e['mismatches']}, launches {e['launches']}")
+        print(
+            f"enqueue, one Python thread, 64 B, {label}: {e['enqueue_msg_per_s']:,.0f} msg/s "
+            f"({e['enqueue_ns_per_msg']:.0f} ns/msg), then take {e['take_msg_per_s']:,.0f} msg/s, "
+            f"mismatches {e['mismatches']}, launches {e['launches']}"
+        )
         su = results["sustained_one_thread" + suffix]
-        print(f"enqueue+take interleaved, one thread, ring 1024, {label}: {su['msg_per_s']:,.0f} msg/s, "
-              f"mismatches {su['mismatches']}, launches {su['launches']}")
+        print(
+            f"enqueue+take interleaved, one thread, ring 1024, {label}: {su['msg_per_s']:,.0f} msg/s, "
+            f"mismatches {su['mismatches']}, launches {su['launches']}"
+        )
     pr = results["pause_resume"]
-    print(f"pause(): p50 {pr['pause']['p50_us']:.1f} us, p99 {pr['pause']['p99_us']:.1f} us; "
-          f"resume(): p50 {pr['resume']['p50_us']:.1f} us")
+    print(
+        f"pause(): p50 {pr['pause']['p50_us']:.1f} us, p99 {pr['pause']['p99_us']:.1f} us; "
+        f"resume(): p50 {pr['resume']['p50_us']:.1f} us"
+    )
     return 0
 
 

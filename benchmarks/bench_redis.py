@@ -39,6 +39,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from plotting import pyplot  # noqa: E402  (benchmarks/plotting.py)
+
 from gpuq_driver.streams import RedisServer, StreamProducer, connect  # noqa: E402
 from gpuq_driver.streams.wire import frames, items  # noqa: E402
 
@@ -50,8 +51,12 @@ def pct(values_ns) -> dict:
     a = np.asarray(values_ns, dtype=np.float64) / 1e3
     if not len(a):
         return {"n": 0}
-    return {"n": int(len(a)), "p50_us": float(np.percentile(a, 50)), "p99_us": float(np.percentile(a, 99)),
-            "mean_us": float(a.mean())}
+    return {
+        "n": int(len(a)),
+        "p50_us": float(np.percentile(a, 50)),
+        "p99_us": float(np.percentile(a, 99)),
+        "mean_us": float(a.mean()),
+    }
 
 
 def slot_for(size: int) -> int:
@@ -59,6 +64,7 @@ def slot_for(size: int) -> int:
 
 
 # -- processes -------------------------------------------------------------------------------------
+
 
 def producer_main(url, n, first_seq, size, frame, rate, ready, go, done):
     """Once ``go`` is set: XADD ``n`` messages, paced at ``rate`` msg/s if given (in round trips
@@ -88,8 +94,9 @@ def consumer_main(url, mode, size, frame, backend, ready, stop, done):
     client = connect(url)
     # about 4096 messages (and at most 4 MB of payload) per XREADGROUP
     count = max(1, min(4096 // frame, (4 << 20) // (size * frame)))
-    cons = StreamConsumer(client, STREAM, GROUP, f"bench-{os.getpid()}", count=count, block_ms=20,
-                          result_maxlen=10_000_000)
+    cons = StreamConsumer(
+        client, STREAM, GROUP, f"bench-{os.getpid()}", count=count, block_ms=20, result_maxlen=10_000_000
+    )
     sb = slot_for(size)
     if mode == "track_a":
         res = BatchProcessor(slot_bytes=sb, max_batch=8192, backend=backend)
@@ -139,11 +146,18 @@ def queue_alone(size: int, n: int, backend: str, load: float, out) -> None:
         rate, saturated = flow(n)
         paced_n = max(1000, min(n, int(rate * load * 2)))  # about 2 s
         paced_rate, paced = flow(paced_n, rate * load)
-    out.put({"msg_per_s": rate, "saturated": pct(saturated), "paced": {**pct(paced), "msg_per_s": paced_rate},
-             "unloaded": pct(pings)})
+    out.put(
+        {
+            "msg_per_s": rate,
+            "saturated": pct(saturated),
+            "paced": {**pct(paced), "msg_per_s": paced_rate},
+            "unloaded": pct(pings),
+        }
+    )
 
 
 # -- one Redis run ---------------------------------------------------------------------------------
+
 
 def _flow(ctx, url, client, last, n, size, frame, producers, rate):
     """Producers send ``n`` messages (paced at ``rate`` msg/s in all, or flat out); this process
@@ -151,12 +165,27 @@ def _flow(ctx, url, client, last, n, size, frame, producers, rate):
     results = f"{STREAM}:results"
     ready, go, pdone = ctx.Queue(), ctx.Event(), ctx.Queue()
     share = -(-n // producers)
-    procs = [ctx.Process(target=producer_main, args=(url, min(share, n - k * share), k * share, size, frame,
-                                                     rate / producers if rate else None, ready, go, pdone))
-             for k in range(producers) if n - k * share > 0]
+    procs = [
+        ctx.Process(
+            target=producer_main,
+            args=(
+                url,
+                min(share, n - k * share),
+                k * share,
+                size,
+                frame,
+                rate / producers if rate else None,
+                ready,
+                go,
+                pdone,
+            ),
+        )
+        for k in range(producers)
+        if n - k * share > 0
+    ]
     for p in procs:
         p.start()
-    for p in procs:  # started, imported, connected: the clock starts when they all are
+    for _ in procs:  # started, imported, connected: the clock starts when they all are
         ready.get(timeout=120)
     start_at = time.monotonic()
     go.set()
@@ -204,42 +233,64 @@ def redis_run(ctx, url, mode, size, frame, n, producers, pings, load, backend) -
     last, rate, saturated, got = _flow(ctx, url, client, last, n, size, frame, producers, None)
     cmd = {k.removeprefix("cmdstat_"): v for k, v in client.info("commandstats").items()}
     paced_n = max(1000, min(n, int(rate * load * 2))) if rate == rate else 0  # about 2 s
-    last, paced_rate, paced, _ = _flow(ctx, url, client, last, paced_n, size, frame, producers, rate * load) \
-        if paced_n else (last, float("nan"), [], 0)
+    last, paced_rate, paced, _ = (
+        _flow(ctx, url, client, last, paced_n, size, frame, producers, rate * load)
+        if paced_n
+        else (last, float("nan"), [], 0)
+    )
     stop.set()
     stats = done.get(timeout=60)
     consumer.join(30)
     keep = ("xadd", "xreadgroup", "evalsha", "xread", "xautoclaim")
-    return {"mode": mode, "size": size, "frame": frame, "messages": n, "received": got, "msg_per_s": rate,
-            "saturated": pct(saturated), "paced": {**pct(paced), "msg_per_s": paced_rate}, "unloaded": pct(unloaded),
-            "worker": stats,
-            "redis_usec_per_call": {k: cmd[k]["usec_per_call"] for k in keep if k in cmd},
-            "redis_calls": {k: cmd[k]["calls"] for k in keep if k in cmd}}
+    return {
+        "mode": mode,
+        "size": size,
+        "frame": frame,
+        "messages": n,
+        "received": got,
+        "msg_per_s": rate,
+        "saturated": pct(saturated),
+        "paced": {**pct(paced), "msg_per_s": paced_rate},
+        "unloaded": pct(unloaded),
+        "worker": stats,
+        "redis_usec_per_call": {k: cmd[k]["usec_per_call"] for k in keep if k in cmd},
+        "redis_calls": {k: cmd[k]["calls"] for k in keep if k in cmd},
+    }
 
 
 def plot(res: dict, path: Path) -> None:
-    plt = pyplot(' (make it later: bench_redis.py --replot bench_redis.json)')
+    plt = pyplot(" (make it later: bench_redis.py --replot bench_redis.json)")
     if plt is None:
         return
     rows = res["runs"]
     labels = list(dict.fromkeys(r["label"] for r in rows))
     sizes = sorted({r["size"] for r in rows})
-    panels = (("saturated throughput, k msg/s", lambda r: r["msg_per_s"] / 1e3, False),
-              (f"p50 µs, paced at {res['env'].get('load', 0.5):g} × saturated (log)", lambda r: r["paced"].get("p50_us", 0), True),
-              ("p50 µs, one message at a time (log)", lambda r: r["unloaded"].get("p50_us", 0), True))
+    panels = (
+        ("saturated throughput, k msg/s", lambda r: r["msg_per_s"] / 1e3, False),
+        (
+            f"p50 µs, paced at {res['env'].get('load', 0.5):g} × saturated (log)",
+            lambda r: r["paced"].get("p50_us", 0),
+            True,
+        ),
+        ("p50 µs, one message at a time (log)", lambda r: r["unloaded"].get("p50_us", 0), True),
+    )
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
     w = 0.8 / len(labels)
     for ax, (title, value, log) in zip(axes, panels):
         for j, lab in enumerate(labels):
             by = {r["size"]: r for r in rows if r["label"] == lab}
-            ax.bar([i + j * w for i in range(len(sizes))], [value(by[s]) if s in by else 0 for s in sizes], w, label=lab)
+            ax.bar(
+                [i + j * w for i in range(len(sizes))], [value(by[s]) if s in by else 0 for s in sizes], w, label=lab
+            )
         ax.set_xticks([i + 0.4 - w / 2 for i in range(len(sizes))], [f"{s} B" for s in sizes])
         ax.set_title(title, fontsize=10)
         if log:
             ax.set_yscale("log")
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"Track A vs bridge vs GpuQueue alone — {res['env']['device']}, Redis {res['env']['redis']}, "
-                 f"{res['env']['date']}")
+    fig.suptitle(
+        f"Track A vs bridge vs GpuQueue alone — {res['env']['device']}, Redis {res['env']['redis']}, "
+        f"{res['env']['date']}"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     print(f"wrote {path}")
@@ -250,7 +301,9 @@ def main() -> int:
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     ap.add_argument("--redis-url", default=os.environ.get("REDIS_URL"), help="default: an embedded redis-server")
     ap.add_argument("--messages", type=int, default=500_000)
-    ap.add_argument("--max-mb", type=int, default=1024, help="fewer messages for large payloads: at most this many MB a run")
+    ap.add_argument(
+        "--max-mb", type=int, default=1024, help="fewer messages for large payloads: at most this many MB a run"
+    )
     ap.add_argument("--producers", type=int, default=4)
     ap.add_argument("--frame", type=int, default=32, help="messages per entry for the framed runs")
     ap.add_argument("--sizes", default="64,512,4096")
@@ -271,10 +324,21 @@ def main() -> int:
     version = connect(url).info("server")["redis_version"]
     env = {"device": "CPU dry run"} if args.cpu else _device_env()
     device = env["device"]
-    env.update({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "redis": version,
-           "python": platform.python_version(), "cpus": os.cpu_count(), "producers": args.producers,
-           "messages": args.messages, "load": args.load, "frame": args.frame})
-    print(f"Redis {version} at {url}; {device}; {args.producers} producer processes; {args.messages:,} messages per run")
+    env.update(
+        {
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "redis": version,
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "producers": args.producers,
+            "messages": args.messages,
+            "load": args.load,
+            "frame": args.frame,
+        }
+    )
+    print(
+        f"Redis {version} at {url}; {device}; {args.producers} producer processes; {args.messages:,} messages per run"
+    )
     runs = []
     modes = args.modes.split(",")
     try:
@@ -284,24 +348,35 @@ def main() -> int:
                 label = mode
                 if mode == "queue":
                     q = ctx.Queue()
-                    p = ctx.Process(target=queue_alone, args=(size, n, "sim" if args.cpu else "cuda",
-                                                              args.load, q))
+                    p = ctx.Process(target=queue_alone, args=(size, n, "sim" if args.cpu else "cuda", args.load, q))
                     p.start()
                     r = {"mode": "queue", "size": size, "frame": None, "messages": n, **q.get(timeout=300)}
                     p.join(30)
                 else:
                     base, framed = mode.removesuffix("_framed"), mode.endswith("_framed")
                     backend = ("numpy" if base == "track_a" else "sim") if args.cpu else "cuda"
-                    r = redis_run(ctx, url, base, size, args.frame if framed else 1, n, args.producers,
-                                  args.pings, args.load, backend)
+                    r = redis_run(
+                        ctx,
+                        url,
+                        base,
+                        size,
+                        args.frame if framed else 1,
+                        n,
+                        args.producers,
+                        args.pings,
+                        args.load,
+                        backend,
+                    )
                 r["label"] = label
                 runs.append(r)
                 pc = r["paced"]
-                print(f"{label:15s} {size:5d} B  {r['msg_per_s']:>11,.0f} msg/s  at {pc.get('msg_per_s', 0):>9,.0f} msg/s: p50 "
-                      f"{pc.get('p50_us', float('nan')):9.1f} p99 {pc.get('p99_us', float('nan')):9.1f} µs"
-                      f"  unloaded p50 {r['unloaded']['p50_us']:8.1f} p99 {r['unloaded']['p99_us']:8.1f} µs"
-                      + (f"  redis µs/call {r['redis_usec_per_call']}" if "redis_usec_per_call" in r else ""),
-                      flush=True)
+                print(
+                    f"{label:15s} {size:5d} B  {r['msg_per_s']:>11,.0f} msg/s  at {pc.get('msg_per_s', 0):>9,.0f} msg/s: p50 "
+                    f"{pc.get('p50_us', float('nan')):9.1f} p99 {pc.get('p99_us', float('nan')):9.1f} µs"
+                    f"  unloaded p50 {r['unloaded']['p50_us']:8.1f} p99 {r['unloaded']['p99_us']:8.1f} µs"
+                    + (f"  redis µs/call {r['redis_usec_per_call']}" if "redis_usec_per_call" in r else ""),
+                    flush=True,
+                )
     finally:
         if server:
             server.close()
@@ -320,8 +395,14 @@ def _device_env() -> dict:
     from gpuq_driver.compiler import nvrtc_version
 
     info = device_info(0)
-    return {"device": info.name, "arch": info.arch, "driver": int(driver.check(driver._driver().cuDriverGetVersion())),
-            "cuda_bindings": version("cuda-bindings"), "nvrtc": "%d.%d" % nvrtc_version(), "numpy": np.__version__}
+    return {
+        "device": info.name,
+        "arch": info.arch,
+        "driver": int(driver.check(driver._driver().cuDriverGetVersion())),
+        "cuda_bindings": version("cuda-bindings"),
+        "nvrtc": "{}.{}".format(*nvrtc_version()),
+        "numpy": np.__version__,
+    }
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-
 from plotting import pyplot  # benchmarks/plotting.py
 
 CHILD = Path(__file__).resolve().parent.parent / "tests" / "neighbour_child.py"
@@ -59,22 +58,43 @@ def main() -> int:
         for state in ("none", "idle", "busy"):
             lines = child(lib, state)
             res["calls"][f"{lib}/{state}"] = lines
-            print(f"  {lib}/{state}: {[(x['call'], round(x['ms'], 2)) for x in lines if 'call' in x]}"
-                  f" {[x for x in lines if 'summary' in x or 'hang' in x or 'error' in x]}", flush=True)
+            print(
+                f"  {lib}/{state}: {[(x['call'], round(x['ms'], 2)) for x in lines if 'call' in x]}"
+                f" {[x for x in lines if 'summary' in x or 'hang' in x or 'error' in x]}",
+                flush=True,
+            )
     if "torch" in libs:
         runs = [(float(x), 200_000, 0.2) for x in args.leases.split(",")] + [(1.0, 200_000, 5.0), (1.0, 0, 5.0)]
         for lease, rate, switch in runs:
-            lines = child("torch", "busy", "--lease-ms", str(lease), "--sync-samples", str(args.samples),
-                          "--rate", str(rate), "--switch-interval-ms", str(switch))
+            lines = child(
+                "torch",
+                "busy",
+                "--lease-ms",
+                str(lease),
+                "--sync-samples",
+                str(args.samples),
+                "--rate",
+                str(rate),
+                "--switch-interval-ms",
+                str(switch),
+            )
             key = f"{lease} ms, " + (f"paced {rate:,} msg/s" if rate else "flat out") + f", GIL switch {switch} ms"
             waits = next((x["sync_ms"] for x in lines if "sync_ms" in x), [])
             summary = next((x["summary"] for x in lines if "summary" in x), {})
             a = np.asarray(waits) if waits else np.zeros(1)
-            res["sync"][key] = {"waits_ms": waits, "p50_ms": float(np.percentile(a, 50)),
-                                       "p99_ms": float(np.percentile(a, 99)), "max_ms": float(a.max()),
-                                       "summary": summary, "problems": [x for x in lines if "hang" in x or "error" in x]}
-            print(f"  sync under traffic, lease {key}: p50 {res['sync'][key]['p50_ms']:.2f} ms, "
-                  f"p99 {res['sync'][key]['p99_ms']:.2f} ms, max {a.max():.2f} ms; {summary}", flush=True)
+            res["sync"][key] = {
+                "waits_ms": waits,
+                "p50_ms": float(np.percentile(a, 50)),
+                "p99_ms": float(np.percentile(a, 99)),
+                "max_ms": float(a.max()),
+                "summary": summary,
+                "problems": [x for x in lines if "hang" in x or "error" in x],
+            }
+            print(
+                f"  sync under traffic, lease {key}: p50 {res['sync'][key]['p50_ms']:.2f} ms, "
+                f"p99 {res['sync'][key]['p99_ms']:.2f} ms, max {a.max():.2f} ms; {summary}",
+                flush=True,
+            )
     (out / "bench_share.json").write_text(json.dumps(res, indent=1))
     plot(res, out / "bench_share.png")
 
@@ -86,18 +106,25 @@ def main() -> int:
                 if "call" in x:
                     rows.setdefault(x["call"], {})[state] = x["ms"]
         for call, t in rows.items():
-            print(f"| {call} | " + " | ".join(f"{t[s]:,.1f}" if s in t else "hang/error" for s in ("none", "idle", "busy"))
-                  + " |")
+            print(
+                f"| {call} | "
+                + " | ".join(f"{t[s]:,.1f}" if s in t else "hang/error" for s in ("none", "idle", "busy"))
+                + " |"
+            )
     for lib in libs:
         busy = next((x["summary"] for x in res["calls"][f"{lib}/busy"] if "summary" in x), {})
         print(f"traffic beside {lib}: {busy}")
     if res["sync"]:
-        print("\n| lease, producer | torch.cuda.synchronize under traffic p50 ms | p99 ms | max ms | queue msg/s | lost | wrong |")
+        print(
+            "\n| lease, producer | torch.cuda.synchronize under traffic p50 ms | p99 ms | max ms | queue msg/s | lost | wrong |"
+        )
         print("|---:|---:|---:|---:|---:|---:|---:|")
         for lease, v in res["sync"].items():
             s = v["summary"]
-            print(f"| {lease} | {v['p50_ms']:.2f} | {v['p99_ms']:.2f} | {v['max_ms']:.2f} | "
-                  f"{s.get('msg_per_s', 0):,.0f} | {s.get('lost')} | {s.get('wrong')} |")
+            print(
+                f"| {lease} | {v['p50_ms']:.2f} | {v['p99_ms']:.2f} | {v['max_ms']:.2f} | "
+                f"{s.get('msg_per_s', 0):,.0f} | {s.get('lost')} | {s.get('wrong')} |"
+            )
     return 0
 
 

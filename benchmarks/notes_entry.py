@@ -22,8 +22,10 @@ def main() -> None:
     if not env and (out / "bench_redis.json").exists():  # a run without the latency benchmark
         env = json.loads((out / "bench_redis.json").read_text())["env"]
     print(f"\n## {env.get('date', '(no benchmark)')} — {env.get('device', '?')} ({env.get('arch', '?')})\n")
-    print(f"- versions: driver {env.get('driver')}, cuda-bindings {env.get('cuda_bindings')}, NVRTC {env.get('nvrtc')}, "
-          f"Python {env.get('python')}, numpy {env.get('numpy')}; empty Python loop {env.get('python_empty_loop_ns')} ns/iteration")
+    print(
+        f"- versions: driver {env.get('driver')}, cuda-bindings {env.get('cuda_bindings')}, NVRTC {env.get('nvrtc')}, "
+        f"Python {env.get('python')}, numpy {env.get('numpy')}; empty Python loop {env.get('python_empty_loop_ns')} ns/iteration"
+    )
     print(f"- nvidia-smi: {(out / 'nvidia-smi.txt').read_text().strip() if (out / 'nvidia-smi.txt').exists() else '?'}")
     print(f"- GPU tests: `{last_line(out / 'pytest.log', r'(passed|failed|error)')}`")
     ex = out / "example.log"
@@ -32,33 +34,50 @@ def main() -> None:
     for mode in ("batch", "bridge"):
         log = out / f"redis_example_{mode}.log"
         if log.exists():
-            print(f"- redis_consumer.py --mode {mode} --backend cuda: " + "; ".join(
-                f"`{ln.strip()}`" for ln in log.read_text(errors="replace").splitlines()[-12:] if ln.strip()))
+            print(
+                f"- redis_consumer.py --mode {mode} --backend cuda: "
+                + "; ".join(
+                    f"`{ln.strip()}`" for ln in log.read_text(errors="replace").splitlines()[-12:] if ln.strip()
+                )
+            )
     if bench:
-        print("\n| round trip, one message at a time (gpuq: enqueue → result readable; then → taken) "
-              "| p50 µs | p99 µs | taken p50 µs | taken p99 µs |\n|---|---:|---:|---:|---:|")
+        print(
+            "\n| round trip, one message at a time (gpuq: enqueue → result readable; then → taken) "
+            "| p50 µs | p99 µs | taken p50 µs | taken p99 µs |\n|---|---:|---:|---:|---:|"
+        )
         for k, v in bench["latency"].items():
-            tk = (f"{v['taken_p50_us']:.2f} | {v['taken_p99_us']:.2f}" if "taken_p50_us" in v else "– | –")
+            tk = f"{v['taken_p50_us']:.2f} | {v['taken_p99_us']:.2f}" if "taken_p50_us" in v else "– | –"
             print(f"| {k} | {v['p50_us']:.2f} | {v['p99_us']:.2f} | {tk} |")
         for suffix, label in (("", ""), ("_never_leaves", ", lease_ms=inf (never leaves)")):
             if "enqueue_throughput" + suffix not in bench:
                 continue
             e, s = bench["enqueue_throughput" + suffix], bench["sustained_one_thread" + suffix]
-            print(f"\n- enqueue from one Python thread, 64 B, {e['messages']:,} messages into a ring of {e['capacity']:,}"
-                  f"{label}: **{e['enqueue_msg_per_s']:,.0f} msg/s** ({e['enqueue_ns_per_msg']:.0f} ns/msg); "
-                  f"taking the results: {e['take_msg_per_s']:,.0f} msg/s; mismatches {e['mismatches']}; "
-                  f"launches {e.get('launches', '?')}")
-            print(f"- enqueue + take interleaved in one thread, ring 1024{label}: {s['msg_per_s']:,.0f} msg/s; "
-                  f"mismatches {s['mismatches']}")
+            print(
+                f"\n- enqueue from one Python thread, 64 B, {e['messages']:,} messages into a ring of {e['capacity']:,}"
+                f"{label}: **{e['enqueue_msg_per_s']:,.0f} msg/s** ({e['enqueue_ns_per_msg']:.0f} ns/msg); "
+                f"taking the results: {e['take_msg_per_s']:,.0f} msg/s; mismatches {e['mismatches']}; "
+                f"launches {e.get('launches', '?')}"
+            )
+            print(
+                f"- enqueue + take interleaved in one thread, ring 1024{label}: {s['msg_per_s']:,.0f} msg/s; "
+                f"mismatches {s['mismatches']}"
+            )
         if "pause_resume" in bench:
             pr = bench["pause_resume"]
-            print(f"- pause(): p50 {pr['pause']['p50_us']:.1f} µs, p99 {pr['pause']['p99_us']:.1f} µs; "
-                  f"resume(): p50 {pr['resume']['p50_us']:.1f} µs")
+            print(
+                f"- pause(): p50 {pr['pause']['p50_us']:.1f} µs, p99 {pr['pause']['p99_us']:.1f} µs; "
+                f"resume(): p50 {pr['resume']['p50_us']:.1f} µs"
+            )
     share = out / "bench_share.log"
     if share.exists():  # its tables, as printed
         print("\n### Other CUDA work beside a queue (bench_share.py)\n")
-        print("\n".join(ln for ln in share.read_text(errors="replace").splitlines()
-                        if ln.startswith("|") or ln.startswith("traffic beside") or not ln.strip()).strip())
+        print(
+            "\n".join(
+                ln
+                for ln in share.read_text(errors="replace").splitlines()
+                if ln.startswith("|") or ln.startswith("traffic beside") or not ln.strip()
+            ).strip()
+        )
     soak = out / "soak.log"
     if soak.exists():  # its closing summary, as printed
         lines = soak.read_text(errors="replace").splitlines()
@@ -74,16 +93,22 @@ def redis_table(path: Path) -> None:
         return
     r = json.loads(path.read_text())
     e = r["env"]
-    print(f"\n### Track A vs bridge vs GpuQueue (bench_redis.py): Redis {e['redis']}, {e['producers']} producer "
-          f"processes, {e['messages']:,} messages per run, {e['cpus']} CPUs\n")
-    print("| path | payload | frame | saturated msg/s | paced at msg/s | paced p50 µs | paced p99 µs | unloaded p50 µs "
-          "| unloaded p99 µs | Redis µs/call: xadd, xreadgroup, evalsha |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    print(
+        f"\n### Track A vs bridge vs GpuQueue (bench_redis.py): Redis {e['redis']}, {e['producers']} producer "
+        f"processes, {e['messages']:,} messages per run, {e['cpus']} CPUs\n"
+    )
+    print(
+        "| path | payload | frame | saturated msg/s | paced at msg/s | paced p50 µs | paced p99 µs | unloaded p50 µs "
+        "| unloaded p99 µs | Redis µs/call: xadd, xreadgroup, evalsha |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+    )
     for x in r["runs"]:
         lo, un, rc = x["paced"], x["unloaded"], x.get("redis_usec_per_call", {})
         calls = ", ".join(f"{rc[k]:g}" for k in ("xadd", "xreadgroup", "evalsha") if k in rc) or "–"
-        print(f"| {x['label']} | {x['size']} B | {x['frame'] or '–'} | {x['msg_per_s']:,.0f} | {lo.get('msg_per_s', float('nan')):,.0f} "
-              f"| {lo.get('p50_us', float('nan')):,.1f} "
-              f"| {lo.get('p99_us', float('nan')):,.1f} | {un['p50_us']:,.1f} | {un['p99_us']:,.1f} | {calls} |")
+        print(
+            f"| {x['label']} | {x['size']} B | {x['frame'] or '–'} | {x['msg_per_s']:,.0f} | {lo.get('msg_per_s', float('nan')):,.0f} "
+            f"| {lo.get('p50_us', float('nan')):,.1f} "
+            f"| {lo.get('p99_us', float('nan')):,.1f} | {un['p50_us']:,.1f} | {un['p99_us']:,.1f} | {calls} |"
+        )
 
 
 if __name__ == "__main__":

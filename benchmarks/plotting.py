@@ -7,6 +7,7 @@ def pyplot(hint: str = ""):
     """``matplotlib.pyplot`` with the Agg backend, or None (after saying so) where it is not installed."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:

@@ -70,9 +70,14 @@ def main():
     def graph_launch():
         check(cu.cuGraphLaunch(gexec, h), "cuGraphLaunch")
 
-    for name, f in (("cuLaunchCooperativeKernel", coop), ("cuLaunchKernel", plain), ("cuGraphLaunch (coop node)", graph_launch),
-                    ("cuCtxSetCurrent", k.ctx.make_current), ("kernel.launch() (what a kick does)", k.launch),
-                    ("cuLaunchCooperativeKernel again", coop)):
+    for name, f in (
+        ("cuLaunchCooperativeKernel", coop),
+        ("cuLaunchKernel", plain),
+        ("cuGraphLaunch (coop node)", graph_launch),
+        ("cuCtxSetCurrent", k.ctx.make_current),
+        ("kernel.launch() (what a kick does)", k.launch),
+        ("cuLaunchCooperativeKernel again", coop),
+    ):
         timed(f, 200, sync)  # warm-up
         print(f"  {name:40s} {timed(f, 2000, sync)}", flush=True)
     sync()
@@ -83,6 +88,7 @@ def main():
         k.launch()
         while begun[0] == b:
             pass
+
     print(f"  {'launch until the lease has begun':40s} {timed(launch_and_begin, 500, sync)}", flush=True)
     sync()
     # After 5 ms of nothing: the host CPU idles (sleep) or stays busy (spin); the GPU idles in both.
@@ -111,8 +117,11 @@ def main():
             query.append(t1 - t0), calls.append(t2 - t1), begins.append(t3 - t1)
             sync()
         p50 = lambda a: np.percentile(np.asarray(a) / 1e3, 50)  # noqa: E731
-        print(f"  after 5 ms idle ({how}): cuStreamQuery p50 {p50(query):.2f} us; launch call p50 {p50(calls):.2f} us; "
-              f"launch until begun p50 {p50(begins):.2f} us", flush=True)
+        print(
+            f"  after 5 ms idle ({how}): cuStreamQuery p50 {p50(query):.2f} us; launch call p50 {p50(calls):.2f} us; "
+            f"launch until begun p50 {p50(begins):.2f} us",
+            flush=True,
+        )
     q.close()
 
 

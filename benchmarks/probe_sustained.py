@@ -32,6 +32,7 @@ def run(n: int, label: str, policy=None, **cfg) -> None:
         def counted():
             by[threading.current_thread().name] += 1
             launch()
+
         q._kernel.launch = counted
         if policy:
             policy(q)
@@ -52,8 +53,11 @@ def run(n: int, label: str, policy=None, **cfg) -> None:
                 got += 1
         dt = time.perf_counter() - t0
         s = q.stats()
-    print(f"  {label:42s} {n / dt:10,.0f} msg/s  launches {s.launches:5d} {dict(by)}  full {full}  "
-          f"empty polls {empty_polls}  bad {bad}", flush=True)
+    print(
+        f"  {label:42s} {n / dt:10,.0f} msg/s  launches {s.launches:5d} {dict(by)}  full {full}  "
+        f"empty polls {empty_polls}  bad {bad}",
+        flush=True,
+    )
 
 
 def never_fresh(q):

@@ -17,8 +17,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gpuq_driver import GpuQueue, QueueConfig  # noqa: E402
-from gpuq_driver.streams import (BatchProcessor, GpuBridge, RedisServer, StreamConsumer, StreamProducer,  # noqa: E402
-                                 StreamWorker, connect)
+from gpuq_driver.streams import (  # noqa: E402
+    BatchProcessor,
+    GpuBridge,
+    RedisServer,
+    StreamConsumer,
+    StreamProducer,
+    StreamWorker,
+    connect,
+)
 
 
 def main() -> int:
@@ -35,7 +42,8 @@ def main() -> int:
         client = connect(server.url, socket_timeout_s=30)
         pad = b"\xab" * (args.size - 16)
         StreamProducer(client, "p", maxlen=10**8, frame=args.frame).send_many(
-            [struct.pack("<QQ", 0, q) + pad for q in range(args.messages)])
+            [struct.pack("<QQ", 0, q) + pad for q in range(args.messages)]
+        )
         count = max(1, 4096 // args.frame)
         consumer = StreamConsumer(client, "p", "g", "c", count=count, block_ms=10, result_maxlen=10**8)
         if args.mode == "track_a":
@@ -52,9 +60,13 @@ def main() -> int:
         prof.disable()
         dt = time.perf_counter() - t0
         res.close()
-        cmd = {k.removeprefix("cmdstat_"): (v["usec_per_call"], v["calls"]) for k, v in client.info("commandstats").items()}
+        cmd = {
+            k.removeprefix("cmdstat_"): (v["usec_per_call"], v["calls"]) for k, v in client.info("commandstats").items()
+        }
         print(f"{args.mode} {args.backend} frame {args.frame} size {args.size}: {stats}")
-        print(f"{stats.messages / dt:,.0f} msg/s under cProfile ({dt:.2f} s); Redis {server.version} µs/call, calls: {cmd}")
+        print(
+            f"{stats.messages / dt:,.0f} msg/s under cProfile ({dt:.2f} s); Redis {server.version} µs/call, calls: {cmd}"
+        )
         pstats.Stats(prof).sort_stats("tottime").print_stats(args.top)
     return 0
 

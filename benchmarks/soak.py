@@ -36,11 +36,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from plotting import pyplot  # noqa: E402  (benchmarks/plotting.py)
+
 import gpuq_driver  # noqa: E402
 from gpuq_driver import CudaUnavailable, GpuQueue, QueueConfig, QueueFull  # noqa: E402
 
 EDGES = np.logspace(2, 11, 1801)  # round-trip histogram, 100 ns .. 100 s (1.2 % wide bins)
-DRAIN_S = 60.0                    # how long the consumers may take to drain after the producers stop
+DRAIN_S = 60.0  # how long the consumers may take to drain after the producers stop
 
 
 def rss_mib() -> float:
@@ -52,6 +53,7 @@ def vram_mib(backend: str) -> float | None:
     if backend != "cuda":
         return None
     from cuda.bindings import driver as cu
+
     from gpuq_driver import driver
     from gpuq_driver.errors import check
 
@@ -77,12 +79,14 @@ def neighbour_step(kind: str):
     """One iteration of the neighbour's CUDA work: () -> its synchronize wait (s); and the library's version."""
     if kind == "torch":
         import torch
+
         if not torch.cuda.is_available():
             raise ImportError("torch.cuda.is_available() is False")
         ones, rand = (lambda: torch.ones(16 << 20, device="cuda")), (lambda: torch.rand(1024, 1024, device="cuda"))
         sync, free, version = torch.cuda.synchronize, torch.cuda.empty_cache, torch.__version__
     else:
         import cupy as cp
+
         ones, rand = (lambda: cp.ones(16 << 20, cp.float32)), (lambda: cp.random.random((1024, 1024), cp.float32))
         sync, free, version = cp.cuda.Device().synchronize, cp.get_default_memory_pool().free_all_blocks, cp.__version__
 
@@ -95,6 +99,7 @@ def neighbour_step(kind: str):
         del x, a, b
         free()
         return wait
+
     return step, version
 
 
@@ -102,11 +107,11 @@ class Soak:
     def __init__(self, q: GpuQueue, args):
         self.q, self.args = q, args
         self.lock = threading.Lock()
-        self.sent: dict[int, tuple[int, bytes]] = {}     # msg_id -> (send ns, payload), until taken
+        self.sent: dict[int, tuple[int, bytes]] = {}  # msg_id -> (send ns, payload), until taken
         self.orphans: dict[int, tuple[int, bytes]] = {}  # taken before its producer registered it
         self.n_sent = self.taken = self.ok = self.wrong = self.dup = self.none = self.full_retries = 0
         self.bytes_ok = 0
-        self.iv_rtt, self.iv_bytes, self.iv_sync = [], 0, []     # this interval's
+        self.iv_rtt, self.iv_bytes, self.iv_sync = [], 0, []  # this interval's
         self.hist, self.syncs, self.iters = np.zeros(len(EDGES) - 1, np.int64), [], []
         self.errors: list[str] = []
         self.stop, self.producers_done, self.nb_stop = threading.Event(), threading.Event(), threading.Event()
@@ -128,7 +133,7 @@ class Soak:
             lo, hi = (0, 64) if r < 0.6 else (64, 512) if r < 0.9 else (512, sb)
             n = rng.randint(min(lo, sb), min(hi, sb))
             off = rng.randrange(1 << 20)
-            payload = (((pid << 48) | seq).to_bytes(8, "little") + pool[off:off + n])[:n]
+            payload = (((pid << 48) | seq).to_bytes(8, "little") + pool[off : off + n])[:n]
             seq += 1
             while True:
                 t0 = time.perf_counter_ns()
@@ -208,11 +213,24 @@ class Soak:
             self.iv_rtt, self.iv_bytes, self.iv_sync = [], 0, []
         self.hist += np.histogram(np.clip(rtt, EDGES[0], EDGES[-1] - 1), EDGES)[0]
         s = self.q.stats()
-        return {"t_s": round(elapsed, 3), "messages": int(rtt.size), "msg_per_s": rtt.size / dt,
-                "MB_per_s": nbytes / dt / 1e6, "rtt_p50_us": pct(rtt / 1e3, 50), "rtt_p99_us": pct(rtt / 1e3, 99),
-                "sync_p50_ms": pct(sync, 50), "sync_max_ms": max(sync, default=None), "sync_n": len(sync),
-                "rss_mib": rss_mib(), "vram_mib": vram_mib(self.args.backend), "launches": s.launches,
-                "exits": s.exits, "pauses": s.pauses, "pending": s.pending, "occupied": s.occupied}
+        return {
+            "t_s": round(elapsed, 3),
+            "messages": int(rtt.size),
+            "msg_per_s": rtt.size / dt,
+            "MB_per_s": nbytes / dt / 1e6,
+            "rtt_p50_us": pct(rtt / 1e3, 50),
+            "rtt_p99_us": pct(rtt / 1e3, 99),
+            "sync_p50_ms": pct(sync, 50),
+            "sync_max_ms": max(sync, default=None),
+            "sync_n": len(sync),
+            "rss_mib": rss_mib(),
+            "vram_mib": vram_mib(self.args.backend),
+            "launches": s.launches,
+            "exits": s.exits,
+            "pauses": s.pauses,
+            "pending": s.pending,
+            "occupied": s.occupied,
+        }
 
 
 def plot(res: dict, path: Path) -> None:
@@ -232,13 +250,18 @@ def plot(res: dict, path: Path) -> None:
     axes[1].set_ylabel("round trip, µs")
     axes[1].legend(loc="best")
     sm = res["summary"]
-    axes[2].plot(t, col("rss_mib"), color="tab:green",
-                 label=f"RSS ({sm['rss_start_mib']:.0f} -> {sm['rss_end_mib']:.0f} MiB)")
+    axes[2].plot(
+        t, col("rss_mib"), color="tab:green", label=f"RSS ({sm['rss_start_mib']:.0f} -> {sm['rss_end_mib']:.0f} MiB)"
+    )
     axes[2].set_ylabel("RSS, MiB")
     if res["config"]["backend"] == "cuda":
         ax = axes[2].twinx()
-        ax.plot(t, col("vram_mib"), color="tab:purple",
-                label=f"VRAM used, device ({sm['vram_start_mib']:.0f} -> {sm['vram_end_mib']:.0f} MiB)")
+        ax.plot(
+            t,
+            col("vram_mib"),
+            color="tab:purple",
+            label=f"VRAM used, device ({sm['vram_start_mib']:.0f} -> {sm['vram_end_mib']:.0f} MiB)",
+        )
         ax.set_ylabel("VRAM used, MiB")
         ax.legend(loc="lower right")
     axes[2].legend(loc="best")
@@ -249,9 +272,12 @@ def plot(res: dict, path: Path) -> None:
         axes[3].legend(loc="upper right")
     axes[-1].set_xlabel("time, s")
     c = res["config"]
-    fig.suptitle(f"gpuq soak on {res['versions'].get('device', 'the CPU simulator')}: {c['producers']} producers, "
-                 f"{c['consumers']} consumers, ring {c['capacity']} x {c['slot_bytes']} B, lease {c['lease_ms']} ms, "
-                 f"neighbour {c['neighbour_used']}", fontsize=9)
+    fig.suptitle(
+        f"gpuq soak on {res['versions'].get('device', 'the CPU simulator')}: {c['producers']} producers, "
+        f"{c['consumers']} consumers, ring {c['capacity']} x {c['slot_bytes']} B, lease {c['lease_ms']} ms, "
+        f"neighbour {c['neighbour_used']}",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -281,6 +307,7 @@ def main() -> int:
         return 2
     if args.backend == "cuda":
         from importlib.metadata import version
+
         versions.update(device=gpuq_driver.device_info(0).name, cuda_bindings=version("cuda-bindings"))
     st, step, note = Soak(q, args), None, None
     if args.neighbour != "none":
@@ -290,14 +317,20 @@ def main() -> int:
         except ImportError as exc:
             note = f"--neighbour {args.neighbour} unavailable ({exc}): running without a neighbour"
             print("note:", note)
-    config = {**vars(args), "lease_ms": q.config.lease_ms, "neighbour_used": args.neighbour if step else "none",
-              "neighbour_note": note}
+    config = {
+        **vars(args),
+        "lease_ms": q.config.lease_ms,
+        "neighbour_used": args.neighbour if step else "none",
+        "neighbour_note": note,
+    }
     rss0, vram0 = rss_mib(), vram_mib(args.backend)
 
-    threads = [threading.Thread(target=st.guarded, args=(st.producer, i), name=f"producer-{i}")
-               for i in range(args.producers)]
-    threads += [threading.Thread(target=st.guarded, args=(st.consumer,), name=f"consumer-{i}")
-                for i in range(args.consumers)]
+    threads = [
+        threading.Thread(target=st.guarded, args=(st.producer, i), name=f"producer-{i}") for i in range(args.producers)
+    ]
+    threads += [
+        threading.Thread(target=st.guarded, args=(st.consumer,), name=f"consumer-{i}") for i in range(args.consumers)
+    ]
     if step:
         threads.append(threading.Thread(target=st.guarded, args=(st.neighbour, step), name="neighbour"))
     series, t0 = [], time.perf_counter()
@@ -312,16 +345,19 @@ def main() -> int:
             last = now
             r = series[-1]
             nb = f"  sync max {r['sync_max_ms'] or 0:6.1f} ms" if step else ""
-            print(f"{r['t_s']:7.1f} s  {r['msg_per_s']:9,.0f} msg/s  p99 {r['rtt_p99_us'] or 0:9.0f} µs{nb}  "
-                  f"RSS {r['rss_mib']:6.0f} MiB", flush=True)
+            print(
+                f"{r['t_s']:7.1f} s  {r['msg_per_s']:9,.0f} msg/s  p99 {r['rtt_p99_us'] or 0:9.0f} µs{nb}  "
+                f"RSS {r['rss_mib']:6.0f} MiB",
+                flush=True,
+            )
     except KeyboardInterrupt:
         print("interrupted: stopping the producers and draining")
     t_traffic = time.perf_counter() - t0
     st.stop.set()
-    for th in threads[:args.producers]:
+    for th in threads[: args.producers]:
         th.join()
     st.producers_done.set()
-    for th in threads[args.producers:args.producers + args.consumers]:
+    for th in threads[args.producers : args.producers + args.consumers]:
         th.join()
     st.nb_stop.set()
     for th in threads:
@@ -333,27 +369,45 @@ def main() -> int:
 
     syncs = np.asarray(st.syncs)
     summary = {
-        "sent": st.n_sent, "received": st.ok + st.wrong, "lost": len(st.sent), "duplicated": st.dup + len(st.orphans),
-        "wrong": st.wrong, "none_results": st.none, "thread_errors": st.errors, "queue_full_retries": st.full_retries,
-        "traffic_s": t_traffic, "drain_s": time.perf_counter() - t0 - t_traffic,
-        "msg_per_s": st.ok / t_traffic, "MB_per_s": st.bytes_ok / t_traffic / 1e6,
-        "rtt_p50_us": hist_pct(st.hist, 50), "rtt_p99_us": hist_pct(st.hist, 99),
-        "sync_p50_ms": pct(syncs, 50), "sync_p99_ms": pct(syncs, 99), "sync_max_ms": pct(syncs, 100),
-        "neighbour_iterations": len(st.iters), "iteration_p50_ms": pct(st.iters, 50),
+        "sent": st.n_sent,
+        "received": st.ok + st.wrong,
+        "lost": len(st.sent),
+        "duplicated": st.dup + len(st.orphans),
+        "wrong": st.wrong,
+        "none_results": st.none,
+        "thread_errors": st.errors,
+        "queue_full_retries": st.full_retries,
+        "traffic_s": t_traffic,
+        "drain_s": time.perf_counter() - t0 - t_traffic,
+        "msg_per_s": st.ok / t_traffic,
+        "MB_per_s": st.bytes_ok / t_traffic / 1e6,
+        "rtt_p50_us": hist_pct(st.hist, 50),
+        "rtt_p99_us": hist_pct(st.hist, 99),
+        "sync_p50_ms": pct(syncs, 50),
+        "sync_p99_ms": pct(syncs, 99),
+        "sync_max_ms": pct(syncs, 100),
+        "neighbour_iterations": len(st.iters),
+        "iteration_p50_ms": pct(st.iters, 50),
         "iteration_max_ms": pct(st.iters, 100),
-        "rss_start_mib": rss0, "rss_end_mib": rss1, "vram_start_mib": vram0, "vram_end_mib": vram1,
-        "lease_launches": stats.launches, "lease_exits": stats.exits,
+        "rss_start_mib": rss0,
+        "rss_end_mib": rss1,
+        "vram_start_mib": vram0,
+        "vram_end_mib": vram1,
+        "lease_launches": stats.launches,
+        "lease_exits": stats.exits,
     }
     res = {"config": config, "versions": versions, "series": series, "drain_sample": drain, "summary": summary}
     (out / "soak.json").write_text(json.dumps(res, indent=2))
     plot(res, out / "soak.png")
 
     fmt = lambda v: "-" if v is None else f"{v:,.1f}" if isinstance(v, float) else f"{v:,}"  # noqa: E731
-    print(f"\n{versions.get('device', 'CPU simulator')}, lease {q.config.lease_ms} ms, "
-          f"neighbour {config['neighbour_used']}")
+    print(
+        f"\n{versions.get('device', 'CPU simulator')}, lease {q.config.lease_ms} ms, "
+        f"neighbour {config['neighbour_used']}"
+    )
     rows = [(k, fmt(v)) for k, v in summary.items() if k != "thread_errors"]
     for i in range(0, len(rows), 2):
-        print("".join(f"  {k:22s}{v:>14s}  " for k, v in rows[i:i + 2]))
+        print("".join(f"  {k:22s}{v:>14s}  " for k, v in rows[i : i + 2]))
     for e in st.errors:
         print("  thread error:", e)
     print(f"wrote {out / 'soak.json'} and {out / 'soak.png'}")

@@ -26,7 +26,6 @@ import numpy as np
 
 from gpuq_driver import ConfigError, CudaUnavailable, GpuQueue, QueueConfig
 
-
 MAX_MESSAGES = 100_000_000
 
 
@@ -41,8 +40,10 @@ def main(argv: list[str] | None = None, progress=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if not 1 <= args.messages <= MAX_MESSAGES:  # also refuses nan and inf
-        ap.error(f"--messages {args.messages:g}: send 1 to {MAX_MESSAGES:,.0f} messages "
-                 "(16 bytes of timing each are kept for the latency figures)")
+        ap.error(
+            f"--messages {args.messages:g}: send 1 to {MAX_MESSAGES:,.0f} messages "
+            "(16 bytes of timing each are kept for the latency figures)"
+        )
     n = int(args.messages)
     try:
         config = QueueConfig(capacity=args.capacity, slot_bytes=args.slot_bytes, backend=args.backend)
@@ -52,9 +53,11 @@ def main(argv: list[str] | None = None, progress=None) -> int:
     try:
         queue = GpuQueue(config)
     except CudaUnavailable as exc:
-        print(f"producer_consumer: needs an NVIDIA GPU with its driver; none usable here ({exc.text}); "
-              "--backend sim runs the example on the CPU simulator",
-              file=sys.stderr)
+        print(
+            f"producer_consumer: needs an NVIDIA GPU with its driver; none usable here ({exc.text}); "
+            "--backend sim runs the example on the CPU simulator",
+            file=sys.stderr,
+        )
         return 2
 
     # Payloads are random slices of one random pool: cheap to make, and each one is different.
@@ -63,7 +66,7 @@ def main(argv: list[str] | None = None, progress=None) -> int:
     pool = np.random.default_rng(args.seed).integers(0, 256, pool_bytes, dtype=np.uint8).tobytes()
     offsets = np.array([rng.randrange(len(pool) - args.slot_bytes) for _ in range(min(n, 1 << 16))])
     lengths = np.array([rng.randint(0, args.slot_bytes) for _ in range(min(n, 1 << 16))])
-    sent_at = np.zeros(n, dtype=np.int64)   # ns, by msg_id (msg_ids are 0..n-1: one producer)
+    sent_at = np.zeros(n, dtype=np.int64)  # ns, by msg_id (msg_ids are 0..n-1: one producer)
     taken_at = np.zeros(n, dtype=np.int64)
     mismatches: list[int] = []
     received = 0
@@ -75,7 +78,7 @@ def main(argv: list[str] | None = None, progress=None) -> int:
         for i in range(n):
             o, ln = int(offsets[i % k]), int(lengths[i % k])
             t = clock()
-            sent_at[queue.enqueue(pool_view[o:o + ln], timeout=30)] = t
+            sent_at[queue.enqueue(pool_view[o : o + ln], timeout=30)] = t
 
     def consumer() -> None:
         nonlocal received
@@ -94,13 +97,15 @@ def main(argv: list[str] | None = None, progress=None) -> int:
                 result = queue.try_dequeue_result(mid)
                 taken_at[mid] = clock()
                 o, ln = int(offsets[mid % k]), int(lengths[mid % k])
-                if result != pool[o:o + ln]:
+                if result != pool[o : o + ln]:
                     mismatches.append(mid)
             received += len(ids)
 
     with queue:
-        threads = [threading.Thread(target=producer, name="producer"),
-                   threading.Thread(target=consumer, name="consumer", daemon=True)]
+        threads = [
+            threading.Thread(target=producer, name="producer"),
+            threading.Thread(target=consumer, name="consumer", daemon=True),
+        ]
         t0 = time.perf_counter()
 
         def wait(thread: threading.Thread, timeout: float) -> None:
@@ -109,8 +114,11 @@ def main(argv: list[str] | None = None, progress=None) -> int:
             while thread.is_alive() and (left := end - time.perf_counter()) > 0:
                 thread.join(min(1.0, left))
                 if thread.is_alive():  # the rate as the final line computes it
-                    print(f"sent {queue.stats().enqueued:,}, received {received:,} of {n:,} messages, "
-                          f"{received / (time.perf_counter() - t0):,.0f} messages/s", flush=True)
+                    print(
+                        f"sent {queue.stats().enqueued:,}, received {received:,} of {n:,} messages, "
+                        f"{received / (time.perf_counter() - t0):,.0f} messages/s",
+                        flush=True,
+                    )
 
         for t in threads:
             t.start()
@@ -121,9 +129,11 @@ def main(argv: list[str] | None = None, progress=None) -> int:
 
     lost = n - received
     rtt_us = (taken_at[:received] - sent_at[:received]) / 1e3
-    p50, p99 = (np.percentile(rtt_us, [50, 99]) if received else (float("nan"),) * 2)
-    print(f"device: {stats.backend}, {stats.blocks} blocks x {stats.threads_per_block} threads, "
-          f"ring {stats.capacity} x {stats.slot_bytes} B")
+    p50, p99 = np.percentile(rtt_us, [50, 99]) if received else (float("nan"),) * 2
+    print(
+        f"device: {stats.backend}, {stats.blocks} blocks x {stats.threads_per_block} threads, "
+        f"ring {stats.capacity} x {stats.slot_bytes} B"
+    )
     print(f"messages: {n:,} sent, {received:,} received, {len(mismatches)} mismatched, {lost} lost")
     print(f"throughput: {received / elapsed:,.0f} messages/s ({elapsed:.2f} s)")
     print(f"round trip under load: p50 {p50:.1f} us, p99 {p99:.1f} us")

@@ -33,15 +33,23 @@ import socket
 import sys
 import time
 
-from gpuq_driver import CudaUnavailable, GpuQueue, QueueConfig
-from gpuq_driver.errors import BrokerError, ConfigError
-from gpuq_driver.streams import (BatchProcessor, GpuBridge, RedisServer, StreamConsumer, StreamProducer,
-                                 StreamWorker, connect, read_results)
-from gpuq_driver.streams.server import broker_errors, client_url
-from gpuq_driver.streams.wire import FRAME, PAYLOAD, decode_frame
-
 # The payload format and the producing loop are shared with the producer example (same folder).
 from redis_producer import HEADER, MAX_SIZE, payload_seq, produce, status, stop_on_signal
+
+from gpuq_driver import CudaUnavailable, GpuQueue, QueueConfig
+from gpuq_driver.errors import BrokerError, ConfigError
+from gpuq_driver.streams import (
+    BatchProcessor,
+    GpuBridge,
+    RedisServer,
+    StreamConsumer,
+    StreamProducer,
+    StreamWorker,
+    connect,
+    read_results,
+)
+from gpuq_driver.streams.server import broker_errors, client_url
+from gpuq_driver.streams.wire import FRAME, PAYLOAD, decode_frame
 
 
 def make_engine(args):
@@ -132,8 +140,10 @@ def verify(client, stream: str, result_stream: str, after, slot_bytes: int, expe
         now = time.perf_counter()
         if now - last_print >= 1.0:  # a progress line about every second
             last_print = now
-            status(f"verify: {out['checked']:,}{f' / {expected:,}' if expected else ''} results checked, "
-                   f"{out['mismatched']:,} mismatched, {out['checked'] / (now - started):,.0f} results/s")
+            status(
+                f"verify: {out['checked']:,}{f' / {expected:,}' if expected else ''} results checked, "
+                f"{out['mismatched']:,} mismatched, {out['checked'] / (now - started):,.0f} results/s"
+            )
     if last_print > started and sys.stdout.isatty():
         sys.stdout.write("\n")  # end the in-place progress line
     if seen_seqs is not None:
@@ -143,33 +153,53 @@ def verify(client, stream: str, result_stream: str, after, slot_bytes: int, expe
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--redis-url", default=os.environ.get("REDIS_URL"),
-                    help="Redis to read from (default: $REDIS_URL; neither: an embedded redis-server "
-                         "and --messages test messages produced first)")
+    ap.add_argument(
+        "--redis-url",
+        default=os.environ.get("REDIS_URL"),
+        help="Redis to read from (default: $REDIS_URL; neither: an embedded redis-server "
+        "and --messages test messages produced first)",
+    )
     ap.add_argument("--stream", default="gpuq:in", help="stream key (default gpuq:in); results go to <stream>:results")
     ap.add_argument("--group", default="gpuq", help="consumer group (default gpuq; created if missing)")
-    ap.add_argument("--consumer", default=f"{socket.gethostname()}-{os.getpid()}",
-                    help="consumer name, unique in the group (default host-pid)")
+    ap.add_argument(
+        "--consumer",
+        default=f"{socket.gethostname()}-{os.getpid()}",
+        help="consumer name, unique in the group (default host-pid)",
+    )
     ap.add_argument("--mode", choices=["batch", "bridge"], default="batch")
-    ap.add_argument("--backend", choices=["auto", "cuda", "numpy", "sim"], default="auto",
-                    help="batch: auto|cuda|numpy; bridge: auto|cuda|sim (auto: the GPU where usable, "
-                         "else the CPU path)")
+    ap.add_argument(
+        "--backend",
+        choices=["auto", "cuda", "numpy", "sim"],
+        default="auto",
+        help="batch: auto|cuda|numpy; bridge: auto|cuda|sim (auto: the GPU where usable, else the CPU path)",
+    )
     ap.add_argument("--count", type=int, default=1000, help="entries per XREADGROUP (default 1000)")
     ap.add_argument("--block-ms", type=int, default=1000, help="XREADGROUP BLOCK when idle, ms (default 1000)")
-    ap.add_argument("--claim-idle-ms", type=int, default=None,
-                    help="reclaim entries pending this long, ms (default 30000; 500 with --simulate-crash)")
-    ap.add_argument("--idle-exit", type=float, default=2.0,
-                    help="stop after this many seconds without new messages (default 2)")
+    ap.add_argument(
+        "--claim-idle-ms",
+        type=int,
+        default=None,
+        help="reclaim entries pending this long, ms (default 30000; 500 with --simulate-crash)",
+    )
+    ap.add_argument(
+        "--idle-exit", type=float, default=2.0, help="stop after this many seconds without new messages (default 2)"
+    )
     ap.add_argument("--max-messages", type=float, default=None, help="stop after about this many messages")
     ap.add_argument("--slot-bytes", type=int, default=512, help="max message bytes on the GPU (default 512)")
     ap.add_argument("--max-batch", type=int, default=4096, help="batch mode: messages per launch (default 4096)")
     ap.add_argument("--capacity", type=int, default=4096, help="bridge mode: GpuQueue ring slots (default 4096)")
-    ap.add_argument("--messages", type=float, default=100_000,
-                    help="self-contained demo: messages to produce (default 1e5)")
+    ap.add_argument(
+        "--messages", type=float, default=100_000, help="self-contained demo: messages to produce (default 1e5)"
+    )
     ap.add_argument("--size", type=int, default=64, help="self-contained demo: payload bytes (default 64)")
     ap.add_argument("--frame", type=int, default=1, help="self-contained demo: messages per entry (default 1)")
-    ap.add_argument("--simulate-crash", type=int, default=0, metavar="ENTRIES",
-                    help="before starting, a second consumer takes this many entries and never acks them")
+    ap.add_argument(
+        "--simulate-crash",
+        type=int,
+        default=0,
+        metavar="ENTRIES",
+        help="before starting, a second consumer takes this many entries and never acks them",
+    )
     args = ap.parse_args(argv)
     if args.mode == "batch" and args.backend == "sim":
         ap.error("--backend sim is the GpuQueue simulator, for --mode bridge; batch mode's CPU path is --backend numpy")
@@ -201,9 +231,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             engine, engine_text = make_engine(args)
         except CudaUnavailable as exc:
-            print(f"redis_consumer: --backend cuda needs an NVIDIA GPU with its driver; none usable here ({exc.text}); "
-                  "--backend sim (or numpy) runs it on the CPU",
-                  file=sys.stderr)
+            print(
+                f"redis_consumer: --backend cuda needs an NVIDIA GPU with its driver; none usable here ({exc.text}); "
+                "--backend sim (or numpy) runs it on the CPU",
+                file=sys.stderr,
+            )
             return 2
 
         # 2. Redis: the given URL, or an embedded redis-server for a self-contained demo.
@@ -218,16 +250,25 @@ def main(argv: list[str] | None = None) -> int:
 
         # 3. Join the group (created at the start of the stream if missing).  Results published
         #    from now on are this run's: remember where the result stream ends.
-        consumer = StreamConsumer(client, args.stream, args.group, args.consumer, count=args.count,
-                                  block_ms=args.block_ms, claim_idle_ms=claim_idle_ms)
+        consumer = StreamConsumer(
+            client,
+            args.stream,
+            args.group,
+            args.consumer,
+            count=args.count,
+            block_ms=args.block_ms,
+            claim_idle_ms=claim_idle_ms,
+        )
         results_from = last_result_id(client, consumer.result_stream)
 
         # 4. The demo produces its own messages 0 .. n-1.
         if self_contained:
             producer = StreamProducer(client, args.stream, frame=args.frame)
             elapsed = produce(producer, n, args.size, label="demo: produced")
-            print(f"demo: produced {producer.sent_messages:,} messages of {args.size} B in "
-                  f"{producer.sent_entries:,} entries ({producer.sent_messages / elapsed:,.0f} msg/s)")
+            print(
+                f"demo: produced {producer.sent_messages:,} messages of {args.size} B in "
+                f"{producer.sent_entries:,} entries ({producer.sent_messages / elapsed:,.0f} msg/s)"
+            )
 
         # 5. Optionally play a consumer that crashes: it takes entries and never acks them.  They
         #    stay in the group's pending list until this consumer reclaims them (XAUTOCLAIM) once
@@ -236,8 +277,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.simulate_crash:
             ghost = StreamConsumer(client, args.stream, args.group, f"{args.consumer}-crashed")
             taken = ghost.read(count=args.simulate_crash, block_ms=0)
-            print(f"simulated crash: {len(taken)} entries delivered to {ghost.consumer!r}, never acked; "
-                  f"reclaimed once idle {claim_idle_ms} ms")
+            print(
+                f"simulated crash: {len(taken)} entries delivered to {ghost.consumer!r}, never acked; "
+                f"reclaimed once idle {claim_idle_ms} ms"
+            )
             needed = (claim_idle_ms + args.block_ms) / 1000 + 1.0
             if idle_exit < needed:
                 idle_exit = needed
@@ -264,31 +307,44 @@ def main(argv: list[str] | None = None) -> int:
                 start = now
             # a line about every second (on a terminal, or in a log while messages flow), and a
             # last one with the final figures
-            if (now - last_print >= 1.0 and (sys.stdout.isatty() or stats.messages != printed_before)
-                    or final and stats.messages != printed_before):
+            if (
+                now - last_print >= 1.0
+                and (sys.stdout.isatty() or stats.messages != printed_before)
+                or final
+                and stats.messages != printed_before
+            ):
                 last_print, printed_before = now, stats.messages
-                status(f"consumed {stats.messages:,} messages ({stats.entries:,} entries), "
-                       f"{stats.reclaimed:,} reclaimed, {rate():,.0f} msg/s")
+                status(
+                    f"consumed {stats.messages:,} messages ({stats.entries:,} entries), "
+                    f"{stats.reclaimed:,} reclaimed, {rate():,.0f} msg/s"
+                )
 
         # Ctrl-C stops it after the step in progress, once what was taken is published
         # (a second Ctrl-C at once)
         with stop_on_signal() as stop:
             try:
-                stats = worker.run(max_messages=max_messages, idle_exit_s=idle_exit, progress=progress,
-                                   progress_every_s=0.0, stop=stop)
+                stats = worker.run(
+                    max_messages=max_messages, idle_exit_s=idle_exit, progress=progress, progress_every_s=0.0, stop=stop
+                )
             except KeyboardInterrupt:
                 stats = worker.stats
         interrupted = stop.is_set()
         progress(stats, final=True)
         if sys.stdout.isatty():
             sys.stdout.write("\n")
-        print(f"counts: messages {stats.messages:,}, entries {stats.entries:,}, failed {stats.failed:,}, "
-              f"reclaimed {stats.reclaimed:,}, duplicates {stats.duplicates:,}, lost {stats.lost:,}")
-        print(f"throughput: {rate():,.0f} msg/s ({max(last_done - start, 0):.2f} s from the first read "
-              "to the last result)")
+        print(
+            f"counts: messages {stats.messages:,}, entries {stats.entries:,}, failed {stats.failed:,}, "
+            f"reclaimed {stats.reclaimed:,}, duplicates {stats.duplicates:,}, lost {stats.lost:,}"
+        )
+        print(
+            f"throughput: {rate():,.0f} msg/s ({max(last_done - start, 0):.2f} s from the first read "
+            "to the last result)"
+        )
         if interrupted:
-            print(f"interrupted: {consumer.pending():,} entries still pending in group {args.group!r} "
-                  "(a consumer reclaims them after --claim-idle-ms)")
+            print(
+                f"interrupted: {consumer.pending():,} entries still pending in group {args.group!r} "
+                "(a consumer reclaims them after --claim-idle-ms)"
+            )
 
         # 7. Check every result published during the run against its source message.
         #    The demo knows what it produced, so it also counts messages with no result, unless
@@ -296,9 +352,11 @@ def main(argv: list[str] | None = None) -> int:
         expected = n if self_contained and max_messages is None and not interrupted else None
         check = verify(client, args.stream, consumer.result_stream, results_from, args.slot_bytes, expected)
         missing = f", {check['missing']:,} missing" if expected else ""
-        print(f"verify: {check['checked']:,} results in {consumer.result_stream} checked against their source "
-              f"messages: {check['mismatched']:,} mismatched, {check['duplicates']:,} duplicates{missing}"
-              + (f" ({check['by_pattern']:,} by payload format: source trimmed)" if check["by_pattern"] else ""))
+        print(
+            f"verify: {check['checked']:,} results in {consumer.result_stream} checked against their source "
+            f"messages: {check['mismatched']:,} mismatched, {check['duplicates']:,} duplicates{missing}"
+            + (f" ({check['by_pattern']:,} by payload format: source trimmed)" if check["by_pattern"] else "")
+        )
         ok = not (check["mismatched"] or check["duplicates"] or check["missing"])
         print("OK" if ok else f"FAILED: first mismatched (entry id, index): {check['examples']}")
         if interrupted:

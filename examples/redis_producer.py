@@ -33,7 +33,7 @@ import numpy as np
 from gpuq_driver.errors import BrokerError, ConfigError
 from gpuq_driver.streams import RedisServer, StreamProducer, connect
 
-HEADER = 11          # bytes of b"%010d:" at the start of every payload: the sequence number
+HEADER = 11  # bytes of b"%010d:" at the start of every payload: the sequence number
 _POOL_SPAN = 1 << 20  # filler comes from a window of this fixed random pool, chosen by the number
 _POOL = np.random.default_rng(20250101).integers(0, 256, 2 * _POOL_SPAN, dtype=np.uint8).tobytes()
 MAX_SIZE = _POOL_SPAN + HEADER
@@ -42,7 +42,7 @@ MAX_SIZE = _POOL_SPAN + HEADER
 def make_payload(seq: int, size: int) -> bytes:
     """Message number ``seq``, ``size`` bytes: ``b"%010d:" % seq`` then filler chosen by ``seq``."""
     off = (seq * 2654435761) % _POOL_SPAN
-    return b"%010d:" % seq + _POOL[off:off + size - HEADER]
+    return b"%010d:" % seq + _POOL[off : off + size - HEADER]
 
 
 def payload_seq(data) -> int | None:
@@ -102,8 +102,10 @@ def produce(producer: StreamProducer, n: int, size: int, label: str = "produced"
             now = time.perf_counter()
             if now - last >= 1.0:
                 last = now
-                status(f"{label} {producer.sent_messages:,} / {n:,} messages ({producer.sent_entries:,} entries), "
-                       f"{producer.sent_messages / (now - t0):,.0f} msg/s")
+                status(
+                    f"{label} {producer.sent_messages:,} / {n:,} messages ({producer.sent_entries:,} entries), "
+                    f"{producer.sent_messages / (now - t0):,.0f} msg/s"
+                )
     elapsed = time.perf_counter() - t0
     if sys.stdout.isatty() and elapsed >= 1.0:
         sys.stdout.write("\n")  # end the in-place progress line
@@ -114,18 +116,24 @@ def produce(producer: StreamProducer, n: int, size: int, label: str = "produced"
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--redis-url", default=os.environ.get("REDIS_URL"),
-                    help="Redis to write to (default: $REDIS_URL; neither: start an embedded redis-server)")
-    ap.add_argument("--serve", action="store_true",
-                    help="with the embedded server: keep it running after producing, until Ctrl-C")
+    ap.add_argument(
+        "--redis-url",
+        default=os.environ.get("REDIS_URL"),
+        help="Redis to write to (default: $REDIS_URL; neither: start an embedded redis-server)",
+    )
+    ap.add_argument(
+        "--serve", action="store_true", help="with the embedded server: keep it running after producing, until Ctrl-C"
+    )
     ap.add_argument("--stream", default="gpuq:in", help="stream key (default gpuq:in)")
     ap.add_argument("--messages", type=float, default=100_000, help="messages to send (default 1e5)")
     ap.add_argument("--size", type=int, default=64, help=f"payload bytes, {HEADER} .. {MAX_SIZE} (default 64)")
     ap.add_argument("--frame", type=int, default=1, help="messages per stream entry (default 1: plain entries)")
-    ap.add_argument("--rate", type=float, default=None,
-                    help="messages/s ceiling (default: as fast as Redis takes them)")
-    ap.add_argument("--maxlen", type=int, default=1_000_000,
-                    help="approximate stream length cap, entries (default 1e6)")
+    ap.add_argument(
+        "--rate", type=float, default=None, help="messages/s ceiling (default: as fast as Redis takes them)"
+    )
+    ap.add_argument(
+        "--maxlen", type=int, default=1_000_000, help="approximate stream length cap, entries (default 1e6)"
+    )
     args = ap.parse_args(argv)
     if not 1 <= args.messages <= 1e12:  # also refuses nan and inf
         ap.error(f"--messages {args.messages:g}: send 1 to 1,000,000,000,000 messages")
@@ -143,29 +151,39 @@ def main(argv: list[str] | None = None) -> int:
         else:
             server = RedisServer()
             url = server.url
-            print(f"started an embedded redis-server {server.version} at {url}"
-                  + ("" if args.serve else " (it stops when this script exits; --serve keeps it)"))
+            print(
+                f"started an embedded redis-server {server.version} at {url}"
+                + ("" if args.serve else " (it stops when this script exits; --serve keeps it)")
+            )
         client = connect(url)
 
         # 2. Produce, XADD ... MAXLEN ~ maxlen, pipelined.
         producer = StreamProducer(client, args.stream, maxlen=args.maxlen, frame=args.frame, rate_limit=args.rate)
         elapsed = produce(producer, n, args.size)
-        print(f"produced {producer.sent_messages:,} messages of {args.size} B in {producer.sent_entries:,} entries "
-              f"to {args.stream} in {elapsed:.2f} s: {producer.sent_messages / elapsed:,.0f} msg/s; "
-              f"stream length now {client.xlen(args.stream):,} entries")
+        print(
+            f"produced {producer.sent_messages:,} messages of {args.size} B in {producer.sent_entries:,} entries "
+            f"to {args.stream} in {elapsed:.2f} s: {producer.sent_messages / elapsed:,.0f} msg/s; "
+            f"stream length now {client.xlen(args.stream):,} entries"
+        )
 
         # 3. Optionally keep the embedded server (and so the stream) alive for a consumer.
         if args.serve and server is not None:
-            print(f"serving {url} until Ctrl-C; in another terminal:\n"
-                  f"    python examples/redis_consumer.py --redis-url {url} --stream {args.stream}", flush=True)
+            print(
+                f"serving {url} until Ctrl-C; in another terminal:\n"
+                f"    python examples/redis_consumer.py --redis-url {url} --stream {args.stream}",
+                flush=True,
+            )
             try:
                 while not server.closed:
                     time.sleep(0.2)
             except KeyboardInterrupt:
                 print("stopping the embedded redis-server")
             else:  # it died under us (killed, out of memory): the stream went with it
-                print(f"redis_producer: the embedded redis-server at {url} exited (status {server.exit_status}); "
-                      f"the stream {args.stream} is gone", file=sys.stderr)
+                print(
+                    f"redis_producer: the embedded redis-server at {url} exited (status {server.exit_status}); "
+                    f"the stream {args.stream} is gone",
+                    file=sys.stderr,
+                )
                 return 3
         elif args.serve:
             print("--serve: nothing to keep running, Redis at --redis-url is not ours")

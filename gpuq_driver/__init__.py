@@ -5,14 +5,45 @@ Pure Python over NVIDIA's cuda-python driver API and NVRTC.  See README.md and d
 
 from .compiler import CompileOptions, compile_cubin
 from .driver import DeviceInfo, device_count, device_info
-from .errors import (CompileError, ConfigError, CudaError, CudaUnavailable, GpuqError, KernelStopped, PayloadError,
-                     PayloadTypeError, ProtocolError, QueueClosed, QueueFull, ResultTimeout, UnknownMessage)
+from .errors import (
+    CompileError,
+    ConfigError,
+    CudaError,
+    CudaUnavailable,
+    GpuqError,
+    KernelStopped,
+    PayloadError,
+    PayloadTypeError,
+    ProtocolError,
+    QueueClosed,
+    QueueFull,
+    ResultTimeout,
+    UnknownMessage,
+)
 from .queue import GpuQueue, QueueConfig, QueueStats
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CompileError", "CompileOptions", "ConfigError", "CudaError", "CudaUnavailable", "DeviceInfo", "GpuQueue",
-    "GpuqError", "KernelStopped", "PayloadError", "PayloadTypeError", "ProtocolError", "QueueClosed", "QueueConfig",
-    "QueueFull", "QueueStats", "ResultTimeout", "UnknownMessage", "compile_cubin", "device_count", "device_info",
+    "CompileError",
+    "CompileOptions",
+    "ConfigError",
+    "CudaError",
+    "CudaUnavailable",
+    "DeviceInfo",
+    "GpuQueue",
+    "GpuqError",
+    "KernelStopped",
+    "PayloadError",
+    "PayloadTypeError",
+    "ProtocolError",
+    "QueueClosed",
+    "QueueConfig",
+    "QueueFull",
+    "QueueStats",
+    "ResultTimeout",
+    "UnknownMessage",
+    "compile_cubin",
+    "device_count",
+    "device_info",
 ]

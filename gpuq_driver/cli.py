@@ -52,21 +52,32 @@ def gpu_report() -> tuple[list[tuple[str, str]], str | None]:
     from . import __version__, compiler, driver
     from .errors import GpuqError
 
-    rows = [("gpuq_driver", __version__), ("Python", platform.python_version()), ("numpy", np.__version__),
-            ("cuda-bindings", _version("cuda-bindings")), ("redis-py", _version("redis"))]
+    rows = [
+        ("gpuq_driver", __version__),
+        ("Python", platform.python_version()),
+        ("numpy", np.__version__),
+        ("cuda-bindings", _version("cuda-bindings")),
+        ("redis-py", _version("redis")),
+    ]
     problem = None
     try:
-        rows.append(("CUDA driver", "%d.%d" % divmod(driver.driver_version() // 10, 100)))
+        rows.append(("CUDA driver", "{}.{}".format(*divmod(driver.driver_version() // 10, 100))))
         for i in range(driver.device_count()):
             d = driver.device_info(i)
-            rows.append((f"device {i}", f"{d.name}, {d.arch}, {d.sm_count} SMs, "
-                                        f"cooperative launch {'yes' if d.cooperative else 'NO'}"))
+            rows.append(
+                (
+                    f"device {i}",
+                    f"{d.name}, {d.arch}, {d.sm_count} SMs, cooperative launch {'yes' if d.cooperative else 'NO'}",
+                )
+            )
     except GpuqError as exc:
-        problem = (f"no usable CUDA GPU ({getattr(exc, 'text', exc)}); QueueConfig(backend='sim') and "
-                   "`gpuq demo --backend sim` run on the CPU simulator")
+        problem = (
+            f"no usable CUDA GPU ({getattr(exc, 'text', exc)}); QueueConfig(backend='sim') and "
+            "`gpuq demo --backend sim` run on the CPU simulator"
+        )
         rows.append(("CUDA driver / devices", "none usable"))
     try:
-        rows.append(("NVRTC", "%d.%d" % compiler.nvrtc_version()))
+        rows.append(("NVRTC", "{}.{}".format(*compiler.nvrtc_version())))
     except Exception as exc:  # the library missing, or not loadable
         problem = problem or f"NVRTC not usable ({type(exc).__name__}: {exc}): pip install nvidia-cuda-nvrtc"
         rows.append(("NVRTC", "not usable"))
@@ -79,8 +90,14 @@ def gpu_report() -> tuple[list[tuple[str, str]], str | None]:
     rows.append(("plugins", ", ".join(compiler.plugins())))
     folder = compiler.cache_dir()
     entries = sorted(folder.glob("*.cubin")) if folder is not None and folder.is_dir() else []
-    rows.append(("CUBIN cache", "off (GPUQ_CACHE_DIR)" if folder is None else
-                 f"{folder}: {len(entries)} entries, {sum(p.stat().st_size for p in entries) / 1e6:.1f} MB"))
+    rows.append(
+        (
+            "CUBIN cache",
+            "off (GPUQ_CACHE_DIR)"
+            if folder is None
+            else f"{folder}: {len(entries)} entries, {sum(p.stat().st_size for p in entries) / 1e6:.1f} MB",
+        )
+    )
     return rows, problem
 
 
@@ -130,8 +147,14 @@ def cmd_demo(argv: list[str]) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     example = _load_example("producer_consumer")
-    with Progress(TextColumn("messages"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  transient=True, console=_console()) as bar:
+    with Progress(
+        TextColumn("messages"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        transient=True,
+        console=_console(),
+    ) as bar:
         task = bar.add_task("demo", total=None)
 
         def progress(done: int, total: int) -> None:
@@ -172,12 +195,14 @@ def cmd_bench(args) -> int:
                 for _ in range(warm):
                     bp.process([payload])
                 results["launch per message (H2D copy, launch, D2H copy, sync)"] = _round_trips(
-                    lambda: bp.process([payload]), n, bar, task)
+                    lambda: bp.process([payload]), n, bar, task
+                )
             with GpuQueue(QueueConfig(capacity=64, slot_bytes=64)) as q:
                 task = bar.add_task("gpuq queue", total=n)
 
                 def one():
                     q.wait_result(q.enqueue(payload))
+
                 for _ in range(warm):
                     one()
                 results["gpuq queue (enqueue, wait_result)"] = _round_trips(one, n, bar, task)
@@ -202,9 +227,12 @@ def cmd_bench(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``gpuq`` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    ap = argparse.ArgumentParser(prog="gpuq", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog=__doc__.split("\n\n", 1)[1])
+    ap = argparse.ArgumentParser(
+        prog="gpuq",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     sub = ap.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, devices, NVRTC, CCCL headers, CUBIN cache")
     sub.add_parser("demo", help="the example queue with a progress bar (gpuq demo --help)", add_help=False)

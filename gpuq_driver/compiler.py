@@ -49,8 +49,12 @@ class CompileOptions:
     extra: tuple[str, ...] = field(default=())
 
     def nvrtc_options(self, include_dirs: tuple[str, ...]) -> tuple[str, ...]:
-        opts = [f"--gpu-architecture={self.arch}", f"--std={self.std}", "--device-as-default-execution-space",
-                f'-DGPUQ_PLUGIN_FILE="plugins/{self.plugin}.cuh"']
+        opts = [
+            f"--gpu-architecture={self.arch}",
+            f"--std={self.std}",
+            "--device-as-default-execution-space",
+            f'-DGPUQ_PLUGIN_FILE="plugins/{self.plugin}.cuh"',
+        ]
         opts += [f"-D{d}" for d in self.defines]
         opts += [f"-I{d}" for d in include_dirs]
         opts += list(self.extra)
@@ -99,8 +103,9 @@ def include_dirs() -> tuple[str, ...]:
     for folder in candidates:
         if _has_cccl(folder):
             return (str(DEVICE_SRC), str(folder))
-    raise GpuqError("CCCL headers (<cuda/atomic>) not found: pip install nvidia-cuda-cccl, "
-                    "or set CUDA_HOME to a CUDA toolkit")
+    raise GpuqError(
+        "CCCL headers (<cuda/atomic>) not found: pip install nvidia-cuda-cccl, or set CUDA_HOME to a CUDA toolkit"
+    )
 
 
 @lru_cache(maxsize=1)
@@ -144,7 +149,7 @@ def _read_cache(path: Path) -> bytes | None:
         return None
     if not blob.startswith(_MAGIC) or len(blob) < len(_MAGIC) + 32:
         return None
-    digest, cubin = blob[len(_MAGIC):len(_MAGIC) + 32], blob[len(_MAGIC) + 32:]
+    digest, cubin = blob[len(_MAGIC) : len(_MAGIC) + 32], blob[len(_MAGIC) + 32 :]
     if not cubin or hashlib.sha256(cubin).digest() != digest:
         return None  # corrupt or truncated: rebuild
     return cubin

@@ -23,7 +23,7 @@ from .errors import CudaError, CudaUnavailable, GpuqError, check
 
 _init_lock = threading.RLock()
 _init_pid: int | None = None
-_contexts: dict[int, "Context"] = {}
+_contexts: dict[int, Context] = {}
 
 
 def _driver():
@@ -280,8 +280,15 @@ class LaunchArgs:
         self.address = ctypes.addressof(self._ptrs)
 
 
-def launch(function, grid: int, block: int, args: list[ctypes._SimpleCData | ctypes.Structure] | LaunchArgs,
-           stream: Stream, cooperative: bool = False, shared_bytes: int = 0) -> None:
+def launch(
+    function,
+    grid: int,
+    block: int,
+    args: list[ctypes._SimpleCData | ctypes.Structure] | LaunchArgs,
+    stream: Stream,
+    cooperative: bool = False,
+    shared_bytes: int = 0,
+) -> None:
     """Launch ``function`` on ``stream`` with a 1-D grid; ``args`` are ctypes values, in order
     (or a :class:`LaunchArgs`).
 
@@ -294,12 +301,12 @@ def launch(function, grid: int, block: int, args: list[ctypes._SimpleCData | cty
     stream.ctx.make_current()
     packed = args if isinstance(args, LaunchArgs) else LaunchArgs(args)
     if cooperative:
-        result = d.cuLaunchCooperativeKernel(function, grid, 1, 1, block, 1, 1, shared_bytes, stream.handle,
-                                             packed.address)
+        result = d.cuLaunchCooperativeKernel(
+            function, grid, 1, 1, block, 1, 1, shared_bytes, stream.handle, packed.address
+        )
         check(result, "cuLaunchCooperativeKernel")
     else:
-        result = d.cuLaunchKernel(function, grid, 1, 1, block, 1, 1, shared_bytes, stream.handle,
-                                  packed.address, 0)
+        result = d.cuLaunchKernel(function, grid, 1, 1, block, 1, 1, shared_bytes, stream.handle, packed.address, 0)
         check(result, "cuLaunchKernel")
 
 
@@ -319,7 +326,21 @@ def memset_async(ptr: int, value: int, nbytes: int, stream: Stream) -> None:
 
 
 __all__ = [
-    "Context", "CudaError", "DeviceBuffer", "DeviceInfo", "LaunchArgs", "MappedHostBuffer", "Module", "Stream",
-    "copy_dtoh_async", "copy_htod_async", "device_count", "device_info", "init", "launch",
-    "max_active_blocks", "memset_async", "primary_context",
+    "Context",
+    "CudaError",
+    "DeviceBuffer",
+    "DeviceInfo",
+    "LaunchArgs",
+    "MappedHostBuffer",
+    "Module",
+    "Stream",
+    "copy_dtoh_async",
+    "copy_htod_async",
+    "device_count",
+    "device_info",
+    "init",
+    "launch",
+    "max_active_blocks",
+    "memset_async",
+    "primary_context",
 ]

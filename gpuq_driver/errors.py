@@ -1,21 +1,21 @@
 """The package's exceptions: one small tree, and the one status check every CUDA call goes through.
 
-    GpuqError
-    ├── CudaError            a CUresult / nvrtcResult other than success (code, name, text)
-    │   └── CudaUnavailable  no CUDA driver, or no device
-    ├── CompileError         NVRTC rejected a source (log, source, options)
-    ├── ConfigError          a bad QueueConfig field (also a ValueError)
-    ├── PayloadError         a payload too large for a slot (also a ValueError)
-    │   └── PayloadTypeError a payload that is not a contiguous bytes-like object (also a TypeError)
-    ├── QueueFull            the ring stayed full for the whole timeout
-    ├── QueueClosed          the queue was shut down or closed
-    ├── KernelStopped        the persistent kernel stopped for good: what it has not done never will be
-    ├── ResultTimeout        no result within the timeout (also a TimeoutError)
-    ├── UnknownMessage       a msg_id never issued or already taken (also a KeyError)
-    ├── ProtocolError        the device saw a broken slot (a bug, not bad input)
-    └── BrokerError          Redis (Track A) refused a command or the login, no redis-server could be started,
-        │                    or the client's connection pool is exhausted (max_connections)
-        └── BrokerUnavailable  Redis cannot be reached (bad URL, server down, connection lost)
+GpuqError
+├── CudaError            a CUresult / nvrtcResult other than success (code, name, text)
+│   └── CudaUnavailable  no CUDA driver, or no device
+├── CompileError         NVRTC rejected a source (log, source, options)
+├── ConfigError          a bad QueueConfig field (also a ValueError)
+├── PayloadError         a payload too large for a slot (also a ValueError)
+│   └── PayloadTypeError a payload that is not a contiguous bytes-like object (also a TypeError)
+├── QueueFull            the ring stayed full for the whole timeout
+├── QueueClosed          the queue was shut down or closed
+├── KernelStopped        the persistent kernel stopped for good: what it has not done never will be
+├── ResultTimeout        no result within the timeout (also a TimeoutError)
+├── UnknownMessage       a msg_id never issued or already taken (also a KeyError)
+├── ProtocolError        the device saw a broken slot (a bug, not bad input)
+└── BrokerError          Redis (Track A) refused a command or the login, no redis-server could be started,
+    │                    or the client's connection pool is exhausted (max_connections)
+    └── BrokerUnavailable  Redis cannot be reached (bad URL, server down, connection lost)
 """
 
 from __future__ import annotations
@@ -182,8 +182,12 @@ def _enum_text(code: Any) -> tuple[str, str]:
     return name, text.decode() if isinstance(text, bytes) else str(text)
 
 
-_UNAVAILABLE = {"CUDA_ERROR_NO_DEVICE", "CUDA_ERROR_STUB_LIBRARY", "CUDA_ERROR_SYSTEM_DRIVER_MISMATCH",
-                "CUDA_ERROR_COMPAT_NOT_SUPPORTED_ON_DEVICE"}
+_UNAVAILABLE = {
+    "CUDA_ERROR_NO_DEVICE",
+    "CUDA_ERROR_STUB_LIBRARY",
+    "CUDA_ERROR_SYSTEM_DRIVER_MISMATCH",
+    "CUDA_ERROR_COMPAT_NOT_SUPPORTED_ON_DEVICE",
+}
 
 
 def check(result: Any, call: str = "") -> Any:

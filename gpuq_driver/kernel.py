@@ -22,11 +22,9 @@ import weakref
 from . import driver
 from .compiler import CompileOptions, compile_cubin, plugins
 from .errors import ConfigError, GpuqError
-from .layout import (KERNEL_EXITED, STOP_ABORT, CtrlDev, DevState, HostLayout, Params, expected_probe,
-                     request_stop)
+from .layout import KERNEL_EXITED, STOP_ABORT, CtrlDev, DevState, HostLayout, Params, expected_probe, request_stop
 
-
-_live: dict[int, "weakref.ref[PersistentKernel]"] = {}
+_live: dict[int, weakref.ref[PersistentKernel]] = {}
 """device ordinal -> the queue kernel running there in this process (at most one, see __init__)."""
 
 
@@ -46,8 +44,10 @@ class PersistentKernel:
         # module load or cuMemFree could wait on it forever.
         other = _live.get(config.device)
         if other is not None and other() is not None and not other().closed:
-            raise GpuqError(f"a GpuQueue is already running on device {config.device} in this process; "
-                            "close it first (one persistent queue kernel per device per process)")
+            raise GpuqError(
+                f"a GpuQueue is already running on device {config.device} in this process; "
+                "close it first (one persistent queue kernel per device per process)"
+            )
         self.closed = False
         _live[config.device] = weakref.ref(self)
         try:
@@ -73,13 +73,16 @@ class PersistentKernel:
         per_sm = driver.max_active_blocks(self._fn, config.threads_per_block)
         limit = per_sm * info.sm_count
         if limit == 0:
-            raise ConfigError(f"threads_per_block={config.threads_per_block}: not even one block of the queue "
-                              f"kernel fits on an SM of {info.name}")
+            raise ConfigError(
+                f"threads_per_block={config.threads_per_block}: not even one block of the queue "
+                f"kernel fits on an SM of {info.name}"
+            )
         self.blocks = config.blocks if config.blocks is not None else min(info.sm_count, limit)
         if self.blocks > limit:
             raise ConfigError(
                 f"blocks={self.blocks}: a cooperative launch of {config.threads_per_block}-thread blocks fits at most "
-                f"{limit} blocks on {info.name} ({per_sm} per SM x {info.sm_count} SMs)")
+                f"{limit} blocks on {info.name} ({per_sm} per SM x {info.sm_count} SMs)"
+            )
         self.threads = config.threads_per_block
         self.warps = self.blocks * self.threads // 32
         self.layout = HostLayout(config.capacity, config.slot_bytes, self.warps)
@@ -95,18 +98,29 @@ class PersistentKernel:
         off = self.layout.offsets
         base = self.host.device_ptr
         self.params = Params(
-            ctrl_host=base + off["ctrl_host"], ctrl_dev=base + off["ctrl_dev"], req_hdr=base + off["req_hdr"],
-            req_data=base + off["req_data"], res_hdr=base + off["res_hdr"], res_data=base + off["res_data"],
-            warp_counters=base + off["warp_counters"], vram_slots=self.vram.ptr, dev=self.dev_state.ptr,
-            warp_totals=self.vram.ptr + self.layout.vram_totals_offset, lease_ns=config.lease_ns,
-            capacity=config.capacity, slot_bytes=config.slot_bytes,
-            front_backoff_ns=config.front_backoff_ns, idle_backoff_ns=config.idle_backoff_ns)
+            ctrl_host=base + off["ctrl_host"],
+            ctrl_dev=base + off["ctrl_dev"],
+            req_hdr=base + off["req_hdr"],
+            req_data=base + off["req_data"],
+            res_hdr=base + off["res_hdr"],
+            res_data=base + off["res_data"],
+            warp_counters=base + off["warp_counters"],
+            vram_slots=self.vram.ptr,
+            dev=self.dev_state.ptr,
+            warp_totals=self.vram.ptr + self.layout.vram_totals_offset,
+            lease_ns=config.lease_ns,
+            capacity=config.capacity,
+            slot_bytes=config.slot_bytes,
+            front_backoff_ns=config.front_backoff_ns,
+            idle_backoff_ns=config.idle_backoff_ns,
+        )
         self._args = driver.LaunchArgs([self.params])
         self.ctrl = CtrlDev.from_buffer(self.mem, off["ctrl_dev"])
         self.doorbell = self.layout.view(self.mem, "ctrl_host", "Q")[:1]
         self._launched = False
-        self._finalizer = weakref.finalize(self, _release, self.doorbell, self.stream,
-                                           [self.stream, self.host, self.vram, self.dev_state, self.module])
+        self._finalizer = weakref.finalize(
+            self, _release, self.doorbell, self.stream, [self.stream, self.host, self.vram, self.dev_state, self.module]
+        )
         self._finalizer.atexit = False  # at exit: abandon(), never free (another thread may still read)
 
     def _check_layout(self, probe_fn) -> None:
@@ -115,12 +129,13 @@ class PersistentKernel:
         try:
             driver.launch(probe_fn, 1, 32, [ctypes.c_uint64(out.device_ptr)], self.stream)
             self.stream.synchronize()
-            got = list(out.view.cast("Q")[:len(expected)])
+            got = list(out.view.cast("Q")[: len(expected)])
         finally:
             out.close()
         if got != expected:
-            raise GpuqError(f"device_src/gpuq_layout.cuh and gpuq_driver/layout.py disagree: device {got}, "
-                            f"host {expected}")
+            raise GpuqError(
+                f"device_src/gpuq_layout.cuh and gpuq_driver/layout.py disagree: device {got}, host {expected}"
+            )
 
     def start(self) -> None:
         """Zero the device state (VRAM scalars and per-warp totals) before the first lease."""
@@ -190,11 +205,15 @@ def _release(doorbell, stream, resources) -> bool:
         deadline = time.monotonic() + 5.0
         while not stream.done():
             if time.monotonic() > deadline:
-                warnings.warn("gpuq_driver: persistent kernel did not stop; leaking its memory", RuntimeWarning)
+                warnings.warn(
+                    "gpuq_driver: persistent kernel did not stop; leaking its memory", RuntimeWarning, stacklevel=2
+                )
                 return False
             time.sleep(1e-3)
     except Exception as exc:
-        warnings.warn(f"gpuq_driver: cannot stop the persistent kernel ({exc}); leaking its memory", RuntimeWarning)
+        warnings.warn(
+            f"gpuq_driver: cannot stop the persistent kernel ({exc}); leaking its memory", RuntimeWarning, stacklevel=2
+        )
         return False
     for r in resources:
         r.close()

@@ -40,26 +40,55 @@ class CtrlHost(ctypes.Structure):
 class CtrlDev(ctypes.Structure):
     """Device-written: kernel state, first protocol error, lease counters (see the header)."""
 
-    _fields_ = [("state", ctypes.c_uint32), ("error", ctypes.c_uint32), ("error_msg_id", ctypes.c_uint64),
-                ("layout_version", ctypes.c_uint32), ("warps", ctypes.c_uint32),
-                ("leases_begun", ctypes.c_uint64), ("leases_ended", ctypes.c_uint64),
-                ("leases_leaving", ctypes.c_uint64), ("pad", ctypes.c_uint64 * 10)]
+    _fields_ = [
+        ("state", ctypes.c_uint32),
+        ("error", ctypes.c_uint32),
+        ("error_msg_id", ctypes.c_uint64),
+        ("layout_version", ctypes.c_uint32),
+        ("warps", ctypes.c_uint32),
+        ("leases_begun", ctypes.c_uint64),
+        ("leases_ended", ctypes.c_uint64),
+        ("leases_leaving", ctypes.c_uint64),
+        ("pad", ctypes.c_uint64 * 10),
+    ]
 
 
 class DevState(ctypes.Structure):
-    _fields_ = [("claim", ctypes.c_uint64), ("pad0", ctypes.c_uint64 * 15), ("head", ctypes.c_uint64),
-                ("stop", ctypes.c_uint32), ("exited", ctypes.c_uint32), ("error", ctypes.c_uint32),
-                ("begun", ctypes.c_uint32), ("lease_start", ctypes.c_uint64), ("leases", ctypes.c_uint64),
-                ("leaving", ctypes.c_uint32), ("pad2", ctypes.c_uint32), ("pad1", ctypes.c_uint64 * 10)]
+    _fields_ = [
+        ("claim", ctypes.c_uint64),
+        ("pad0", ctypes.c_uint64 * 15),
+        ("head", ctypes.c_uint64),
+        ("stop", ctypes.c_uint32),
+        ("exited", ctypes.c_uint32),
+        ("error", ctypes.c_uint32),
+        ("begun", ctypes.c_uint32),
+        ("lease_start", ctypes.c_uint64),
+        ("leases", ctypes.c_uint64),
+        ("leaving", ctypes.c_uint32),
+        ("pad2", ctypes.c_uint32),
+        ("pad1", ctypes.c_uint64 * 10),
+    ]
 
 
 class Params(ctypes.Structure):
     """``GpuqParams``, the persistent kernel's one by-value argument."""
 
-    _fields_ = [(name, ctypes.c_uint64) for name in (
-        "ctrl_host", "ctrl_dev", "req_hdr", "req_data", "res_hdr", "res_data", "warp_counters",
-        "vram_slots", "dev", "warp_totals", "lease_ns")] + [(name, ctypes.c_uint32) for name in (
-            "capacity", "slot_bytes", "front_backoff_ns", "idle_backoff_ns")]
+    _fields_ = [
+        (name, ctypes.c_uint64)
+        for name in (
+            "ctrl_host",
+            "ctrl_dev",
+            "req_hdr",
+            "req_data",
+            "res_hdr",
+            "res_data",
+            "warp_counters",
+            "vram_slots",
+            "dev",
+            "warp_totals",
+            "lease_ns",
+        )
+    ] + [(name, ctypes.c_uint32) for name in ("capacity", "slot_bytes", "front_backoff_ns", "idle_backoff_ns")]
 
 
 def _off(struct, name: str) -> int:
@@ -70,13 +99,28 @@ def expected_probe() -> list[int]:
     """What ``gpuq_layout_probe`` must report, in its order (see gpuq_queue.cu)."""
     return [
         LAYOUT_VERSION,
-        ctypes.sizeof(SlotHeader), _off(SlotHeader, "len"), _off(SlotHeader, "flags"), _off(SlotHeader, "msg_id"),
-        ctypes.sizeof(CtrlHost), _off(CtrlHost, "doorbell"),
-        ctypes.sizeof(CtrlDev), _off(CtrlDev, "state"), _off(CtrlDev, "error"), _off(CtrlDev, "error_msg_id"),
-        _off(CtrlDev, "layout_version"), _off(CtrlDev, "warps"),
-        _off(CtrlDev, "leases_begun"), _off(CtrlDev, "leases_ended"), _off(CtrlDev, "leases_leaving"),
-        ctypes.sizeof(DevState), ctypes.sizeof(Params), _off(Params, "warp_totals"),
-        _off(Params, "lease_ns"), _off(Params, "capacity"), _off(Params, "slot_bytes"), _off(Params, "front_backoff_ns"),
+        ctypes.sizeof(SlotHeader),
+        _off(SlotHeader, "len"),
+        _off(SlotHeader, "flags"),
+        _off(SlotHeader, "msg_id"),
+        ctypes.sizeof(CtrlHost),
+        _off(CtrlHost, "doorbell"),
+        ctypes.sizeof(CtrlDev),
+        _off(CtrlDev, "state"),
+        _off(CtrlDev, "error"),
+        _off(CtrlDev, "error_msg_id"),
+        _off(CtrlDev, "layout_version"),
+        _off(CtrlDev, "warps"),
+        _off(CtrlDev, "leases_begun"),
+        _off(CtrlDev, "leases_ended"),
+        _off(CtrlDev, "leases_leaving"),
+        ctypes.sizeof(DevState),
+        ctypes.sizeof(Params),
+        _off(Params, "warp_totals"),
+        _off(Params, "lease_ns"),
+        _off(Params, "capacity"),
+        _off(Params, "slot_bytes"),
+        _off(Params, "front_backoff_ns"),
         _off(Params, "idle_backoff_ns"),
     ]
 
@@ -137,10 +181,15 @@ class HostLayout:
         off = 0
         self.offsets: dict[str, int] = {}
         self.sizes: dict[str, int] = {}
-        for name, size in (("ctrl_host", ctypes.sizeof(CtrlHost)), ("ctrl_dev", ctypes.sizeof(CtrlDev)),
-                           ("req_hdr", capacity * HEADER_BYTES), ("res_hdr", capacity * HEADER_BYTES),
-                           ("warp_counters", warps * 8), ("req_data", capacity * slot_bytes),
-                           ("res_data", capacity * slot_bytes)):
+        for name, size in (
+            ("ctrl_host", ctypes.sizeof(CtrlHost)),
+            ("ctrl_dev", ctypes.sizeof(CtrlDev)),
+            ("req_hdr", capacity * HEADER_BYTES),
+            ("res_hdr", capacity * HEADER_BYTES),
+            ("warp_counters", warps * 8),
+            ("req_data", capacity * slot_bytes),
+            ("res_data", capacity * slot_bytes),
+        ):
             self.offsets[name], self.sizes[name] = off, size
             off = align_up(off + size)
         self.nbytes = off
@@ -155,4 +204,4 @@ class HostLayout:
         ``[2*slot + 1]`` = msg_id.  ``"ctrl_host"`` as ``"Q"``: ``[0]`` is the doorbell.
         """
         off = self.offsets[region]
-        return mem[off:off + self.sizes[region]].cast(fmt)
+        return mem[off : off + self.sizes[region]].cast(fmt)

@@ -62,21 +62,21 @@ class Leases:
         self._kernel = kernel
         self._ahead = not math.isinf(lease_ms)  # a lease that never ends needs no successor queued
         self._period = min(max(lease_ms / 2e3, 2e-4), 5e-3)  # the keeper's look while lingering
-        self._flow_period = min(lease_ms / 1e3, 5e-3)          # ... while messages flow
+        self._flow_period = min(lease_ms / 1e3, 5e-3)  # ... while messages flow
         self._linger = linger_ms / 1e3
         self._wake = threading.Event()
         self._keeper_parked = False  # the keeper waits 20 ms: a launch should wake it
-        self.fresh_until = 0.0   # time.monotonic() until which the keeper queues successors itself
+        self.fresh_until = 0.0  # time.monotonic() until which the keeper queues successors itself
         self.error: BaseException | None = None  # a launch by the keeper that failed
         words = kernel.layout.view(kernel.mem, "ctrl_dev", "Q")
-        self.begun = words[_BEGUN:_BEGUN + 1]   # one-item views: [0] is the live value
-        self.ended = words[_ENDED:_ENDED + 1]
-        self.leaving = words[_LEAVING:_LEAVING + 1]
+        self.begun = words[_BEGUN : _BEGUN + 1]  # one-item views: [0] is the live value
+        self.ended = words[_ENDED : _ENDED + 1]
+        self.leaving = words[_LEAVING : _LEAVING + 1]
         self.launches = 0
-        self.pauses = 0          # times the kernel was asked to park (0 -> 1 pause in force)
-        self._depth = 0          # pause() calls in force: nested and concurrent pauses count
-        self.stopping = False    # shutdown asked for the last leases: no pause from now on
-        self.closed = False      # no launch ever again (close, interpreter exit)
+        self.pauses = 0  # times the kernel was asked to park (0 -> 1 pause in force)
+        self._depth = 0  # pause() calls in force: nested and concurrent pauses count
+        self.stopping = False  # shutdown asked for the last leases: no pause from now on
+        self.closed = False  # no launch ever again (close, interpreter exit)
         self._lock = threading.Lock()
 
     def kick(self, ahead: bool = True) -> bool:
@@ -125,6 +125,7 @@ class Leases:
         successor itself and tells the producers so (``fresh_until``), so that the next message
         needs no launch; after that, while nothing is pending, it launches nothing (the kernel
         parks) and looks every 20 ms.  Ends at ``close`` or when the queue is gone."""
+
         def run():
             seen, active = -1, 0.0
             while not self.closed:
@@ -140,7 +141,7 @@ class Leases:
                 serving = self.serving()
                 if lingering:  # queue each successor itself, so that the next message needs no launch
                     launch = self.begun[0] == self.launches or not serving
-                else:          # a rescue: messages wait and nothing runs or is queued
+                else:  # a rescue: messages wait and nothing runs or is queued
                     launch = not serving and not self.paused and pending()
                 del enqueued, pending
                 if launch:
@@ -193,8 +194,10 @@ class Leases:
                 raise QueueClosed("queue was shut down while pause() waited")
             if time.monotonic() > deadline:
                 self.resume()
-                raise GpuqError(f"the persistent kernel did not leave within {timeout} s "
-                                f"({self.launches} leases launched, {self.ended[0]} ended); not paused")
+                raise GpuqError(
+                    f"the persistent kernel did not leave within {timeout} s "
+                    f"({self.launches} leases launched, {self.ended[0]} ended); not paused"
+                )
             time.sleep(50e-6)
 
     def resume(self) -> None:

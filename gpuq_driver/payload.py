@@ -21,7 +21,8 @@ def byte_view(payload, name: str = "payload") -> bytes | memoryview:
     except (TypeError, ValueError) as exc:  # ValueError: numpy dtypes the buffer protocol cannot carry
         raise PayloadTypeError(
             f"{name} must be a bytes-like object (bytes, bytearray, memoryview, numpy array of plain "
-            f"numbers), not {type(payload).__name__} ({exc})") from None
+            f"numbers), not {type(payload).__name__} ({exc})"
+        ) from None
     if not view.c_contiguous:
         raise PayloadTypeError(f"{name} must be C-contiguous")
     if "O" in view.format or "P" in view.format:

@@ -9,8 +9,9 @@ The host side is plain loads and stores into mapped pinned memory: ``enqueue`` c
 payload into its request slot, writes the slot header, then rings the doorbell (a 64-bit store);
 no CUDA call is made on the hot path: the kernel leaves every ``lease_ms`` so that the rest of
 the process can use the GPU, and a keeper thread launches the next lease ahead while traffic is
-recent (lease.py); a producer launches one only into a parked queue or when the keeper lags.  ``docs/design.md`` gives the placement and the numbers behind it;
-``device_src/gpuq_layout.cuh`` the protocol.
+recent (lease.py); a producer launches one only into a parked queue or when the keeper lags.
+``docs/design.md`` gives the placement and the numbers behind it; ``device_src/gpuq_layout.cuh``
+the protocol.
 """
 
 from __future__ import annotations
@@ -26,11 +27,35 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import (ConfigError, GpuqError, KernelStopped, PayloadError, ProtocolError, QueueClosed, QueueFull,
-                     ResultTimeout, UnknownMessage, check_int, check_number, check_seconds)
-from .layout import (DONE, DOORBELL_STOP_SHIFT, ERROR_NAMES, KERNEL_EXITED, KERNEL_PARKED, KERNEL_RUNNING,
-                     NO_MSG, READY, STOP_ABORT, STOP_DRAIN, check_slot_bytes, check_threads_per_block,
-                     is_power_of_two)
+from .errors import (
+    ConfigError,
+    GpuqError,
+    KernelStopped,
+    PayloadError,
+    ProtocolError,
+    QueueClosed,
+    QueueFull,
+    ResultTimeout,
+    UnknownMessage,
+    check_int,
+    check_number,
+    check_seconds,
+)
+from .layout import (
+    DONE,
+    DOORBELL_STOP_SHIFT,
+    ERROR_NAMES,
+    KERNEL_EXITED,
+    KERNEL_PARKED,
+    KERNEL_RUNNING,
+    NO_MSG,
+    READY,
+    STOP_ABORT,
+    STOP_DRAIN,
+    check_slot_bytes,
+    check_threads_per_block,
+    is_power_of_two,
+)
 from .lease import Leases
 from .payload import byte_view
 
@@ -58,7 +83,8 @@ class QueueConfig:
                         in the process (torch.cuda.synchronize, cuMemFree, module loads, GEMMs)
                         wait at most ~2 × lease_ms (default 1.0 ms; 0.05 .. 3,600,000, or
                         ``math.inf``: never leaves, lowest overhead, but any such call then hangs
-                        while the queue lives, and ``pause()`` is refused).  docs/design.md, "Sharing the GPU", has the measurements.
+                        while the queue lives, and ``pause()`` is refused).  docs/design.md,
+                        "Sharing the GPU", has the measurements.
     linger_ms:          after the last message the kernel keeps serving (lease after lease, the
                         next always queued) this long before it parks, so that a message after a
                         shorter pause in traffic costs a plain round trip (~5 µs) instead of a
@@ -96,7 +122,9 @@ class QueueConfig:
 
         check("capacity", 2, MAX_CAPACITY)
         if not is_power_of_two(self.capacity):
-            raise ConfigError(f"capacity={self.capacity} must be a power of two (e.g. {1 << self.capacity.bit_length()})")
+            raise ConfigError(
+                f"capacity={self.capacity} must be a power of two (e.g. {1 << self.capacity.bit_length()})"
+            )
         object.__setattr__(self, "slot_bytes", check_slot_bytes(self.slot_bytes))
         if self.capacity * self.slot_bytes > MAX_RING_BYTES:
             raise ConfigError(f"capacity*slot_bytes={self.capacity * self.slot_bytes} exceeds {MAX_RING_BYTES} bytes")
@@ -105,10 +133,16 @@ class QueueConfig:
         object.__setattr__(self, "threads_per_block", check_threads_per_block(self.threads_per_block))
         for name in ("enqueue_timeout_s", "shutdown_timeout_s"):
             object.__setattr__(self, name, check_seconds(name, getattr(self, name)))
-        object.__setattr__(self, "lease_ms", check_number("lease_ms", self.lease_ms, MIN_LEASE_MS, MAX_LEASE_MS,
-                                                          " of milliseconds", allow_inf=True))
-        object.__setattr__(self, "linger_ms", check_number("linger_ms", self.linger_ms, 0.0, MAX_LEASE_MS,
-                                                           " of milliseconds", allow_inf=True))
+        object.__setattr__(
+            self,
+            "lease_ms",
+            check_number("lease_ms", self.lease_ms, MIN_LEASE_MS, MAX_LEASE_MS, " of milliseconds", allow_inf=True),
+        )
+        object.__setattr__(
+            self,
+            "linger_ms",
+            check_number("linger_ms", self.linger_ms, 0.0, MAX_LEASE_MS, " of milliseconds", allow_inf=True),
+        )
         check("front_backoff_ns", 0, 1_000_000)
         check("idle_backoff_ns", 0, 1_000_000)
         check("device", 0, 1023)
@@ -199,16 +233,16 @@ class GpuQueue:
         self._ready = READY << 32
         # producer state (under _plock) and consumer state (under _clock)
         self._plock, self._clock = threading.Lock(), threading.Lock()
-        self._head = 0           # next msg_id; the doorbell's head
-        self._tail = 0           # every msg_id below this has been taken
-        self._limit = cap        # _tail + capacity: the first msg_id with no free slot; -1 once shut down
-        self._polled = 0         # poll_completions reported everything below this
+        self._head = 0  # next msg_id; the doorbell's head
+        self._tail = 0  # every msg_id below this has been taken
+        self._limit = cap  # _tail + capacity: the first msg_id with no free slot; -1 once shut down
+        self._polled = 0  # poll_completions reported everything below this
         # msg_id last taken from each slot: a msg_id >= _tail is taken iff _taken[slot] == msg_id
         # (stale entries never match a later msg_id, so nothing needs clearing)
         self._taken = array.array("Q", [NO_MSG]) * cap
-        self._taken_ahead = 0    # results taken out of order, at or after _tail
+        self._taken_ahead = 0  # results taken out of order, at or after _tail
         self._accepting = True
-        self._stop_mode = None   # STOP_DRAIN / STOP_ABORT once shutdown has asked
+        self._stop_mode = None  # STOP_DRAIN / STOP_ABORT once shutdown has asked
         self._begun = leases.begun  # GpuqCtrlDev.leases_begun, read after every enqueue
         try:
             kernel.start()
@@ -235,8 +269,10 @@ class GpuQueue:
             if self._kernel.idle():
                 raise GpuqError("the persistent kernel exited before it started serving")
             if time.monotonic() > deadline:
-                raise GpuqError(f"the persistent kernel did not start within {timeout_s} s "
-                                "(is the GPU fully taken by other kernels?)")
+                raise GpuqError(
+                    f"the persistent kernel did not start within {timeout_s} s "
+                    "(is the GPU fully taken by other kernels?)"
+                )
             time.sleep(1e-4)
 
     # -- producer ------------------------------------------------------------------------------
@@ -251,8 +287,9 @@ class GpuQueue:
         Raises PayloadError (too large), PayloadTypeError (not bytes-like), ConfigError (a timeout
         that is not a number >= 0), QueueFull (no slot freed within the timeout; nothing enqueued;
         the message names the msg_id holding the next slot), QueueClosed (after shutdown),
-        KernelStopped (the kernel stopped for good while waiting), CudaError (the next lease could not be launched: the message is
-        queued, and ``outstanding()`` lists its msg_id, but the CUDA context is unusable).
+        KernelStopped (the kernel stopped for good while waiting), CudaError (the next lease could
+        not be launched: the message is queued, and ``outstanding()`` lists its msg_id, but the
+        CUDA context is unusable).
         Cost: 0.7-1.5 µs from CPython 3.12 on the H200 hosts (by their CPU) and no CUDA call,
         except a launch (~5 µs, 20-50 µs after the thread slept) for the first message into a
         parked queue (idle longer than ``linger_ms``) and, once per lease, while the lease keeper
@@ -272,7 +309,7 @@ class GpuQueue:
             slot = seq & self._mask
             off = slot * self._sb
             hdr = self._req_hdr
-            self._req_data[off:off + n] = payload
+            self._req_data[off : off + n] = payload
             hdr[slot << 1] = n | self._ready
             hdr[(slot << 1) | 1] = seq
             self._head = seq = seq + 1
@@ -311,9 +348,11 @@ class GpuQueue:
             why = f"has its result waiting: take it (try_dequeue_result({t})); slots free in msg_id order"
         else:
             why = "is not processed yet"
-        return (f"ring full (waited {timeout} s): the slot for msg_id {seq} frees when msg_id {t} is taken, "
-                f"and msg_id {t} {why}; {seq - t - self._taken_ahead} of {self._cap} slots hold messages "
-                "or untaken results (outstanding() lists them)")
+        return (
+            f"ring full (waited {timeout} s): the slot for msg_id {seq} frees when msg_id {t} is taken, "
+            f"and msg_id {t} {why}; {seq - t - self._taken_ahead} of {self._cap} slots hold messages "
+            "or untaken results (outstanding() lists them)"
+        )
 
     # -- consumer ------------------------------------------------------------------------------
 
@@ -361,8 +400,10 @@ class GpuQueue:
         keeper's launch failed, CudaError if this one does."""
         leases = self._leases
         if leases.error is not None:
-            raise KernelStopped(f"the persistent kernel could not be launched again ({leases.error}); "
-                                "the CUDA context is probably unusable") from leases.error
+            raise KernelStopped(
+                f"the persistent kernel could not be launched again ({leases.error}); "
+                "the CUDA context is probably unusable"
+            ) from leases.error
         if not leases.paused and not leases.serving() and self._pending():
             leases.kick()
 
@@ -388,7 +429,7 @@ class GpuQueue:
             # Copy the result out before the slot is freed: a producer may refill it at once.
             len_flags = hdr[slot << 1]
             off = slot * self._sb
-            data = self._res_data[off:off + (len_flags & 0xFFFFFFFF)].tobytes()
+            data = self._res_data[off : off + (len_flags & 0xFFFFFFFF)].tobytes()
             # Commit with single stores, so an interrupt leaves either nothing or everything done.
             if msg_id == t:  # in order: the tail moves past it and past later ones taken early
                 nxt, taken, mask, head = t + 1, self._taken, self._mask, self._head
@@ -402,8 +443,7 @@ class GpuQueue:
                 self._taken[slot] = msg_id
                 self._taken_ahead += 1
         if len_flags >> 32 != DONE:  # flags = DONE | error code << 8
-            raise ProtocolError(f"msg_id {msg_id}: device reported "
-                                f"{ERROR_NAMES.get(len_flags >> 40, len_flags >> 40)}")
+            raise ProtocolError(f"msg_id {msg_id}: device reported {ERROR_NAMES.get(len_flags >> 40, len_flags >> 40)}")
         return data
 
     def wait_result(self, msg_id: int, timeout: float | None = 1.0) -> bytes:
@@ -477,10 +517,23 @@ class GpuQueue:
         else:
             kernel = "parked" if state == KERNEL_PARKED else "not started"
         cap = self._cap
-        return QueueStats(enqueued=head, processed=processed, taken=taken, pending=min(cap, max(0, head - processed)),
-                          occupied=min(cap, max(0, head - taken)), capacity=cap, slot_bytes=self._sb,
-                          blocks=k.blocks, threads_per_block=k.threads, warps=k.warps, kernel=kernel,
-                          launches=launches, exits=exits, pauses=leases.pauses, backend=k.backend)
+        return QueueStats(
+            enqueued=head,
+            processed=processed,
+            taken=taken,
+            pending=min(cap, max(0, head - processed)),
+            occupied=min(cap, max(0, head - taken)),
+            capacity=cap,
+            slot_bytes=self._sb,
+            blocks=k.blocks,
+            threads_per_block=k.threads,
+            warps=k.warps,
+            kernel=kernel,
+            launches=launches,
+            exits=exits,
+            pauses=leases.pauses,
+            backend=k.backend,
+        )
 
     # -- sharing the GPU -----------------------------------------------------------------------
 
@@ -534,8 +587,8 @@ class GpuQueue:
         QueueClosed after ``close()``.
         """
         timeout = self.config.shutdown_timeout_s if timeout is None else check_seconds("timeout", timeout)
-        self._accepting = False   # waiting producers see it and leave, releasing _plock
-        with self._clock:         # consumers move _limit under _clock, and only while accepting
+        self._accepting = False  # waiting producers see it and leave, releasing _plock
+        with self._clock:  # consumers move _limit under _clock, and only while accepting
             self._limit = -1
         with self._plock:
             if self._doorbell is None:
@@ -555,8 +608,10 @@ class GpuQueue:
                 with self._plock:
                     self._stop_mode = STOP_ABORT
                     self._doorbell[0] = self._head | (STOP_ABORT << DOORBELL_STOP_SHIFT)
-                raise GpuqError(f"the kernel did not drain within {timeout} s; aborted "
-                                f"({self._head - int(self._counters.sum())} messages unprocessed)")
+                raise GpuqError(
+                    f"the kernel did not drain within {timeout} s; aborted "
+                    f"({self._head - int(self._counters.sum())} messages unprocessed)"
+                )
             time.sleep(1e-4)
         code, msg_id = k.error
         if code:
@@ -590,7 +645,7 @@ class GpuQueue:
         free nothing (a daemon thread may still be inside a call; process teardown frees it)."""
         if self.closed:
             return
-        self._accepting = False   # a producer waiting for a slot leaves and releases _plock
+        self._accepting = False  # a producer waiting for a slot leaves and releases _plock
         self._limit = -1
         got = [lock for lock in (self._plock, self._clock) if lock.acquire(timeout=1.0)]
         try:
@@ -607,7 +662,7 @@ class GpuQueue:
         """True once ``close()`` has run (or the queue was garbage-collected)."""
         return not self._finalizer.alive
 
-    def __enter__(self) -> "GpuQueue":
+    def __enter__(self) -> GpuQueue:
         """The started queue itself."""
         return self
 
@@ -626,7 +681,7 @@ def _close_kernel(leases: Leases, kernel) -> None:
     kernel.close()
 
 
-_open_queues: "weakref.WeakSet[GpuQueue]" = weakref.WeakSet()
+_open_queues: weakref.WeakSet[GpuQueue] = weakref.WeakSet()
 
 
 @atexit.register

@@ -17,9 +17,22 @@ import threading
 import time
 
 from .errors import ConfigError
-from .layout import (DONE, DOORBELL_HEAD_MASK, DOORBELL_STOP_SHIFT, ERR_BAD_LEN, ERR_BAD_MSG_ID, KERNEL_EXITED,
-                     KERNEL_PARKED, KERNEL_RUNNING, STOP_ABORT, STOP_DRAIN, CtrlDev, HostLayout, request_stop,
-                     slot_of)
+from .layout import (
+    DONE,
+    DOORBELL_HEAD_MASK,
+    DOORBELL_STOP_SHIFT,
+    ERR_BAD_LEN,
+    ERR_BAD_MSG_ID,
+    KERNEL_EXITED,
+    KERNEL_PARKED,
+    KERNEL_RUNNING,
+    STOP_ABORT,
+    STOP_DRAIN,
+    CtrlDev,
+    HostLayout,
+    request_stop,
+    slot_of,
+)
 
 PLUGINS = {"echo": lambda payload, msg_id: payload}
 """Python twins of device_src/plugins: name -> f(payload: memoryview, msg_id) -> bytes-like."""
@@ -42,8 +55,8 @@ class SimulatedKernel:
         self.delay_s = 0.0  # tests may slow the simulated device down
         self.closed = False
         self._lease_s = config.lease_ms / 1e3
-        self._claim = 0           # GpuqDevState.claim: the next msg_id, carried from lease to lease
-        self._queued = 0          # leases launched and not yet finished (the stream's depth)
+        self._claim = 0  # GpuqDevState.claim: the next msg_id, carried from lease to lease
+        self._queued = 0  # leases launched and not yet finished (the stream's depth)
         self._cv = threading.Condition()
         self._thread = threading.Thread(target=self._stream, name="gpuq-sim-kernel", daemon=True)
 
@@ -133,8 +146,8 @@ class SimulatedKernel:
                 code, n = ERR_BAD_LEN, sb
             if code and not ctrl.error:
                 ctrl.error_msg_id, ctrl.error = seq, code
-            out = b"" if code else bytes(process(req_data[slot * sb:slot * sb + n], seq))
-            res_data[slot * sb:slot * sb + len(out)] = out
+            out = b"" if code else bytes(process(req_data[slot * sb : slot * sb + n], seq))
+            res_data[slot * sb : slot * sb + len(out)] = out
             res_hdr[2 * slot] = len(out) | ((DONE | (code << 8)) << 32)
             res_hdr[2 * slot + 1] = seq
             seq += 1

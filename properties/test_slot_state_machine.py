@@ -18,10 +18,9 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
-
-from gpuq_driver import GpuQueue, PayloadError, QueueConfig, QueueFull
 from model import DONE, EMPTY, ORDER, READY, RingModel
 
+from gpuq_driver import GpuQueue, PayloadError, QueueConfig, QueueFull
 from tests.conftest import gpu_unavailable_reason
 
 CAPACITY, SLOT_BYTES = 8, 48
@@ -33,13 +32,16 @@ def make_machine(backend: str):
     class QueueMachine(RuleBasedStateMachine):
         def __init__(self):
             super().__init__()
-            self.q = GpuQueue(QueueConfig(capacity=CAPACITY, slot_bytes=SLOT_BYTES, backend=backend,
-                                          lease_ms=LEASE_MS, linger_ms=LINGER_MS))
+            self.q = GpuQueue(
+                QueueConfig(
+                    capacity=CAPACITY, slot_bytes=SLOT_BYTES, backend=backend, lease_ms=LEASE_MS, linger_ms=LINGER_MS
+                )
+            )
             self.model = RingModel(CAPACITY, SLOT_BYTES)
             self.seen: dict[int, int] = {}  # msg_id -> last observed state
             self.reported: set[int] = set()
             self.paused_at: int | None = None  # processed count when pause() returned
-            self.pauses_in_force = 0            # pauses nest: as many resumes undo them
+            self.pauses_in_force = 0  # pauses nest: as many resumes undo them
 
         def teardown(self):
             self.q.close()
@@ -141,8 +143,9 @@ def make_machine(backend: str):
     return QueueMachine
 
 
-SETTINGS = settings(max_examples=40, stateful_step_count=40, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(
+    max_examples=40, stateful_step_count=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 
 TestQueueOnSimulator = make_machine("sim").TestCase
 TestQueueOnSimulator.settings = SETTINGS
@@ -152,6 +155,7 @@ if _reason is None:
     TestQueueOnGpu = pytest.mark.gpu(make_machine("cuda").TestCase)
     TestQueueOnGpu.settings = SETTINGS
 else:
+
     @pytest.mark.gpu
     @pytest.mark.skip(reason=_reason)
     def test_queue_state_machine_on_gpu():

@@ -39,8 +39,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         names = set(getattr(item, "fixturenames", ()))
         callspec = getattr(item, "callspec", None)
-        if "gpu" in names or (callspec is not None and callspec.params.get("backend") == "cuda") \
-                or any(str(m.kwargs.get("reason", "")).startswith("needs a GPU") for m in item.iter_markers("skipif")):
+        if (
+            "gpu" in names
+            or (callspec is not None and callspec.params.get("backend") == "cuda")
+            or any(str(m.kwargs.get("reason", "")).startswith("needs a GPU") for m in item.iter_markers("skipif"))
+        ):
             item.add_marker(pytest.mark.gpu)
         if names & {"redis_server", "redis_client", "redis_py"}:
             item.add_marker(pytest.mark.redis)

@@ -24,9 +24,16 @@ def check_closed():  # registered first, so it runs after gpuq_driver's own exit
     from gpuq_driver import QueueClosed
 
     q = state["q"]
-    calls = {"enqueue": lambda: q.enqueue(b"x", timeout=0), "poll_completions": q.poll_completions,
-             "try_dequeue_result": lambda: q.try_dequeue_result(0), "wait_result": lambda: q.wait_result(0),
-             "stats": q.stats, "shutdown": q.shutdown, "pause": q.pause, "resume": q.resume}
+    calls = {
+        "enqueue": lambda: q.enqueue(b"x", timeout=0),
+        "poll_completions": q.poll_completions,
+        "try_dequeue_result": lambda: q.try_dequeue_result(0),
+        "wait_result": lambda: q.wait_result(0),
+        "stats": q.stats,
+        "shutdown": q.shutdown,
+        "pause": q.pause,
+        "resume": q.resume,
+    }
     wrong = []
     for name, call in calls.items():
         try:
@@ -55,6 +62,7 @@ def forever(fn):
                 fn()
         except Exception:  # QueueClosed once the exit cleanup ran: the thread ends quietly
             pass
+
     return threading.Thread(target=run, daemon=True)
 
 

@@ -95,13 +95,19 @@ class Traffic:
         self.stop.set()
         for t in self.threads:
             t.join(30)
-        return {"sent": self.sent, "received": self.received, "wrong": self.wrong,
-                "lost": self.sent - self.received, "msg_per_s": self.received / elapsed,
-                "threads_alive": sum(t.is_alive() for t in self.threads)}
+        return {
+            "sent": self.sent,
+            "received": self.received,
+            "wrong": self.wrong,
+            "lost": self.sent - self.received,
+            "msg_per_s": self.received / elapsed,
+            "threads_alive": sum(t.is_alive() for t in self.threads),
+        }
 
 
 def driver_calls():
-    from cuda.bindings import driver as cu, nvrtc
+    from cuda.bindings import driver as cu
+    from cuda.bindings import nvrtc
 
     from gpuq_driver import driver
     from gpuq_driver.errors import check
@@ -112,6 +118,7 @@ def driver_calls():
     def alloc_free():
         ptr = check(cu.cuMemAlloc(64 << 20), "cuMemAlloc")
         check(cu.cuMemFree(ptr), "cuMemFree")
+
     timed("cuMemAlloc+cuMemFree", alloc_free)
 
     src = f'extern "C" __global__ void k(int* p) {{ p[0] = {random.randrange(1 << 30)}; }}'.encode()
@@ -129,6 +136,7 @@ def driver_calls():
         stream.synchronize()
         for r in (stream, buf, module):
             r.close()
+
     timed("module load+launch+unload", load_run_unload)
 
 
@@ -143,6 +151,7 @@ def torch_calls():
         x = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")
         del x
         torch.cuda.empty_cache()
+
     timed("torch.cuda.empty_cache", empty_cache)
 
     def matmul_loop():
@@ -153,14 +162,17 @@ def torch_calls():
             n += 1
         torch.cuda.synchronize()
         emit(info="4096x4096 matmuls in 1 s", n=n, finite=bool(torch.isfinite(y).all()))
+
     timed("torch 4096x4096 matmul loop 1 s + sync", matmul_loop)
 
     def jiterator():
         from torch.cuda import jiterator
+
         c = random.randrange(1, 1000)
         fn = jiterator._create_jit_fn(f"template <typename T> T k{c}(T x) {{ return x * {c}; }}")
         out = fn(torch.ones(8, device="cuda"))
         assert float(out[0]) == c
+
     timed("torch jiterator kernel compiled for the first time", jiterator)
 
 
@@ -173,6 +185,7 @@ def cupy_calls():
     def new_kernel():
         k = cp.ElementwiseKernel("float32 x", "float32 y", f"y = x * {c}", f"gpuq_k{c}")
         assert float(k(cp.ones(10, cp.float32))[0]) == c
+
     timed("CuPy ElementwiseKernel compiled for the first time", new_kernel)
     timed("cp.cuda.Device().synchronize", cp.cuda.Device().synchronize)
 
@@ -180,6 +193,7 @@ def cupy_calls():
         x = cp.empty(64 << 20, cp.uint8)
         del x
         cp.get_default_memory_pool().free_all_blocks()
+
     timed("CuPy free_all_blocks (cudaFree)", free_pool)
 
 
@@ -204,13 +218,18 @@ def main():
     ap.add_argument("--lease-ms", type=float, default=QueueConfig.lease_ms)
     ap.add_argument("--sync-samples", type=int, default=0)
     ap.add_argument("--rate", type=float, default=200_000)
-    ap.add_argument("--switch-interval-ms", type=float, default=None,
-                    help="sys.setswitchinterval for this process (CPython's default is 5 ms)")
+    ap.add_argument(
+        "--switch-interval-ms",
+        type=float,
+        default=None,
+        help="sys.setswitchinterval for this process (CPython's default is 5 ms)",
+    )
     args = ap.parse_args()
     if args.switch_interval_ms:
         sys.setswitchinterval(args.switch_interval_ms / 1e3)
     if args.lib == "torch":  # torch first, the queue second; CuPy the other way round
         import torch
+
         torch.ones(1, device="cuda")
     q = None if args.state == "none" else GpuQueue(QueueConfig(capacity=4096, slot_bytes=64, lease_ms=args.lease_ms))
     if q is not None:
@@ -226,8 +245,13 @@ def main():
     if q is not None:
         s = q.stats()
         q.close()
-        summary.update(launches=s.launches, exits=s.exits, lease_ms=args.lease_ms, rate=args.rate,
-                       switch_interval_ms=sys.getswitchinterval() * 1e3)
+        summary.update(
+            launches=s.launches,
+            exits=s.exits,
+            lease_ms=args.lease_ms,
+            rate=args.rate,
+            switch_interval_ms=sys.getswitchinterval() * 1e3,
+        )
     emit(summary=summary)
 
 

@@ -18,8 +18,11 @@ def make_payloads(n: int, seed: int = 0, max_len: int = 200) -> list[bytes]:
 def expected_results(ids: list[bytes], payloads: list, frame: int) -> dict:
     """{(entry id, index): payload} for payloads sent with StreamProducer(frame=frame)."""
     assert len(ids) == -(-len(payloads) // frame)
-    return {(eid, i): payloads[j * frame + i] for j, eid in enumerate(ids)
-            for i in range(min(frame, len(payloads) - j * frame))}
+    return {
+        (eid, i): payloads[j * frame + i]
+        for j, eid in enumerate(ids)
+        for i in range(min(frame, len(payloads) - j * frame))
+    }
 
 
 def all_results(client, result_stream: str) -> list:
@@ -36,8 +39,9 @@ def all_results(client, result_stream: str) -> list:
 def assert_exactly_once(results: list, expected: dict) -> None:
     ids = [mid for mid, _ in results]
     assert len(ids) == len(set(ids)), f"{len(ids) - len(set(ids))} results published twice"
-    assert set(ids) == set(expected), (f"missing {len(set(expected) - set(ids))}, "
-                                       f"unexpected {len(set(ids) - set(expected))}")
+    assert set(ids) == set(expected), (
+        f"missing {len(set(expected) - set(ids))}, unexpected {len(set(ids) - set(expected))}"
+    )
     wrong = [mid for mid, r in results if r != expected[mid]]
     assert wrong == [], f"{len(wrong)} wrong results, first {wrong[:3]}"
 

@@ -13,11 +13,19 @@ from gpuq_driver.streams import BatchProcessor
 from gpuq_driver.streams.wire import FAILED
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    ({"slot_bytes": 17}, "slot_bytes"), ({"slot_bytes": 0}, "slot_bytes"), ({"slot_bytes": 2 << 20}, "slot_bytes"),
-    ({"max_batch": 0}, "max_batch"), ({"max_batch": True}, "max_batch"), ({"threads_per_block": 48}, "threads_per_block"),
-    ({"backend": "opencl"}, "backend"), ({"plugin": "no-such-plugin", "backend": "numpy"}, "plugin"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"slot_bytes": 17}, "slot_bytes"),
+        ({"slot_bytes": 0}, "slot_bytes"),
+        ({"slot_bytes": 2 << 20}, "slot_bytes"),
+        ({"max_batch": 0}, "max_batch"),
+        ({"max_batch": True}, "max_batch"),
+        ({"threads_per_block": 48}, "threads_per_block"),
+        ({"backend": "opencl"}, "backend"),
+        ({"plugin": "no-such-plugin", "backend": "numpy"}, "plugin"),
+    ],
+)
 def test_batch_processor_config_errors_name_the_field(kwargs, field):
     with pytest.raises(ConfigError, match=f"{field}="):
         BatchProcessor(**kwargs)

@@ -14,8 +14,13 @@ NO_GPU = gpu_unavailable_reason()
 def gpuq(*args, env=None, timeout=300):
     import os
 
-    return subprocess.run([sys.executable, "-m", "gpuq_driver.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "COLUMNS": "200", **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "gpuq_driver.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "COLUMNS": "200", **(env or {})},
+    )
 
 
 def test_info_lists_versions_nvrtc_and_the_cache():

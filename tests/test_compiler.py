@@ -68,8 +68,14 @@ def test_corrupt_entry_is_ignored_and_rebuilt(cache, counted, damage):
     good = compiler.compile_cubin("gpuq_batch.cu", CompileOptions(arch="sm_90"))
     (entry,) = cache.glob("*.cubin")
     blob = entry.read_bytes()
-    entry.write_bytes({"truncate": blob[: len(blob) // 2], "flip": blob[:-1] + bytes([blob[-1] ^ 0xFF]),
-                       "empty": b"", "garbage": b"not a cubin at all" * 10}[damage])
+    entry.write_bytes(
+        {
+            "truncate": blob[: len(blob) // 2],
+            "flip": blob[:-1] + bytes([blob[-1] ^ 0xFF]),
+            "empty": b"",
+            "garbage": b"not a cubin at all" * 10,
+        }[damage]
+    )
     again = compiler.compile_cubin("gpuq_batch.cu", CompileOptions(arch="sm_90"))
     assert again == good and len(counted) == 2
     assert entry.read_bytes() == blob  # the rebuilt entry replaced the corrupt one
@@ -99,7 +105,8 @@ def test_editing_a_header_changes_the_key(src_copy, cache, counted):
 def test_compile_error_has_the_whole_log_and_the_source(src_copy, cache):
     (src_copy / "plugins" / "broken.cuh").write_text(
         "__device__ uint32_t gpuq_process(const uint8_t* in, uint32_t len, uint8_t* out, uint32_t cap,\n"
-        "                                 uint64_t id, uint32_t lane) { return undefined_name; }\n")
+        "                                 uint64_t id, uint32_t lane) { return undefined_name; }\n"
+    )
     with pytest.raises(CompileError) as info:
         compiler.compile_cubin("gpuq_batch.cu", CompileOptions(arch="sm_90", plugin="broken"))
     e = info.value

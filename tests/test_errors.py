@@ -24,12 +24,15 @@ def test_nvrtc_error_carries_name_and_text():
     assert "INVALID_INPUT" in e.text.upper() and "nvrtcCompileProgram" in str(e)
 
 
-@pytest.mark.parametrize("code, cls", [
-    (driver.CUresult.CUDA_ERROR_OUT_OF_MEMORY, CudaError),
-    (driver.CUresult.CUDA_ERROR_NO_DEVICE, CudaUnavailable),
-    (driver.CUresult.CUDA_ERROR_STUB_LIBRARY, CudaUnavailable),
-    (driver.CUresult.CUDA_ERROR_SYSTEM_DRIVER_MISMATCH, CudaUnavailable),
-])
+@pytest.mark.parametrize(
+    "code, cls",
+    [
+        (driver.CUresult.CUDA_ERROR_OUT_OF_MEMORY, CudaError),
+        (driver.CUresult.CUDA_ERROR_NO_DEVICE, CudaUnavailable),
+        (driver.CUresult.CUDA_ERROR_STUB_LIBRARY, CudaUnavailable),
+        (driver.CUresult.CUDA_ERROR_SYSTEM_DRIVER_MISMATCH, CudaUnavailable),
+    ],
+)
 def test_driver_error_maps_to_its_class(code, cls):
     with pytest.raises(cls) as info:
         try:

@@ -35,8 +35,9 @@ def test_example_on_the_gpu(gpu):
     assert "50,000 sent, 50,000 received, 0 mismatched, 0 lost" in r.stdout
 
 
-@pytest.mark.parametrize("args", [("--messages", "nan"), ("--messages", "inf"), ("--messages", "1e12"),
-                                  ("--messages", "0")])
+@pytest.mark.parametrize(
+    "args", [("--messages", "nan"), ("--messages", "inf"), ("--messages", "1e12"), ("--messages", "0")]
+)
 def test_bad_message_counts_are_one_usage_line(args):
     """Issue 10 item 10: no traceback, argparse's exit 2 with the reason."""
     r = run("--backend", "sim", *args)

@@ -17,8 +17,7 @@ RUNS = 20
 
 def run_child(backend: str, pattern: str) -> tuple[int | str, str]:
     try:
-        r = subprocess.run([sys.executable, str(CHILD), backend, pattern], capture_output=True, text=True,
-                           timeout=60)
+        r = subprocess.run([sys.executable, str(CHILD), backend, pattern], capture_output=True, text=True, timeout=60)
     except subprocess.TimeoutExpired as exc:
         return "hang (> 60 s)", str(exc.stdout)
     return r.returncode, r.stdout + r.stderr

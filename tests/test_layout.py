@@ -23,29 +23,49 @@ def test_constants_match_the_header():
     d = header_defines()
     expected = {
         "GPUQ_LAYOUT_VERSION": layout.LAYOUT_VERSION,
-        "GPUQ_EMPTY": layout.EMPTY, "GPUQ_READY": layout.READY, "GPUQ_INFLIGHT": layout.INFLIGHT,
-        "GPUQ_DONE": layout.DONE, "GPUQ_RUN": layout.RUN, "GPUQ_STOP_DRAIN": layout.STOP_DRAIN,
-        "GPUQ_STOP_ABORT": layout.STOP_ABORT, "GPUQ_STOP_LEAVE": layout.STOP_LEAVE, "GPUQ_DOORBELL_STOP_SHIFT": layout.DOORBELL_STOP_SHIFT,
-        "GPUQ_KERNEL_NOT_STARTED": layout.KERNEL_NOT_STARTED, "GPUQ_KERNEL_RUNNING": layout.KERNEL_RUNNING,
-        "GPUQ_KERNEL_EXITED": layout.KERNEL_EXITED, "GPUQ_KERNEL_PARKED": layout.KERNEL_PARKED, "GPUQ_ERR_NONE": layout.ERR_NONE,
-        "GPUQ_ERR_BAD_MSG_ID": layout.ERR_BAD_MSG_ID, "GPUQ_ERR_BAD_LEN": layout.ERR_BAD_LEN,
-        "GPUQ_ERR_BAD_RESULT": layout.ERR_BAD_RESULT, "GPUQ_NO_MSG": layout.NO_MSG,
+        "GPUQ_EMPTY": layout.EMPTY,
+        "GPUQ_READY": layout.READY,
+        "GPUQ_INFLIGHT": layout.INFLIGHT,
+        "GPUQ_DONE": layout.DONE,
+        "GPUQ_RUN": layout.RUN,
+        "GPUQ_STOP_DRAIN": layout.STOP_DRAIN,
+        "GPUQ_STOP_ABORT": layout.STOP_ABORT,
+        "GPUQ_STOP_LEAVE": layout.STOP_LEAVE,
+        "GPUQ_DOORBELL_STOP_SHIFT": layout.DOORBELL_STOP_SHIFT,
+        "GPUQ_KERNEL_NOT_STARTED": layout.KERNEL_NOT_STARTED,
+        "GPUQ_KERNEL_RUNNING": layout.KERNEL_RUNNING,
+        "GPUQ_KERNEL_EXITED": layout.KERNEL_EXITED,
+        "GPUQ_KERNEL_PARKED": layout.KERNEL_PARKED,
+        "GPUQ_ERR_NONE": layout.ERR_NONE,
+        "GPUQ_ERR_BAD_MSG_ID": layout.ERR_BAD_MSG_ID,
+        "GPUQ_ERR_BAD_LEN": layout.ERR_BAD_LEN,
+        "GPUQ_ERR_BAD_RESULT": layout.ERR_BAD_RESULT,
+        "GPUQ_NO_MSG": layout.NO_MSG,
     }
     assert {k: d.get(k) for k in expected} == expected
 
 
 def test_struct_sizes_match_the_static_asserts():
     asserted = {name: int(size) for name, size in re.findall(r"static_assert\(sizeof\((\w+)\) == (\d+)", HEADER)}
-    mirror = {"GpuqSlotHeader": layout.SlotHeader, "GpuqCtrlHost": layout.CtrlHost, "GpuqCtrlDev": layout.CtrlDev,
-              "GpuqDevState": layout.DevState, "GpuqParams": layout.Params}
+    mirror = {
+        "GpuqSlotHeader": layout.SlotHeader,
+        "GpuqCtrlHost": layout.CtrlHost,
+        "GpuqCtrlDev": layout.CtrlDev,
+        "GpuqDevState": layout.DevState,
+        "GpuqParams": layout.Params,
+    }
     assert set(asserted) == set(mirror)
     assert {n: ctypes.sizeof(mirror[n]) for n in asserted} == asserted
 
 
 def test_field_order_matches_the_header():
-    for cname, struct in (("GpuqSlotHeader", layout.SlotHeader), ("GpuqCtrlDev", layout.CtrlDev),
-                          ("GpuqDevState", layout.DevState), ("GpuqParams", layout.Params)):
-        body = re.search(r"struct (?:__align__\(\d+\) )?%s \{(.*?)\};" % cname, HEADER, re.S).group(1)
+    for cname, struct in (
+        ("GpuqSlotHeader", layout.SlotHeader),
+        ("GpuqCtrlDev", layout.CtrlDev),
+        ("GpuqDevState", layout.DevState),
+        ("GpuqParams", layout.Params),
+    ):
+        body = re.search(rf"struct (?:__align__\(\d+\) )?{cname} \{{(.*?)\}};", HEADER, re.S).group(1)
         fields = [m for m in re.findall(r"^\s*\w+\*? (\w+)(?:\[\d+\])?;", body, re.M)]
         assert fields == [f[0] for f in struct._fields_], cname
 
@@ -68,8 +88,15 @@ def test_power_of_two_and_align():
 def test_host_layout_regions_are_aligned_and_disjoint():
     lay = layout.HostLayout(capacity=64, slot_bytes=48, warps=5)
     spans = sorted((off, name) for name, off in lay.offsets.items())
-    sizes = {"ctrl_host": 128, "ctrl_dev": 128, "req_hdr": 64 * 16, "res_hdr": 64 * 16, "warp_counters": 40,
-             "req_data": 64 * 48, "res_data": 64 * 48}
+    sizes = {
+        "ctrl_host": 128,
+        "ctrl_dev": 128,
+        "req_hdr": 64 * 16,
+        "res_hdr": 64 * 16,
+        "warp_counters": 40,
+        "req_data": 64 * 48,
+        "res_data": 64 * 48,
+    }
     for (off, name), nxt in zip(spans, spans[1:] + [(lay.nbytes, "end")]):
         assert off % layout.ALIGN == 0
         assert off + sizes[name] <= nxt[0]

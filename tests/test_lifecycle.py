@@ -7,9 +7,8 @@ import math
 import threading
 import time
 
-import pytest
-
 import numpy as np
+import pytest
 
 from gpuq_driver import ConfigError, GpuqError, GpuQueue, QueueClosed, QueueConfig, QueueFull
 from gpuq_driver.layout import CtrlDev
@@ -260,12 +259,16 @@ def test_a_message_after_a_short_pause_makes_no_cuda_call_in_the_producer(make_q
     def counted():
         launches_by.append(threading.current_thread().name)
         launch()
+
     kernel.launch = counted
     for i in range(20):
         time.sleep(0.02)  # a pause in traffic, shorter than linger_ms
         assert q.wait_result(q.enqueue(bytes([i]))) == bytes([i])
     by_main = launches_by.count(threading.current_thread().name)
-    assert by_main <= 1, f"{by_main} of 20 messages launched a lease from the producer ({launches_by.count('gpuq-lease-keeper')} by the keeper)"
+    assert by_main <= 1, (
+        f"{by_main} of 20 messages launched a lease from the producer "
+        f"({launches_by.count('gpuq-lease-keeper')} by the keeper)"
+    )
     assert launches_by.count("gpuq-lease-keeper") >= 20 * 20 // 2  # ~a lease per ms, all from the keeper
 
 
@@ -288,19 +291,19 @@ def test_the_producer_launches_only_when_no_lease_will_read_the_doorbell():
     """Leases' launch rule, with the device counters set by hand (lease.py, gpuq_layout.cuh)."""
     k = _FakeKernel()
     leases = Leases(k, lease_ms=1.0, linger_ms=100.0)
-    assert leases.kick() and k.launched == 1          # the first lease
-    assert not leases.kick(ahead=False)               # lease 1 not begun: it will read the doorbell
+    assert leases.kick() and k.launched == 1  # the first lease
+    assert not leases.kick(ahead=False)  # lease 1 not begun: it will read the doorbell
     k.ctrl.leases_begun = 1
-    leases.fresh_until = time.monotonic() + 60        # a keeper that keeps up
+    leases.fresh_until = time.monotonic() + 60  # a keeper that keeps up
     assert not leases.after_publish() and k.launched == 1  # lease 1 runs, not leaving: its last read is to come
     k.ctrl.leases_leaving = 1
-    assert leases.after_publish() and k.launched == 2      # lease 1 is leaving: the producer launches lease 2
-    assert not leases.after_publish()                      # lease 2 not begun
+    assert leases.after_publish() and k.launched == 2  # lease 1 is leaving: the producer launches lease 2
+    assert not leases.after_publish()  # lease 2 not begun
     k.ctrl.leases_begun = 2
-    leases.fresh_until = 0.0                               # the keeper fell behind (or is not keeping)
-    assert leases.after_publish() and k.launched == 3      # so the producer queues the successor itself
+    leases.fresh_until = 0.0  # the keeper fell behind (or is not keeping)
+    assert leases.after_publish() and k.launched == 3  # so the producer queues the successor itself
     k.ctrl.leases_begun = k.ctrl.leases_leaving = k.ctrl.leases_ended = 3
-    leases._depth = 1                                      # paused: nobody launches
+    leases._depth = 1  # paused: nobody launches
     assert not leases.after_publish() and not leases.kick() and k.launched == 3
 
 
@@ -310,7 +313,9 @@ def test_lease_config():
     for bad in (0, 0.01, -1, "1", None, True, math.nan, 1e300, 2**64, 10**400, 3_600_001):
         with pytest.raises(ConfigError, match="lease_ms"):
             QueueConfig(lease_ms=bad)
-    assert QueueConfig(lease_ms=np.float32(0.5)).lease_ns == 500_000 and QueueConfig(lease_ms=np.int64(2)).lease_ms == 2.0
+    assert (
+        QueueConfig(lease_ms=np.float32(0.5)).lease_ns == 500_000 and QueueConfig(lease_ms=np.int64(2)).lease_ms == 2.0
+    )
     assert QueueConfig().linger_ms == 100.0 and QueueConfig(linger_ms=0).linger_ms == 0.0
     assert QueueConfig(linger_ms=math.inf).linger_ms == math.inf
     for bad in (-1, "1", None, True, math.nan, 3_600_001):
@@ -357,8 +362,12 @@ def test_a_producer_waiting_on_untaken_results_launches_nothing(make_queue):
 
 def test_huge_timeouts_are_config_errors(make_queue):
     q = make_queue(capacity=8, slot_bytes=16)
-    for call in (lambda: q.wait_result(0, timeout=10**400), lambda: q.pause(timeout=10**400),
-                 lambda: q.enqueue(b"x", timeout=10**400), lambda: q.shutdown(timeout=10**400)):
+    for call in (
+        lambda: q.wait_result(0, timeout=10**400),
+        lambda: q.pause(timeout=10**400),
+        lambda: q.enqueue(b"x", timeout=10**400),
+        lambda: q.shutdown(timeout=10**400),
+    ):
         with pytest.raises(ConfigError, match="timeout"):
             call()
     with pytest.raises(ConfigError, match="enqueue_timeout_s"):

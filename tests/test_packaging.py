@@ -12,35 +12,80 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.skipif(importlib.util.find_spec("hatchling") is None,
-                    reason="hatchling (the build backend, in the [test] extra) is not installed")
+@pytest.mark.skipif(
+    importlib.util.find_spec("hatchling") is None,
+    reason="hatchling (the build backend, in the [test] extra) is not installed",
+)
 def test_wheel_ships_device_src(tmp_path):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(tmp_path), str(ROOT)], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        check=True,
+    )
     (wheel,) = tmp_path.glob("gpuq_driver-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for src in sorted((ROOT / "device_src").rglob("*")):
         if src.is_file():
             assert f"gpuq_driver/device_src/{src.relative_to(ROOT / 'device_src')}" in names
-    assert {"gpuq_driver/queue.py", "gpuq_driver/py.typed", "gpuq_driver/cli.py",
-            "gpuq_driver/examples/producer_consumer.py", "gpuq_driver/streams/complete.lua"} <= names
+    assert {
+        "gpuq_driver/queue.py",
+        "gpuq_driver/py.typed",
+        "gpuq_driver/cli.py",
+        "gpuq_driver/examples/producer_consumer.py",
+        "gpuq_driver/streams/complete.lua",
+    } <= names
     (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
     assert "gpuq = gpuq_driver.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
     # unpacked, the package uses its own copy of the kernels
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
-    out = subprocess.run([sys.executable, "-c", "from gpuq_driver import cli, compiler; "
-                          "print(compiler.DEVICE_SRC); print(cli.EXAMPLES)"],
-                         cwd=tmp_path, env={"PYTHONPATH": str(site), "PATH": ""}, capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from gpuq_driver import cli, compiler; print(compiler.DEVICE_SRC); print(cli.EXAMPLES)",
+        ],
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(site), "PATH": ""},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert out.stdout.split() == [str(site / "gpuq_driver" / "device_src"), str(site / "gpuq_driver" / "examples")]
 
 
 def test_markers_select_gpu_redis_and_slow_tests():
     """-m gpu / redis / slow pick the tests that need a GPU, a redis-server, or a long run."""
+
     def ids(expr):
-        out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
-                              "-m", expr, "tests", "properties"], cwd=ROOT, capture_output=True, text=True)
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                "--collect-only",
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                "-m",
+                expr,
+                "tests",
+                "properties",
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
         assert out.returncode == 0, out.stdout + out.stderr
         return {line for line in out.stdout.splitlines() if "::" in line}
 

@@ -10,8 +10,19 @@ import time
 import numpy as np
 import pytest
 
-from gpuq_driver import (ConfigError, GpuqError, GpuQueue, PayloadError, PayloadTypeError, QueueClosed, QueueConfig,
-                         QueueFull, QueueStats, ResultTimeout, UnknownMessage)
+from gpuq_driver import (
+    ConfigError,
+    GpuqError,
+    GpuQueue,
+    PayloadError,
+    PayloadTypeError,
+    QueueClosed,
+    QueueConfig,
+    QueueFull,
+    QueueStats,
+    ResultTimeout,
+    UnknownMessage,
+)
 
 
 def drain(q: GpuQueue, ids, timeout=10.0) -> dict[int, bytes]:
@@ -197,8 +208,10 @@ def test_two_producer_threads(make_queue, backend):
         assert [int.from_bytes(sent[m][1:], "little") for m in mine] == list(range(per_thread))
 
 
-@pytest.mark.parametrize("payload", [bytearray(b"abc"), memoryview(b"abcdef")[1:4],
-                                     np.arange(4, dtype=np.float32), np.zeros((2, 3), np.uint8)])
+@pytest.mark.parametrize(
+    "payload",
+    [bytearray(b"abc"), memoryview(b"abcdef")[1:4], np.arange(4, dtype=np.float32), np.zeros((2, 3), np.uint8)],
+)
 def test_buffer_protocol_payloads(make_queue, payload):
     q = make_queue(capacity=8, slot_bytes=64)
     assert q.wait_result(q.enqueue(payload)) == bytes(memoryview(payload).cast("B"))
@@ -259,7 +272,7 @@ def test_wait_result_without_timeout_and_bad_arguments(make_queue):
         q.wait_result(0, timeout=-1)
     with pytest.raises(ValueError, match="max_items"):
         q.poll_completions(max_items=-1)
-    for i in range(8):
+    for _ in range(8):
         q.enqueue(b"fill")
     with pytest.raises(ValueError, match="timeout='x'"):
         q.enqueue(b"x", timeout="x")
@@ -279,10 +292,13 @@ def test_shutdown_again_after_a_drain_timeout_waits_for_the_exit(make_queue, bac
     assert q.stats().kernel == "exited"
 
 
-@pytest.mark.parametrize("payload, expect", [
-    (np.array([1, None], dtype=object), "object pointers"),
-    (np.zeros(2, "datetime64[s]"), "bytes-like"),
-])
+@pytest.mark.parametrize(
+    "payload, expect",
+    [
+        (np.array([1, None], dtype=object), "object pointers"),
+        (np.zeros(2, "datetime64[s]"), "bytes-like"),
+    ],
+)
 def test_payloads_that_are_not_plain_data_are_refused(make_queue, payload, expect):
     q = make_queue(capacity=8, slot_bytes=64)
     with pytest.raises(PayloadTypeError, match=expect):

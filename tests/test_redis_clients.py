@@ -59,6 +59,7 @@ def retrying_client(redis_py, server):
 
 # --- item 5: a client that retries must not duplicate messages ---------------------------------
 
+
 @pytest.mark.parametrize("make", ["redis.Redis(host, port)", "connect(url)"])
 @pytest.mark.parametrize("op", ["send", "send_many"])
 def test_send_to_a_busy_server_is_stored_once(redis_server, redis_py, make, op):
@@ -103,8 +104,7 @@ def test_complete_on_a_busy_server_publishes_once_and_counts_no_duplicate(redis_
     assert (consumer.published, consumer.duplicates) == (1, 0)
     # a caller that retries after the error is told they were published already
     assert consumer.complete(entries[1:], [[b"B"], [b"C"]]) == 0 and consumer.duplicates == 2
-    assert_exactly_once(all_results(client, "s:results"),
-                        {(ids[0], 0): b"A", (ids[1], 0): b"B", (ids[2], 0): b"C"})
+    assert_exactly_once(all_results(client, "s:results"), {(ids[0], 0): b"A", (ids[1], 0): b"B", (ids[2], 0): b"C"})
     client.close()
 
 
@@ -112,8 +112,13 @@ def test_without_retries_copies_a_retrying_client_once_and_keeps_the_rest(redis_
     plain = connect(redis_server.url)
     plain.flushall()
     assert without_retries(plain) is plain  # connect() clients never retry: no copy, no extra pool
-    pool = redis_py.BlockingConnectionPool.from_url(redis_server.url, max_connections=7, timeout=3, protocol=3,
-                                                    retry=redis_py.retry.Retry(redis_py.backoff.NoBackoff(), 5))
+    pool = redis_py.BlockingConnectionPool.from_url(
+        redis_server.url,
+        max_connections=7,
+        timeout=3,
+        protocol=3,
+        retry=redis_py.retry.Retry(redis_py.backoff.NoBackoff(), 5),
+    )
     client = redis_py.Redis(connection_pool=pool)
     twin = without_retries(client)
     assert twin is not client and without_retries(client) is twin  # one copy per pool, shared
@@ -130,8 +135,9 @@ def test_a_retrying_client_that_cannot_be_copied_is_refused(redis_server, redis_
     class OwnPool(redis_py.ConnectionPool):
         pass
 
-    client = redis_py.Redis(connection_pool=OwnPool.from_url(redis_server.url, retry=redis_py.retry.Retry(
-        redis_py.backoff.NoBackoff(), 3)))
+    client = redis_py.Redis(
+        connection_pool=OwnPool.from_url(redis_server.url, retry=redis_py.retry.Retry(redis_py.backoff.NoBackoff(), 3))
+    )
     for make in (lambda: StreamProducer(client, "s"), lambda: StreamConsumer(client, "s", "g", "c")):
         with pytest.raises(ConfigError, match=r"OwnPool cannot be copied.*Retry\(redis.backoff.NoBackoff\(\), 0\)"):
             make()
@@ -140,12 +146,24 @@ def test_a_retrying_client_that_cannot_be_copied_is_refused(redis_server, redis_
 
 # --- item 6: RESP3 and unified reply shapes ----------------------------------------------------
 
+
 def test_stream_rows_reads_every_reply_shape():
     rows = [(b"1-0", {b"d": b"x"}), (b"2-0", {b"d": b"y"})]
     one = [(b"1-0", {b"d": b"x"})]
-    for reply, want in [([[b"s", rows]], rows), ({b"s": [rows]}, rows), ({b"s": rows}, rows),
-                        ([[b"s", one]], one), ({b"s": [one]}, one), ({b"s": one}, one),
-                        (None, []), ([], []), ({}, []), ([[b"s", []]], []), ({b"s": [[]]}, []), ({b"s": []}, [])]:
+    for reply, want in [
+        ([[b"s", rows]], rows),
+        ({b"s": [rows]}, rows),
+        ({b"s": rows}, rows),
+        ([[b"s", one]], one),
+        ({b"s": [one]}, one),
+        ({b"s": one}, one),
+        (None, []),
+        ([], []),
+        ({}, []),
+        ([[b"s", []]], []),
+        ({b"s": [[]]}, []),
+        ({b"s": []}, []),
+    ]:
         assert stream_rows(reply) == want, reply
 
 
@@ -153,8 +171,11 @@ def _shapes():
     import redis
 
     unified = "legacy_responses" in inspect.signature(redis.Redis).parameters
-    return [pytest.param(p, legacy, id=f"resp{p}-{'legacy' if legacy else 'unified'}")
-            for p in (2, 3) for legacy in ((True, False) if unified else (True,))]
+    return [
+        pytest.param(p, legacy, id=f"resp{p}-{'legacy' if legacy else 'unified'}")
+        for p in (2, 3)
+        for legacy in ((True, False) if unified else (True,))
+    ]
 
 
 @pytest.mark.parametrize("protocol, legacy", _shapes())
@@ -169,22 +190,23 @@ def test_every_reply_shape_round_trips(redis_server, redis_py, protocol, legacy)
     got = mine.read()
     assert [e.id for e in got] == ids[:4] and [bytes(p) for p in got[1].payloads] == payloads[3:6]
     mine.complete(got, [[bytes(p) for p in e.payloads] for e in got])
-    taken = other.read()                                # the other 6 entries, never completed
+    taken = other.read()  # the other 6 entries, never completed
     assert [e.id for e in taken] == ids[4:]
     assert other.read() == [] and mine.read(block_ms=50) == []
-    client.xdel("s", ids[-1])                            # one of them deleted before anyone acked it
+    client.xdel("s", ids[-1])  # one of them deleted before anyone acked it
     back = mine.reclaim(min_idle_ms=0, count=100)
     assert [e.id for e in back.entries] == ids[4:-1] and back.lost == [ids[-1]]
     mine.complete(back.entries, [[bytes(p) for p in e.payloads] for e in back.entries])
     assert mine.pending() == 0 and mine.published == 9
     want = {k: v for k, v in expected_results(ids, payloads, 3).items() if k[0] != ids[-1]}
     assert_exactly_once(all_results(client, "s:results"), want)
-    last, out = read_results(client, "s:results", "$", block_ms=10)   # an empty XREAD reply
+    last, out = read_results(client, "s:results", "$", block_ms=10)  # an empty XREAD reply
     assert (last, out) == ("$", [])
     client.close()
 
 
 # --- item 7: a shared client with no free connection --------------------------------------------
+
 
 def _read_in_threads(consumers, block_ms: int, during=None):
     """Every consumer reads (blocking) in its own thread, all at once; ``during()`` runs in this
@@ -216,8 +238,11 @@ def test_110_threads_on_one_client_hear_about_max_connections(redis_server, redi
 
     def during():  # the pool is exhausted for every entry point, not only reads
         errs = []
-        for call in (lambda: producer.send(b"x"), lambda: read_results(redis_client, "s:results"),
-                     consumers[0].pending):
+        for call in (
+            lambda: producer.send(b"x"),
+            lambda: read_results(redis_client, "s:results"),
+            consumers[0].pending,
+        ):
             with pytest.raises(BrokerError) as exc:
                 call()
             errs.append(exc.value)
@@ -239,8 +264,9 @@ def test_110_threads_wait_for_a_blocking_pool(redis_server, redis_py):
     results, errors, _ = _read_in_threads(consumers, 500)
     assert errors == [None] * 110 and results == [[]] * 110
     # a BlockingConnectionPool that stays exhausted past its timeout says so too
-    small = redis_py.Redis(connection_pool=redis_py.BlockingConnectionPool.from_url(
-        redis_server.url, max_connections=1, timeout=0.2))
+    small = redis_py.Redis(
+        connection_pool=redis_py.BlockingConnectionPool.from_url(redis_server.url, max_connections=1, timeout=0.2)
+    )
     waiter = StreamConsumer(small, "s", "g", "w")
 
     def during():

@@ -34,8 +34,13 @@ def env_for(server=None) -> dict:
 
 
 def run(script, *args, server=None, timeout=120):
-    return subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=env_for(server))
+    return subprocess.run(
+        [sys.executable, str(script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env_for(server),
+    )
 
 
 def ok(r) -> str:
@@ -54,8 +59,10 @@ def test_demo_batch_numpy_checks_every_message(redis_server):
     assert f"embedded redis-server {redis_server.version}" in out
     assert "BatchProcessor on NumPy" in out
     assert counts(out) == dict(messages=3000, entries=3000, failed=0, reclaimed=0, duplicates=0, lost=0)
-    assert "verify: 3,000 results in gpuq:in:results checked against their source messages: " \
-           "0 mismatched, 0 duplicates, 0 missing" in out
+    assert (
+        "verify: 3,000 results in gpuq:in:results checked against their source messages: "
+        "0 mismatched, 0 duplicates, 0 missing" in out
+    )
     assert re.search(r"^throughput: [\d,]+ msg/s", out, re.M)
     assert out.rstrip().endswith("OK")
 
@@ -63,13 +70,31 @@ def test_demo_batch_numpy_checks_every_message(redis_server):
 def test_demo_bridge_sim_frames_and_a_crashed_consumer(redis_server):
     # 2,000 messages in frames of 16 (125 entries); a second consumer takes 5 entries and never
     # acks them: they are reclaimed (XAUTOCLAIM, Redis 6.2 and 7 replies) and processed here.
-    out = ok(run(CONSUMER, "--mode", "bridge", "--backend", "sim", "--messages", 2000, "--frame", 16,
-                 "--simulate-crash", 5, "--idle-exit", 0.5, server=redis_server))
+    out = ok(
+        run(
+            CONSUMER,
+            "--mode",
+            "bridge",
+            "--backend",
+            "sim",
+            "--messages",
+            2000,
+            "--frame",
+            16,
+            "--simulate-crash",
+            5,
+            "--idle-exit",
+            0.5,
+            server=redis_server,
+        )
+    )
     assert "GpuBridge into a GpuQueue on the CPU simulator" in out
     assert "simulated crash: 5 entries delivered" in out
     assert counts(out) == dict(messages=2000, entries=125, failed=0, reclaimed=5, duplicates=0, lost=0)
-    assert "2,000 results in gpuq:in:results checked against their source messages: " \
-           "0 mismatched, 0 duplicates, 0 missing" in out
+    assert (
+        "2,000 results in gpuq:in:results checked against their source messages: "
+        "0 mismatched, 0 duplicates, 0 missing" in out
+    )
     assert out.rstrip().endswith("OK")
 
 
@@ -77,29 +102,55 @@ def test_demo_messages_larger_than_a_slot_are_refused_up_front(redis_server):
     """Issue 10 item 10: the demo used to fail every message and still print OK; now it refuses
     the combination before anything starts (failed messages of real traffic are still counted:
     test_stream_worker.py)."""
-    r = run(CONSUMER, "--backend", "numpy", "--messages", 200, "--size", 100, "--slot-bytes", 64,
-            "--idle-exit", 0.5, server=redis_server)
+    r = run(
+        CONSUMER,
+        "--backend",
+        "numpy",
+        "--messages",
+        200,
+        "--size",
+        100,
+        "--slot-bytes",
+        64,
+        "--idle-exit",
+        0.5,
+        server=redis_server,
+    )
     assert r.returncode == 2 and "--size 100 is over --slot-bytes 64" in r.stderr
 
 
 def test_producer_then_consumer_on_one_server(redis_server, redis_client):
     url = redis_server.url
-    out = ok(run(PRODUCER, "--redis-url", url, "--stream", "ex:in", "--messages", 5000, "--frame", 4,
-                 "--size", 80))
+    out = ok(run(PRODUCER, "--redis-url", url, "--stream", "ex:in", "--messages", 5000, "--frame", 4, "--size", 80))
     assert "embedded" not in out
     assert "produced 5,000 messages of 80 B in 1,250 entries to ex:in" in out
     assert redis_client.xlen("ex:in") == 1250
 
     out = ok(run(CONSUMER, "--redis-url", url, "--stream", "ex:in", "--backend", "numpy", "--idle-exit", 0.5))
     assert counts(out) == dict(messages=5000, entries=1250, failed=0, reclaimed=0, duplicates=0, lost=0)
-    assert "verify: 5,000 results in ex:in:results checked against their source messages: " \
-           "0 mismatched, 0 duplicates\n" in out
+    assert (
+        "verify: 5,000 results in ex:in:results checked against their source messages: "
+        "0 mismatched, 0 duplicates\n" in out
+    )
     assert redis_client.xpending("ex:in", "gpuq")["pending"] == 0
 
     # The group has consumed the stream: a second consumer finds nothing new, and checks only
     # the results published during its own run.
-    out = ok(run(CONSUMER, "--redis-url", url, "--stream", "ex:in", "--mode", "bridge", "--backend", "sim",
-                 "--idle-exit", 0.3))
+    out = ok(
+        run(
+            CONSUMER,
+            "--redis-url",
+            url,
+            "--stream",
+            "ex:in",
+            "--mode",
+            "bridge",
+            "--backend",
+            "sim",
+            "--idle-exit",
+            0.3,
+        )
+    )
     assert counts(out)["messages"] == 0
     assert "verify: 0 results" in out
 
@@ -109,8 +160,13 @@ def test_producer_serve_keeps_its_server_for_a_consumer_then_stops_it(redis_serv
     from gpuq_driver.errors import BrokerUnavailable
     from gpuq_driver.streams import connect
 
-    proc = subprocess.Popen([sys.executable, str(PRODUCER), "--serve", "--messages", "1000"], text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env_for(redis_server))
+    proc = subprocess.Popen(
+        [sys.executable, str(PRODUCER), "--serve", "--messages", "1000"],
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env_for(redis_server),
+    )
     try:
         lines = []
         for line in proc.stdout:  # up to the "serving <url> until Ctrl-C" line
@@ -162,15 +218,28 @@ def test_backend_cuda_without_gpu_says_so_in_one_line_and_exits_2(mode):
     assert "needs an NVIDIA GPU" in r.stderr
 
 
-@pytest.mark.parametrize("script, args", [
-    (CONSUMER, ("--messages", "nan")), (CONSUMER, ("--idle-exit", "nan")), (CONSUMER, ("--frame", "0")),
-    (CONSUMER, ("--count", "0")), (CONSUMER, ("--size", "600")), (CONSUMER, ("--max-messages", "inf")),
-    (PRODUCER, ("--messages", "inf")), (PRODUCER, ("--frame", "0")),
-])
+@pytest.mark.parametrize(
+    "script, args",
+    [
+        (CONSUMER, ("--messages", "nan")),
+        (CONSUMER, ("--idle-exit", "nan")),
+        (CONSUMER, ("--frame", "0")),
+        (CONSUMER, ("--count", "0")),
+        (CONSUMER, ("--size", "600")),
+        (CONSUMER, ("--max-messages", "inf")),
+        (PRODUCER, ("--messages", "inf")),
+        (PRODUCER, ("--frame", "0")),
+    ],
+)
 def test_bad_arguments_are_refused_before_any_server_starts(script, args):
     """Issue 10 item 10: one usage line, exit 2, no traceback, and no redis-server was needed."""
-    r = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=60,
-                       env={**os.environ, "REDIS_URL": ""})
+    r = subprocess.run(
+        [sys.executable, str(script), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "REDIS_URL": ""},
+    )
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert args[0] in r.stderr.strip().splitlines()[-1] and r.stdout == ""
 
@@ -178,8 +247,14 @@ def test_bad_arguments_are_refused_before_any_server_starts(script, args):
 def start_in_own_group(script, *args, server=None) -> subprocess.Popen:
     """``script`` in a process group of its own (stdout and stderr together), as a terminal
     runs a foreground job: os.killpg(proc.pid, SIGINT) is then what Ctrl-C does."""
-    return subprocess.Popen([sys.executable, str(script), *map(str, args)], text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, env=env_for(server), start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, str(script), *map(str, args)],
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env_for(server),
+        start_new_session=True,
+    )
 
 
 def read_until(proc, pattern: str) -> str:
@@ -206,8 +281,9 @@ def finish(proc, timeout=30) -> tuple[int, str]:
 def test_ctrl_c_in_the_demo_prints_counts_and_exits_130(redis_server, mode, backend):
     """Issue 10 item 9: Ctrl-C reaches the whole foreground process group; the embedded
     redis-server used to stop with it, and the demo ended with 'unreachable' and exit 3."""
-    proc = start_in_own_group(CONSUMER, "--mode", mode, "--backend", backend, "--messages", 2000,
-                              "--idle-exit", 30, server=redis_server)
+    proc = start_in_own_group(
+        CONSUMER, "--mode", mode, "--backend", backend, "--messages", 2000, "--idle-exit", 30, server=redis_server
+    )
     try:
         out = read_until(proc, r"^consumed 2,000 messages")  # all done; now it waits for more
         os.killpg(proc.pid, signal.SIGINT)
@@ -218,8 +294,10 @@ def test_ctrl_c_in_the_demo_prints_counts_and_exits_130(redis_server, mode, back
     assert code == 130, out
     assert counts(out) == dict(messages=2000, entries=2000, failed=0, reclaimed=0, duplicates=0, lost=0)
     assert "interrupted: 0 entries still pending" in out and "unreachable" not in out
-    assert "verify: 2,000 results in gpuq:in:results checked against their source messages: " \
-           "0 mismatched, 0 duplicates" in out
+    assert (
+        "verify: 2,000 results in gpuq:in:results checked against their source messages: "
+        "0 mismatched, 0 duplicates" in out
+    )
 
 
 def test_ctrl_c_while_the_producer_sends_exits_130(redis_server):
@@ -242,8 +320,7 @@ def test_demo_progress_lines_agree_with_its_final_rate_and_verify_prints_progres
     """Issue 10 item 10: the crash demo's final msg/s was computed otherwise than its progress
     lines (the wait for the reclaim counted in one, not the other), and the verify phase, several
     seconds for a large run, printed nothing."""
-    out = ok(run(CONSUMER, "--backend", "numpy", "--messages", 60_000, "--simulate-crash", 5,
-                 server=redis_server))
+    out = ok(run(CONSUMER, "--backend", "numpy", "--messages", 60_000, "--simulate-crash", 5, server=redis_server))
     consumed = rates(r"^consumed [\d,]+ messages .*, ([\d,]+) msg/s$", out)
     (final,) = rates(r"^throughput: ([\d,]+) msg/s", out)
     assert consumed and consumed[-1] == final, out

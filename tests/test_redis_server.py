@@ -34,8 +34,10 @@ def test_unreachable_server_names_the_url_without_password(redis_py):
     with pytest.raises(BrokerUnavailable, match=re.escape(url)) as ei:
         connect(url)
     assert ei.value.url == url and ei.value.sent_ids == []
-    for secret_url, shown in ((f"redis://:s3cret-pw@127.0.0.1:{port}/0", f"redis://:***@127.0.0.1:{port}/0"),
-                              (f"redis://bob:s3cret-pw@127.0.0.1:{port}/0", f"redis://bob:***@127.0.0.1:{port}/0")):
+    for secret_url, shown in (
+        (f"redis://:s3cret-pw@127.0.0.1:{port}/0", f"redis://:***@127.0.0.1:{port}/0"),
+        (f"redis://bob:s3cret-pw@127.0.0.1:{port}/0", f"redis://bob:***@127.0.0.1:{port}/0"),
+    ):
         with pytest.raises(BrokerUnavailable) as ei:
             connect(secret_url)
         assert "s3cret-pw" not in str(ei.value) and "s3cret-pw" not in repr(ei.value.args)
@@ -71,7 +73,9 @@ def test_redis_server_lifecycle(redis_server):
     server.close()  # twice is fine
     with pytest.raises(BrokerUnavailable):
         connect(server.url, socket_timeout_s=1.0)
-    with pytest.raises(BrokerError, match="exited with status 1 before answering PING|No such file|not found|Permission|Errno"):
+    with pytest.raises(
+        BrokerError, match="exited with status 1 before answering PING|No such file|not found|Permission|Errno"
+    ):
         RedisServer("/bin/false", startup_timeout_s=2.0)
 
 

@@ -23,15 +23,22 @@ from gpuq_driver import QueueConfig
 CHILD = Path(__file__).with_name("neighbour_child.py")
 LEASE_MS = QueueConfig.lease_ms
 SYNC_BOUND_MS = 2 * LEASE_MS + 48  # 2 leases + the messages in flight, and slack for a loaded host
-WORK_BOUND_MS = 20_000             # compiles, cuBLAS set-up, 1 s of GEMMs: far from a hang
-SYNCHRONISING = ("cuCtxSynchronize", "cuMemAlloc+cuMemFree", "torch.cuda.synchronize", "torch.cuda.empty_cache",
-                 "cp.cuda.Device().synchronize", "CuPy free_all_blocks (cudaFree)")
+WORK_BOUND_MS = 20_000  # compiles, cuBLAS set-up, 1 s of GEMMs: far from a hang
+SYNCHRONISING = (
+    "cuCtxSynchronize",
+    "cuMemAlloc+cuMemFree",
+    "torch.cuda.synchronize",
+    "torch.cuda.empty_cache",
+    "cp.cuda.Device().synchronize",
+    "CuPy free_all_blocks (cudaFree)",
+)
 
 
 def run_child(lib: str, state: str, *extra: str, timeout: float = 120) -> tuple[list[dict], str]:
     try:
-        r = subprocess.run([sys.executable, str(CHILD), lib, state, *extra], capture_output=True, text=True,
-                           timeout=timeout)
+        r = subprocess.run(
+            [sys.executable, str(CHILD), lib, state, *extra], capture_output=True, text=True, timeout=timeout
+        )
         out, err, code = r.stdout, r.stderr, r.returncode
     except subprocess.TimeoutExpired as exc:
         out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")

@@ -16,8 +16,15 @@ import pytest
 
 from gpuq_driver import ConfigError
 from gpuq_driver.errors import BrokerUnavailable
-from gpuq_driver.streams import (BatchProcessor, RedisServer, StreamConsumer, StreamProducer, StreamWorker, connect,
-                                 read_results)
+from gpuq_driver.streams import (
+    BatchProcessor,
+    RedisServer,
+    StreamConsumer,
+    StreamProducer,
+    StreamWorker,
+    connect,
+    read_results,
+)
 
 from .streams_helpers import all_results, assert_exactly_once, expected_results, make_payloads, pel_ids
 
@@ -186,11 +193,17 @@ def test_consumer_and_producer_on_dead_server_raise_broker_unavailable(redis_ser
     assert consumer.published == 0 and consumer.duplicates == 0
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    ({"count": 0}, "count"), ({"count": "10"}, "count"), ({"block_ms": -1}, "block_ms"),
-    ({"claim_idle_ms": -1}, "claim_idle_ms"), ({"claim_idle_ms": 1.0}, "claim_idle_ms"),
-    ({"result_maxlen": 0}, "result_maxlen"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"count": 0}, "count"),
+        ({"count": "10"}, "count"),
+        ({"block_ms": -1}, "block_ms"),
+        ({"claim_idle_ms": -1}, "claim_idle_ms"),
+        ({"claim_idle_ms": 1.0}, "claim_idle_ms"),
+        ({"result_maxlen": 0}, "result_maxlen"),
+    ],
+)
 def test_consumer_config_errors_name_the_field(redis_client, kwargs, field):
     with pytest.raises(ConfigError, match=f"{field}="):
         StreamConsumer(redis_client, "s", "g", "c", **kwargs)
@@ -207,14 +220,17 @@ def test_consumer_refuses_decoding_client(redis_server, redis_py):
 def test_read_and_reclaim_arguments_are_checked(redis_client):
     StreamProducer(redis_client, "s").send_many([b"a", b"b"])
     consumer = StreamConsumer(redis_client, "s", "g", "c", block_ms=0)
-    for call, field in ((lambda: consumer.read(count=0), "count"), (lambda: consumer.read(block_ms=-1), "block_ms"),
-                        (lambda: consumer.reclaim(min_idle_ms=-1), "min_idle_ms"),
-                        (lambda: consumer.reclaim(count=0), "count")):
+    for call, field in (
+        (lambda: consumer.read(count=0), "count"),
+        (lambda: consumer.read(block_ms=-1), "block_ms"),
+        (lambda: consumer.reclaim(min_idle_ms=-1), "min_idle_ms"),
+        (lambda: consumer.reclaim(count=0), "count"),
+    ):
         with pytest.raises(ConfigError, match=f"{field}="):
             call()
     assert redis_client.xpending("s", "g")["pending"] == 0  # nothing was read
     with pytest.raises(ConfigError, match="count="):
-        StreamConsumer(redis_client, "s", "g", "c", count=2 ** 62)
+        StreamConsumer(redis_client, "s", "g", "c", count=2**62)
     with pytest.raises(ConfigError, match="result_stream="):
         StreamConsumer(redis_client, "s", "g", "c", result_stream="s")
 

@@ -21,10 +21,18 @@ from gpuq_driver.streams import BatchProcessor, RedisServer, StreamConsumer, Str
 from .streams_helpers import make_payloads
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    ({"maxlen": 0}, "maxlen"), ({"maxlen": 1.5}, "maxlen"), ({"frame": 0}, "frame"), ({"frame": True}, "frame"),
-    ({"pipeline": 0}, "pipeline"), ({"rate_limit": 0}, "rate_limit"), ({"rate_limit": -5.0}, "rate_limit"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"maxlen": 0}, "maxlen"),
+        ({"maxlen": 1.5}, "maxlen"),
+        ({"frame": 0}, "frame"),
+        ({"frame": True}, "frame"),
+        ({"pipeline": 0}, "pipeline"),
+        ({"rate_limit": 0}, "rate_limit"),
+        ({"rate_limit": -5.0}, "rate_limit"),
+    ],
+)
 def test_producer_config_errors_name_the_field(redis_client, kwargs, field):
     with pytest.raises(ConfigError, match=f"{field}="):
         StreamProducer(redis_client, "s", **kwargs)
@@ -72,8 +80,14 @@ def test_producer_sends_non_byte_buffers_as_their_bytes(redis_client, frame):
     as its 4 bytes per item."""
     from array import array
 
-    payloads = [np.arange(10, dtype=np.uint32), array("I", [1, 2, 3]), b"ab",
-                memoryview(np.arange(3, dtype=np.uint16)), np.zeros((2, 3), dtype=np.float64), bytearray(b"xyz")]
+    payloads = [
+        np.arange(10, dtype=np.uint32),
+        array("I", [1, 2, 3]),
+        b"ab",
+        memoryview(np.arange(3, dtype=np.uint16)),
+        np.zeros((2, 3), dtype=np.float64),
+        bytearray(b"xyz"),
+    ]
     wanted = [bytes(memoryview(p).cast("B")) for p in payloads]
     assert [len(w) for w in wanted] == [40, 12, 2, 6, 48, 3]
     producer = StreamProducer(redis_client, "s", frame=frame)
@@ -82,8 +96,9 @@ def test_producer_sends_non_byte_buffers_as_their_bytes(redis_client, frame):
     consumer = StreamConsumer(redis_client, "s", "g", "c", block_ms=0)
     got = consumer.read()
     assert [e.id for e in got] == ids + [one]
-    assert [e.lens.tolist() for e in got[:-1]] == [[len(w) for w in wanted[i:i + frame]]
-                                                   for i in range(0, len(wanted), frame)]
+    assert [e.lens.tolist() for e in got[:-1]] == [
+        [len(w) for w in wanted[i : i + frame]] for i in range(0, len(wanted), frame)
+    ]
     assert [bytes(p) for e in got[:-1] for p in e.payloads] == wanted
     assert [bytes(p) for p in got[-1].payloads] == [np.array([7, 8], dtype="<u4").tobytes()]
 
@@ -116,7 +131,7 @@ def test_server_stopped_mid_send_reports_acknowledged_ids(redis_server):
     sent = ei.value.sent_ids
     assert server.url in str(ei.value) and ei.value.url == server.url
     assert 0 < len(sent) < 1000 and len(sent) % 100 == 0
-    assert sent == stored[:len(sent)] and len(stored) - len(sent) < 100
+    assert sent == stored[: len(sent)] and len(stored) - len(sent) < 100
     assert producer.sent_messages == producer.sent_entries == len(sent)
 
 
@@ -142,12 +157,15 @@ def test_xadds_refused_mid_pipeline_report_the_stored_ids(redis_server):
         server.close()
 
 
-@pytest.mark.parametrize("bad, expect", [
-    (np.array([b"a", "b", 3], dtype=object), "object pointers"),
-    (np.zeros(2, dtype=object), "object pointers"),
-    (np.zeros(1, "datetime64[s]"), "bytes-like"),
-    (None, "bytes-like"),
-])
+@pytest.mark.parametrize(
+    "bad, expect",
+    [
+        (np.array([b"a", "b", 3], dtype=object), "object pointers"),
+        (np.zeros(2, dtype=object), "object pointers"),
+        (np.zeros(1, "datetime64[s]"), "bytes-like"),
+        (None, "bytes-like"),
+    ],
+)
 def test_one_payload_check_for_every_entry_point(redis_client, bad, expect):
     """Issue 10 item 1: the producer and the batch path refuse what GpuQueue.enqueue refuses
     (object arrays used to be sent as raw pointer bytes), with PayloadTypeError naming the payload."""

@@ -20,8 +20,15 @@ import pytest
 
 from gpuq_driver import ConfigError
 from gpuq_driver.errors import BrokerError
-from gpuq_driver.streams import (BatchProcessor, GpuBridge, RedisServer, StreamConsumer, StreamProducer, StreamWorker,
-                                 encode_frame)
+from gpuq_driver.streams import (
+    BatchProcessor,
+    GpuBridge,
+    RedisServer,
+    StreamConsumer,
+    StreamProducer,
+    StreamWorker,
+    encode_frame,
+)
 from gpuq_driver.streams.wire import frames
 
 from .streams_helpers import all_results, assert_exactly_once, expected_results, make_payloads, pel_ids
@@ -65,8 +72,14 @@ def start_victim(url: str, count: int) -> tuple[subprocess.Popen, int]:
     """A consumer in a separate process (no fork) that reads ``count`` entries, holds them
     pending, and sleeps; returns once it has read them."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    proc = subprocess.Popen([sys.executable, "-c", VICTIM, url, str(count)], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", VICTIM, url, str(count)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     guard = threading.Timer(60, proc.kill)  # never hang the suite on a stuck child
     guard.start()
     try:
@@ -121,8 +134,9 @@ def test_worker_counts_lost_entries_and_processes_the_rest(redis_client):
     assert stats.lost == 10 and consumer.lost == ids[:10]
     assert stats.messages == 20 and stats.reclaimed == 10
     assert consumer.pending() == 0
-    assert_exactly_once(all_results(redis_client, "s:results"),
-                        {(eid, 0): b"m%d" % i for i, eid in enumerate(ids) if i >= 10})
+    assert_exactly_once(
+        all_results(redis_client, "s:results"), {(eid, 0): b"m%d" % i for i, eid in enumerate(ids) if i >= 10}
+    )
 
 
 def test_undecodable_entries_are_completed_as_failed_and_acked(redis_client):
@@ -140,12 +154,13 @@ def test_undecodable_entries_are_completed_as_failed_and_acked(redis_client):
         done = worker.step()
     assert done == 3 and worker.stats.failed == 2 and worker.stats.entries == 4
     assert consumer.pending() == 0, "an undecodable entry must not stay pending"
-    (_, fields), = redis_client.xrange("s:results")  # one complete() call: one result entry
+    ((_, fields),) = redis_client.xrange("s:results")  # one complete() call: one result entry
     published = dict(zip(fields[b"ids"].split(b","), frames(fields[b"r"])))
     assert set(published) == {good, foreign, corrupt, framed} and b"dup" not in fields
     assert len(published[foreign][0]) == 0 and len(published[corrupt][0]) == 0
     assert sorted(all_results(redis_client, "s:results")) == sorted(
-        [((good, 0), b"hi"), ((framed, 0), b"a"), ((framed, 1), b"bc")])
+        [((good, 0), b"hi"), ((framed, 0), b"a"), ((framed, 1), b"bc")]
+    )
 
 
 def test_foreign_message_frame_with_failed_length_is_a_failed_entry(redis_client):
@@ -160,8 +175,9 @@ def test_foreign_message_frame_with_failed_length_is_a_failed_entry(redis_client
     assert stats.entries == 3 and stats.failed == 1 and stats.duplicates == 0
     assert consumer.pending() == 0, "the bad entry must not stay pending"
     assert sorted(all_results(redis_client, "s:results")) == sorted(
-        [((good1, 0), b"before"), ((good2, 0), b"p"), ((good2, 1), b"qr")])
-    (_, fields), = redis_client.xrange("s:results")
+        [((good1, 0), b"before"), ((good2, 0), b"p"), ((good2, 1), b"qr")]
+    )
+    ((_, fields),) = redis_client.xrange("s:results")
     assert bad in fields[b"ids"].split(b",")  # completed (acked) with no results
 
 
@@ -187,8 +203,11 @@ def test_bridge_and_worker_arguments_are_checked(redis_client):
 
     consumer = StreamConsumer(redis_client, "s", "g", "c")
     with GpuQueue(QueueConfig(backend="sim", capacity=64)) as q:
-        for kwargs, field in (({"publish_batch": 0}, "publish_batch"), ({"publish_batch": "x"}, "publish_batch"),
-                              ({"reclaim_every_s": -1}, "reclaim_every_s")):
+        for kwargs, field in (
+            ({"publish_batch": 0}, "publish_batch"),
+            ({"publish_batch": "x"}, "publish_batch"),
+            ({"reclaim_every_s": -1}, "reclaim_every_s"),
+        ):
             with pytest.raises(ConfigError, match=f"{field}="):
                 GpuBridge(consumer, q, **kwargs)
     with BatchProcessor(slot_bytes=64, backend="numpy") as proc:

@@ -1,5 +1,4 @@
-"""The wire format (gpuq_driver.streams.wire): frames of messages and results.
-"""
+"""The wire format (gpuq_driver.streams.wire): frames of messages and results."""
 
 from __future__ import annotations
 
@@ -28,16 +27,19 @@ def test_frame_round_trip():
     assert [None if o is None else bytes(o) for o in decode_frame(bytearray(encode_frame(many)))] == many
 
 
-@pytest.mark.parametrize("frame, why", [
-    (b"", "shorter than its 4-byte count"),
-    (b"\x01\x00", "shorter than its 4-byte count"),
-    (b"\x03\x00\x00\x00" + b"\x00" * 4, "says 3 items"),
-    (encode_frame([b"abc", b"de"])[:-1], "add up to"),
-    (encode_frame([b"abc", b"de"]) + b"!", "add up to"),
-    (encode_frame([]) + b"garbage", "add up to"),
-    (encode_frame([None]) + b"x", "add up to"),
-    (b"\x01\x00\x00\x00\xfe\xff\xff\xff" + b"x" * 10, "add up to"),
-])
+@pytest.mark.parametrize(
+    "frame, why",
+    [
+        (b"", "shorter than its 4-byte count"),
+        (b"\x01\x00", "shorter than its 4-byte count"),
+        (b"\x03\x00\x00\x00" + b"\x00" * 4, "says 3 items"),
+        (encode_frame([b"abc", b"de"])[:-1], "add up to"),
+        (encode_frame([b"abc", b"de"]) + b"!", "add up to"),
+        (encode_frame([]) + b"garbage", "add up to"),
+        (encode_frame([None]) + b"x", "add up to"),
+        (b"\x01\x00\x00\x00\xfe\xff\xff\xff" + b"x" * 10, "add up to"),
+    ],
+)
 def test_decode_frame_rejects_corrupted_frames(frame, why):
     with pytest.raises(ValueError, match=why):
         decode_frame(frame)

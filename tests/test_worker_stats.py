@@ -58,7 +58,8 @@ def test_messages_are_counted_once_after_a_completion_raised(redis_client, monke
             e.close()
 
     _, rows = read_results(redis_client, "s:results", count=100_000)
-    assert sorted(rows) == sorted(((eid, 0), p) for eid, p in
-                                  zip((e for e, _ in redis_client.xrange("s")), payloads)), "not exactly once"
+    assert sorted(rows) == sorted(
+        ((eid, 0), p) for eid, p in zip((e for e, _ in redis_client.xrange("s")), payloads)
+    ), "not exactly once"
     assert (stats.messages, stats.entries, stats.failed, stats.duplicates) == (N, N, 0, 0)
     assert consumer.pending() == 0 and not worker.busy()

@@ -19,7 +19,20 @@ from .wire import decode_frame, encode_frame, join_frame, split_frame
 from .worker import StreamWorker, WorkerStats
 
 __all__ = [
-    "BatchProcessor", "Entry", "GpuBridge", "Reclaimed", "RedisServer", "StreamConsumer", "StreamProducer",
-    "StreamWorker", "WorkerStats", "connect", "decode_frame", "encode_frame", "find_redis_server", "join_frame",
-    "read_results", "split_frame",
+    "BatchProcessor",
+    "Entry",
+    "GpuBridge",
+    "Reclaimed",
+    "RedisServer",
+    "StreamConsumer",
+    "StreamProducer",
+    "StreamWorker",
+    "WorkerStats",
+    "connect",
+    "decode_frame",
+    "encode_frame",
+    "find_redis_server",
+    "join_frame",
+    "read_results",
+    "split_frame",
 ]

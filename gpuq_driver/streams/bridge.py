@@ -33,8 +33,9 @@ class GpuBridge(_Loop):
                       is not taken twice.
     """
 
-    def __init__(self, consumer, queue, *, publish_batch: int = 256, max_wait_s: float = 1e-3,
-                 reclaim_every_s: float = 1.0):
+    def __init__(
+        self, consumer, queue, *, publish_batch: int = 256, max_wait_s: float = 1e-3, reclaim_every_s: float = 1.0
+    ):
         from ..queue import GpuQueue
 
         super().__init__(consumer, reclaim_every_s)
@@ -43,10 +44,10 @@ class GpuBridge(_Loop):
         self.max_wait_s = check_seconds("max_wait_s", max_wait_s)
         self._done_since = 0.0
         self._capacity = queue.config.capacity
-        self._backlog: list = []        # (pending entry, index) not yet enqueued, oldest first
-        self._inflight: dict = {}       # msg_id -> (pending entry, index)
-        self._done: list = []           # pending entries with every result in
-        self._held: set = set()         # ids of every entry in here, until published
+        self._backlog: list = []  # (pending entry, index) not yet enqueued, oldest first
+        self._inflight: dict = {}  # msg_id -> (pending entry, index)
+        self._done: list = []  # pending entries with every result in
+        self._held: set = set()  # ids of every entry in here, until published
 
     def busy(self) -> bool:
         return bool(self._backlog or self._inflight or self._done) or super().busy()
@@ -68,8 +69,11 @@ class GpuBridge(_Loop):
                 self._backlog += [(p, i) for i in range(p.left)]
         self._enqueue()
         self._collect()
-        if self._done and (len(self._done) >= self.publish_batch or not self._inflight
-                           or time.monotonic() - self._done_since >= self.max_wait_s):
+        if self._done and (
+            len(self._done) >= self.publish_batch
+            or not self._inflight
+            or time.monotonic() - self._done_since >= self.max_wait_s
+        ):
             done, self._done = self._done, []
             self.stats.failed += sum(p.results.count(None) for p in done)
             self._held.difference_update(p.entry.id for p in done)

@@ -21,7 +21,6 @@ The protocol, per entry:
 from __future__ import annotations
 
 import importlib.resources
-
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -37,8 +36,8 @@ from .wire import encode_frame, entry_messages, frames, items
 _COMPLETE_LUA = importlib.resources.files(__package__).joinpath("complete.lua").read_text()
 
 
-MAX_COUNT = 1_000_000            # entries per read / reclaim (Redis 7 refuses huge XAUTOCLAIM counts)
-COMPLETE_MAX_BYTES = 64 << 20    # result bytes per completion script (Redis: 512 MiB per value)
+MAX_COUNT = 1_000_000  # entries per read / reclaim (Redis 7 refuses huge XAUTOCLAIM counts)
+COMPLETE_MAX_BYTES = 64 << 20  # result bytes per completion script (Redis: 512 MiB per value)
 
 
 class Entry:
@@ -66,7 +65,8 @@ class Entry:
         return len(self.lens)
 
     def __repr__(self) -> str:
-        return f"<Entry {self.id!r}: {len(self.lens)} messages, {len(self.data)} bytes{' ' + self.error if self.error else ''}>"
+        error = f" {self.error}" if self.error else ""
+        return f"<Entry {self.id!r}: {len(self.lens)} messages, {len(self.data)} bytes{error}>"
 
 
 @dataclass
@@ -101,9 +101,20 @@ class StreamConsumer:
     (``protocol=3``), with redis-py's legacy or unified replies (``legacy_responses``), work alike.
     """
 
-    def __init__(self, client, stream: str, group: str, consumer: str, *, count: int = 1000,
-                 block_ms: int = 1000, claim_idle_ms: int = 30_000, result_stream: str | None = None,
-                 result_maxlen: int = 1_000_000, start_id: str = "0"):
+    def __init__(
+        self,
+        client,
+        stream: str,
+        group: str,
+        consumer: str,
+        *,
+        count: int = 1000,
+        block_ms: int = 1000,
+        claim_idle_ms: int = 30_000,
+        result_stream: str | None = None,
+        result_maxlen: int = 1_000_000,
+        start_id: str = "0",
+    ):
         check_int("count", count, 1, MAX_COUNT)
         check_int("block_ms", block_ms, 0)
         check_int("claim_idle_ms", claim_idle_ms, 0)
@@ -116,7 +127,9 @@ class StreamConsumer:
         if result_stream is None:
             result_stream = stream + (b":results" if isinstance(stream, bytes) else ":results")
         if result_stream == stream:
-            raise ConfigError(f"result_stream={result_stream!r} is the input stream: results would be read back as input")
+            raise ConfigError(
+                f"result_stream={result_stream!r} is the input stream: results would be read back as input"
+            )
         self.result_stream, self.result_maxlen = result_stream, result_maxlen
         pool = getattr(client, "connection_pool", None)
         timeout = pool.connection_kwargs.get("socket_timeout") if pool is not None else None
@@ -124,9 +137,9 @@ class StreamConsumer:
         # times blocked clients out on its 100 ms timer (hz 10), so keep 250 ms of margin; below
         # that, read polls without BLOCK.
         self._block_slice = None if timeout is None else int(timeout * 1000) - 250
-        self.lost: list[bytes] = []        # every entry id reported lost so far
-        self.published = 0                 # entries whose results this consumer published
-        self.duplicates = 0                # entries completed here after another consumer had
+        self.lost: list[bytes] = []  # every entry id reported lost so far
+        self.published = 0  # entries whose results this consumer published
+        self.duplicates = 0  # entries completed here after another consumer had
         self._writer = without_retries(client)  # the completion script is not retried
         self._complete = self._writer.register_script(_COMPLETE_LUA)  # no round trip: EVALSHA, then EVAL once
         self.ensure_group(start_id)
@@ -161,8 +174,9 @@ class StreamConsumer:
         with broker_errors(self.url, f"XREADGROUP {self.stream} {self.group}", client=self.client):
             while True:
                 wait = block if self._block_slice is None else min(block, self._block_slice)
-                reply = self.client.xreadgroup(self.group, self.consumer, {self.stream: ">"}, count=count,
-                                               block=wait if wait > 0 else None)
+                reply = self.client.xreadgroup(
+                    self.group, self.consumer, {self.stream: ">"}, count=count, block=wait if wait > 0 else None
+                )
                 rows = stream_rows(reply)
                 if rows:
                     return [_entry(eid, fields) for eid, fields in rows]
@@ -186,14 +200,15 @@ class StreamConsumer:
         out, cursor = Reclaimed(), b"0-0"
         with broker_errors(self.url, f"XAUTOCLAIM {self.stream} {self.group}", client=self.client):
             while len(out.entries) < limit:
-                reply = self.client.xautoclaim(self.stream, self.group, self.consumer, idle, cursor,
-                                               count=limit - len(out.entries))
+                reply = self.client.xautoclaim(
+                    self.stream, self.group, self.consumer, idle, cursor, count=limit - len(out.entries)
+                )
                 nxt, claimed = reply[0], reply[1]
                 found = [(eid, f) for eid, f in claimed if eid is not None]
                 out.entries += [_entry(eid, f) for eid, f in found]
-                if len(reply) > 2:                       # Redis >= 7: deleted ids, already out of the PEL
+                if len(reply) > 2:  # Redis >= 7: deleted ids, already out of the PEL
                     out.lost += list(reply[2])
-                elif len(found) < len(claimed):         # Redis 6.2: nil entries, still pending
+                elif len(found) < len(claimed):  # Redis 6.2: nil entries, still pending
                     out.lost += self._find_deleted(cursor, nxt, {eid for eid, _ in found})
                 cursor = nxt
                 if cursor in (b"0-0", "0-0"):
@@ -263,8 +278,10 @@ class StreamConsumer:
             return int(self.client.xpending(self.stream, self.group)["pending"])
 
     def __repr__(self) -> str:
-        return (f"<StreamConsumer {self.consumer} of {self.group} on {self.stream} ({self.url}): "
-                f"{self.published} published, {self.duplicates} duplicates, {len(self.lost)} lost>")
+        return (
+            f"<StreamConsumer {self.consumer} of {self.group} on {self.stream} ({self.url}): "
+            f"{self.published} published, {self.duplicates} duplicates, {len(self.lost)} lost>"
+        )
 
 
 def stream_rows(reply) -> list:
@@ -304,9 +321,12 @@ def read_results(client, result_stream: str, after: bytes | str = "0", count: in
         last = rid
         try:
             dup = {int(k) for k in fields[b"dup"].split(b",")} if b"dup" in fields else ()
-            got = [((src, i), None if r is None else bytes(r))
-                   for k, (src, (lens, data)) in enumerate(zip(fields[b"ids"].split(b","), frames(fields[b"r"])))
-                   if k not in dup for i, r in enumerate(items(lens, data))]
+            got = [
+                ((src, i), None if r is None else bytes(r))
+                for k, (src, (lens, data)) in enumerate(zip(fields[b"ids"].split(b","), frames(fields[b"r"])))
+                if k not in dup
+                for i, r in enumerate(items(lens, data))
+            ]
         except (KeyError, ValueError) as exc:
             warnings.warn(f"{result_stream} entry {rid!r} is not a result entry ({exc!r}): skipped", stacklevel=2)
             continue

@@ -41,8 +41,15 @@ class BatchProcessor:
     Raises ConfigError for a bad field, CudaError / CompileError from the GPU set-up.
     """
 
-    def __init__(self, slot_bytes: int = 512, max_batch: int = 4096, plugin: str = "echo", backend: str = "auto",
-                 threads_per_block: int = 256, device: int = 0):
+    def __init__(
+        self,
+        slot_bytes: int = 512,
+        max_batch: int = 4096,
+        plugin: str = "echo",
+        backend: str = "auto",
+        threads_per_block: int = 256,
+        device: int = 0,
+    ):
         slot_bytes = check_slot_bytes(slot_bytes)  # the queue's rule (layout.py)
         check_int("max_batch", max_batch, 1, 1 << 20)
         threads_per_block = check_threads_per_block(threads_per_block)
@@ -77,8 +84,12 @@ class BatchProcessor:
         self._out = memoryview(self._host_out).cast("B")
         self._in_lens = np.frombuffer(self._in, np.uint32, max_batch)
         self._out_lens = np.frombuffer(self._out, np.uint32, max_batch)
-        self._in_slots = np.frombuffer(self._in, np.uint8, max_batch * slot_bytes, self._lens_bytes).reshape(-1, slot_bytes)
-        self._out_slots = np.frombuffer(self._out, np.uint8, max_batch * slot_bytes, self._lens_bytes).reshape(-1, slot_bytes)
+        self._in_slots = np.frombuffer(self._in, np.uint8, max_batch * slot_bytes, self._lens_bytes).reshape(
+            -1, slot_bytes
+        )
+        self._out_slots = np.frombuffer(self._out, np.uint8, max_batch * slot_bytes, self._lens_bytes).reshape(
+            -1, slot_bytes
+        )
 
     def _init_cuda(self, size: int, device: int) -> None:
         from .. import driver
@@ -111,8 +122,9 @@ class BatchProcessor:
         views = [byte_view(p, f"payload {i}") for i, p in enumerate(payloads)]
         for i, v in enumerate(views):
             if len(v) > self.slot_bytes:
-                raise PayloadError(f"payload {i} is {len(v)} bytes; slot_bytes is {self.slot_bytes} "
-                                   "(the limit per message)")
+                raise PayloadError(
+                    f"payload {i} is {len(v)} bytes; slot_bytes is {self.slot_bytes} (the limit per message)"
+                )
         lens = np.fromiter(map(len, views), np.uint32, len(views))
         out_lens, out = self.process_packed(lens, b"".join(views))
         return [None if r is None else bytes(r) for r in items(out_lens, out)]
@@ -144,7 +156,7 @@ class BatchProcessor:
             ends = np.cumsum(lens, dtype=np.int64).tolist()
             for i, (m, end) in enumerate(zip(lens.tolist(), ends)):
                 if m <= sb:
-                    self._in_slots[i, :m] = src[end - m:end]
+                    self._in_slots[i, :m] = src[end - m : end]
         if n:
             self._run(n)
         self.batches += 1
@@ -162,12 +174,12 @@ class BatchProcessor:
         if self.backend == "numpy":
             src, dst = self._in[lb:], self._out[lb:]
             for i, m in enumerate(self._in_lens[:n].tolist()):
-                r = bytes(self._fn(bytes(src[i * sb:i * sb + m]), i))
+                r = bytes(self._fn(bytes(src[i * sb : i * sb + m]), i))
                 if len(r) > sb:
                     self._out_lens[i] = FAILED
                 else:
                     self._out_lens[i] = len(r)
-                    dst[i * sb:i * sb + len(r)] = r
+                    dst[i * sb : i * sb + len(r)] = r
             return
         from .. import driver
 
@@ -176,8 +188,15 @@ class BatchProcessor:
         driver.copy_htod_async(dev, host, used, self._stream)
         warps_per_block = self.threads_per_block // 32
         grid = min(self._max_grid, -(-n // warps_per_block))
-        args = [ctypes.c_uint64(dev + lb), ctypes.c_uint64(dev), ctypes.c_uint64(dev + size + lb),
-                ctypes.c_uint64(dev + size), ctypes.c_uint32(n), ctypes.c_uint32(sb), ctypes.c_uint64(0)]
+        args = [
+            ctypes.c_uint64(dev + lb),
+            ctypes.c_uint64(dev),
+            ctypes.c_uint64(dev + size + lb),
+            ctypes.c_uint64(dev + size),
+            ctypes.c_uint32(n),
+            ctypes.c_uint32(sb),
+            ctypes.c_uint64(0),
+        ]
         driver.launch(self._kernel, grid, self.threads_per_block, args, self._stream)
         driver.copy_dtoh_async(host + size, dev + size, used, self._stream)
         self._stream.synchronize()
@@ -190,12 +209,14 @@ class BatchProcessor:
     def closed(self) -> bool:
         return not self._finalizer.alive
 
-    def __enter__(self) -> "BatchProcessor":
+    def __enter__(self) -> BatchProcessor:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
     def __repr__(self) -> str:
-        return (f"<BatchProcessor {self.backend} plugin={self.plugin} slot_bytes={self.slot_bytes} "
-                f"max_batch={self.max_batch}: {self.messages} messages in {self.batches} batches>")
+        return (
+            f"<BatchProcessor {self.backend} plugin={self.plugin} slot_bytes={self.slot_bytes} "
+            f"max_batch={self.max_batch}: {self.messages} messages in {self.batches} batches>"
+        )

