@@ -4,9 +4,13 @@ Headers: ``device_src/`` itself, then CCCL (libcu++ ``<cuda/atomic>``, ``<cuda/s
 ``cuda.pathfinder`` (pip wheel ``nvidia-cuda-cccl``, or a CUDA toolkit under CUDA_HOME/CUDA_PATH or
 /usr/local/cuda), so a machine with nothing but pip packages compiles.
 
+The plugin (plugins.py) reaches NVRTC as an in-memory header, ``gpuq_plugin.cuh``, which the
+kernels include through ``GPUQ_PLUGIN_FILE``; a plugin's own file can be anywhere.
+
 Cache (modelled on CuPy's kernel cache): one file per CUBIN under
 ``<user cache dir>/gpuq_driver/cubin-v1/``, named by the SHA-256 of every ``device_src`` file's
-path and bytes, the CCCL version header, the NVRTC version, the target arch and the options.
+path and bytes, the plugin's name and source, the CCCL version header, the NVRTC version, the
+target arch and the options.
 Entries are written to a temporary file and renamed (atomic on POSIX), carry a checksum, and a
 corrupt or truncated entry is ignored and rebuilt.  ``GPUQ_CACHE_DIR=/path`` relocates the cache;
 ``GPUQ_CACHE_DIR=off`` (or ``0``/``none``) disables it.
@@ -17,11 +21,12 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
 from .errors import CompileError, GpuqError, check
+from .plugins import HEADER_NAME, Plugin, available, resolve
 
 _HERE = Path(__file__).resolve().parent
 DEVICE_SRC = _HERE / "device_src" if (_HERE / "device_src").is_dir() else _HERE.parent / "device_src"
@@ -37,14 +42,15 @@ class CompileOptions:
 
     arch:      NVRTC target, ``"sm_90"`` for an H100/H200; the CUBIN runs only on that arch.
     std:       C++ dialect, default ``"c++17"``.
-    plugin:    processing function, ``device_src/plugins/<plugin>.cuh`` (default ``"echo"``).
+    plugin:    the processing function: a name (a built-in in ``device_src/plugins``, or an entry
+               point) or a ``Plugin`` (default ``"echo"``); see gpuq_driver/plugins.py.
     defines:   extra ``NAME`` or ``NAME=VALUE`` macros.
     extra:     extra NVRTC options, e.g. ``("-lineinfo",)``.
     """
 
     arch: str = "sm_90"
     std: str = "c++17"
-    plugin: str = "echo"
+    plugin: str | Plugin = "echo"
     defines: tuple[str, ...] = ()
     extra: tuple[str, ...] = field(default=())
 
@@ -53,7 +59,7 @@ class CompileOptions:
             f"--gpu-architecture={self.arch}",
             f"--std={self.std}",
             "--device-as-default-execution-space",
-            f'-DGPUQ_PLUGIN_FILE="plugins/{self.plugin}.cuh"',
+            f'-DGPUQ_PLUGIN_FILE="{HEADER_NAME}"',
         ]
         opts += [f"-D{d}" for d in self.defines]
         opts += [f"-I{d}" for d in include_dirs]
@@ -72,8 +78,8 @@ def kernel_sources() -> list[Path]:
 
 
 def plugins() -> list[str]:
-    """Names of the processing functions in ``device_src/plugins/``."""
-    return sorted(p.stem for p in (DEVICE_SRC / "plugins").glob("*.cuh"))
+    """Names of the plugins found by name: ``device_src/plugins/`` and entry points (plugins.available)."""
+    return available()
 
 
 def _has_cccl(folder: Path) -> bool:
@@ -132,13 +138,16 @@ def cache_dir() -> Path | None:
 
 
 def cache_key(source: str, options: CompileOptions) -> str:
-    """SHA-256 over all of ``device_src`` (paths + bytes), the CCCL version, NVRTC version, arch, options."""
+    """SHA-256 over all of ``device_src`` (paths + bytes), the plugin's name and source (as compiled),
+    the CCCL version, NVRTC version, arch, options.  Raises ConfigError for an unknown plugin."""
+    plugin = resolve(options.plugin)
     h = hashlib.sha256()
     for path in source_files():
         h.update(str(path.relative_to(DEVICE_SRC)).encode() + b"\0" + path.read_bytes() + b"\0")
     cccl_version = Path(include_dirs()[1]) / "cuda" / "std" / "__cccl" / "version.h"
     h.update(cccl_version.read_bytes() if cccl_version.exists() else include_dirs()[1].encode())
     h.update(repr((source, nvrtc_version(), options.nvrtc_options(("<inc>",)))).encode())
+    h.update(b"\0plugin\0" + plugin.name.encode() + b"\0" + plugin.header())
     return h.hexdigest()
 
 
@@ -172,17 +181,19 @@ def _nvrtc_compile(source: str, options: CompileOptions) -> bytes:
     src_path = DEVICE_SRC / source
     if not src_path.is_file():
         raise GpuqError(f"no kernel source {src_path}")
-    if options.plugin not in plugins():
-        raise GpuqError(f"unknown plugin {options.plugin!r}: device_src/plugins has {plugins()}")
+    plugin = resolve(options.plugin)
     opts = options.nvrtc_options(include_dirs())
-    prog = check(nvrtc.nvrtcCreateProgram(src_path.read_bytes(), source.encode(), 0, [], []), "nvrtcCreateProgram")
+    prog = check(
+        nvrtc.nvrtcCreateProgram(src_path.read_bytes(), source.encode(), 1, [plugin.header()], [HEADER_NAME.encode()]),
+        "nvrtcCreateProgram",
+    )
     try:
         result = nvrtc.nvrtcCompileProgram(prog, len(opts), [o.encode() for o in opts])
         if int(result[0]) != 0:
             size = check(nvrtc.nvrtcGetProgramLogSize(prog), "nvrtcGetProgramLogSize")
             log = b" " * size
             check(nvrtc.nvrtcGetProgramLog(prog, log), "nvrtcGetProgramLog")
-            raise CompileError(source, opts, log.rstrip(b"\0 ").decode(errors="replace"))
+            raise CompileError(source, opts, log.rstrip(b"\0 ").decode(errors="replace"), plugin)
         size = int(check(nvrtc.nvrtcGetCUBINSize(prog), "nvrtcGetCUBINSize"))
         if size == 0:
             raise CompileError(source, opts, "NVRTC produced an empty CUBIN (is the arch a real sm_XY?)")
@@ -196,10 +207,12 @@ def _nvrtc_compile(source: str, options: CompileOptions) -> bytes:
 def compile_cubin(source: str = "gpuq_queue.cu", options: CompileOptions = CompileOptions()) -> bytes:
     """The CUBIN of ``device_src/<source>`` for ``options.arch``, from the cache when present.
 
-    Raises CompileError (with NVRTC's full log, the source name and the options) when NVRTC
-    rejects the source or yields an empty CUBIN; GpuqError when the source, plugin or CCCL
-    headers are missing; CudaError when NVRTC itself cannot be loaded.
+    Raises CompileError (with NVRTC's full log, whose messages name the plugin's own file and
+    lines, the source name, the plugin and the options) when NVRTC rejects the source or yields an
+    empty CUBIN; ConfigError (a GpuqError) for an unknown plugin; GpuqError when the source or the
+    CCCL headers are missing; CudaError when NVRTC itself cannot be loaded.
     """
+    options = replace(options, plugin=resolve(options.plugin))
     folder = cache_dir()
     path = folder / f"{cache_key(source, options)}.cubin" if folder is not None else None
     if path is not None:

@@ -52,11 +52,13 @@ class CudaUnavailable(CudaError):
 
 
 class CompileError(GpuqError):
-    """NVRTC could not compile ``source``; ``log`` holds NVRTC's whole log."""
+    """NVRTC could not compile ``source``; ``log`` holds NVRTC's whole log; ``plugin`` is the
+    plugins.Plugin compiled in (None if not known), whose errors the log gives by its file and lines."""
 
-    def __init__(self, source: str, options: tuple[str, ...], log: str):
-        self.source, self.options, self.log = source, tuple(options), log
-        super().__init__(f"NVRTC failed to compile {source} with {' '.join(options)}:\n{log}")
+    def __init__(self, source: str, options: tuple[str, ...], log: str, plugin=None):
+        self.source, self.options, self.log, self.plugin = source, tuple(options), log, plugin
+        with_plugin = f" with plugin {plugin.name!r} ({plugin.origin})" if plugin is not None else ""
+        super().__init__(f"NVRTC failed to compile {source}{with_plugin} with {' '.join(options)}:\n{log}")
 
 
 class ConfigError(GpuqError, ValueError):

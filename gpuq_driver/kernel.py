@@ -20,9 +20,10 @@ import warnings
 import weakref
 
 from . import driver
-from .compiler import CompileOptions, compile_cubin, plugins
+from .compiler import CompileOptions, compile_cubin
 from .errors import ConfigError, GpuqError
 from .layout import KERNEL_EXITED, STOP_ABORT, CtrlDev, DevState, HostLayout, Params, expected_probe, request_stop
+from .plugins import resolve
 
 _live: dict[int, weakref.ref[PersistentKernel]] = {}
 """device ordinal -> the queue kernel running there in this process (at most one, see __init__)."""
@@ -63,9 +64,8 @@ class PersistentKernel:
         self.info = info = driver.device_info(config.device)
         if not info.cooperative:
             raise GpuqError(f"{info.name} does not support cooperative launches")
-        if config.plugin not in plugins():
-            raise ConfigError(f"plugin={config.plugin!r}: device_src/plugins has {plugins()}")
-        cubin = compile_cubin("gpuq_queue.cu", CompileOptions(arch=info.arch, plugin=config.plugin))
+        self.plugin = resolve(config.plugin)
+        cubin = compile_cubin("gpuq_queue.cu", CompileOptions(arch=info.arch, plugin=self.plugin))
         self.module = driver.Module(self.ctx, cubin)
         self._fn = self.module.function("gpuq_persistent")
         probe_fn = self.module.function("gpuq_layout_probe")

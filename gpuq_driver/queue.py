@@ -58,6 +58,8 @@ from .layout import (
 )
 from .lease import Leases
 from .payload import byte_view
+from .plugins import Plugin, resolve
+from .sim import SIM_NEEDS_TWIN
 
 MAX_CAPACITY = 1 << 22
 MAX_RING_BYTES = 1 << 32
@@ -71,7 +73,11 @@ class QueueConfig:
     capacity:           slots in the ring, a power of two, 2 .. 4,194,304 (default 1024).
     slot_bytes:         payload bytes per slot, a multiple of 16, 16 .. 1,048,576 (default 512);
                         results are at most this long too.  capacity × slot_bytes <= 4 GiB.
-    plugin:             processing function, ``device_src/plugins/<plugin>.cuh`` (default "echo").
+    plugin:             the processing function run on each message: a name (a built-in, "echo"
+                        (default) or "crc32c", or a package's entry point) or a ``Plugin``
+                        (``Plugin.from_source`` / ``Plugin.from_file``); plugins.resolve looks it
+                        up here, so an unknown name is refused at once with what exists.  On
+                        ``backend="sim"`` the plugin needs a Python twin.
     blocks:             blocks of the persistent grid; None (default) = one per SM.  Must fit a
                         cooperative launch: <= occupancy × SM count.
     threads_per_block:  a multiple of 32, 32 .. 1024 (default 64: two worker warps per block).
@@ -104,7 +110,7 @@ class QueueConfig:
 
     capacity: int = 1024
     slot_bytes: int = 512
-    plugin: str = "echo"
+    plugin: str | Plugin = "echo"
     blocks: int | None = None
     threads_per_block: int = 64
     enqueue_timeout_s: float = 1.0
@@ -146,10 +152,9 @@ class QueueConfig:
         check("front_backoff_ns", 0, 1_000_000)
         check("idle_backoff_ns", 0, 1_000_000)
         check("device", 0, 1023)
-        if not isinstance(self.plugin, str) or not self.plugin.isidentifier():
-            raise ConfigError(f"plugin={self.plugin!r} must be a plugin name such as 'echo'")
         if self.backend not in ("cuda", "sim"):
             raise ConfigError(f"backend={self.backend!r} must be 'cuda' or 'sim'")
+        resolve(self.plugin, SIM_NEEDS_TWIN if self.backend == "sim" else None)
 
     @property
     def lease_ns(self) -> int:

@@ -6,7 +6,9 @@ machines without a GPU, as numba-cuda's simulator does for kernels. It follows t
 of gpuq_queue.cu (doorbell, stop before head, result data before header, msg_id last; a lease
 announces itself before its first doorbell read, announces that it is leaving when its time is up,
 serves what one last read shows, and carries its position over to the next lease) with one
-simulated warp and the Python twin of each plugin. A thread plays the stream: leases launched while
+simulated warp and the plugin's Python twin (plugins.py), under the device's rules: a result
+longer than ``slot_bytes`` is a BAD_RESULT protocol error for that message (an empty result,
+ProtocolError when taken) and is never written. A thread plays the stream: leases launched while
 one runs wait their turn. It is for tests, not for speed: ``blocks`` and ``threads_per_block`` are
 ignored (stats report one block of one warp).
 """
@@ -16,13 +18,13 @@ from __future__ import annotations
 import threading
 import time
 
-from .errors import ConfigError
 from .layout import (
     DONE,
     DOORBELL_HEAD_MASK,
     DOORBELL_STOP_SHIFT,
     ERR_BAD_LEN,
     ERR_BAD_MSG_ID,
+    ERR_BAD_RESULT,
     KERNEL_EXITED,
     KERNEL_PARKED,
     KERNEL_RUNNING,
@@ -33,9 +35,9 @@ from .layout import (
     request_stop,
     slot_of,
 )
+from .plugins import resolve
 
-PLUGINS = {"echo": lambda payload, msg_id: payload}
-"""Python twins of device_src/plugins: name -> f(payload: memoryview, msg_id) -> bytes-like."""
+SIM_NEEDS_TWIN = "the simulator (backend='sim')"
 
 
 class SimulatedKernel:
@@ -44,8 +46,7 @@ class SimulatedKernel:
     backend = "sim"
 
     def __init__(self, config):
-        if config.plugin not in PLUGINS:
-            raise ConfigError(f"plugin={config.plugin!r}: the simulator has {sorted(PLUGINS)}")
+        self.plugin = resolve(config.plugin, SIM_NEEDS_TWIN)
         self.config = config
         self.blocks, self.threads, self.warps = 1, 32, 1
         self.layout = HostLayout(config.capacity, config.slot_bytes, self.warps)
@@ -111,7 +112,7 @@ class SimulatedKernel:
         req_hdr, res_hdr = lay.view(mem, "req_hdr", "Q"), lay.view(mem, "res_hdr", "Q")
         req_data, res_data = lay.view(mem, "req_data"), lay.view(mem, "res_data")
         counter = lay.view(mem, "warp_counters", "Q")
-        process = PLUGINS[self.config.plugin]
+        process = self.plugin.run_twin
         ctrl.warps = 1
         ctrl.leases_begun = ctrl.leases_ended + 1  # announce, then read the doorbell (the GIL orders both)
         ctrl.state = KERNEL_RUNNING
@@ -144,9 +145,11 @@ class SimulatedKernel:
                 code = ERR_BAD_MSG_ID
             elif n > sb:
                 code, n = ERR_BAD_LEN, sb
+            out = b"" if code else process(req_data[slot * sb : slot * sb + n], seq)
+            if len(out) > sb:  # the plugin broke its contract: nothing is written past the slot
+                code, out = ERR_BAD_RESULT, b""
             if code and not ctrl.error:
                 ctrl.error_msg_id, ctrl.error = seq, code
-            out = b"" if code else bytes(process(req_data[slot * sb : slot * sb + n], seq))
             res_data[slot * sb : slot * sb + len(out)] = out
             res_hdr[2 * slot] = len(out) | ((DONE | (code << 8)) << 32)
             res_hdr[2 * slot + 1] = seq

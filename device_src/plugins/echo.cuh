@@ -1,11 +1,18 @@
 // echo.cuh -- the default processing function: the result is the payload, byte for byte.
 //
-// Plugin contract (every file in plugins/ defines exactly this function):
-//   Called by all 32 lanes of one warp, `lane` = 0..31.
+// Plugin contract (every plugin, here or anywhere, defines exactly this function; see
+// gpuq_driver/plugins.py for how to pass one: QueueConfig(plugin="name" or a Plugin)):
+//   Called by all 32 lanes of one warp per message, `lane` = 0..31 (warp shuffles and __syncwarp()
+//   are fine; __syncthreads() is not: the block's other warps are serving other messages).
 //   in      : the payload in the message's VRAM slot, `len` bytes, 16-byte aligned; the slot is
 //             padded to a multiple of 16 bytes, so reading whole 16-byte words is safe.
-//   out     : the result buffer (host-mapped pinned memory), `out_cap` bytes, 16-byte aligned.
-//   returns : the result length in bytes (the same value on every lane), at most `out_cap`.
+//   out     : the result buffer (host-mapped pinned memory), `out_cap` (= slot_bytes) bytes,
+//             16-byte aligned; write at most `out_cap` bytes (past it lies the next message's result).
+//   msg_id  : the message's id (0, 1, 2, ... in enqueue order; the index in the batch in gpuq_batch).
+//   returns : the result length in bytes (the same value on every lane), at most `out_cap`; a larger
+//             value is a BAD_RESULT protocol error for that message (empty result, ProtocolError).
+// Compiled as the in-memory header gpuq_plugin.cuh after gpuq_layout.cuh (<cuda/std/cstdint>
+// types), with NVRTC; its errors are reported with the plugin file's own name and line numbers.
 #pragma once
 
 __device__ __forceinline__ uint32_t gpuq_process(const uint8_t* __restrict__ in, uint32_t len,

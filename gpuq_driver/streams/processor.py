@@ -5,7 +5,7 @@ lengths and slots, one launch of ``gpuq_batch`` (device_src/gpuq_batch.cu: one w
 the same ``gpuq_process`` plugin the persistent kernel runs) processes them, one D2H copy brings
 lengths and results back, all on one CU_STREAM_NON_BLOCKING stream, then one stream sync.
 Where no GPU exists (or ``backend="numpy"``) the same plugin's Python twin runs over NumPy views
-of the same packed layout (:data:`gpuq_driver.sim.PLUGINS`).
+of the same packed layout (:mod:`gpuq_driver.plugins`).
 
 Do not run a BatchProcessor's batches on a device while a GpuQueue's persistent kernel runs
 there in the same process; create it first or after (see docs/design.md).
@@ -21,6 +21,7 @@ import numpy as np
 from ..errors import ConfigError, GpuqError, PayloadError, check_int
 from ..layout import check_slot_bytes, check_threads_per_block
 from ..payload import byte_view
+from ..plugins import Plugin, resolve
 from .wire import FAILED, items
 
 _LENS_ALIGN = 256
@@ -33,7 +34,8 @@ class BatchProcessor:
                         at most this long.
     max_batch:          messages per :meth:`process` call (default 4096); pinned + device memory
                         is about 2 × max_batch × slot_bytes each.
-    plugin:             name of a file in device_src/plugins (default "echo").
+    plugin:             the processing function: a name ("echo" (default), "crc32c", an entry
+                        point) or a ``gpuq_driver.plugins.Plugin``; the NumPy path runs its twin.
     backend:            "cuda", "numpy", or "auto" (cuda where a GPU is usable, else numpy).
     threads_per_block:  block size of the launch (default 256; one warp per message).
     device:             CUDA device ordinal (default 0).
@@ -45,7 +47,7 @@ class BatchProcessor:
         self,
         slot_bytes: int = 512,
         max_batch: int = 4096,
-        plugin: str = "echo",
+        plugin: str | Plugin = "echo",
         backend: str = "auto",
         threads_per_block: int = 256,
         device: int = 0,
@@ -63,17 +65,14 @@ class BatchProcessor:
                 backend = "cuda" if device_count() > device else "numpy"
             except CudaUnavailable:
                 backend = "numpy"
-        self.slot_bytes, self.max_batch, self.plugin, self.backend = slot_bytes, max_batch, plugin, backend
+        self.plugin = resolve(plugin, "BatchProcessor's NumPy path (backend='numpy')" if backend == "numpy" else None)
+        self.slot_bytes, self.max_batch, self.backend = slot_bytes, max_batch, backend
         self.threads_per_block = threads_per_block
         self.batches = self.messages = 0
         self._lens_bytes = -(-4 * max_batch // _LENS_ALIGN) * _LENS_ALIGN
         size = self._lens_bytes + max_batch * slot_bytes  # [lengths | slots], the same for in and out
         if backend == "numpy":
-            from ..sim import PLUGINS
-
-            if plugin not in PLUGINS:
-                raise ConfigError(f"plugin={plugin!r}: the NumPy path has {sorted(PLUGINS)}")
-            self._fn = PLUGINS[plugin]
+            self._fn = self.plugin.run_twin
             self._host_in, self._host_out = bytearray(size), bytearray(size)
             self._close = lambda: None
         else:
@@ -174,7 +173,7 @@ class BatchProcessor:
         if self.backend == "numpy":
             src, dst = self._in[lb:], self._out[lb:]
             for i, m in enumerate(self._in_lens[:n].tolist()):
-                r = bytes(self._fn(bytes(src[i * sb : i * sb + m]), i))
+                r = self._fn(src[i * sb : i * sb + m], i)
                 if len(r) > sb:
                     self._out_lens[i] = FAILED
                 else:
@@ -217,6 +216,6 @@ class BatchProcessor:
 
     def __repr__(self) -> str:
         return (
-            f"<BatchProcessor {self.backend} plugin={self.plugin} slot_bytes={self.slot_bytes} "
+            f"<BatchProcessor {self.backend} plugin={self.plugin.name} slot_bytes={self.slot_bytes} "
             f"max_batch={self.max_batch}: {self.messages} messages in {self.batches} batches>"
         )
