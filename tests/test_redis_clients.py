@@ -208,9 +208,10 @@ def test_every_reply_shape_round_trips(redis_server, redis_py, protocol, legacy)
 # --- item 7: a shared client with no free connection --------------------------------------------
 
 
-def _read_in_threads(consumers, block_ms: int, during=None):
+def _read_in_threads(consumers, block_ms: int, during=None, ready=None):
     """Every consumer reads (blocking) in its own thread, all at once; ``during()`` runs in this
-    thread while they block.  Returns (results, errors) by thread."""
+    thread while they block, once ``ready(errors)`` is true (polled up to 10 s; default: 0.3 s
+    after they all started).  Returns (results, errors) by thread."""
     results, errors = [None] * len(consumers), [None] * len(consumers)
     start = threading.Barrier(len(consumers) + 1)
 
@@ -225,7 +226,13 @@ def _read_in_threads(consumers, block_ms: int, during=None):
     for t in threads:
         t.start()
     start.wait()
-    time.sleep(0.3)
+    if ready is None:
+        time.sleep(0.3)
+    else:
+        deadline = time.monotonic() + 10
+        while not ready(errors):
+            assert time.monotonic() < deadline, f"the threads never got there: {errors}"
+            time.sleep(0.01)
     out = during() if during else None
     for t in threads:
         t.join(30)
@@ -248,7 +255,12 @@ def test_110_threads_on_one_client_hear_about_max_connections(redis_server, redi
             errs.append(exc.value)
         return errs
 
-    results, errors, more = _read_in_threads(consumers, 2000, during)
+    pool = redis_client.connection_pool
+
+    def exhausted(errors):  # 100 readers hold every connection, the other 10 have failed
+        return len(pool._in_use_connections) >= 100 and sum(e is not None for e in errors) == 10
+
+    results, errors, more = _read_in_threads(consumers, 4000, during, exhausted)
     failed = [e for e in errors if e is not None]
     assert len(failed) == 10 and results.count([]) == 100
     for exc in failed + more:
