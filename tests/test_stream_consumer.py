@@ -295,3 +295,24 @@ def test_read_results_skips_foreign_entries_with_a_warning(redis_client):
         last, got = read_results(redis_client, "s:results")
     assert len(record) == 2
     assert got == [((eid, 0), b"result")] and last == foreign_last
+
+
+def test_read_results_waits_longer_than_the_socket_timeout(redis_server):
+    """A block_ms over the client's socket timeout is cut into shorter BLOCKs, as read() does: the
+    server is fine, so the wait ends empty (or with what came), never as 'unreachable'."""
+    import threading
+    import time
+
+    from gpuq_driver.streams import connect, read_results
+
+    client = connect(redis_server.url, socket_timeout_s=0.5)
+    client.delete("rr:results")
+    t0 = time.monotonic()
+    assert read_results(client, "rr:results", block_ms=1200) == ("0", [])
+    assert 1.1 < time.monotonic() - t0 < 5
+    # and a result that arrives during the wait is returned
+    writer = connect(redis_server.url)
+    threading.Timer(0.7, lambda: writer.xadd("rr:results", {"x": "1"})).start()
+    with pytest.warns(UserWarning, match="not a result entry"):
+        last, got = read_results(client, "rr:results", block_ms=3000)
+    assert last != "0" and got == []

@@ -131,12 +131,7 @@ class StreamConsumer:
                 f"result_stream={result_stream!r} is the input stream: results would be read back as input"
             )
         self.result_stream, self.result_maxlen = result_stream, result_maxlen
-        pool = getattr(client, "connection_pool", None)
-        timeout = pool.connection_kwargs.get("socket_timeout") if pool is not None else None
-        # The longest single BLOCK that surely returns before the socket timeout fires (ms): Redis
-        # times blocked clients out on its 100 ms timer (hz 10), so keep 250 ms of margin; below
-        # that, read polls without BLOCK.
-        self._block_slice = None if timeout is None else int(timeout * 1000) - 250
+        self._block_slice = block_slice_ms(client)
         self.lost: list[bytes] = []  # every entry id reported lost so far
         self.published = 0  # entries whose results this consumer published
         self.duplicates = 0  # entries completed here after another consumer had
@@ -170,22 +165,15 @@ class StreamConsumer:
         ``block_ms`` ms when there are none and returns [] if none came."""
         count = check_int("count", self.count if count is None else count, 1, MAX_COUNT)
         block = check_int("block_ms", self.block_ms if block_ms is None else block_ms, 0)
-        deadline = time.monotonic() + block / 1000
         with broker_errors(self.url, f"XREADGROUP {self.stream} {self.group}", client=self.client):
-            while True:
-                wait = block if self._block_slice is None else min(block, self._block_slice)
-                reply = self.client.xreadgroup(
-                    self.group, self.consumer, {self.stream: ">"}, count=count, block=wait if wait > 0 else None
-                )
-                rows = stream_rows(reply)
-                if rows:
-                    return [_entry(eid, fields) for eid, fields in rows]
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return []
-                block = int(left * 1000)
-                if wait <= 0:  # socket timeout too short to BLOCK safely: poll
-                    time.sleep(min(left, 0.005))
+            rows = blocking_rows(
+                lambda wait: self.client.xreadgroup(
+                    self.group, self.consumer, {self.stream: ">"}, count=count, block=wait
+                ),
+                block,
+                self._block_slice,
+            )
+        return [_entry(eid, fields) for eid, fields in rows]
 
     def reclaim(self, min_idle_ms: int | None = None, count: int | None = None) -> Reclaimed:
         """Take over entries pending longer than ``min_idle_ms`` (default ``claim_idle_ms``) with
@@ -304,20 +292,53 @@ def _entry(eid, fields) -> Entry:
         return Entry(eid, np.zeros(0, np.uint32), memoryview(b""), f"undecodable entry: {exc}")
 
 
+def block_slice_ms(client) -> int | None:
+    """The longest single BLOCK (ms) that surely returns before ``client``'s socket timeout fires:
+    Redis times blocked clients out on its 100 ms timer (hz 10), so 250 ms of margin; None where
+    the client has no socket timeout; <= 0 where it is too short to BLOCK at all (then poll)."""
+    pool = getattr(client, "connection_pool", None)
+    timeout = pool.connection_kwargs.get("socket_timeout") if pool is not None else None
+    return None if timeout is None else int(timeout * 1000) - 250
+
+
+def blocking_rows(read, block_ms: int, slice_ms: int | None) -> list:
+    """``stream_rows(read(block))``, waiting up to ``block_ms`` in all for rows to come: the wait is
+    cut into BLOCKs of at most ``slice_ms`` (see :func:`block_slice_ms`), so a wait longer than the
+    socket timeout returns [] instead of failing as if the server were unreachable.  ``read(None)``
+    must not block."""
+    deadline = time.monotonic() + block_ms / 1000
+    block = block_ms
+    while True:
+        wait = block if slice_ms is None else min(block, slice_ms)
+        rows = stream_rows(read(wait if wait > 0 else None))
+        if rows:
+            return rows
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return []
+        block = int(left * 1000)
+        if wait <= 0:  # socket timeout too short to BLOCK safely: poll
+            time.sleep(min(left, 0.005))
+
+
 def read_results(client, result_stream: str, after: bytes | str = "0", count: int = 1000, block_ms: int | None = None):
     """Results in ``result_stream`` after entry ``after``: ``(last id read, [(msg_id, result)])``.
 
     msg_id = (source entry id, index); result = bytes, or None for a failed message.  Pass the
-    returned id as ``after`` to continue.  ``block_ms`` waits for new results (keep it below the
-    client's socket timeout).  Each result entry is one ``complete`` call: fields ``ids`` (the
+    returned id as ``after`` to continue.  ``block_ms`` waits up to that long for new results (ms;
+    None or 0: no wait); a wait longer than the client's socket timeout is cut into shorter BLOCKs,
+    as :meth:`StreamConsumer.read` does.  Each result entry is one ``complete`` call: fields ``ids`` (the
     source entry ids, comma-separated), ``r`` (their result frames back to back) and, where some
     had been published already by another consumer, ``dup`` (their 0-based positions, skipped
     here).  An entry of another shape is skipped with a warning.
     """
+    block_ms = check_int("block_ms", 0 if block_ms is None else block_ms, 0)
     with broker_errors(check_client(client), f"XREAD {result_stream}", client=client):
-        reply = client.xread({result_stream: after}, count=count, block=block_ms)
+        rows = blocking_rows(
+            lambda wait: client.xread({result_stream: after}, count=count, block=wait), block_ms, block_slice_ms(client)
+        )
     last, out = after, []
-    for rid, fields in stream_rows(reply):
+    for rid, fields in rows:
         last = rid
         try:
             dup = {int(k) for k in fields[b"dup"].split(b",")} if b"dup" in fields else ()
