@@ -30,3 +30,21 @@ def byte_view(payload, name: str = "payload") -> bytes | memoryview:
     if view.nbytes == 0:
         return memoryview(b"")
     return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+
+
+def byte_views(payloads, one: str = "send()") -> list:
+    """:func:`byte_view` of each item of ``payloads`` (a list or other iterable of messages), named
+    ``payload 0``, ``payload 1``, ... in errors.  Raises PayloadTypeError for one message passed as
+    the list (bytes, bytearray, memoryview, str: its items would be single bytes), pointing to
+    ``one``, the call that takes one message, and for anything that is not iterable."""
+    if isinstance(payloads, (bytes, bytearray, memoryview, str)):
+        raise PayloadTypeError(
+            f"payloads must be a list of messages, not one {type(payloads).__name__} object "
+            f"(its items would be sent as single bytes); for one message use {one}"
+        )
+    try:
+        return [byte_view(p, f"payload {i}") for i, p in enumerate(payloads)]
+    except TypeError as exc:
+        if isinstance(exc, PayloadTypeError):
+            raise
+        raise PayloadTypeError(f"payloads must be a list of messages, not {type(payloads).__name__}") from None

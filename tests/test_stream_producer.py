@@ -68,7 +68,7 @@ def test_producer_rejects_none_and_non_buffers_sending_nothing(redis_client, fra
     for bad in (None, 12345, [1, 2], np.arange(8, dtype=np.uint32)[::2]):  # the last: not C-contiguous
         with pytest.raises(PayloadTypeError, match="payload 1 "):
             producer.send_many([b"good", bad, b"x", b"y"])
-        with pytest.raises(PayloadTypeError, match="payload 0 "):
+        with pytest.raises(PayloadTypeError, match="^payload (must|of)"):  # one message: no index
             producer.send(bad)
     assert redis_client.exists("s") == 0, "nothing of a refused call may be sent"
     assert producer.sent_messages == producer.sent_entries == 0
@@ -172,8 +172,10 @@ def test_one_payload_check_for_every_entry_point(redis_client, bad, expect):
     from gpuq_driver.errors import PayloadTypeError
 
     producer = StreamProducer(redis_client, "s")
-    with pytest.raises(PayloadTypeError, match=f"payload 0 .*{expect}|payload 0 must be {expect}"):
+    with pytest.raises(PayloadTypeError, match=f"^payload .*{expect}|^payload must be {expect}"):
         producer.send(bad)
+    with pytest.raises(PayloadTypeError, match=f"payload 1 .*{expect}|payload 1 must be {expect}"):
+        producer.send_many([b"ok", bad])
     with BatchProcessor(slot_bytes=64, backend="numpy") as proc:
         with pytest.raises(PayloadTypeError, match=f"payload 1 .*{expect}|payload 1 must be {expect}"):
             proc.process([b"ok", bad])
@@ -181,4 +183,21 @@ def test_one_payload_check_for_every_entry_point(redis_client, bad, expect):
         with pytest.raises(PayloadTypeError, match=expect):
             q.enqueue(bad)
         assert q.stats().enqueued == 0
+    assert redis_client.exists("s") == 0
+
+
+def test_one_message_passed_as_the_list_is_refused(redis_client):
+    """send_many(b"abc") would send three 1-byte messages (bytes iterate as ints): refused, with
+    the call that takes one message named; the same for BatchProcessor.process."""
+    from gpuq_driver.errors import PayloadTypeError
+
+    producer = StreamProducer(redis_client, "s")
+    for one in (b"abc", bytearray(b"abc"), memoryview(b"abc"), "abc"):
+        with pytest.raises(PayloadTypeError, match=r"list of messages.*use send\(\)"):
+            producer.send_many(one)
+    with pytest.raises(PayloadTypeError, match="list of messages, not int"):
+        producer.send_many(3)
+    with BatchProcessor(slot_bytes=64, backend="numpy") as proc:
+        with pytest.raises(PayloadTypeError, match=r"use process\(\[payload\]\)"):
+            proc.process(b"abc")
     assert redis_client.exists("s") == 0

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..errors import ConfigError, GpuqError, PayloadError, check_int
 from ..layout import check_slot_bytes, check_threads_per_block
-from ..payload import byte_view
+from ..payload import byte_views
 from ..plugins import Plugin, resolve
 from .wire import FAILED, items
 
@@ -118,7 +118,7 @@ class BatchProcessor:
         plain bytes (payload.byte_view: the check every entry point shares); ValueError for too
         many payloads.
         """
-        views = [byte_view(p, f"payload {i}") for i, p in enumerate(payloads)]
+        views = byte_views(payloads, "process([payload])")
         for i, v in enumerate(views):
             if len(v) > self.slot_bytes:
                 raise PayloadError(

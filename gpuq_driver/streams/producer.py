@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from ..errors import BrokerError, ConfigError, PayloadError, check_int, check_name
-from ..payload import byte_view
+from ..payload import byte_view, byte_views
 from .server import broker_errors, check_client, without_retries
 from .wire import FRAME, PAYLOAD, encode_frame
 
@@ -67,7 +67,7 @@ class StreamProducer:
 
     def send(self, payload) -> bytes:
         """XADD one message as a plain entry; returns its entry id (e.g. ``b"1732900000000-0"``)."""
-        return self._xadd([{PAYLOAD: byte_view(payload, "payload 0")}], 1)[0]
+        return self._xadd([{PAYLOAD: byte_view(payload)}], 1)[0]
 
     def send_many(self, payloads) -> list[bytes]:
         """XADD ``payloads`` (bytes-like) in pipelined round trips; returns the entry ids, in order.
@@ -76,7 +76,7 @@ class StreamProducer:
         ceil(len / frame) ids.  Raises BrokerUnavailable (with ``sent_ids``) if Redis goes away.
         """
         # bytes as they are, other buffers as byte views (redis-py would count their items, not bytes)
-        payloads = [byte_view(p, f"payload {i}") for i, p in enumerate(payloads)]
+        payloads = byte_views(payloads)
         k = self.frame
         if k == 1:
             entries = [{PAYLOAD: p} for p in payloads]
