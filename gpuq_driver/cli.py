@@ -122,8 +122,12 @@ def cmd_cache(args) -> int:
 
     folder = compiler.cache_dir()
     if folder is None:
-        print("the CUBIN cache is off (GPUQ_CACHE_DIR)")
+        print("the CUBIN cache is off (GPUQ_CACHE_DIR is empty, 0, off, none or false)")
         return 0
+    blocker = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        print(f"gpuq cache: {blocker} is not a folder, so nothing is cached (check GPUQ_CACHE_DIR)", file=sys.stderr)
+        return 2
     entries = sorted(folder.glob("*.cubin")) if folder.is_dir() else []
     size = sum(p.stat().st_size for p in entries)
     if args.clear:
@@ -245,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_demo(argv[1:])
     args = ap.parse_args(argv)
     if args.command == "bench" and not 100 <= args.messages <= 10_000_000:
-        ap.error(f"--messages {args.messages}: 100 .. 10,000,000 round trips")
+        bench.error(f"--messages {args.messages}: 100 .. 10,000,000 round trips")
     return {"info": cmd_info, "bench": cmd_bench, "cache": cmd_cache}[args.command](args)
 
 

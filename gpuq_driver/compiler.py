@@ -13,7 +13,7 @@ path and bytes, the plugin's name and source, the CCCL version header, the NVRTC
 target arch and the options.
 Entries are written to a temporary file and renamed (atomic on POSIX), carry a checksum, and a
 corrupt or truncated entry is ignored and rebuilt.  ``GPUQ_CACHE_DIR=/path`` relocates the cache;
-``GPUQ_CACHE_DIR=off`` (or ``0``/``none``) disables it.
+``GPUQ_CACHE_DIR=off`` (or empty, ``0``, ``none``, ``false``) disables it.
 """
 
 from __future__ import annotations

@@ -93,8 +93,9 @@ class QueueConfig:
                         "Sharing the GPU", has the measurements.
     linger_ms:          after the last message the kernel keeps serving (lease after lease, the
                         next always queued) this long before it parks, so that a message after a
-                        shorter pause in traffic costs a plain round trip (~5 µs) instead of a
-                        launch (~50-130 µs after the host thread slept); default 100.0 ms; 0 ..
+                        shorter pause in traffic costs a plain round trip (10-16 µs p50 after 5-50
+                        ms of quiet on the H200) instead of a launch (~65 µs p50, the host thread
+                        having slept: docs/design.md); default 100.0 ms; 0 ..
                         3,600,000 or ``math.inf`` (never park).  While it lingers the kernel polls
                         the doorbell (one block per SM, ~1 PCIe read per µs); other CUDA work waits
                         at most ~2 × lease_ms, as under traffic.
@@ -105,7 +106,9 @@ class QueueConfig:
     idle_backoff_ns:    cap of the __nanosleep of the other idle warps, which poll VRAM
                         (default 2000 ns).
     device:             CUDA device ordinal (default 0).
-    backend:            "cuda" (default) or "sim" (the CPU simulator in sim.py, for tests).
+    backend:            "cuda" (default) or "sim" (the CPU simulator in sim.py, for tests; it runs
+                        one warp whatever ``blocks`` and ``threads_per_block`` say, and ``stats()``
+                        reports that geometry).
     """
 
     capacity: int = 1024
@@ -412,16 +415,22 @@ class GpuQueue:
         if not leases.paused and not leases.serving() and self._pending():
             leases.kick()
 
+    def _slot(self, msg_id) -> int:
+        """The slot of ``msg_id``; TypeError unless it is an int (numpy integers too, not bool)."""
+        if msg_id is True or msg_id is False:
+            raise TypeError("msg_id must be an int, not bool")
+        try:
+            return msg_id & self._mask
+        except TypeError:
+            raise TypeError(f"msg_id must be an int, not {type(msg_id).__name__}") from None
+
     def try_dequeue_result(self, msg_id: int) -> bytes | None:
         """The result of ``msg_id`` as bytes (and its slot freed), or None if not done yet.
 
         None also for a msg_id already taken or never issued.  Raises ProtocolError if the device
         flagged this slot as broken, QueueClosed after ``close()``.
         """
-        try:
-            slot = msg_id & self._mask
-        except TypeError:
-            raise TypeError(f"msg_id must be an int, not {type(msg_id).__name__}") from None
+        slot = self._slot(msg_id)
         with self._clock:
             hdr = self._res_hdr
             if hdr is None:
@@ -459,14 +468,14 @@ class GpuQueue:
         (a TimeoutError) after ``timeout`` (the result stays takeable), KernelStopped if the kernel
         has stopped for good and the message will never be processed (e.g. after
         ``shutdown(drain=False)``), UnknownMessage (a KeyError) for a msg_id already taken or never
-        issued, TypeError for a msg_id that is not an int,
-        ProtocolError, QueueClosed.
+        issued, TypeError for a msg_id that is not an int, ConfigError for a timeout that is not a
+        number of seconds >= 0 or None, ProtocolError, QueueClosed.
         """
-        timeout = math.inf if timeout is None else check_seconds("timeout", timeout)
         try:
-            idx = ((msg_id & self._mask) << 1) | 1
-        except TypeError:
-            raise TypeError(f"msg_id must be an int, not {type(msg_id).__name__}") from None
+            timeout = math.inf if timeout is None else check_seconds("timeout", timeout)
+        except ConfigError as exc:
+            raise ConfigError(f"{exc}, or None (no limit)") from None
+        idx = (self._slot(msg_id) << 1) | 1
         start = time.perf_counter()
         with self._clock:  # spin on the result's msg_id word alone: ~50 ns a look
             hdr = self._res_hdr
@@ -668,7 +677,9 @@ class GpuQueue:
         return not self._finalizer.alive
 
     def __enter__(self) -> GpuQueue:
-        """The started queue itself."""
+        """The started queue itself; QueueClosed if it was closed already."""
+        if self.closed:
+            raise QueueClosed("queue is closed: a closed queue cannot be used again")
         return self
 
     def __exit__(self, *exc) -> None:

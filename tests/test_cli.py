@@ -63,7 +63,7 @@ def test_bench_measures_both_paths_side_by_side(tmp_path):
 @pytest.mark.parametrize("n", ["5", "0", "-1"])
 def test_bench_refuses_a_message_count_out_of_range(n):
     r = gpuq("bench", "--messages", n)
-    assert r.returncode == 2 and "100 .. 10,000,000" in r.stderr
+    assert r.returncode == 2 and "100 .. 10,000,000" in r.stderr and "usage: gpuq bench" in r.stderr
 
 
 def test_cache_lists_and_clears_entries(tmp_path):
@@ -79,6 +79,10 @@ def test_cache_lists_and_clears_entries(tmp_path):
     r = gpuq("cache", "--clear", env=env)
     assert r.returncode == 0 and "removed 2 entries" in r.stdout and not list(folder.glob("*.cubin"))
     assert "off" in gpuq("cache", env={"GPUQ_CACHE_DIR": "off"}).stdout
+    # a file where the folder should be: said, not "0 entries"
+    (tmp_path / "file").write_text("x")
+    r = gpuq("cache", env={"GPUQ_CACHE_DIR": str(tmp_path / "file")})
+    assert r.returncode == 2 and "is not a folder" in r.stderr
 
 
 def test_no_command_is_a_usage_error():

@@ -362,3 +362,22 @@ def test_wait_result_errors_are_the_library_s_and_the_builtins(make_queue):
     q.shutdown()
     with pytest.raises(QueueClosed):
         q.enqueue(b"late")
+
+
+def test_closed_queue_as_context_manager_and_bool_msg_ids(make_queue):
+    """Fresh trial: `with q:` on a closed queue went on silently; wait_result(True) took msg_id 1;
+    wait_result's timeout error did not say that None is allowed."""
+    from gpuq_driver import ConfigError, QueueClosed
+
+    q = make_queue(capacity=8, slot_bytes=16)
+    q.enqueue(b"a"), q.enqueue(b"b")
+    for call in (q.wait_result, q.try_dequeue_result):
+        with pytest.raises(TypeError, match="not bool"):
+            call(True)
+    with pytest.raises(ConfigError, match="or None"):
+        q.wait_result(0, timeout=-1)
+    assert q.wait_result(1) == b"b" and q.wait_result(0) == b"a"
+    q.close()
+    with pytest.raises(QueueClosed):
+        with q:
+            pass
