@@ -184,9 +184,9 @@ def cmd_bench(args) -> int:
     from rich.progress import Progress
     from rich.table import Table
 
+    from .batch import BatchProcessor
     from .errors import CudaUnavailable
     from .queue import GpuQueue, QueueConfig
-    from .streams.processor import BatchProcessor
 
     payload = bytes(range(64))
     n, warm = args.messages, max(100, args.messages // 10)

@@ -1,4 +1,4 @@
-"""BatchProcessor (gpuq_driver.streams.processor): one kernel launch per batch, no Redis.
+"""BatchProcessor (gpuq_driver.batch): one kernel launch per batch, no Redis.
 
 GPU variants take the ``gpu`` fixture and skip without a GPU.
 """
@@ -8,9 +8,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gpuq_driver import ConfigError, GpuqError, PayloadError
-from gpuq_driver.streams import BatchProcessor
-from gpuq_driver.streams.wire import FAILED
+from gpuq_driver import BatchProcessor, ConfigError, GpuqError, PayloadError
+from gpuq_driver.batch import FAILED
 
 
 @pytest.mark.parametrize(

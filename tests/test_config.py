@@ -72,7 +72,7 @@ def test_config_is_frozen():
 )
 def test_the_queue_and_the_batch_path_share_one_geometry_rule(field, bad):
     """QueueConfig and BatchProcessor refuse the same slot size / block size with the same words."""
-    from gpuq_driver.streams import BatchProcessor
+    from gpuq_driver import BatchProcessor
 
     with pytest.raises(ConfigError) as queue_error:
         QueueConfig(**{field: bad})

@@ -14,11 +14,19 @@ import textwrap
 import numpy as np
 import pytest
 
-from gpuq_driver import CompileError, CompileOptions, ConfigError, GpuQueue, ProtocolError, QueueConfig, compiler
+from gpuq_driver import (
+    BatchProcessor,
+    CompileError,
+    CompileOptions,
+    ConfigError,
+    GpuQueue,
+    ProtocolError,
+    QueueConfig,
+    compiler,
+)
+from gpuq_driver.batch import FAILED
 from gpuq_driver.layout import ERR_BAD_RESULT
 from gpuq_driver.plugins import ENTRY_POINT_GROUP, Plugin, available, crc32c_twin, echo_twin, resolve
-from gpuq_driver.streams import BatchProcessor
-from gpuq_driver.streams.wire import FAILED
 
 # The payload three times; a payload longer than out_cap / 3 returns too long a length (on purpose,
 # writing nothing): a plugin that breaks the contract, as in issue 8 ("48 bytes from a 16-byte slot").

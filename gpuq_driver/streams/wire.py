@@ -21,9 +21,10 @@ import struct
 
 import numpy as np
 
+from ..batch import FAILED
+
 PAYLOAD = b"d"
 FRAME = b"f"
-FAILED = 0xFFFFFFFF
 _COUNT = struct.Struct("<I")
 _ONE: dict = {}
 

@@ -1,4 +1,4 @@
-"""BatchProcessor: Track A's GPU step, one launch per batch.
+"""BatchProcessor: the plugin over a batch of messages, one kernel launch per batch.
 
 Per batch: the payloads are packed into fixed slots of pinned host memory, one H2D copy moves
 lengths and slots, one launch of ``gpuq_batch`` (device_src/gpuq_batch.cu: one warp per message,
@@ -6,6 +6,9 @@ the same ``gpuq_process`` plugin the persistent kernel runs) processes them, one
 lengths and results back, all on one CU_STREAM_NON_BLOCKING stream, then one stream sync.
 Where no GPU exists (or ``backend="numpy"``) the same plugin's Python twin runs over NumPy views
 of the same packed layout (:mod:`gpuq_driver.plugins`).
+
+The batch engine beside GpuQueue (no Redis in it): Track A's StreamWorker (gpuq_driver.streams)
+uses it as its GPU step, and ``benchmarks/`` as the launch-per-batch baseline.
 
 Do not run a BatchProcessor's batches on a device while a GpuQueue's persistent kernel runs
 there in the same process; create it first or after (see docs/design.md).
@@ -18,13 +21,16 @@ import weakref
 
 import numpy as np
 
-from ..errors import ConfigError, GpuqError, PayloadError, check_int
-from ..layout import check_slot_bytes, check_threads_per_block
-from ..payload import byte_views
-from ..plugins import Plugin, resolve
-from .wire import FAILED, items
+from .errors import ConfigError, GpuqError, PayloadError, check_int
+from .layout import check_slot_bytes, check_threads_per_block
+from .payload import byte_views
+from .plugins import Plugin, resolve
 
 _LENS_ALIGN = 256
+
+FAILED = 0xFFFFFFFF
+"""The result length that marks a message with no result: its payload was larger than a slot (it
+did not run), or the plugin returned more than ``slot_bytes`` (gpuq_batch.cu's out_len)."""
 
 
 class BatchProcessor:
@@ -58,8 +64,8 @@ class BatchProcessor:
         if backend not in ("auto", "cuda", "numpy"):
             raise ConfigError(f"backend={backend!r} must be 'auto', 'cuda' or 'numpy'")
         if backend == "auto":
-            from ..driver import device_count
-            from ..errors import CudaUnavailable
+            from .driver import device_count
+            from .errors import CudaUnavailable
 
             try:
                 backend = "cuda" if device_count() > device else "numpy"
@@ -91,8 +97,8 @@ class BatchProcessor:
         )
 
     def _init_cuda(self, size: int, device: int) -> None:
-        from .. import driver
-        from ..compiler import CompileOptions, compile_cubin
+        from . import driver
+        from .compiler import CompileOptions, compile_cubin
 
         self._ctx = ctx = driver.primary_context(device)
         arch = driver.device_info(device).arch
@@ -126,7 +132,11 @@ class BatchProcessor:
                 )
         lens = np.fromiter(map(len, views), np.uint32, len(views))
         out_lens, out = self.process_packed(lens, b"".join(views))
-        return [None if r is None else bytes(r) for r in items(out_lens, out)]
+        results, start = [], 0
+        for m in out_lens.tolist():
+            results.append(None if m == FAILED else bytes(out[start : start + m]))
+            start += 0 if m == FAILED else m
+        return results
 
     def process_packed(self, lens, data) -> tuple[np.ndarray, memoryview]:
         """The batch as sizes + bytes back to back, in and out (no Python object per message).
@@ -180,7 +190,7 @@ class BatchProcessor:
                     self._out_lens[i] = len(r)
                     dst[i * sb : i * sb + len(r)] = r
             return
-        from .. import driver
+        from . import driver
 
         used = lb + n * sb
         host, dev, size = self._pinned.host_ptr, self._dev.ptr, self._size
