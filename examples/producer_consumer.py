@@ -3,15 +3,20 @@
 
 The producer enqueues random payloads of random lengths (0..slot_bytes); the consumer polls
 completions, takes each result and checks it byte for byte against the payload that went in.
-It prints a progress line about every second and, at the end, messages/s and the p50/p99 round
-trip (enqueue -> result taken on the host, under full load, so queueing time is included); it
-exits 0 only if every message came back intact: no mismatch, no loss.
+It prints a progress line about every second and a last one when all are in, then messages/s
+and the p50/p99 round trip (enqueue -> result taken on the host, under full load, so queueing
+time is included); it exits 0 only if every message came back intact: no mismatch, no loss.
 
     python examples/producer_consumer.py                  # 1,000,000 messages on GPU 0
     python examples/producer_consumer.py --messages 1e5 --slot-bytes 64
     python examples/producer_consumer.py --backend sim    # the CPU simulator, no GPU needed
 
 Where no CUDA GPU exists (and --backend sim is not given) it prints one line and exits 2.
+Ctrl-C stops the producer, takes the results of what was sent, prints the counts so far and
+"interrupted", and exits 130.
+
+Exit codes: 0 every message came back intact; 1 a message mismatched or was lost; 2 bad
+arguments, or no usable GPU; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -32,16 +37,23 @@ MAX_MESSAGES = 100_000_000
 def main(argv: list[str] | None = None, progress=None) -> int:
     """Run the example; ``progress(received, total)``, if given, is called about every 0.1 s (the
     ``gpuq demo`` command draws its progress bar with it).  Returns the exit status."""
-    ap = argparse.ArgumentParser(prog="producer_consumer", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--messages", type=float, default=1_000_000, help="messages to send (default 1e6)")
+    ap = argparse.ArgumentParser(
+        prog="producer_consumer",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n")[-1],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    ap.add_argument(
+        "--messages", type=float, default=1_000_000, help="messages to send, a whole number (1e6 style too)"
+    )
     ap.add_argument("--capacity", type=int, default=4096, help="ring slots, a power of two")
     ap.add_argument("--slot-bytes", type=int, default=512, help="max payload bytes, a multiple of 16")
-    ap.add_argument("--backend", choices=["cuda", "sim"], default="cuda")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--backend", choices=["cuda", "sim"], default="cuda", help="the GPU, or the CPU simulator")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random payloads")
     args = ap.parse_args(argv)
-    if not 1 <= args.messages <= MAX_MESSAGES:  # also refuses nan and inf
+    if not 1 <= args.messages <= MAX_MESSAGES or args.messages % 1:  # also refuses nan and inf
         ap.error(
-            f"--messages {args.messages:g}: send 1 to {MAX_MESSAGES:,.0f} messages "
+            f"--messages {args.messages:g}: send a whole number of 1 to {MAX_MESSAGES:,.0f} messages "
             "(16 bytes of timing each are kept for the latency figures)"
         )
     n = int(args.messages)
@@ -71,11 +83,14 @@ def main(argv: list[str] | None = None, progress=None) -> int:
     mismatches: list[int] = []
     received = 0
     pool_view = memoryview(pool)
+    stop = threading.Event()  # set by Ctrl-C: the producer stops, the consumer takes what was sent
 
     def producer() -> None:
         k = len(offsets)
         clock = time.perf_counter_ns
         for i in range(n):
+            if stop.is_set():
+                return
             o, ln = int(offsets[i % k]), int(lengths[i % k])
             t = clock()
             sent_at[queue.enqueue(pool_view[o : o + ln], timeout=30)] = t
@@ -86,6 +101,8 @@ def main(argv: list[str] | None = None, progress=None) -> int:
         clock = time.perf_counter_ns
         shown = 0.0
         while received < n:
+            if stop.is_set() and not threads[0].is_alive() and received >= queue.stats().enqueued:
+                return
             if progress is not None and time.monotonic() - shown > 0.1:
                 progress(received, n)
                 shown = time.monotonic()
@@ -108,36 +125,50 @@ def main(argv: list[str] | None = None, progress=None) -> int:
         ]
         t0 = time.perf_counter()
 
+        def show() -> None:
+            """A progress line (the rate as the final line computes it)."""
+            print(
+                f"sent {queue.stats().enqueued:,}, received {received:,} of {n:,} messages, "
+                f"{received / (time.perf_counter() - t0):,.0f} messages/s",
+                flush=True,
+            )
+
         def wait(thread: threading.Thread, timeout: float) -> None:
             """Join ``thread`` (at most ``timeout`` s), printing a progress line about every second."""
             end = time.perf_counter() + timeout
             while thread.is_alive() and (left := end - time.perf_counter()) > 0:
                 thread.join(min(1.0, left))
-                if thread.is_alive():  # the rate as the final line computes it
-                    print(
-                        f"sent {queue.stats().enqueued:,}, received {received:,} of {n:,} messages, "
-                        f"{received / (time.perf_counter() - t0):,.0f} messages/s",
-                        flush=True,
-                    )
+                if thread.is_alive():
+                    show()
 
         for t in threads:
             t.start()
-        wait(threads[0], float("inf"))
-        wait(threads[1], 60)
+        try:
+            wait(threads[0], float("inf"))
+            wait(threads[1], 60)
+        except KeyboardInterrupt:  # Ctrl-C: stop sending, take what was sent, then report
+            stop.set()
+            wait(threads[0], float("inf"))
+            wait(threads[1], 60)
+        show()  # a last progress line, however short the run was
         elapsed = time.perf_counter() - t0
         stats = queue.stats()
 
-    lost = n - received
+    sent = stats.enqueued
+    lost = (sent if stop.is_set() else n) - received
     rtt_us = (taken_at[:received] - sent_at[:received]) / 1e3
     p50, p99 = np.percentile(rtt_us, [50, 99]) if received else (float("nan"),) * 2
     print(
         f"device: {stats.backend}, {stats.blocks} blocks x {stats.threads_per_block} threads, "
         f"ring {stats.capacity} x {stats.slot_bytes} B"
     )
-    print(f"messages: {n:,} sent, {received:,} received, {len(mismatches)} mismatched, {lost} lost")
+    print(f"messages: {sent:,} sent, {received:,} received, {len(mismatches)} mismatched, {lost} lost")
     print(f"throughput: {received / elapsed:,.0f} messages/s ({elapsed:.2f} s)")
     print(f"round trip under load: p50 {p50:.1f} us, p99 {p99:.1f} us")
     ok = not mismatches and lost == 0
+    if stop.is_set():
+        print(f"interrupted after {sent:,} of {n:,} messages" + ("" if ok else f"; first mismatches {mismatches[:10]}"))
+        return 130
     print("OK" if ok else f"FAILED: first mismatches {mismatches[:10]}")
     return 0 if ok else 1
 

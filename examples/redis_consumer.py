@@ -17,11 +17,13 @@ Without --redis-url (or REDIS_URL) it starts an embedded redis-server and first 
 --messages numbered test messages itself (as examples/redis_producer.py does).  It stops once no
 new message came for --idle-exit seconds (or after --max-messages), prints the counts, then reads
 the result stream and compares every result published during the run byte for byte with its
-source message (the echo plugin returns its input).
+source message (the echo plugin returns its input).  After Ctrl-C it prints the counts and skips
+that check.
 
 Exit codes: 0 every result matched; 1 mismatched, duplicate or missing results; 2 bad arguments,
-or --backend cuda and no usable GPU; 3 Redis unreachable or unusable; 130 interrupted (counts
-are still printed; entries not acked stay pending and are reclaimed by the next consumer).
+--backend cuda and no usable GPU, or redis-py not installed; 3 Redis unreachable or unusable;
+130 interrupted (counts are still printed, results not verified; entries not acked stay pending
+and are reclaimed by the next consumer).
 """
 
 from __future__ import annotations
@@ -34,10 +36,11 @@ import sys
 import time
 
 # The payload format and the producing loop are shared with the producer example (same folder).
-from redis_producer import HEADER, MAX_SIZE, payload_seq, produce, status, stop_on_signal
+from redis_producer import HEADER, MAX_SIZE, check_ints, payload_seq, produce, status, stop_on_signal
 
 from gpuq_driver import CudaUnavailable, GpuQueue, QueueConfig
 from gpuq_driver.errors import BrokerError, ConfigError
+from gpuq_driver.layout import check_slot_bytes
 from gpuq_driver.streams import (
     BatchProcessor,
     GpuBridge,
@@ -48,6 +51,7 @@ from gpuq_driver.streams import (
     connect,
     read_results,
 )
+from gpuq_driver.streams.consumer import MAX_COUNT
 from gpuq_driver.streams.server import broker_errors, client_url
 from gpuq_driver.streams.wire import FRAME, PAYLOAD, decode_frame
 
@@ -102,6 +106,14 @@ def verify(client, stream: str, result_stream: str, after, slot_bytes: int, expe
     started = last_print = time.perf_counter()
     seen_entries: set = set()
     seen_seqs = bytearray(expected) if expected else None
+
+    def show(final: bool = False) -> None:
+        status(
+            f"verify: {out['checked']:,}{f' / {expected:,}' if expected else ''} results checked, "
+            f"{out['mismatched']:,} mismatched, {out['checked'] / max(now - started, 1e-9):,.0f} results/s",
+            final,
+        )
+
     while True:
         # A handful of result entries at a time (each holds up to 1000 source entries' results)
         after, rows = read_results(client, result_stream, after, count=10)
@@ -140,19 +152,16 @@ def verify(client, stream: str, result_stream: str, after, slot_bytes: int, expe
         now = time.perf_counter()
         if now - last_print >= 1.0:  # a progress line about every second
             last_print = now
-            status(
-                f"verify: {out['checked']:,}{f' / {expected:,}' if expected else ''} results checked, "
-                f"{out['mismatched']:,} mismatched, {out['checked'] / (now - started):,.0f} results/s"
-            )
-    if last_print > started and sys.stdout.isatty():
-        sys.stdout.write("\n")  # end the in-place progress line
+            show()
+    if out["checked"]:  # and a last one, however short the check was
+        show(final=True)
     if seen_seqs is not None:
         out["missing"] = expected - sum(seen_seqs)
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n")[-1])
     ap.add_argument(
         "--redis-url",
         default=os.environ.get("REDIS_URL"),
@@ -184,15 +193,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--idle-exit", type=float, default=2.0, help="stop after this many seconds without new messages (default 2)"
     )
-    ap.add_argument("--max-messages", type=float, default=None, help="stop after about this many messages")
-    ap.add_argument("--slot-bytes", type=int, default=512, help="max message bytes on the GPU (default 512)")
-    ap.add_argument("--max-batch", type=int, default=4096, help="batch mode: messages per launch (default 4096)")
-    ap.add_argument("--capacity", type=int, default=4096, help="bridge mode: GpuQueue ring slots (default 4096)")
     ap.add_argument(
-        "--messages", type=float, default=100_000, help="self-contained demo: messages to produce (default 1e5)"
+        "--max-messages",
+        type=float,
+        default=None,
+        metavar="N",
+        help="stop after at least N messages (N >= 1), at the first batch boundary at or after N: "
+        "up to one batch (--count entries) more",
     )
-    ap.add_argument("--size", type=int, default=64, help="self-contained demo: payload bytes (default 64)")
-    ap.add_argument("--frame", type=int, default=1, help="self-contained demo: messages per entry (default 1)")
+    ap.add_argument("--slot-bytes", type=int, default=512, help="max message bytes on the GPU (default 512)")
+    ap.add_argument("--max-batch", type=int, default=None, help="--mode batch only: messages per launch (default 4096)")
+    ap.add_argument("--capacity", type=int, default=None, help="--mode bridge only: GpuQueue ring slots (default 4096)")
+    ap.add_argument(
+        "--messages",
+        type=float,
+        default=None,
+        help="self-contained demo only (no Redis URL): messages to produce (default 1e5)",
+    )
+    ap.add_argument("--size", type=int, default=None, help="self-contained demo only: payload bytes (default 64)")
+    ap.add_argument("--frame", type=int, default=None, help="self-contained demo only: messages per entry (default 1)")
     ap.add_argument(
         "--simulate-crash",
         type=int,
@@ -205,23 +224,50 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--backend sim is the GpuQueue simulator, for --mode bridge; batch mode's CPU path is --backend numpy")
     if args.mode == "bridge" and args.backend == "numpy":
         ap.error("--backend numpy is BatchProcessor's CPU path, for --mode batch; bridge mode's is --backend sim")
-    # Every argument is checked here, before a server starts (nan and inf fail these comparisons).
-    if not args.redis_url and not 1 <= args.messages <= 1e9:
-        ap.error(f"--messages {args.messages:g}: produce 1 to 1,000,000,000 messages")
-    n = 0 if args.redis_url else int(args.messages)  # the self-contained demo's count
+    # Every argument is checked here, before a server starts (nan and inf fail these comparisons),
+    # with the limits of the library objects built later; a flag the run would ignore is refused.
+    flag, value = {"batch": ("--capacity", args.capacity), "bridge": ("--max-batch", args.max_batch)}[args.mode]
+    if value is not None:
+        ap.error(f"{flag} {value}: for the other --mode; --mode {args.mode} does not use it")
+    for flag, value in (("--messages", args.messages), ("--size", args.size), ("--frame", args.frame)):
+        if args.redis_url and value is not None:
+            ap.error(f"{flag} {value:g}: for the self-contained demo only, not with a Redis URL (or REDIS_URL)")
+    messages = 100_000 if args.messages is None else args.messages
+    args.size = 64 if args.size is None else args.size
+    args.frame = 1 if args.frame is None else args.frame
+    args.max_batch = 4096 if args.max_batch is None else args.max_batch
+    args.capacity = 4096 if args.capacity is None else args.capacity
+    if not args.redis_url and (not 1 <= messages <= 1e9 or messages % 1):
+        ap.error(f"--messages {messages:g}: produce a whole number of 1 to 1,000,000,000 messages")
+    n = 0 if args.redis_url else int(messages)  # the self-contained demo's count
     if not HEADER <= args.size <= MAX_SIZE:
         ap.error(f"--size {args.size}: payloads are {HEADER} .. {MAX_SIZE} bytes")
-    if not args.redis_url and args.size > args.slot_bytes:
-        ap.error(f"--size {args.size} is over --slot-bytes {args.slot_bytes}: every message would fail")
-    if args.simulate_crash < 0:
-        ap.error(f"--simulate-crash {args.simulate_crash}: a number of entries, >= 0")
+    for flag, value in (("--stream", args.stream), ("--group", args.group), ("--consumer", args.consumer)):
+        if not value:
+            ap.error(f"{flag} '': must not be empty")
     if not 0 < args.idle_exit < float("inf"):
         ap.error(f"--idle-exit {args.idle_exit:g}: must be a number of seconds > 0")
-    for flag, value, lo in (("--count", args.count, 1), ("--frame", args.frame, 1), ("--block-ms", args.block_ms, 0)):
-        if value < lo:
-            ap.error(f"{flag} {value}: must be >= {lo}")
-    if args.max_messages is not None and not 0 <= args.max_messages < float("inf"):
-        ap.error(f"--max-messages {args.max_messages:g}: must be a number >= 0")
+    if args.max_messages is not None and (not 1 <= args.max_messages < float("inf") or args.max_messages % 1):
+        ap.error(f"--max-messages {args.max_messages:g}: must be a whole number of messages >= 1")
+    check_ints(
+        ap,
+        [
+            ("--count", args.count, 1, MAX_COUNT),
+            ("--block-ms", args.block_ms, 0, None),
+            ("--claim-idle-ms", 0 if args.claim_idle_ms is None else args.claim_idle_ms, 0, None),
+            ("--frame", args.frame, 1, None),
+            ("--max-batch", args.max_batch, 1, 1 << 20),
+            ("--simulate-crash", args.simulate_crash, 0, None),
+        ],
+    )
+    try:
+        check_slot_bytes(args.slot_bytes)
+        if args.mode == "bridge":
+            QueueConfig(capacity=args.capacity, slot_bytes=args.slot_bytes, backend="sim")
+    except ConfigError as exc:  # the library's field names, given as the flags
+        ap.error(str(exc).replace("slot_bytes", "--slot-bytes").replace("capacity", "--capacity"))
+    if not args.redis_url and args.size > args.slot_bytes:
+        ap.error(f"--size {args.size} is over --slot-bytes {args.slot_bytes}: every message would fail")
     claim_idle_ms = args.claim_idle_ms if args.claim_idle_ms is not None else 500 if args.simulate_crash else 30_000
     max_messages = None if args.max_messages is None else int(args.max_messages)
 
@@ -345,11 +391,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"interrupted: {consumer.pending():,} entries still pending in group {args.group!r} "
                 "(a consumer reclaims them after --claim-idle-ms)"
             )
+            print("verify skipped: interrupted")
+            return 130
 
         # 7. Check every result published during the run against its source message.
         #    The demo knows what it produced, so it also counts messages with no result, unless
         #    the run was cut short on purpose.
-        expected = n if self_contained and max_messages is None and not interrupted else None
+        expected = n if self_contained and max_messages is None else None
         check = verify(client, args.stream, consumer.result_stream, results_from, args.slot_bytes, expected)
         missing = f", {check['missing']:,} missing" if expected else ""
         print(
@@ -359,8 +407,6 @@ def main(argv: list[str] | None = None) -> int:
         )
         ok = not (check["mismatched"] or check["duplicates"] or check["missing"])
         print("OK" if ok else f"FAILED: first mismatched (entry id, index): {check['examples']}")
-        if interrupted:
-            return 130
         return 0 if ok else 1
     except ConfigError as exc:  # a malformed URL, a bad --count / --capacity / --slot-bytes ...
         print(f"redis_consumer: {exc}", file=sys.stderr)
@@ -372,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         if exc.name != "redis":
             raise
         print("redis_consumer: needs redis-py: pip install -e '.[redis]' (from a checkout)", file=sys.stderr)
-        return 3
+        return 2
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130

@@ -15,7 +15,8 @@ its URL.  That server stops when this script exits; --serve keeps it (and the st
 Ctrl-C, so examples/redis_consumer.py can be pointed at the printed URL from another terminal;
 if that server dies meanwhile, it says so and exits 3.
 
-Exit codes: 0 done, 2 bad arguments, 3 Redis unreachable or unusable, 130 interrupted.
+Exit codes: 0 done; 2 bad arguments, or redis-py not installed; 3 Redis unreachable or unusable;
+130 interrupted.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import time
 
 import numpy as np
 
-from gpuq_driver.errors import BrokerError, ConfigError
+from gpuq_driver.errors import BrokerError, ConfigError, check_int
 from gpuq_driver.streams import RedisServer, StreamProducer, connect
 
 HEADER = 11  # bytes of b"%010d:" at the start of every payload: the sequence number
@@ -114,8 +115,18 @@ def produce(producer: StreamProducer, n: int, size: int, label: str = "produced"
     return elapsed
 
 
+def check_ints(ap: argparse.ArgumentParser, checks) -> None:
+    """check_int on each (flag, value, lo, hi), named by its flag; ap.error (exit 2) on the first
+    out of range."""
+    for flag, value, lo, hi in checks:
+        try:
+            check_int(flag, value, lo, hi)
+        except ConfigError as exc:
+            ap.error(str(exc))
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n")[-1])
     ap.add_argument(
         "--redis-url",
         default=os.environ.get("REDIS_URL"),
@@ -135,11 +146,15 @@ def main(argv: list[str] | None = None) -> int:
         "--maxlen", type=int, default=1_000_000, help="approximate stream length cap, entries (default 1e6)"
     )
     args = ap.parse_args(argv)
-    if not 1 <= args.messages <= 1e12:  # also refuses nan and inf
-        ap.error(f"--messages {args.messages:g}: send 1 to 1,000,000,000,000 messages")
+    # Every argument is checked here, before a server starts (the limits StreamProducer sets).
+    if not 1 <= args.messages <= 1e12 or args.messages % 1:  # also refuses nan and inf
+        ap.error(f"--messages {args.messages:g}: send a whole number of 1 to 1,000,000,000,000 messages")
     n = int(args.messages)
-    if args.frame < 1:
-        ap.error(f"--frame {args.frame}: must be >= 1 message per entry")
+    if not args.stream:
+        ap.error("--stream '': a stream key must not be empty")
+    check_ints(ap, [("--frame", args.frame, 1, None), ("--maxlen", args.maxlen, 1, None)])
+    if args.rate is not None and not 0 < args.rate < float("inf"):
+        ap.error(f"--rate {args.rate:g}: must be a number of messages/s > 0")
     if not HEADER <= args.size <= MAX_SIZE:
         ap.error(f"--size {args.size}: payloads are {HEADER} .. {MAX_SIZE} bytes (the first {HEADER} hold the number)")
 
@@ -188,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.serve:
             print("--serve: nothing to keep running, Redis at --redis-url is not ours")
         return 0
-    except ConfigError as exc:  # a malformed URL, a bad --frame / --maxlen / --rate
+    except ConfigError as exc:  # a malformed --redis-url
         print(f"redis_producer: {exc}", file=sys.stderr)
         return 2
     except BrokerError as exc:  # BrokerUnavailable (unreachable, connection lost) or no redis-server binary
@@ -198,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         if exc.name != "redis":
             raise
         print("redis_producer: needs redis-py: pip install -e '.[redis]' (from a checkout)", file=sys.stderr)
-        return 3
+        return 2
     except KeyboardInterrupt:
         sent = f" after {producer.sent_messages:,} messages" if producer is not None else ""
         print(f"\ninterrupted{sent}", file=sys.stderr)

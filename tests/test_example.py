@@ -36,13 +36,25 @@ def test_example_on_the_gpu(gpu):
 
 
 @pytest.mark.parametrize(
-    "args", [("--messages", "nan"), ("--messages", "inf"), ("--messages", "1e12"), ("--messages", "0")]
+    "args",
+    [("--messages", "nan"), ("--messages", "inf"), ("--messages", "1e12"), ("--messages", "0"), ("--messages", "1.5")],
 )
 def test_bad_message_counts_are_one_usage_line(args):
     """Issue 10 item 10: no traceback, argparse's exit 2 with the reason."""
     r = run("--backend", "sim", *args)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert "--messages" in r.stderr.strip().splitlines()[-1]
+
+
+def test_message_counts_in_1e6_style_are_accepted():
+    r = run("--backend", "sim", "--messages", "2e3", "--capacity", "64", "--slot-bytes", "64")
+    assert r.returncode == 0 and "2,000 sent, 2,000 received" in r.stdout, r.stdout + r.stderr
+
+
+def test_help_shows_the_defaults_and_the_exit_codes():
+    r = run("--help")
+    assert r.returncode == 0, r.stderr
+    assert "(default: 1000000)" in r.stdout and "(default: 4096)" in r.stdout and "130 interrupted" in r.stdout
 
 
 def test_the_largest_slot_runs():
