@@ -6,10 +6,8 @@ device state, the stream and the module.  Everything is allocated and every func
 taken *before* the first cooperative launch; nothing is freed while a lease may still run, and
 nothing at all at interpreter exit (``abandon``): another thread may still be reading it.
 
-The backend interface, which sim.SimulatedKernel implements too (so GpuQueue runs unchanged on
-either): ``layout``, ``mem`` (the shared memory), ``doorbell``, ``ctrl`` (GpuqCtrlDev), ``blocks``,
-``threads``, ``warps``, ``backend``; ``start()``, ``launch()`` (one lease, see lease.py), ``idle()``,
-``exited()``, ``error``, ``close()``, ``abandon()``.
+It implements the backend contract, backend.Backend, as sim.SimulatedKernel does (so GpuQueue
+runs unchanged on either); the contract's members are documented there.
 """
 
 from __future__ import annotations
@@ -39,6 +37,14 @@ class PersistentKernel:
     """
 
     backend = "cuda"
+    # backend.Backend's data members, set in _setup
+    layout: HostLayout
+    mem: memoryview
+    doorbell: memoryview
+    ctrl: CtrlDev
+    blocks: int
+    threads: int
+    warps: int
 
     def __init__(self, config):
         # One persistent queue kernel per device per process: while one runs, another queue's

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .backend import Backend
 from .errors import (
     ConfigError,
     GpuqError,
@@ -221,10 +222,11 @@ class GpuQueue:
             raise ConfigError(f"config must be a QueueConfig, not {type(config).__name__}")
         self.config = config
         if config.backend == "sim":
-            from .sim import SimulatedKernel as Backend
+            from .sim import SimulatedKernel as make_kernel
         else:
-            from .kernel import PersistentKernel as Backend
-        self._kernel = kernel = Backend(config)
+            from .kernel import PersistentKernel as make_kernel
+        self._kernel: Backend = make_kernel(config)
+        kernel = self._kernel
         self._leases = leases = Leases(kernel, config.lease_ms, config.linger_ms)
         self._finalizer = weakref.finalize(self, _close_kernel, leases, kernel)
         self._finalizer.atexit = False  # _abandon_open_queues handles exit
@@ -691,7 +693,7 @@ class GpuQueue:
         return f"<GpuQueue {self._kernel.backend} capacity={self._cap} slot_bytes={self._sb} {state}>"
 
 
-def _close_kernel(leases: Leases, kernel) -> None:
+def _close_kernel(leases: Leases, kernel: Backend) -> None:
     """close() and garbage collection: no launch from now on, then stop the kernel and free it."""
     leases.close()
     kernel.close()

@@ -41,9 +41,16 @@ SIM_NEEDS_TWIN = "the simulator (backend='sim')"
 
 
 class SimulatedKernel:
-    """Same interface as kernel.PersistentKernel; the memory is an ordinary bytearray."""
+    """The backend contract (backend.Backend), as kernel.PersistentKernel; the memory is an ordinary bytearray."""
 
     backend = "sim"
+    layout: HostLayout
+    mem: memoryview
+    doorbell: memoryview
+    ctrl: CtrlDev
+    blocks: int
+    threads: int
+    warps: int
 
     def __init__(self, config):
         self.plugin = resolve(config.plugin, SIM_NEEDS_TWIN)
@@ -77,6 +84,7 @@ class SimulatedKernel:
 
     @property
     def error(self) -> tuple[int, int]:
+        """(GPUQ_ERR_* code, msg_id) of the first protocol error; (0, 0) if none."""
         return self.ctrl.error, self.ctrl.error_msg_id
 
     def exited(self) -> bool:

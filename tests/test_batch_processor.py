@@ -52,3 +52,13 @@ def test_batch_processor_direct(request, proc_backend):
     assert proc.closed
     with pytest.raises(GpuqError, match="closed"):
         proc.process([b"x"])
+
+
+def test_the_old_import_paths_still_work():
+    """BatchProcessor moved to gpuq_driver.batch; gpuq_driver.streams(.processor) re-export it."""
+    import gpuq_driver
+    from gpuq_driver import batch, streams
+    from gpuq_driver.streams import processor, wire
+
+    assert gpuq_driver.BatchProcessor is streams.BatchProcessor is processor.BatchProcessor is batch.BatchProcessor
+    assert wire.FAILED is processor.FAILED is batch.FAILED == 0xFFFFFFFF
