@@ -37,6 +37,14 @@ MAX_MESSAGES = 100_000_000
 def main(argv: list[str] | None = None, progress=None) -> int:
     """Run the example; ``progress(received, total)``, if given, is called about every 0.1 s (the
     ``gpuq demo`` command draws its progress bar with it).  Returns the exit status."""
+    try:
+        return run(argv, progress)
+    except KeyboardInterrupt:  # before the threads run (the queue starting: a compile, a launch)
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+def run(argv: list[str] | None, progress) -> int:
     ap = argparse.ArgumentParser(
         prog="producer_consumer",
         description=__doc__.split("\n\n")[0],
@@ -141,9 +149,9 @@ def main(argv: list[str] | None = None, progress=None) -> int:
                 if thread.is_alive():
                     show()
 
-        for t in threads:
-            t.start()
         try:
+            for t in reversed(threads):  # the consumer first: a producer alone could block on a full ring
+                t.start()
             wait(threads[0], float("inf"))
             wait(threads[1], 60)
         except KeyboardInterrupt:  # Ctrl-C: stop sending, take what was sent, then report

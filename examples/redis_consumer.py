@@ -108,6 +108,7 @@ def verify(client, stream: str, result_stream: str, after, slot_bytes: int, expe
     seen_seqs = bytearray(expected) if expected else None
 
     def show(final: bool = False) -> None:
+        now = time.perf_counter()
         status(
             f"verify: {out['checked']:,}{f' / {expected:,}' if expected else ''} results checked, "
             f"{out['mismatched']:,} mismatched, {out['checked'] / max(now - started, 1e-9):,.0f} results/s",
@@ -198,8 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=None,
         metavar="N",
-        help="stop after at least N messages (N >= 1), at the first batch boundary at or after N: "
-        "up to one batch (--count entries) more",
+        help="stop after at least N messages (N >= 1), at the first batch boundary at or after N: up to "
+        "one batch more (a read of --count entries; in bridge mode, also what is in the queue then)",
     )
     ap.add_argument("--slot-bytes", type=int, default=512, help="max message bytes on the GPU (default 512)")
     ap.add_argument("--max-batch", type=int, default=None, help="--mode batch only: messages per launch (default 4096)")
