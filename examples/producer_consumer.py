@@ -34,19 +34,20 @@ from gpuq_driver import ConfigError, CudaUnavailable, GpuQueue, QueueConfig
 MAX_MESSAGES = 100_000_000
 
 
-def main(argv: list[str] | None = None, progress=None) -> int:
+def main(argv: list[str] | None = None, progress=None, prog: str = "producer_consumer") -> int:
     """Run the example; ``progress(received, total)``, if given, is called about every 0.1 s (the
-    ``gpuq demo`` command draws its progress bar with it).  Returns the exit status."""
+    ``gpuq demo`` command draws its progress bar with it); ``prog`` names it in usage and
+    messages.  Returns the exit status."""
     try:
-        return run(argv, progress)
+        return run(argv, progress, prog)
     except KeyboardInterrupt:  # before the threads run (the queue starting: a compile, a launch)
         print("\ninterrupted", file=sys.stderr)
         return 130
 
 
-def run(argv: list[str] | None, progress) -> int:
+def run(argv: list[str] | None, progress, prog: str) -> int:
     ap = argparse.ArgumentParser(
-        prog="producer_consumer",
+        prog=prog,
         description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n")[-1],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -74,7 +75,7 @@ def run(argv: list[str] | None, progress) -> int:
         queue = GpuQueue(config)
     except CudaUnavailable as exc:
         print(
-            f"producer_consumer: needs an NVIDIA GPU with its driver; none usable here ({exc.text}); "
+            f"{prog}: needs an NVIDIA GPU with its driver; none usable here ({exc.text}); "
             "--backend sim runs the example on the CPU simulator",
             file=sys.stderr,
         )

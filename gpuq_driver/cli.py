@@ -150,21 +150,17 @@ def _load_example(name: str):
 def cmd_demo(argv: list[str]) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    example = _load_example("producer_consumer")
-    with Progress(
-        TextColumn("messages"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        transient=True,
-        console=_console(),
-    ) as bar:
+    example, console = _load_example("producer_consumer"), _console()
+    if not console.is_terminal:  # a log or a pipe: the example's own progress lines, no bar
+        return example.main(argv, prog="gpuq demo")
+    columns = (TextColumn("messages"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, transient=True, console=console) as bar:
         task = bar.add_task("demo", total=None)
 
         def progress(done: int, total: int) -> None:
             bar.update(task, completed=done, total=total)
 
-        return example.main(argv, progress=progress)
+        return example.main(argv, progress=progress, prog="gpuq demo")
 
 
 def _round_trips(send_and_wait, n: int, bar, task) -> np.ndarray:

@@ -39,9 +39,11 @@ def test_demo_on_the_simulator_checks_every_message():
     assert "3,000 sent, 3,000 received, 0 mismatched, 0 lost" in r.stdout and "OK" in r.stdout
 
 
-def test_demo_usage_errors_are_the_examples_own():
+def test_demo_usage_errors_are_the_examples_own_under_its_name():
     r = gpuq("demo", "--messages", "nan")
     assert r.returncode == 2 and "--messages" in r.stderr and "Traceback" not in r.stderr
+    assert "usage: gpuq demo" in r.stderr
+    assert gpuq("demo", "--help").stdout.startswith("usage: gpuq demo")
 
 
 @pytest.mark.skipif(NO_GPU is None, reason="this machine has a GPU: the no-GPU path cannot be seen")
