@@ -29,6 +29,32 @@ def gpu_unavailable_reason() -> str | None:
     return None
 
 
+# --- the CUBIN cache (tests/test_compiler.py, tests/test_plugins.py) ------------------------------
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """An empty CUBIN cache folder of the test's own (GPUQ_CACHE_DIR); its versioned subfolder."""
+    monkeypatch.setenv("GPUQ_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache" / gpuq_driver.compiler.CACHE_FORMAT
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Counts real NVRTC compiles: the list of (source, options) of each."""
+    from gpuq_driver import compiler
+
+    calls = []
+    real = compiler._nvrtc_compile
+
+    def spy(source, options):
+        calls.append((source, options))
+        return real(source, options)
+
+    monkeypatch.setattr(compiler, "_nvrtc_compile", spy)
+    return calls
+
+
 # --- markers: gpu, redis, slow (registered in pyproject.toml) --------------------------------------
 # Given here from what a test uses, so that no test can lack its marker: ``-m "not gpu"``,
 # ``-m redis``, ``-m "not slow"`` select by them.

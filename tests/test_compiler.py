@@ -8,26 +8,6 @@ from gpuq_driver import CompileError, CompileOptions, ConfigError, GpuqError, co
 
 
 @pytest.fixture
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("GPUQ_CACHE_DIR", str(tmp_path / "cache"))
-    return tmp_path / "cache" / compiler.CACHE_FORMAT
-
-
-@pytest.fixture
-def counted(monkeypatch):
-    """Counts real NVRTC compiles."""
-    calls = []
-    real = compiler._nvrtc_compile
-
-    def spy(source, options):
-        calls.append((source, options))
-        return real(source, options)
-
-    monkeypatch.setattr(compiler, "_nvrtc_compile", spy)
-    return calls
-
-
-@pytest.fixture
 def src_copy(tmp_path, monkeypatch):
     """A private copy of device_src that a test may edit."""
     dst = tmp_path / "device_src"

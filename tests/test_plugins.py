@@ -49,26 +49,6 @@ def triple_twin(payload, msg_id):
 TRIPLE = Plugin.from_source("triple", TRIPLE_SOURCE, twin=triple_twin)
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("GPUQ_CACHE_DIR", str(tmp_path / "cache"))
-    return tmp_path / "cache" / compiler.CACHE_FORMAT
-
-
-@pytest.fixture
-def counted(monkeypatch):
-    """Counts real NVRTC compiles."""
-    calls = []
-    real = compiler._nvrtc_compile
-
-    def spy(source, options):
-        calls.append((source, options))
-        return real(source, options)
-
-    monkeypatch.setattr(compiler, "_nvrtc_compile", spy)
-    return calls
-
-
 def random_payloads(n: int, max_len: int, seed: int) -> list[bytes]:
     """n random payloads of 0 .. max_len bytes; the edge lengths first."""
     rng = np.random.default_rng(seed)
