@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import threading
 import time
+import warnings
 
 from .layout import (
     DONE,
@@ -61,6 +62,7 @@ class SimulatedKernel:
         self.ctrl = CtrlDev.from_buffer(self.mem, self.layout.offsets["ctrl_dev"])
         self.doorbell = self.layout.view(self.mem, "ctrl_host", "Q")[:1]
         self.delay_s = 0.0  # tests may slow the simulated device down
+        self.fault: Exception | None = None  # what a plugin's twin raised (the kernel then stopped)
         self.closed = False
         self._lease_s = config.lease_ms / 1e3
         self._claim = 0  # GpuqDevState.claim: the next msg_id, carried from lease to lease
@@ -110,9 +112,27 @@ class SimulatedKernel:
                     self._cv.wait()
                 if self.closed:
                     return
-            self._lease()
+            if self.fault is None:  # after a fault, leases still queued end at once
+                try:
+                    self._lease()
+                except Exception as exc:  # the twin raised: the simulated kernel "faults"
+                    self._fail(exc)
             with self._cv:
                 self._queued -= 1
+
+    def _fail(self, exc: Exception) -> None:
+        """A twin raised: stop for good, as a device plugin that faults stops the kernel (and, on the
+        GPU, loses the CUDA context).  Waiters get KernelStopped; the exception is kept in ``fault``."""
+        self.fault = exc
+        ctrl = self.ctrl
+        ctrl.leases_leaving = ctrl.leases_ended = ctrl.leases_begun
+        ctrl.state = KERNEL_EXITED
+        warnings.warn(
+            f"gpuq_driver simulator: plugin {self.plugin.name!r}'s twin raised {exc!r}; the simulated kernel "
+            "has stopped for good (messages not yet processed never will be)",
+            RuntimeWarning,
+            stacklevel=1,
+        )
 
     def _lease(self) -> None:
         lay, mem, sb, cap = self.layout, self.mem, self.config.slot_bytes, self.config.capacity

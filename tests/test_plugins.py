@@ -302,3 +302,28 @@ def test_crc32c_on_the_gpu_matches_the_twin_through_batch_processor(gpu, crc_mes
         for start in range(0, len(payloads), 4096):
             got += proc.process(payloads[start : start + 4096])
     assert len(got) == len(expect) and first_mismatch(got, expect, payloads) is None
+
+
+def test_a_twin_that_raises_stops_the_simulated_kernel_for_good():
+    """Like a device plugin that faults: no hang; the messages before it come back, the waiters of
+    the rest get KernelStopped at once, and the queue still shuts down and closes."""
+    import warnings
+
+    from gpuq_driver import GpuQueue, KernelStopped
+
+    def fragile(payload, msg_id):
+        if msg_id == 3:
+            raise ZeroDivisionError("boom")
+        return payload
+
+    plugin = Plugin.from_source("fragile", TRIPLE_SOURCE, twin=fragile)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the simulator says so from its thread
+        q = GpuQueue(QueueConfig(capacity=8, slot_bytes=16, backend="sim", plugin=plugin))
+        ids = [q.enqueue(bytes([i])) for i in range(6)]
+        assert [q.wait_result(i, timeout=5) for i in ids[:3]] == [b"\0", b"\1", b"\2"]
+        for i in ids[3:]:
+            with pytest.raises(KernelStopped):
+                q.wait_result(i, timeout=5)
+        assert isinstance(q._kernel.fault, ZeroDivisionError) and q.stats().kernel == "exited"
+        q.close()
