@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .backend import Backend
+from .bulk import BulkCalls
 from .errors import (
     ConfigError,
     GpuqError,
@@ -201,7 +202,7 @@ class QueueStats:
     backend: str
 
 
-class GpuQueue:
+class GpuQueue(BulkCalls):
     """A ring of ``capacity`` slots served by one persistent cooperative kernel.
 
     Thread safety: any number of producer threads may call ``enqueue`` and any number of consumer
@@ -209,6 +210,9 @@ class GpuQueue:
     another.  The CUDA calls it makes (start, a launch per lease, stop, close) make the context
     current in the calling thread.  Raises on construction: ConfigError, CudaUnavailable,
     CompileError, CudaError, GpuqError (the kernel did not start).
+
+    Batch calls, many messages per Python call (``enqueue_many``, ``reserve``/``commit``,
+    ``take_results``, ``view_results``, ``take_ready``, ``free_slots``), are in bulk.py (BulkCalls).
 
     The kernel runs in leases of ``config.lease_ms`` (lease.py), so the rest of the process may
     use the GPU while a queue lives; ``pause()`` parks it for longer stretches.  At interpreter
@@ -352,7 +356,9 @@ class GpuQueue:
         taken holds them all up; name it and what it waits for."""
         t = self._tail
         done = self._res_hdr is not None and self._res_hdr[((t & self._mask) << 1) | 1] == t
-        if self._leases.paused and not done:
+        if self._views:  # bulk.py: the tail's result is lent to a ResultView
+            why = "is held by a result view (view_results): release() it"
+        elif self._leases.paused and not done:
             why = "is not processed yet: the queue is paused, resume() lets the kernel process it"
         elif done:
             why = f"has its result waiting: take it (try_dequeue_result({t})); slots free in msg_id order"
