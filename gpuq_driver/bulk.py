@@ -82,6 +82,8 @@ def _lengths_array(lengths, n_expected: int | None, limit: int, what: str) -> np
         lens = np.asarray(lengths)
     except Exception as exc:  # noqa: BLE001 - whatever numpy refuses
         raise PayloadTypeError(f"lengths must be an array of ints: {exc}") from None
+    if lens.ndim == 1 and lens.size == 0:
+        lens = lens.astype(np.uint32)  # [] is float64 to numpy
     if lens.ndim != 1 or lens.dtype.kind not in "iu":
         raise PayloadTypeError(
             f"lengths must be a 1-D array of integers (uint32), not {lens.ndim}-D of dtype {lens.dtype}"
