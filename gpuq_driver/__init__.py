@@ -3,6 +3,7 @@
 Pure Python over NVIDIA's cuda-python driver API and NVRTC.  See README.md and docs/design.md.
 """
 
+from .aio import AsyncQueue
 from .batch import BatchProcessor
 from .compiler import CompileOptions, compile_cubin
 from .driver import DeviceInfo, device_count, device_info
@@ -26,6 +27,7 @@ from .queue import GpuQueue, QueueConfig, QueueStats
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncQueue",
     "BatchProcessor",
     "CompileError",
     "CompileOptions",
