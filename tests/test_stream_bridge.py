@@ -47,3 +47,25 @@ def test_gpu_bridge_reclaiming_its_own_entries_publishes_each_once(redis_client)
     assert (stats.messages, stats.entries, stats.duplicates, stats.failed) == (n, n, 0, 0)
     assert consumer.pending() == 0 and redis_client.xpending("s", "g")["pending"] == 0
     assert_exactly_once(all_results(redis_client, "s:results"), expected_results(ids, payloads, 1))
+
+
+def test_gpu_bridge_frames_larger_than_the_ring_with_oversized_messages_anywhere(redis_client, make_queue):
+    """Frames of 100 messages into a ring of 32 slots: an entry goes in over several enqueue_many
+    calls and comes back over several takes; messages larger than a slot (first, last, in runs) get
+    no result (None) and the others keep their places."""
+    n, frame = 1000, 100
+    payloads = make_payloads(n, seed=12, max_len=50)  # at most 57 bytes
+    for i in (0, 99, 100, 101, 102, 250, 555, 999):
+        payloads[i] = b"L" * (65 + i % 7)  # larger than the 64-byte slot
+    ids = StreamProducer(redis_client, "s", frame=frame).send_many(payloads)
+    q = make_queue(capacity=32, slot_bytes=64)
+    consumer = StreamConsumer(redis_client, "s", "g", "bridge", block_ms=50, count=3)
+    bridge = GpuBridge(consumer, q, publish_batch=2)
+    stats = bridge.run(max_messages=n, idle_exit_s=5)
+    assert (stats.messages, stats.entries, stats.failed, stats.duplicates) == (n, len(ids), 8, 0)
+    expected = expected_results(ids, payloads, frame)
+    for i in (0, 99, 100, 101, 102, 250, 555, 999):
+        expected[(ids[i // frame], i % frame)] = None
+    assert_exactly_once(all_results(redis_client, "s:results"), expected)
+    s = q.stats()
+    assert s.enqueued == s.taken == n - 8 and s.occupied == 0
