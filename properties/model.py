@@ -19,15 +19,20 @@ class RingModel:
     capacity: int
     slot_bytes: int
     next_id: int = 0
-    payloads: dict[int, bytes] = field(default_factory=dict)  # live (enqueued, not taken)
+    payloads: dict[int, bytes] = field(default_factory=dict)  # live (enqueued, not taken, not held)
     taken: set[int] = field(default_factory=set)
+    held: dict[int, bytes] = field(default_factory=dict)  # lent to a result view: not free, not takeable
+    views: list[tuple[int, int]] = field(default_factory=list)  # (first, n) of the views held, in order
 
     @property
     def oldest_untaken(self) -> int:
-        return min(self.payloads, default=self.next_id)
+        return min(min(self.payloads, default=self.next_id), min(self.held, default=self.next_id))
 
-    def can_enqueue(self) -> bool:
-        return self.next_id - self.oldest_untaken < self.capacity
+    def can_enqueue(self, n: int = 1) -> bool:
+        return self.next_id + n - self.oldest_untaken <= self.capacity
+
+    def free_slots(self) -> int:
+        return self.capacity - (self.next_id - self.oldest_untaken)
 
     def enqueue(self, payload: bytes) -> int:
         assert self.can_enqueue() and len(payload) <= self.slot_bytes
@@ -38,6 +43,36 @@ class RingModel:
     def take(self, msg_id: int) -> bytes:
         self.taken.add(msg_id)
         return self.payloads.pop(msg_id)
+
+    def live_run(self, first: int) -> int:
+        """How many consecutive msg_ids from ``first`` are live (takeable)."""
+        n = 0
+        while first + n in self.payloads:
+            n += 1
+        return n
+
+    def view_start(self) -> int:
+        """Where the next result view must start: the end of the last one held, else the oldest
+        msg_id not taken (the queue's tail)."""
+        if self.views:
+            first, n = self.views[-1]
+            return first + n
+        m = 0
+        while m in self.taken:
+            m += 1
+        return m
+
+    def hold(self, first: int, n: int) -> list[bytes]:
+        out = [self.payloads.pop(m) for m in range(first, first + n)]
+        self.held.update(zip(range(first, first + n), out))
+        self.views.append((first, n))
+        return out
+
+    def release(self, first: int, n: int) -> None:
+        self.views.remove((first, n))
+        for m in range(first, first + n):
+            del self.held[m]
+            self.taken.add(m)
 
     @property
     def occupied(self) -> int:

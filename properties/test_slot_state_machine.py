@@ -1,7 +1,10 @@
 """Stateful property test: GpuQueue against the reference model (properties/model.py).
 
 Hypothesis drives random sequences of enqueues (fitting, too large, into a full ring), takes
-(in and out of order, twice, of unknown ids) and polls, and the kernel's lifecycle: pause, resume,
+(in and out of order, twice, of unknown ids) and polls, the batch calls (enqueue_many in every
+form, of any size, wrapping at the ring's end or not fitting; reserve/commit of a prefix, or
+cancel; take_results of a range; result views held across steps and released in any order;
+take_ready), and the kernel's lifecycle: pause, resume,
 and waiting until the kernel has left on its own (its lease ended with nothing to do), so that the
 next message has to launch it again.  After every step the invariants are checked: each message's
 state only moves forward (READY -> DONE -> EMPTY), results equal their payloads byte for byte,
@@ -14,13 +17,14 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 from model import DONE, EMPTY, ORDER, READY, RingModel
 
-from gpuq_driver import GpuQueue, PayloadError, QueueConfig, QueueFull
+from gpuq_driver import GpuQueue, PayloadError, QueueConfig, QueueFull, ResultTimeout, UnknownMessage
 from tests.conftest import gpu_unavailable_reason
 
 CAPACITY, SLOT_BYTES = 8, 48
@@ -42,6 +46,7 @@ def make_machine(backend: str):
             self.reported: set[int] = set()
             self.paused_at: int | None = None  # processed count when pause() returned
             self.pauses_in_force = 0  # pauses nest: as many resumes undo them
+            self.views: list = []  # ResultViews held across steps, with the payloads they must show
 
         def teardown(self):
             self.q.close()
@@ -49,6 +54,8 @@ def make_machine(backend: str):
         def observed_state(self, msg_id: int) -> int:
             if msg_id in self.model.taken:
                 return EMPTY
+            if msg_id in self.model.held:
+                return DONE
             slot = self.model.slot(msg_id)
             return DONE if self.q._res_hdr[2 * slot + 1] == msg_id else READY
 
@@ -65,11 +72,138 @@ def make_machine(backend: str):
             with pytest.raises(PayloadError):
                 self.q.enqueue(bytes(SLOT_BYTES + extra), timeout=0)
 
+        # -- batch calls --------------------------------------------------------------------------
+
+        @rule(data=st.data(), n=st.integers(0, CAPACITY + 1), form=st.sampled_from(["rows", "packed", "list"]))
+        def enqueue_many(self, data, n, form):
+            if form == "rows":
+                size = data.draw(st.integers(0, SLOT_BYTES))
+                msgs = [data.draw(st.binary(min_size=size, max_size=size)) for _ in range(n)]
+                args = (np.frombuffer(b"".join(msgs), np.uint8).reshape(n, size),)
+            else:
+                msgs = [data.draw(st.binary(max_size=SLOT_BYTES)) for _ in range(n)]
+                args = (msgs,) if form == "list" else (b"".join(msgs), [len(m) for m in msgs])
+            before = self.q.stats().enqueued
+            if n > CAPACITY:
+                with pytest.raises(PayloadError, match="exceeds capacity"):
+                    self.q.enqueue_many(*args, timeout=0)
+            elif self.model.can_enqueue(n):
+                assert self.q.enqueue_many(*args, timeout=0) == self.model.next_id
+                for m in msgs:
+                    self.model.enqueue(m)
+                return
+            else:
+                with pytest.raises(QueueFull, match=f"{self.model.free_slots()} of {CAPACITY} slots are free"):
+                    self.q.enqueue_many(*args, timeout=0)
+            assert self.q.stats().enqueued == before  # all or nothing
+
+        @rule(data=st.data(), n=st.integers(1, CAPACITY + 2))
+        def reserve_commit(self, data, n):
+            k = min(n, CAPACITY - self.model.next_id % CAPACITY)
+            if not self.model.can_enqueue(k):
+                with pytest.raises(QueueFull):
+                    self.q.reserve(n, timeout=0)
+                return
+            r = self.q.reserve(n, timeout=0)
+            assert (r.first, len(r)) == (self.model.next_id, k)
+            msgs = [data.draw(st.binary(max_size=SLOT_BYTES)) for _ in range(k)]
+            for i, m in enumerate(msgs):
+                r.data[i, : len(m)] = np.frombuffer(m, np.uint8)
+            count = data.draw(st.integers(0, k))
+            if data.draw(st.booleans()):
+                r.commit([len(m) for m in msgs[:count]], n=count)
+            else:
+                r.cancel()
+                count = 0
+            for m in msgs[:count]:
+                self.model.enqueue(m)
+
+        def wait_processed(self) -> None:
+            deadline = time.monotonic() + 10
+            while self.q.stats().processed < self.model.next_id:
+                assert time.monotonic() < deadline, "the kernel did not process what was enqueued"
+                time.sleep(1e-4)
+
+        def done_while_paused(self, first: int, n: int) -> bool:
+            """While paused, exactly the messages enqueued before the pause are done (pause waits
+            for them): a fact of the model, so that what the rules draw never depends on timing."""
+            return first + n <= self.paused_at
+
+        @precondition(lambda self: self.model.payloads)
+        @rule(data=st.data())
+        def take_batch(self, data):
+            first = data.draw(st.sampled_from(sorted(self.model.payloads)))
+            n = data.draw(st.integers(1, self.model.live_run(first)))
+            packed = data.draw(st.booleans())  # every draw before what depends on timing
+            if self.paused_at is not None and not self.done_while_paused(first, n):
+                with pytest.raises(ResultTimeout):
+                    self.q.take_results(first, n, timeout=0.005)
+                return
+            got, lens = self.q.take_results(first, n, timeout=10, packed=packed)
+            want = [self.model.take(m) for m in range(first, first + n)]
+            assert list(lens) == [len(w) for w in want]
+            if packed:
+                assert got.tobytes() == b"".join(want)
+            else:
+                assert [bytes(got[i, : len(w)]) for i, w in enumerate(want)] == want
+
+        @rule(msg_id=st.integers(0, 40), n=st.integers(1, 4))
+        def take_batch_unknown_or_taken(self, msg_id, n):
+            if all(m in self.model.payloads for m in range(msg_id, msg_id + n)):
+                return
+            with pytest.raises(UnknownMessage):
+                self.q.take_results(msg_id, n, timeout=0)
+
+        @rule(data=st.data())
+        def open_view(self, data):
+            first = self.model.view_start()
+            run = self.model.live_run(first)
+            if not run:
+                return
+            n = data.draw(st.integers(1, run))
+            k = min(n, CAPACITY - first % CAPACITY)
+            if self.paused_at is not None and not self.done_while_paused(first, k):
+                return
+            v = self.q.view_results(first, n, timeout=10)
+            assert (v.first, len(v)) == (first, k)
+            want = self.model.hold(first, k)
+            assert [bytes(v.data[i, : v.lengths[i]]) for i in range(k)] == want
+            self.views.append((v, want))
+
+        @precondition(lambda self: self.views)
+        @rule(data=st.data())
+        def release_view(self, data):
+            v, want = self.views.pop(data.draw(st.integers(0, len(self.views) - 1)))
+            assert [bytes(v.data[i, : v.lengths[i]]) for i in range(len(v))] == want  # unchanged while held
+            v.release()
+            self.model.release(v.first, len(v))
+
+        @rule(max_items=st.one_of(st.none(), st.integers(0, CAPACITY)))
+        def take_ready(self, max_items):
+            if self.paused_at is None:  # what is ready follows from the model: everything, or
+                self.wait_processed()  # (paused) what was enqueued before the pause
+            start = self.model.view_start()
+            while start in self.model.taken:
+                start += 1
+            ready = self.model.live_run(start)
+            if self.paused_at is not None:
+                ready = max(0, min(ready, self.paused_at - start))
+            first, got, lens = self.q.take_ready(max_items)
+            assert first == start and len(lens) == (ready if max_items is None else min(ready, max_items))
+            want = [self.model.take(m) for m in range(first, first + len(lens))]
+            assert [bytes(got[i, :m]) for i, m in enumerate(lens.tolist())] == want
+
+        @rule()
+        def free_slots_agree(self):
+            assert self.q.free_slots() == self.model.free_slots()
+
+        # -- single calls ---------------------------------------------------------------------------
+
         @precondition(lambda self: self.model.payloads)
         @rule(data=st.data())
         def take(self, data):
             msg_id = data.draw(st.sampled_from(sorted(self.model.payloads)))
-            if self.paused_at is not None and self.observed_state(msg_id) != DONE:
+            if self.paused_at is not None and not self.done_while_paused(msg_id, 1):
                 with pytest.raises(TimeoutError):  # parked: it waits for resume()
                     self.q.wait_result(msg_id, timeout=0.005)
                 return
@@ -77,11 +211,14 @@ def make_machine(backend: str):
 
         @rule()
         def pause(self):
+            if self.paused_at is None:  # let the kernel finish first, so that what is done while
+                self.wait_processed()  # paused follows from the model (deterministic draws)
             self.q.pause(timeout=10)
             s = self.q.stats()
             assert s.kernel == "paused" and s.exits == s.launches
             if self.paused_at is None:
                 self.paused_at = s.processed
+                assert s.processed == self.model.next_id
             self.pauses_in_force += 1
 
         @rule()
