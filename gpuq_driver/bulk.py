@@ -179,6 +179,15 @@ def _gather_packed(rows: np.ndarray, lens: np.ndarray) -> np.ndarray:
     return rows[:, :width][np.arange(width, dtype=np.uint32) < lens[:, None]]
 
 
+def _first_missing(rings: _Rings, ids: np.ndarray, segs) -> int:
+    """Index of the first msg_id of ``ids`` (in ring runs ``segs``) whose result is not done; -1 if all are."""
+    for s0, i0, k in segs:
+        done = rings.res_ids[s0 : s0 + k] == ids[i0 : i0 + k]
+        if not done.all():
+            return i0 + int(np.argmin(done))
+    return -1
+
+
 def _decode(words: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Result header words (len | flags << 32) -> (lengths uint32 with FAILED where flagged, flags
     uint32, flagged bool)."""
@@ -729,20 +738,23 @@ class BulkCalls:
         segs = _segments(first, n, self._cap)
         start = time.perf_counter()
         pause, stopped = 0.0, False
+        last_slot, last = (first + n - 1) & self._mask, first + n - 1
         while True:
             with self._clock:
                 if self._res_hdr is None:
                     raise QueueClosed("queue is closed")
                 self._check_takeable(first, n, ids, segs, rings, mode == "view")
-                missing = -1
-                for s0, i0, k in segs:
-                    done = rings.res_ids[s0 : s0 + k] == ids[i0 : i0 + k]
-                    if not done.all():
-                        missing = i0 + int(np.argmin(done))
-                        break
-                if missing < 0:
+                # the last is usually done last: one look at it before the whole range
+                if rings.res_ids[last_slot] == last and _first_missing(rings, ids, segs) < 0:
                     return self._take_locked(first, n, mode, out, errors)
             waited = time.perf_counter() - start
+            if stopped or waited > timeout:
+                with self._clock:
+                    if self._res_hdr is None:
+                        raise QueueClosed("queue is closed")
+                    missing = _first_missing(rings, ids, segs)
+                if missing < 0:
+                    continue  # done meanwhile
             if stopped:
                 raise KernelStopped(
                     f"the kernel has stopped; msg_id {first + missing} was not processed and never will be"
