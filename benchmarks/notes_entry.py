@@ -21,6 +21,8 @@ def main() -> None:
     env = bench.get("env", {})
     if not env and (out / "bench_redis.json").exists():  # a run without the latency benchmark
         env = json.loads((out / "bench_redis.json").read_text())["env"]
+    if not env and (out / "bench_batch.json").exists():
+        env = json.loads((out / "bench_batch.json").read_text())["env"]
     print(f"\n## {env.get('date', '(no benchmark)')} — {env.get('device', '?')} ({env.get('arch', '?')})\n")
     print(
         f"- versions: driver {env.get('driver')}, cuda-bindings {env.get('cuda_bindings')}, NVRTC {env.get('nvrtc')}, "
@@ -83,7 +85,52 @@ def main() -> None:
         lines = soak.read_text(errors="replace").splitlines()
         start = max((i for i, ln in enumerate(lines) if "lease" in ln and "neighbour" in ln), default=len(lines) - 25)
         print("\n### Soak (soak.py)\n\n```\n" + "\n".join(lines[start:]) + "\n```")
+    batch_table(out / "bench_batch.json")
     redis_table(out / "bench_redis.json")
+
+
+def batch_table(path: Path) -> None:
+    """The batch calls (bench_batch.py), if it ran: the best of each path per message size, the 64 B
+    end-to-end figures, asyncio and the per-message API."""
+    if not path.exists():
+        return
+    r = json.loads(path.read_text())
+    print("\n### Batch calls (bench_batch.py), one Python thread\n")
+    for x in sorted(r.get("e2e64", []), key=lambda x: -x["msg_per_s"])[:6]:
+        print(
+            f"- 64 B end to end, {x['path']}, batch {x['batch']}, {x['warps']} warps: "
+            f"**{x['msg_per_s'] / 1e6:.2f} M msg/s**, mismatches {x['mismatches']}"
+        )
+    rows = r.get("sweep", []) + r.get("baselines", [])
+    if rows:
+        print("\n| path | size B | best batch | M msg/s | GB/s each way | mismatches |\n|---|---:|---:|---:|---:|---:|")
+        best: dict = {}
+        for x in rows:
+            key = (x["path"], x["size"])
+            if x["gb_per_s"] > best.get(key, {"gb_per_s": -1})["gb_per_s"]:
+                best[key] = x
+        for (path_, size), x in sorted(best.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+            print(
+                f"| {path_} | {size} | {x['batch']} | {x['msg_per_s'] / 1e6:.3f} | {x['gb_per_s']:.2f} | {x['mismatches']} |"
+            )
+    a = r.get("aio")
+    if a:
+        print(
+            f"\n- asyncio: {a['concurrent']['awaits']:,} concurrent awaits in {a['concurrent']['seconds']:.3f} s, wrong "
+            f"{a['concurrent']['wrong']}; 64 B round trip p50/p99 asyncio {a['rtt_asyncio']['p50_us']:.1f}/"
+            f"{a['rtt_asyncio']['p99_us']:.1f} µs vs blocking {a['rtt_blocking']['p50_us']:.1f}/"
+            f"{a['rtt_blocking']['p99_us']:.1f} µs; idle CPU: loop thread {a['idle_cpu']['loop_thread']:.2%}, poller "
+            f"{a['idle_cpu']['poller_with_an_iterator_waiting']:.2%} (iterator waiting), "
+            f"{a['idle_cpu']['poller_nothing_awaited']:.3%} (nothing awaited)"
+        )
+    s = r.get("single")
+    if s:
+        print(
+            f"- per-message API, 64 B: enqueue {s['enqueue_msg_per_s']:,.0f} msg/s, enqueue + take interleaved "
+            f"{s['interleaved_msg_per_s']:,.0f} msg/s, mismatches {s['mismatches']}"
+        )
+    for note in r.get("notes", []):
+        print(f"- note: {note}")
 
 
 def redis_table(path: Path) -> None:

@@ -49,20 +49,20 @@ from .layout import DONE, ERROR_NAMES, NO_MSG, READY
 from .payload import byte_view, byte_views
 
 _READY_WORD = np.uint64(READY << 32)
-_LOW32 = np.uint64(0xFFFFFFFF)
 _MASK_COPY_MAX = 2048  # packed payloads up to this long are scattered with one masked NumPy copy
 
 
 class _Rings:
     """NumPy views of one queue's mapped rings (made once, on the first batch call)."""
 
-    __slots__ = ("req_hdr", "res_hdr", "req_data", "res_data", "res_ids", "taken")
+    __slots__ = ("req_hdr", "res_hdr", "res_hdr32", "req_data", "res_data", "res_ids", "taken")
 
     def __init__(self, q):
         cap, sb = q._cap, q._sb
         self.req_hdr = np.frombuffer(q._req_hdr, np.uint64).reshape(cap, 2)  # [s, 0] len|flags<<32, [s, 1] msg_id
         self.res_hdr = np.frombuffer(q._res_hdr, np.uint64).reshape(cap, 2)
         self.res_ids = self.res_hdr[:, 1]
+        self.res_hdr32 = self.res_hdr.view(np.uint32)  # [s, 0] len, [s, 1] flags (x86: little-endian)
         self.req_data = np.frombuffer(q._req_data, np.uint8).reshape(cap, sb)
         self.res_data = np.frombuffer(q._res_data, np.uint8).reshape(cap, sb)
         self.taken = np.frombuffer(q._taken, np.uint64)  # GpuQueue._taken: msg_id last taken per slot
@@ -188,15 +188,23 @@ def _first_missing(rings: _Rings, ids: np.ndarray, segs) -> int:
     return -1
 
 
-def _decode(words: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Result header words (len | flags << 32) -> (lengths uint32 with FAILED where flagged, flags
-    uint32, flagged bool)."""
-    flags = (words >> np.uint64(32)).astype(np.uint32)
-    lens = (words & _LOW32).astype(np.uint32)
-    bad = flags != DONE
-    if bad.any():
+def _decode(hdr32: np.ndarray, segs, want_flags: bool):
+    """The result headers of ring runs ``segs`` (``hdr32``: the result header ring as uint32
+    [capacity, 4]: len, flags, msg_id) -> (lengths uint32 with FAILED where flagged, flagged bool,
+    flags uint32: a copy, made only if ``want_flags`` or some result is flagged, else None)."""
+    if len(segs) == 1:
+        s0, _, k = segs[0]
+        lens, bad = hdr32[s0 : s0 + k, 0].copy(), hdr32[s0 : s0 + k, 1] != DONE
+    else:
+        lens = np.concatenate([hdr32[s0 : s0 + k, 0] for s0, _, k in segs])
+        bad = np.concatenate([hdr32[s0 : s0 + k, 1] != DONE for s0, _, k in segs])
+    flagged = bool(bad.any())
+    flags = None
+    if want_flags or flagged:
+        flags = np.concatenate([hdr32[s0 : s0 + k, 1] for s0, _, k in segs])
+    if flagged:
         lens[bad] = FAILED
-    return lens, flags, bad
+    return lens, bad, flags
 
 
 def _flag_name(flags: int) -> str:
@@ -746,7 +754,7 @@ class BulkCalls:
                 self._check_takeable(first, n, ids, segs, rings, mode == "view")
                 # the last is usually done last: one look at it before the whole range
                 if rings.res_ids[last_slot] == last and _first_missing(rings, ids, segs) < 0:
-                    return self._take_locked(first, n, mode, out, errors)
+                    return self._take_locked(first, n, mode, out, errors, ids)
             waited = time.perf_counter() - start
             if stopped or waited > timeout:
                 with self._clock:
@@ -775,6 +783,7 @@ class BulkCalls:
     def _check_takeable(self, first: int, n: int, ids, segs, rings, view: bool) -> None:
         """Every msg_id of the range is issued, not taken and not held (the consumer lock is held)."""
         head, tail = self._head, self._tail
+        views = self._views
         if first + n > head:
             raise UnknownMessage(
                 f"msg_id {max(first, head)} was never issued (msg_ids {first}..{first + n - 1} asked; "
@@ -783,35 +792,36 @@ class BulkCalls:
         if first < tail:
             raise UnknownMessage(f"msg_id {first} was already taken")
         if view:
-            views = self._views
             oldest = views[-1].first + len(views[-1]) if views else tail
             if first != oldest:
                 raise ConfigError(
                     f"view_results must start at msg_id {oldest}, the oldest result not taken or held (slots "
                     f"free in msg_id order), not {first}; take_results copies a range anywhere"
                 )
+        if not self._taken_ahead and not views:
+            return  # nothing at or after the tail is taken or held: no mark can match
         for s0, i0, k in segs:
             gone = rings.taken[s0 : s0 + k] == ids[i0 : i0 + k]
             if gone.any():
                 m = first + i0 + int(np.argmax(gone))
                 raise UnknownMessage(f"msg_id {m} was already taken or is held by a result view")
 
-    def _take_locked(self, first: int, n: int, mode: str, out, errors):
+    def _take_locked(self, first: int, n: int, mode: str, out, errors, ids=None):
         """Take msg_ids first .. first + n - 1, all done and takeable (the consumer lock is held)."""
         rings = self._rings()
         segs = _segments(first, n, self._cap)
-        words = rings.res_hdr[segs[0][0] : segs[0][0] + segs[0][2], 0]
-        if len(segs) == 2:
-            words = np.concatenate((words, rings.res_hdr[: segs[1][2], 0]))
-        lens, flags, bad = _decode(words)
-        flagged = bool(bad.any())
+        lens, bad, flags = _decode(rings.res_hdr32, segs, mode == "view")
+        flagged = flags is not None and bool(bad.any())
         if mode == "view" and not (flagged and errors == "raise"):
             s0 = segs[0][0]
             data = rings.res_data[s0 : s0 + n].view()
             data.flags.writeable = False
             view = ResultView(self, first, data, lens, flags)
-            rings.taken[s0 : s0 + n] = np.arange(first, first + n, dtype=np.uint64)
-            rings.res_ids[s0 : s0 + n] = NO_MSG  # try_dequeue_result of a held msg_id: "not done"
+            # Held: marked taken (try_dequeue_result, wait_result, poll and outstanding pass them
+            # by), and the first's msg_id word cleared, since try_dequeue_result takes the tail
+            # without looking at its mark (only a view's first can become the tail while held).
+            rings.taken[s0 : s0 + n] = ids if ids is not None else np.arange(first, first + n, dtype=np.uint64)
+            rings.res_ids[s0] = NO_MSG
             self._polled = max(self._polled, first + n)
             if self._views is None:
                 self._views = []
