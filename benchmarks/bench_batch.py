@@ -65,6 +65,22 @@ E2E_PATHS = {  # every byte of every result checked in each
 }
 
 
+_RANDOM: dict = {}
+
+
+def random_bytes(shape: tuple, seed: int) -> np.ndarray:
+    """Random uint8 data of ``shape``, made once per (shape, seed) (rng.bytes: fast for 256 MiB)."""
+    key = (shape, seed)
+    if key in _RANDOM:
+        _RANDOM[key] = _RANDOM.pop(key)  # the most recently used last
+    if key not in _RANDOM:
+        while len(_RANDOM) >= 2:  # a few at a time: they can be large (the ring's pattern, one batch's sources)
+            del _RANDOM[next(iter(_RANDOM))]
+        n = int(np.prod(shape))
+        _RANDOM[key] = np.frombuffer(np.random.default_rng(seed).bytes(n), np.uint8).reshape(shape).copy()
+    return _RANDOM[key]
+
+
 def ring_capacity(size: int, ring_mib: int, max_cap: int) -> int:
     cap = 1
     while cap * 2 <= max_cap and cap * 2 * size <= ring_mib * MIB:
@@ -86,8 +102,8 @@ def run_copy(q: GpuQueue, size: int, batch: int, seconds: float, depth: int = 4,
     """enqueue_many + take_results(out=) (view=True: view_results, compared in place, released), B per
     call, up to ``depth`` batches in flight; every byte checked."""
     depth = max(1, min(depth, q.config.capacity // batch))
-    rng = np.random.default_rng(size * 7919 + batch)
-    srcs = [rng.integers(0, 256, (batch, size), dtype=np.uint8) for _ in range(depth)]
+    block = random_bytes((depth, batch, size), size * 7919 + batch)
+    srcs = [block[i] for i in range(depth)]
     out = np.empty((batch, q.config.slot_bytes), np.uint8)
     inflight: deque = deque()
     state = {"next": q.stats().enqueued, "bad": 0, "k": 0}
@@ -129,7 +145,7 @@ def run_inplace(q: GpuQueue, size: int, batch: int, seconds: float, full: bool, 
     """reserve -> fill in place -> commit -> view_results -> check -> release, B per call."""
     cap, sb = q.config.capacity, q.config.slot_bytes
     depth = max(1, min(depth, cap // batch))
-    pattern = np.random.default_rng(size + batch).integers(0, 256, (cap, size), dtype=np.uint8)
+    pattern = random_bytes((cap, size), size)
     filled = np.zeros(cap, bool)
     inflight: deque = deque()
     state = {"bad": 0}
