@@ -202,6 +202,7 @@ class AsyncQueue:
                     return
                 final = True  # one more poll: what finished last is visible now
                 continue
+            q._keep_serving()  # raises where the kernel cannot be launched again
             await self._until(_next_done, None)
 
     # -- helpers of the coroutines -----------------------------------------------------------------
@@ -219,6 +220,9 @@ class AsyncQueue:
 
     async def _room(self, n: int, deadline, timeout) -> None:
         q = self.queue
+        q._keep_serving()  # raises where the kernel cannot be launched again
+        if q._kernel.exited() and q._accepting:
+            raise KernelStopped("the persistent kernel has stopped; the queue cannot make room")
         if deadline is not None and time.monotonic() >= deadline:
             raise QueueFull(
                 f"ring full (waited {timeout} s): {q.free_slots()} of {q._cap} slots free, {n} needed; "
@@ -235,6 +239,7 @@ class AsyncQueue:
             try:
                 return call(first, n, timeout=0, **kwargs)
             except ResultTimeout:
+                q._keep_serving()  # raises where the kernel cannot be launched again
                 if q._kernel.exited():  # the sync call's own KernelStopped check needs a wait
                     return call(first, n, timeout=1e-3, **kwargs)
                 if deadline is not None and time.monotonic() >= deadline:
@@ -288,14 +293,16 @@ class AsyncQueue:
                 continue
             if r is not None:
                 fut.set_result(r)
-            elif self._closed:
-                fut.set_exception(QueueClosed("the AsyncQueue was closed"))
-            elif q._kernel.exited():
-                fut.set_exception(
-                    KernelStopped(f"the kernel has stopped; msg_id {mid} was not processed and never will be")
-                )
-            else:
-                fut.set_exception(UnknownMessage(f"msg_id {mid} was taken by another consumer"))
+                continue
+            try:  # woken without a result: say why
+                if self._closed:
+                    raise QueueClosed("the AsyncQueue was closed")
+                q._keep_serving()  # raises where the kernel cannot be launched again
+                if q._kernel.exited():
+                    raise KernelStopped(f"the kernel has stopped; msg_id {mid} was not processed and never will be")
+                raise UnknownMessage(f"msg_id {mid} was taken by another consumer")
+            except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
+                fut.set_exception(exc)
 
     # -- the poller --------------------------------------------------------------------------------
 
