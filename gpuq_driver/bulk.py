@@ -208,7 +208,12 @@ def _decode(hdr32: np.ndarray, segs, want_flags: bool):
 
 
 def _flag_name(flags: int) -> str:
-    code = flags >> 8
+    """What a result's flags word says: a protocol error's name (bits 8..14), or, where bit 15 is
+    set, the plugin's own failure with its code in the top 16 bits (the per-message status of a
+    later layout; here only named)."""
+    if flags & 0x8000:
+        return f"a failure of the plugin (code {flags >> 16})"
+    code = (flags >> 8) & 0x7F
     return ERROR_NAMES.get(code, f"flags 0x{flags:x}")
 
 
