@@ -242,8 +242,9 @@ def memcpy_baseline(size: int, batch: int, seconds: float) -> dict:
         once()
         n += 1
     dt = time.perf_counter() - t0
-    hv = host.view
-    ok = hv[:nbytes] == hv[nbytes : 2 * nbytes]
+    hv = np.frombuffer(host.view, np.uint8)
+    ok = np.array_equal(hv[:nbytes], hv[nbytes : 2 * nbytes])
+    del hv
     for r in (s, dev, host):
         r.close()
     return {"msg_per_s": n * batch / dt, "batches": n, "mismatches": 0 if ok else batch}
