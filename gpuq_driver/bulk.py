@@ -400,12 +400,13 @@ class ResultView:
     ``data`` after release (the device writes later results there) or after the queue is closed.
     """
 
-    __slots__ = ("_q", "first", "_data", "lengths", "flags", "_n", "_held", "__weakref__")
+    __slots__ = ("_q", "first", "_data", "lengths", "flags", "_n", "_held", "_rec", "__weakref__")
 
     def __init__(self, q, first: int, data: np.ndarray, lengths: np.ndarray, flags: np.ndarray):
         self._q, self.first, self._data, self.lengths, self.flags = q, first, data, lengths, flags
         self._n = len(lengths)
         self._held = True
+        self._rec = [first, self._n]  # the queue keeps this record, not the view: a dropped view is seen
 
     def __len__(self) -> int:
         return self._n
@@ -430,7 +431,8 @@ class ResultView:
         """Free the slots (in msg_id order with every earlier result); idempotent; nothing after close()."""
         if self._held:
             self._held = False
-            self._q._release_view(self)
+            with self._q._clock:
+                self._q._release_view(self._rec)
 
     def __enter__(self) -> ResultView:
         return self
@@ -440,8 +442,16 @@ class ResultView:
 
     def __del__(self):
         if getattr(self, "_held", False):
-            try:
-                self.release()
+            self._held = False
+            q = self._q
+            try:  # never block here: the collector may run inside a call that holds the consumer lock
+                if q._clock.acquire(blocking=False):
+                    try:
+                        q._release_view(self._rec)
+                    finally:
+                        q._clock.release()
+                else:
+                    q._dropped.append(self._rec)  # released by the next batch take, under the lock
             except Exception:  # noqa: BLE001 - interpreter teardown
                 return
             warnings.warn(
@@ -459,7 +469,8 @@ class BulkCalls:
     """The batch calls of GpuQueue (a base class of it; see the module docstring)."""
 
     _rings_cache: _Rings | None = None
-    _views: list | None = None  # ResultViews held, in msg_id order (a contiguous chain from the tail)
+    _views: list | None = None  # [first, n] of each ResultView held, in msg_id order (a chain from the tail)
+    _dropped: list | tuple = ()  # records of views dropped unreleased while the consumer lock was busy
     _reserved = 0  # slots claimed by an open Reservation
 
     def _rings(self) -> _Rings:
@@ -699,8 +710,10 @@ class BulkCalls:
         with self._clock:
             if self._res_hdr is None:
                 raise QueueClosed("queue is closed")
+            if self._dropped:
+                self._release_dropped()
             views, taken, mask, head = self._views, self._taken, self._mask, self._head
-            start = views[-1].first + len(views[-1]) if views else self._tail
+            start = sum(views[-1]) if views else self._tail
             while start < head and taken[start & mask] == start:
                 start += 1
             end = head if max_items is None else min(head, start + max_items)
@@ -756,6 +769,8 @@ class BulkCalls:
             with self._clock:
                 if self._res_hdr is None:
                     raise QueueClosed("queue is closed")
+                if self._dropped:
+                    self._release_dropped()
                 self._check_takeable(first, n, ids, segs, rings, mode == "view")
                 # the last is usually done last: one look at it before the whole range
                 if rings.res_ids[last_slot] == last and _first_missing(rings, ids, segs) < 0:
@@ -797,7 +812,7 @@ class BulkCalls:
         if first < tail:
             raise UnknownMessage(f"msg_id {first} was already taken")
         if view:
-            oldest = views[-1].first + len(views[-1]) if views else tail
+            oldest = sum(views[-1]) if views else tail
             if first != oldest:
                 raise ConfigError(
                     f"view_results must start at msg_id {oldest}, the oldest result not taken or held (slots "
@@ -829,8 +844,8 @@ class BulkCalls:
             rings.res_ids[s0] = NO_MSG
             self._polled = max(self._polled, first + n)
             if self._views is None:
-                self._views = []
-            self._views.append(view)
+                self._views, self._dropped = [], []
+            self._views.append(view._rec)
             return view
         ok_lens = np.where(bad, 0, lens) if flagged else lens
         if mode == "packed":
@@ -858,22 +873,28 @@ class BulkCalls:
             raise _bulk_failure(first, flags, bad, data, lens)
         return data, lens
 
-    def _release_view(self, view: ResultView) -> None:
-        with self._clock:
-            views = self._views
-            if self._res_hdr is None or not views or view not in views:
-                return  # closed: nothing to free
-            a, n = view.first, len(view)
-            if views[0] is view:  # the oldest: the tail moves past it and what was taken after it
-                views.pop(0)
-                nxt, taken, mask = a + n, self._taken, self._mask
-                stop = views[0].first if views else self._head
-                while nxt < stop and taken[nxt & mask] == nxt:
-                    nxt += 1
-                self._taken_ahead -= nxt - a - n
-                self._tail = nxt
-                if self._accepting:
-                    self._limit = nxt + self._cap
-            else:  # a later view: taken ahead, freed with the views before it
-                views.remove(view)
-                self._taken_ahead += n
+    def _release_view(self, rec: list) -> None:
+        """Free a held view's slots (the consumer lock is held)."""
+        views = self._views
+        if self._res_hdr is None or not views or not any(r is rec for r in views):
+            return  # closed: nothing to free
+        a, n = rec
+        if views[0] is rec:  # the oldest: the tail moves past it and what was taken after it
+            views.pop(0)
+            nxt, taken, mask = a + n, self._taken, self._mask
+            stop = views[0][0] if views else self._head
+            while nxt < stop and taken[nxt & mask] == nxt:
+                nxt += 1
+            self._taken_ahead -= nxt - a - n
+            self._tail = nxt
+            if self._accepting:
+                self._limit = nxt + self._cap
+        else:  # a later view: taken ahead, freed with the views before it
+            views.remove(rec)  # the records are distinct lists: == finds this one (firsts differ)
+            self._taken_ahead += n
+
+    def _release_dropped(self) -> None:
+        """Release the views dropped unreleased while the consumer lock was busy (it is held now)."""
+        dropped = self._dropped
+        while dropped:
+            self._release_view(dropped.pop())

@@ -402,6 +402,19 @@ def test_views_chain_in_order_release_in_any_order_and_stop_at_the_ring_end(make
     assert v.released and q.stats().occupied == 0
 
 
+def test_a_dropped_view_is_released(make_queue):
+    q = make_queue(capacity=8, slot_bytes=16)
+    first = q.enqueue_many(rows(8, 16))
+    with pytest.warns(ResourceWarning, match="dropped unreleased"):
+        q.view_results(first, 8, timeout=10)  # not kept: released as it is collected
+    assert q.free_slots() == 8 and q.stats().taken == 8
+    v = q.view_results(q.enqueue_many(rows(2, 16)), 2, timeout=10)
+    q._dropped.append(v._rec)  # as if collected while the consumer lock was busy
+    v._held = False
+    assert q.free_slots() == 6
+    assert q.take_ready()[0] == 10 and q.free_slots() == 8  # the next batch take releases it
+
+
 def test_a_view_held_at_close_is_harmless(backend):
     from gpuq_driver import GpuQueue, QueueConfig
 
