@@ -119,6 +119,7 @@ def run_copy(q: GpuQueue, size: int, batch: int, seconds: float, depth: int = 4,
         assert got == first, f"enqueue_many returned {got}, expected {first}: another producer?"
         state["next"] = first + batch
         inflight.append((first, src))
+        return batch
 
     def check(data, lens, src):
         if not ((lens == size).all() and np.array_equal(data[:, :size], src)):
@@ -136,7 +137,7 @@ def run_copy(q: GpuQueue, size: int, batch: int, seconds: float, depth: int = 4,
     def step():
         if len(inflight) == depth:
             recv()
-        send()
+        return send()
 
     return timed_loop(step, recv, inflight, batch, seconds, warmup=2 * depth) | {"mismatches": state["bad"]}
 
@@ -163,6 +164,7 @@ def run_inplace(q: GpuQueue, size: int, batch: int, seconds: float, full: bool, 
             rows[:, :8].view(np.uint64)[:, 0] = np.arange(first, first + n, dtype=np.uint64)
         r.commit(size)
         inflight.append((first, n, slots))
+        return n
 
     def recv():
         first, n, slots = inflight.popleft()
@@ -183,7 +185,7 @@ def run_inplace(q: GpuQueue, size: int, batch: int, seconds: float, full: bool, 
     def step():
         if len(inflight) == depth:
             recv()
-        send()
+        return send()
 
     done = 0  # one lap of the ring in large reservations: every slot gets its whole message once
     while done < cap:
@@ -202,13 +204,13 @@ def timed_loop(step, recv, inflight, batch: int, seconds: float, warmup: int) ->
         step()
     while inflight:
         recv()
-    count = 0
+    count = calls = 0
     t0 = time.perf_counter()
     end = t0 + seconds
     while True:
-        step()
-        count += batch
-        if (count // batch) % 8 == 0 and time.perf_counter() >= end:
+        count += step()  # messages sent (a reservation at the ring's end may be shorter than batch)
+        calls += 1
+        if calls % 8 == 0 and time.perf_counter() >= end:
             break
     while inflight:
         recv()
