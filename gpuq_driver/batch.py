@@ -12,16 +12,37 @@ uses it as its GPU step, and ``benchmarks/`` as the launch-per-batch baseline.
 
 Do not run a BatchProcessor's batches on a device while a GpuQueue's persistent kernel runs
 there in the same process; create it first or after (see docs/design.md).
+
+Faults (docs/api.md, "Faults"): a plugin that traps or reads a bad address makes the batch raise
+KernelFault (the CUDA context is lost for the whole process; on the NumPy path: the twin raised);
+one that never returns makes it raise PluginHung once the batch has run ``watchdog_ms`` (the wait
+polls ``cuStreamQuery`` instead of blocking in ``cuStreamSynchronize``, which would never return).
+Either way the processor is stopped for good: every later batch raises the same error.
 """
 
 from __future__ import annotations
 
+import copy
 import ctypes
+import math
+import time
+import warnings
 import weakref
 
 import numpy as np
 
-from .errors import ConfigError, GpuqError, PayloadError, check_int
+from .errors import (
+    ConfigError,
+    CudaError,
+    GpuqError,
+    KernelStopped,
+    PayloadError,
+    PluginHung,
+    check_int,
+    check_number,
+    kernel_fault,
+    plugin_hung,
+)
 from .layout import check_slot_bytes, check_threads_per_block
 from .payload import byte_views
 from .plugins import Plugin, resolve
@@ -45,6 +66,11 @@ class BatchProcessor:
     backend:            "cuda", "numpy", or "auto" (cuda where a GPU is usable, else numpy).
     threads_per_block:  block size of the launch (default 256; one warp per message).
     device:             CUDA device ordinal (default 0).
+    watchdog_ms:        the longest one batch may run on the GPU (default 5,000 ms, as
+                        QueueConfig's; 1 .. 3,600,000, or ``math.inf``: wait for ever, in
+                        ``cuStreamSynchronize``); past it the plugin is taken to never return and
+                        ``process`` raises PluginHung.  The NumPy path runs the twin in the calling
+                        thread and cannot bound it.
 
     Raises ConfigError for a bad field, CudaError / CompileError from the GPU set-up.
     """
@@ -57,10 +83,16 @@ class BatchProcessor:
         backend: str = "auto",
         threads_per_block: int = 256,
         device: int = 0,
+        watchdog_ms: float = 5000.0,
     ):
         slot_bytes = check_slot_bytes(slot_bytes)  # the queue's rule (layout.py)
         check_int("max_batch", max_batch, 1, 1 << 20)
         threads_per_block = check_threads_per_block(threads_per_block)
+        self.watchdog_ms = check_number(
+            "watchdog_ms", watchdog_ms, 1.0, 3_600_000.0, " of milliseconds", allow_inf=True
+        )
+        self._device = device
+        self._failure: KernelStopped | None = None  # KernelFault / PluginHung: stopped for good
         if backend not in ("auto", "cuda", "numpy"):
             raise ConfigError(f"backend={backend!r} must be 'auto', 'cuda' or 'numpy'")
         if backend == "auto":
@@ -113,7 +145,9 @@ class BatchProcessor:
         per_sm = driver.max_active_blocks(self._kernel, self.threads_per_block)
         self._max_grid = max(1, per_sm * driver.device_info(device).sm_count)
         resources = (self._stream, self._pinned, self._dev, self._module)
-        self._close = lambda: [r.close() for r in resources]
+        # after a hang nothing is freed: cuMemFree and cuModuleUnload would wait behind the kernel for ever
+        self._hung = hung = [False]  # a list, not self: the finalizer must not keep the processor alive
+        self._close = lambda: None if hung[0] else [r.close() for r in resources]
 
     def process(self, payloads) -> list:
         """Results of ``payloads`` (a sequence of bytes-like, at most ``max_batch``), in order:
@@ -122,7 +156,9 @@ class BatchProcessor:
         Raises PayloadError (naming the message's index, size and ``slot_bytes``) before
         anything runs if a payload is larger than a slot, PayloadTypeError for one that is not
         plain bytes (payload.byte_view: the check every entry point shares); ValueError for too
-        many payloads.
+        many payloads.  KernelFault if the plugin faulted (the CUDA context is lost; the NumPy
+        path: its twin raised), PluginHung if the batch ran longer than ``watchdog_ms`` (the
+        plugin does not return): from then on every batch raises the same error.
         """
         views = byte_views(payloads, "process([payload])")
         for i, v in enumerate(views):
@@ -145,10 +181,13 @@ class BatchProcessor:
         data:  the n messages' bytes back to back (bytes-like of ``sum(lens)`` bytes).
         Returns (result sizes, uint32 array of n; FAILED where the message was larger than a
         slot, so it did not run, or its result did not fit; the results back to back, a
-        memoryview of new bytes).  Raises ValueError for a size mismatch.
+        memoryview of new bytes).  Raises ValueError for a size mismatch; KernelFault, PluginHung
+        as ``process``.
         """
         if not self._finalizer.alive:
             raise GpuqError("BatchProcessor is closed: its memory has been freed")
+        if self._failure is not None:
+            raise copy.copy(self._failure)
         lens = np.asarray(lens, dtype=np.uint32)
         n, sb = len(lens), self.slot_bytes
         if n > self.max_batch:
@@ -167,7 +206,13 @@ class BatchProcessor:
                 if m <= sb:
                     self._in_slots[i, :m] = src[end - m : end]
         if n:
-            self._run(n)
+            try:
+                self._run(n)
+            except Exception as exc:
+                fault = self._fault(exc, n)
+                if fault is None:
+                    raise
+                raise fault from exc
         self.batches += 1
         self.messages += n
         out_lens = np.where(fits, self._out_lens[:n], FAILED).astype(np.uint32)
@@ -208,10 +253,63 @@ class BatchProcessor:
         ]
         driver.launch(self._kernel, grid, self.threads_per_block, args, self._stream)
         driver.copy_dtoh_async(host + size, dev + size, used, self._stream)
-        self._stream.synchronize()
+        self._wait(n)
+
+    def _wait(self, n: int) -> None:
+        """Wait for the batch on the stream, at most ``watchdog_ms``: cuStreamQuery, spinning
+        (yielding the GIL) for the first 10 ms as cuStreamSynchronize would, then sleeping up to
+        1 ms between looks.  Raises PluginHung past the watchdog, CudaError from the stream."""
+        stream = self._stream
+        if math.isinf(self.watchdog_ms):
+            stream.synchronize()
+            return
+        limit, start, pause = self.watchdog_ms / 1e3, time.perf_counter(), 0.0
+        while not stream.done():
+            waited = time.perf_counter() - start
+            if waited >= limit:
+                self._failure = plugin_hung(
+                    self.plugin.name, self._device, waited, self.watchdog_ms, batch=self.batches, messages=n
+                )
+                self._hung[0] = True
+                raise copy.copy(self._failure)
+            if waited > 10e-3:
+                pause = min(1e-3, pause * 2 or 1e-5)
+            if waited > 100e-6:
+                time.sleep(pause)
+
+    def _fault(self, exc: Exception, n: int) -> KernelStopped | None:
+        """What ``exc`` from batch ``self.batches`` (n messages) means: the processor's failure
+        (recorded: every later batch raises it too), or None for an ordinary error.  A CudaError
+        while the stream reports one too is a lost context (KernelFault); on the NumPy path any
+        error of the twin is its fault, as the simulator's."""
+        if isinstance(exc, KernelStopped):
+            return None  # PluginHung, recorded by _wait
+        if self.backend == "numpy":  # the twin raised (nothing else in _run does)
+            cause, device = repr(exc), None
+        else:
+            if not isinstance(exc, CudaError):
+                return None
+            try:
+                self._stream.done()
+                return None  # the stream is fine: an ordinary error of one call
+            except CudaError:
+                pass
+            cause, device = str(exc), self._device
+        self._failure = kernel_fault(cause, self.plugin.name, device, batch=self.batches, messages=n)
+        return copy.copy(self._failure)
 
     def close(self) -> None:
-        """Free the stream, pinned and device memory and the module.  Idempotent."""
+        """Free the stream, pinned and device memory and the module.  Idempotent.  After a fault
+        (a lost context) the driver's errors are ignored: the memory goes with the context.  After
+        a hang nothing is freed (cuMemFree would wait behind the running kernel for ever), with a
+        RuntimeWarning: the process frees it at exit."""
+        if self._finalizer.alive and isinstance(self._failure, PluginHung):
+            warnings.warn(
+                "gpuq_driver: BatchProcessor's kernel is still running (a plugin that never returns), so its memory "
+                "is not freed (cuMemFree would wait behind the kernel for ever); the process frees it at exit",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         self._finalizer()
 
     @property

@@ -11,14 +11,22 @@ longer than ``slot_bytes`` is a BAD_RESULT protocol error for that message (an e
 ProtocolError when taken) and is never written. A thread plays the stream: leases launched while
 one runs wait their turn. It is for tests, not for speed: ``blocks`` and ``threads_per_block`` are
 ignored (stats report one block of one warp).
+
+Faults as on the device: a twin that raises is a plugin that faults (the lease stops where it was,
+its counters frozen, and ``idle()`` / ``launch()`` raise KernelFault from then on, as cuStreamQuery
+and every launch do in a lost CUDA context); a twin that never returns is a plugin that hangs (the
+lease never ends; the thread, a daemon, stays in the twin and does not block exit).  The lease
+keeper's watchdog (lease.py) finds both, as on the GPU.
 """
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 import warnings
 
+from .errors import KernelFault, kernel_fault
 from .layout import (
     DONE,
     DOORBELL_HEAD_MASK,
@@ -63,6 +71,7 @@ class SimulatedKernel:
         self.doorbell = self.layout.view(self.mem, "ctrl_host", "Q")[:1]
         self.delay_s = 0.0  # tests may slow the simulated device down
         self.fault: Exception | None = None  # what a plugin's twin raised (the kernel then stopped)
+        self._fault_error: KernelFault | None = None  # what idle() and launch() raise from then on
         self.closed = False
         self._lease_s = config.lease_ms / 1e3
         self._claim = 0  # GpuqDevState.claim: the next msg_id, carried from lease to lease
@@ -75,13 +84,19 @@ class SimulatedKernel:
         self._thread.start()
 
     def launch(self) -> None:
-        """Queue one lease behind those already launched (kernel.PersistentKernel.launch's twin)."""
+        """Queue one lease behind those already launched (kernel.PersistentKernel.launch's twin).
+        Raises KernelFault after a fault, as a launch in a lost CUDA context fails."""
+        if self._fault_error is not None:
+            raise copy.copy(self._fault_error)
         with self._cv:
             self._queued += 1
             self._cv.notify()
 
     def idle(self) -> bool:
-        """True when no launched lease is still running or queued."""
+        """True when no launched lease is still running or queued.  Raises KernelFault once a twin
+        has raised (the simulated cuStreamQuery of a faulted stream)."""
+        if self._fault_error is not None:
+            raise copy.copy(self._fault_error)
         return self._queued == 0
 
     @property
@@ -93,17 +108,28 @@ class SimulatedKernel:
         """True once the simulated kernel has stopped for good (or was never launched)."""
         return self.closed or (self.ctrl.state in (KERNEL_EXITED, 0) and self.idle())
 
-    def close(self) -> None:
-        """Abort the running lease and stop the stream thread (waits up to 5 s).  Idempotent."""
+    def close(self, wait_s: float = 5.0) -> None:
+        """Abort the running lease and stop the stream thread (waits up to ``wait_s``: 0 after a
+        twin hung; a thread still in a twin is left, with a RuntimeWarning, as the GPU's kernel is).
+        Idempotent."""
         if not self.closed:
             request_stop(self.doorbell, STOP_ABORT)
             with self._cv:
                 self.closed = True
                 self._cv.notify()
             if self._thread.is_alive():
-                self._thread.join(5.0)
+                self._thread.join(wait_s)
+                if self._thread.is_alive():
+                    warnings.warn(
+                        "gpuq_driver simulator: the simulated kernel is still running (a twin that never returns?); "
+                        "its thread, a daemon, is left in it",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
 
-    abandon = close  # nothing to leave behind: the memory is a bytearray
+    def abandon(self, wait_s: float = 2.0) -> None:
+        """Interpreter exit: as ``close`` (nothing to leave behind: the memory is a bytearray)."""
+        self.close(wait_s)
 
     def _stream(self) -> None:
         while True:
@@ -121,18 +147,13 @@ class SimulatedKernel:
                 self._queued -= 1
 
     def _fail(self, exc: Exception) -> None:
-        """A twin raised: stop for good, as a device plugin that faults stops the kernel (and, on the
-        GPU, loses the CUDA context).  Waiters get KernelStopped; the exception is kept in ``fault``."""
+        """A twin raised: stop for good where it was, as a device plugin that faults kills its lease
+        (and, on the GPU, loses the CUDA context): the counters stay as they are (no lease end, state
+        RUNNING) and ``idle()`` / ``launch()`` raise KernelFault from now on; the lease keeper's
+        watchdog finds it and tells every waiter.  The exception is kept in ``fault``."""
+        msg_id = int(self.layout.view(self.mem, "warp_counters", "Q")[0])  # one warp: the message it was on
         self.fault = exc
-        ctrl = self.ctrl
-        ctrl.leases_leaving = ctrl.leases_ended = ctrl.leases_begun
-        ctrl.state = KERNEL_EXITED
-        warnings.warn(
-            f"gpuq_driver simulator: plugin {self.plugin.name!r}'s twin raised {exc!r}; the simulated kernel "
-            "has stopped for good (messages not yet processed never will be)",
-            RuntimeWarning,
-            stacklevel=1,
-        )
+        self._fault_error = kernel_fault(f"{exc!r} at msg_id {msg_id}", self.plugin.name)
 
     def _lease(self) -> None:
         lay, mem, sb, cap = self.layout, self.mem, self.config.slot_bytes, self.config.capacity
