@@ -108,6 +108,7 @@ class Leases:
         self._lock = threading.Lock()
         # the watchdog (watch): what failed, and what it compares from look to look
         self.failure: KernelStopped | None = None  # KernelFault or PluginHung: stopped for good
+        self._failing: KernelStopped | None = None  # the same, set first (fail: the queue is told in between)
         self.watchdog_ms = watchdog_ms
         self._watchdog_s = watchdog_ms / 1e3
         self._check_s = min(2 * lease_ms / 1e3, FAULT_CHECK_MAX_S)
@@ -128,7 +129,7 @@ class Leases:
         (the queue is then stopped for good), CudaError if it fails otherwise.
         """
         with self._lock:
-            if self.paused or self.closed or self.failure is not None or self._kernel.ctrl.state == KERNEL_EXITED:
+            if self.paused or self.closed or self._failing is not None or self._kernel.ctrl.state == KERNEL_EXITED:
                 return False
             n = self.launches
             if self.begun[0] != n:
@@ -280,17 +281,21 @@ class Leases:
 
     def fail(self, failure: KernelStopped) -> KernelStopped:
         """Stop for good with ``failure`` (the first one wins; returned): no launch from now on,
-        a RuntimeWarning says why (once), the queue is told (``on_failure_ref``), waiters raise it."""
+        the queue is told first (``on_failure_ref``: it accepts no message from then on), then
+        waiters see it and raise it, and a RuntimeWarning says why (once)."""
         with self._lock:
-            if self.failure is not None:
-                return self.failure
+            first = self._failing is None
+            if first:
+                self._failing = failure
+            failure = self._failing
+        if first:
+            told = self._on_failure_ref() if self._on_failure_ref is not None else None
+            if told is not None:
+                told()
             self.failure = failure
             self.fresh_until = 0.0
-        warnings.warn(f"gpuq_driver: {failure}", RuntimeWarning, stacklevel=2)
-        told = self._on_failure_ref() if self._on_failure_ref is not None else None
-        if told is not None:
-            told()
-        self._wake.set()
+            self._wake.set()
+            warnings.warn(f"gpuq_driver: {failure}", RuntimeWarning, stacklevel=3)
         return failure
 
     def check(self) -> None:
@@ -317,9 +322,9 @@ class Leases:
         never end (``lease_ms=math.inf``), KernelFault / PluginHung once the kernel has failed
         (also when that is found while it waits; the pause is undone).
         """
+        self.check()
         if not self._ahead:
             raise ConfigError("lease_ms=inf: the kernel never leaves, so pause() cannot park it")
-        self.check()
         with self._lock:
             if self.stopping or self.closed:
                 raise QueueClosed("queue is shut down: there is nothing to pause")

@@ -112,6 +112,14 @@ class SimulatedKernel:
         """Abort the running lease and stop the stream thread (waits up to ``wait_s``: 0 after a
         twin hung; a thread still in a twin is left, with a RuntimeWarning, as the GPU's kernel is).
         Idempotent."""
+        self._stop(wait_s, warn=True)
+
+    def abandon(self, wait_s: float = 2.0) -> None:
+        """Interpreter exit: as ``close``, without the warning (nothing to leave behind: the memory is
+        a bytearray, and a thread still in a twin is a daemon)."""
+        self._stop(wait_s, warn=False)
+
+    def _stop(self, wait_s: float, warn: bool) -> None:
         if not self.closed:
             request_stop(self.doorbell, STOP_ABORT)
             with self._cv:
@@ -119,17 +127,13 @@ class SimulatedKernel:
                 self._cv.notify()
             if self._thread.is_alive():
                 self._thread.join(wait_s)
-                if self._thread.is_alive():
+                if warn and self._thread.is_alive():
                     warnings.warn(
                         "gpuq_driver simulator: the simulated kernel is still running (a twin that never returns?); "
                         "its thread, a daemon, is left in it",
                         RuntimeWarning,
-                        stacklevel=2,
+                        stacklevel=3,
                     )
-
-    def abandon(self, wait_s: float = 2.0) -> None:
-        """Interpreter exit: as ``close`` (nothing to leave behind: the memory is a bytearray)."""
-        self.close(wait_s)
 
     def _stream(self) -> None:
         while True:
