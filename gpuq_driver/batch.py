@@ -290,6 +290,7 @@ class BatchProcessor:
             if not isinstance(exc, CudaError):
                 return None
             try:
+                self._ctx.make_current()  # the failed call may have been this thread's first
                 self._stream.done()
                 return None  # the stream is fine: an ordinary error of one call
             except CudaError:

@@ -34,9 +34,9 @@ The keeper is also the queue's **watchdog** (``watch``).  A plugin that faults (
 address) kills the lease with a sticky CUDA error, and one that never returns keeps it running for
 ever; either way the device's lease counters stop moving, and nothing else would notice: no lease
 ends, so nobody launches, and waiters would wait for good.  On every look while a lease runs the
-keeper compares what the device already publishes (``leases_ended``, the warps' processed counters:
-no extra device work) with its last look.  Once nothing has moved for ``min(2 × lease_ms, 50 ms)``
-it asks the driver (``idle()``: ``cuStreamQuery``, no wait): an error there is a fault
+keeper compares what the device already publishes (``leases_begun`` / ``leases_ended``, the warps'
+processed counters: no extra device work) with its last look.  Once nothing has moved for
+``min(2 × lease_ms, 50 ms)`` it asks the driver (``idle()``: ``cuStreamQuery``, no wait): an error there is a fault
 (KernelFault, reported within that time plus one look, <= 5 ms); a stream still busy while messages
 have waited with nothing finished for ``watchdog_ms`` is a plugin that does not return
 (PluginHung, naming the oldest message not processed: the one in the plugin).  Either stops the
@@ -225,25 +225,25 @@ class Leases:
         queued): ``enqueued`` messages so far, ``processed()`` the device's count, ``now`` =
         time.monotonic().  Reads only what the device publishes anyway (no extra device work).
 
-        Once a lease that has begun has ended nothing and finished no message for
+        Once the leases launched have begun, ended and finished nothing for
         ``min(2 × lease_ms, 50 ms)``, it asks the driver whether the stream is still busy
-        (``idle()``, no wait): a fault there is a KernelFault.  If it is busy and messages have
-        waited, none finishing, for ``watchdog_ms``, the plugin does not return: PluginHung."""
+        (``idle()``, no wait): a fault there is a KernelFault.  If it is busy, a lease has begun
+        (one merely queued may wait for SMs that other kernels hold), and messages have waited,
+        none finishing, for ``watchdog_ms``, the plugin does not return: PluginHung."""
         if self.failure is not None or self.closed:
             return
         ended = int(self.ended[0])
-        if not (int(self.begun[0]) > ended and self.launches > ended):  # no lease has begun: nothing to stall
+        if self.launches == ended:  # nothing launched runs or waits: nothing to stall
             self._moved, self._waiting_since = None, None
             return
-        done = processed()
-        if (ended, done) != self._moved:
-            self._moved, self._still_since = (ended, done), now
-        if enqueued <= done:
+        begun, done = int(self.begun[0]), processed()
+        if (ended, begun, done) != self._moved:
+            self._moved, self._still_since = (ended, begun, done), now
+        if begun <= ended or enqueued <= done:  # no lease runs, or no message waits
             self._waiting_since = None
         elif self._waiting_since is None:
             self._waiting_since = now
-        still = now - self._still_since
-        if still < self._check_s:
+        if now - self._still_since < self._check_s:
             return
         try:
             busy = not self._kernel.idle()

@@ -193,6 +193,17 @@ def test_the_watchdog_reports_a_fault_within_min_2_leases_50_ms(lease_ms, seen_a
     assert not leases.paused  # the pause it refused is not left in force
 
 
+def test_a_lease_that_never_began_in_a_lost_context_is_a_fault():
+    """Other CUDA work in the process faulted while our lease was still queued: found all the same."""
+    k, leases, _ = watched()
+    k.ctrl.leases_begun = 0  # launched, not begun
+    k.fault = kernel_fault(str(LAUNCH_FAILED), "spin", 0)
+    leases.watch(0, lambda: 0, 100.0)  # nothing enqueued even
+    with pytest.warns(RuntimeWarning, match="CUDA context of device 0 is lost"):
+        leases.watch(0, lambda: 0, 100.01)
+    assert isinstance(leases.failure, KernelFault)
+
+
 def test_a_launch_that_fails_in_a_lost_context_is_a_fault():
     k, leases, _ = watched()
     k.ctrl.leases_begun = k.ctrl.leases_ended = k.ctrl.leases_leaving = 1  # parked: the next message launches
@@ -358,6 +369,11 @@ class _Stream:
         return self._done
 
 
+class _Context:
+    def make_current(self):
+        pass
+
+
 def test_batch_processor_bounds_its_wait_for_the_gpu():
     """The CUDA path's wait and its fault rule, with a stand-in stream (no GPU needed)."""
     proc = BatchProcessor(slot_bytes=16, max_batch=8, backend="numpy", watchdog_ms=50)
@@ -372,7 +388,7 @@ def test_batch_processor_bounds_its_wait_for_the_gpu():
     with pytest.warns(RuntimeWarning, match="not freed"):
         proc.close()
     proc = BatchProcessor(slot_bytes=16, max_batch=8, backend="numpy")
-    proc.backend, proc._stream = "cuda", _Stream(True)
+    proc.backend, proc._stream, proc._ctx = "cuda", _Stream(True), _Context()
     assert proc._fault(CudaError(1, "CUDA_ERROR_INVALID_VALUE", "invalid argument"), 4) is None  # stream fine
     proc._stream = _Stream(LAUNCH_FAILED)
     fault = proc._fault(LAUNCH_FAILED, 4)
