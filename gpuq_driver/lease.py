@@ -236,9 +236,15 @@ class Leases:
         if self.launches == ended:  # nothing launched runs or waits: nothing to stall
             self._moved, self._waiting_since = None, None
             return
-        begun, done = int(self.begun[0]), processed()
-        if (ended, begun, done) != self._moved:
-            self._moved, self._still_since = (ended, begun, done), now
+        begun = int(self.begun[0])
+        if self._moved is None or self._moved[:2] != (ended, begun):  # a lease began or ended: it moves
+            self._moved, self._still_since, self._waiting_since = (ended, begun, None), now, None
+            return  # (the processed count, a sum over the warps, is read only while no lease begins or ends)
+        done = processed()
+        if self._moved[2] != done:
+            if self._moved[2] is not None:  # a message finished since the last look
+                self._still_since = now
+            self._moved = (ended, begun, done)
         if begun <= ended or enqueued <= done:  # no lease runs, or no message waits
             self._waiting_since = None
         elif self._waiting_since is None:
