@@ -296,13 +296,35 @@ def test_a_twin_that_never_returns_is_named_by_the_watchdog(lease_ms):
         assert q.wait_result(q.enqueue(b"a"), timeout=5) == b"a"
         assert q.wait_result(q.enqueue(b"b"), timeout=5) == b"b"
         stuck = q.enqueue(b"c")
+        for _ in range(7):
+            q.enqueue(b"fill")  # the ring is full: the slot of the next frees when msg_id 2 is taken
+        blocked = {}
+
+        def wait_in(name, call):
+            try:
+                call()
+                blocked[name] = "returned"
+            except Exception as exc:
+                blocked[name] = type(exc).__name__
+
+        threads = [
+            threading.Thread(target=wait_in, args=("enqueue", lambda: q.enqueue(b"full", timeout=math.inf))),
+        ]
+        if lease_ms != math.inf:
+            threads.append(threading.Thread(target=wait_in, args=("pause", lambda: q.pause(timeout=30))))
         start = time.monotonic()
+        for t in threads:
+            t.start()
         with pytest.warns(RuntimeWarning, match="msg_id 2 .* has been in the twin"):
             with pytest.raises(PluginHung) as info:
                 q.wait_result(stuck, timeout=None)
         waited = time.monotonic() - start
         assert 0.29 <= waited < 0.3 + 0.5, waited  # watchdog_ms (+ lease_ms) + a look, and some slack
         assert info.value.msg_id == stuck and info.value.watchdog_ms == 300
+        for t in threads:
+            t.join(1.0)  # the calls already waiting end too
+        expected = ["enqueue", "pause"] if lease_ms != math.inf else ["enqueue"]  # pause needs leases
+        assert blocked == dict.fromkeys(expected, "PluginHung")
         assert set(every_waiter(q, stuck).values()) == {"PluginHung"}
         assert q.stats().kernel == "hung" and "watchdog_ms=300" in q.stats().fault
         start = time.monotonic()
