@@ -113,7 +113,7 @@ class Leases:
         self._watchdog_s = watchdog_ms / 1e3
         self._check_s = min(2 * lease_ms / 1e3, FAULT_CHECK_MAX_S)
         self._plugin, self._device = plugin, device
-        self._moved = None  # (leases ended, messages processed) at the last look that saw a change
+        self._moved = None  # (leases ended, leases begun, messages processed or None) when last changed
         self._still_since = 0.0  # time.monotonic() of that look
         self._waiting_since = None  # since when messages have waited unprocessed (None: none wait)
         self._oldest_ref = self._on_failure_ref = None
