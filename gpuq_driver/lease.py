@@ -37,7 +37,7 @@ ends, so nobody launches, and waiters would wait for good.  On every look while 
 keeper compares what the device already publishes (``leases_begun`` / ``leases_ended``, the warps'
 processed counters: no extra device work) with its last look.  Once nothing has moved for
 ``min(2 × lease_ms, 50 ms)`` it asks the driver (``idle()``: ``cuStreamQuery``, no wait): an error there is a fault
-(KernelFault, reported within that time plus one look, <= 5 ms); a stream still busy while messages
+(KernelFault, reported within that time plus two looks, <= 10 ms); a stream still busy while messages
 have waited with nothing finished for ``watchdog_ms`` is a plugin that does not return
 (PluginHung, naming the oldest message not processed: the one in the plugin).  Either stops the
 queue for good (``failure``), warns once (RuntimeWarning), and every waiter raises it.  A launch

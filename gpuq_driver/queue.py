@@ -115,7 +115,7 @@ class QueueConfig:
                         ``shutdown_timeout_s``'s 10 s, so that a hang met by ``shutdown``/``close``
                         is named, not a generic timeout; 1 .. 3,600,000, or ``math.inf``: never,
                         e.g. under a debugger).  A plugin that faults is reported within
-                        min(2 × lease_ms, 50 ms) + 5 ms whatever this says (docs/api.md, "Faults").
+                        min(2 × lease_ms, 50 ms) + 10 ms whatever this says (docs/api.md, "Faults").
     device:             CUDA device ordinal (default 0).
     backend:            "cuda" (default) or "sim" (the CPU simulator in sim.py, for tests; it runs
                         one warp whatever ``blocks`` and ``threads_per_block`` say, and ``stats()``
