@@ -3,7 +3,7 @@
 GpuqError
 ├── CudaError            a CUresult / nvrtcResult other than success (code, name, text)
 │   └── CudaUnavailable  no CUDA driver, or no device
-├── CompileError         NVRTC rejected a source (log, source, options)
+├── CompileError         NVRTC rejected a source, or nvJitLink a link (log, source, options)
 ├── ConfigError          a bad QueueConfig field (also a ValueError)
 ├── PayloadError         a payload too large for a slot (also a ValueError)
 │   └── PayloadTypeError a payload that is not a contiguous bytes-like object (also a TypeError)
@@ -52,13 +52,20 @@ class CudaUnavailable(CudaError):
 
 
 class CompileError(GpuqError):
-    """NVRTC could not compile ``source``; ``log`` holds NVRTC's whole log; ``plugin`` is the
-    plugins.Plugin compiled in (None if not known), whose errors the log gives by its file and lines."""
+    """NVRTC could not compile ``source`` (``tool="NVRTC"``), or nvJitLink could not link it with a
+    precompiled plugin (``tool="nvJitLink"``); ``log`` holds the tool's whole log (for nvJitLink,
+    after a line that says what was wrong where it can tell: an undefined ``gpuq_process``, the
+    plugin's arch); ``options`` the tool's options; ``plugin`` is the plugins.Plugin compiled or
+    linked in (None if not known), whose compile errors the log gives by its file and lines."""
 
-    def __init__(self, source: str, options: tuple[str, ...], log: str, plugin=None):
-        self.source, self.options, self.log, self.plugin = source, tuple(options), log, plugin
-        with_plugin = f" with plugin {plugin.name!r} ({plugin.origin})" if plugin is not None else ""
-        super().__init__(f"NVRTC failed to compile {source}{with_plugin} with {' '.join(options)}:\n{log}")
+    def __init__(self, source: str, options: tuple[str, ...], log: str, plugin=None, tool: str = "NVRTC"):
+        self.source, self.options, self.log, self.plugin, self.tool = source, tuple(options), log, plugin, tool
+        if plugin is not None and getattr(plugin, "precompiled", False):
+            with_plugin = f" with plugin {plugin.name!r} ({plugin.kind} from {plugin.origin})"
+        else:
+            with_plugin = f" with plugin {plugin.name!r} ({plugin.origin})" if plugin is not None else ""
+        verb = "link" if tool == "nvJitLink" else "compile"
+        super().__init__(f"{tool} failed to {verb} {source}{with_plugin} with {' '.join(options)}:\n{log}")
 
 
 class ConfigError(GpuqError, ValueError):

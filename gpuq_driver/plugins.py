@@ -28,11 +28,19 @@ a package can ship plugins::
 
 Entry points are imported only when their name is looked up; a built-in's name wins over an entry
 point's.
+
+A plugin may also come *precompiled* (:meth:`Plugin.from_object`): LTO-IR, PTX, a relocatable
+CUBIN, a fatbin, an ``nvcc -dc`` object or a static library that defines ``gpuq_process`` with C
+linkage (``device_src/gpuq_plugin_extern.cuh``).  The compiler then builds the kernel as LTO-IR
+and links the two with nvJitLink (compiler.py); the kind is told by the bytes (:func:`detect_kind`).
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import os
+import re
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,43 +54,91 @@ ENTRY_POINT_GROUP = "gpuq_driver.plugins"
 HEADER_NAME = "gpuq_plugin.cuh"
 """The in-memory header that carries the plugin's source into NVRTC (``GPUQ_PLUGIN_FILE``)."""
 
+EXTERN_HEADER = "gpuq_plugin_extern.cuh"
+"""The header in ``device_src`` that declares ``gpuq_process`` extern "C": what the kernels include
+in place of a precompiled plugin's source, and what that plugin's own .cu includes."""
+
+OBJECT_KINDS = ("ltoir", "ptx", "cubin", "fatbin", "object", "library")
+"""What a precompiled plugin can be (:meth:`Plugin.from_object`), as nvJitLink takes it: LTO-IR
+(``nvrtc -dlto`` output, or an nvcc ``.ltoir``), PTX text, a relocatable CUBIN (``-rdc=true``), a
+fatbin (of any of those), a host object from ``nvcc -dc`` (device code embedded), a static
+library (``nvcc -lib``)."""
+
+KIND_NAMES = {
+    "source": "CUDA source",
+    "ltoir": "LTO-IR",
+    "ptx": "PTX",
+    "cubin": "CUBIN",
+    "fatbin": "fatbin",
+    "object": "host object with device code",
+    "library": "static library",
+}
+
 Twin = Callable[[memoryview, int], Any]
 
 
 @dataclass(frozen=True, repr=False)
 class Plugin:
-    """A processing function: CUDA source defining ``gpuq_process`` (see the module docstring).
+    """A processing function: CUDA source defining ``gpuq_process`` (see the module docstring), or
+    a precompiled object that defines it (:meth:`from_object`).
 
     name:    an identifier, e.g. ``"crc32c"``: what errors and ``repr`` show.
     source:  the CUDA C++ text (compiled in, so it may ``#include`` CCCL headers such as
-             ``<cuda/std/cstdint>``; ``uint8_t``/``uint32_t``/``uint64_t``/``uint4`` are defined).
+             ``<cuda/std/cstdint>``; ``uint8_t``/``uint32_t``/``uint64_t``/``uint4`` are defined);
+             ``""`` for a precompiled plugin.
     twin:    optional ``f(payload: memoryview, msg_id: int) -> bytes-like``, the same function in
              Python for the simulator and BatchProcessor's NumPy path; None = GPU only.
-    origin:  the file name NVRTC's messages give, with line numbers of ``source`` itself: the path
-             for :meth:`from_file`, ``"<name>.cuh"`` by default.
+    origin:  the file name compiler and linker messages give (for source, with line numbers of
+             ``source`` itself): the path for :meth:`from_file` and :meth:`from_object`;
+             ``"<name>.cuh"`` (source) or ``"<name>.<kind>"`` (an object) by default.
+    binary:  a precompiled plugin's bytes (``b""`` for source).
+    kind:    ``"source"``, or for a precompiled plugin one of :data:`OBJECT_KINDS`.
 
     Raises ConfigError for a name that is not an identifier, a source that is not a str or does
-    not mention ``gpuq_process``, a twin that is not callable.
+    not mention ``gpuq_process``, a twin that is not callable, an unknown kind, a precompiled
+    plugin with source or without bytes, or bytes that are not what ``kind`` says (see
+    :meth:`from_object`).
     """
 
     name: str
-    source: str
+    source: str = ""
     twin: Twin | None = None
     origin: str = ""
+    binary: bytes = b""
+    kind: str = "source"
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name.isidentifier():
             raise ConfigError(f"Plugin name={self.name!r} must be an identifier such as 'my_plugin'")
-        if not isinstance(self.source, str):
-            raise ConfigError(f"plugin {self.name!r}: source must be a str, not {type(self.source).__name__}")
-        if "gpuq_process" not in self.source:
-            raise ConfigError(
-                f"plugin {self.name!r}: the source does not define gpuq_process(in, len, out, out_cap, msg_id, lane)"
-            )
+        if self.kind == "source":
+            if not isinstance(self.source, str):
+                raise ConfigError(f"plugin {self.name!r}: source must be a str, not {type(self.source).__name__}")
+            if "gpuq_process" not in self.source:
+                raise ConfigError(
+                    f"plugin {self.name!r}: the source does not define "
+                    "gpuq_process(in, len, out, out_cap, msg_id, lane)"
+                )
+            if self.binary:
+                raise ConfigError(f"plugin {self.name!r}: binary is only for a precompiled kind {OBJECT_KINDS}")
+        elif self.kind in OBJECT_KINDS:
+            if self.source:
+                raise ConfigError(f"plugin {self.name!r}: a precompiled plugin ({self.kind}) has no source")
+            if not isinstance(self.binary, bytes) or not self.binary:
+                raise ConfigError(f"plugin {self.name!r}: a precompiled plugin's binary must be non-empty bytes")
+            _check_object(self.name, self.kind, self.binary)
+        else:
+            raise ConfigError(f"plugin {self.name!r}: kind={self.kind!r} must be 'source' or one of {OBJECT_KINDS}")
         if self.twin is not None and not callable(self.twin):
             raise ConfigError(f"plugin {self.name!r}: twin must be callable(payload, msg_id) or None")
         if not self.origin:
-            object.__setattr__(self, "origin", f"{self.name}.cuh")
+            object.__setattr__(
+                self, "origin", f"{self.name}.cuh" if self.kind == "source" else f"{self.name}.{self.kind}"
+            )
+
+    @property
+    def precompiled(self) -> bool:
+        """True for a plugin given as an object (linked with nvJitLink), False for source (NVRTC)."""
+        return self.kind != "source"
 
     @classmethod
     def from_source(cls, name: str, source: str, twin: Twin | None = None) -> Plugin:
@@ -100,11 +156,78 @@ class Plugin:
             raise ConfigError(f"plugin file {str(path)!r} cannot be read: {exc}") from exc
         return cls(path.stem if name is None else name, source, twin, str(path))
 
+    @classmethod
+    def from_object(
+        cls,
+        obj: str | os.PathLike | bytes | bytearray | memoryview,
+        name: str | None = None,
+        twin: Twin | None = None,
+        kind: str | None = None,
+    ) -> Plugin:
+        """A precompiled plugin: a file (a path, read now) or its bytes, linked into the kernels
+        with nvJitLink.
+
+        It must define ``extern "C" __device__ uint32_t gpuq_process(...)`` (the declaration is in
+        ``device_src/gpuq_plugin_extern.cuh``), built for the GPU's arch or an older one (PTX,
+        LTO-IR) by a toolkit no newer than the nvJitLink in use.  ``kind`` (one of
+        :data:`OBJECT_KINDS`) is told by the bytes when None (:func:`detect_kind`: ELF machine
+        190 = CUBIN, another ELF = host object, the fatbin, LTO-IR and ``!<arch>`` magics, PTX's
+        ``.version``/``.target``); ``name`` defaults to the file's stem and is needed for bytes.
+
+        Raises ConfigError when the file cannot be read, the bytes are empty or of no kind known
+        (or not of the ``kind`` given), a CUBIN is not relocatable (built without ``-rdc=true``:
+        its device functions are gone), or ``name`` is missing or not an identifier.  What only
+        the link can tell (an undefined ``gpuq_process``, a wrong arch) is a CompileError when
+        the kernel is built.
+        """
+        if isinstance(obj, (str, os.PathLike)):
+            path = Path(obj)
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                raise ConfigError(f"plugin object {str(path)!r} cannot be read: {exc}") from exc
+            name = path.name.split(".")[0] if name is None else name
+            origin = str(path)
+        else:
+            try:
+                data = bytes(memoryview(obj))
+            except TypeError:
+                raise ConfigError(
+                    f"Plugin.from_object: obj must be a path or bytes-like, not {type(obj).__name__}"
+                ) from None
+            if name is None:
+                raise ConfigError("Plugin.from_object(bytes): give name=, an identifier such as 'my_plugin'")
+            origin = ""
+        label = origin or f"plugin {name!r}"
+        if not data:
+            raise ConfigError(f"{label}: the object is empty")
+        found = detect_kind(data)
+        if kind is None:
+            if found is None:
+                raise ConfigError(
+                    f"{label}: not a precompiled plugin nvJitLink links (LTO-IR, PTX, CUBIN, fatbin, nvcc -dc "
+                    f"object, static library); it begins {data[:8].hex(' ')}; pass kind= if it is one"
+                )
+            kind = found
+        elif kind not in OBJECT_KINDS:
+            raise ConfigError(f"{label}: kind={kind!r} must be one of {OBJECT_KINDS} (or None: told by the bytes)")
+        elif found is not None and found != kind:
+            raise ConfigError(f"{label}: kind={kind!r}, but the bytes are {KIND_NAMES[found]} ({found!r})")
+        return cls(name, "", twin, origin, data, kind)
+
     def header(self) -> bytes:
         """What NVRTC compiles as ``gpuq_plugin.cuh``: the source after a ``#line`` directive, so that
-        its messages give ``origin`` and the source's own line numbers."""
+        its messages give ``origin`` and the source's own line numbers.  ConfigError for a
+        precompiled plugin (it is linked, not compiled)."""
+        if self.precompiled:
+            raise ConfigError(f"plugin {self.name!r} is precompiled ({self.kind}): it has no source to compile")
         origin = self.origin.replace("\\", "\\\\").replace('"', '\\"')
         return f'#line 1 "{origin}"\n{self.source}\n'.encode()
+
+    def arches(self) -> list[str]:
+        """What a precompiled plugin is built for, as far as its headers tell (:func:`object_arches`):
+        e.g. ``["sm_90 (CUBIN)", "compute_90 (PTX)"]``; ``[]`` for source or where they do not say."""
+        return object_arches(self.kind, self.binary) if self.precompiled else []
 
     def run_twin(self, payload, msg_id: int) -> bytes:
         """The twin's result for one message, as bytes.  Raises ConfigError when there is no twin,
@@ -121,7 +244,104 @@ class Plugin:
 
     def __repr__(self) -> str:
         twin = getattr(self.twin, "__name__", "a twin") if self.twin is not None else "no twin"
-        return f"<Plugin {self.name} from {self.origin}, {twin}>"
+        what = f", {KIND_NAMES[self.kind]} of {len(self.binary)} bytes" if self.precompiled else ""
+        return f"<Plugin {self.name}{what} from {self.origin}, {twin}>"
+
+
+# -- precompiled objects: what the bytes are -----------------------------------------------------
+
+ELF_MAGIC = b"\x7fELF"
+EM_CUDA = 190
+FATBIN_MAGIC = struct.pack("<I", 0xBA55ED50)
+LTOIR_MAGIC = struct.pack("<I", 0x7F4E43ED)
+AR_MAGIC = b"!<arch>\n"
+_PTX_VERSION = re.compile(rb"^[ \t]*\.version[ \t]+\d+\.\d+", re.M)
+_PTX_TARGET = re.compile(rb"^[ \t]*\.target[ \t]+(\w+)", re.M)
+_FATBIN_ENTRY_KINDS = {1: ("compute", "PTX"), 2: ("sm", "CUBIN"), 8: ("lto", "LTO-IR")}
+
+
+def detect_kind(data: bytes) -> str | None:
+    """The kind (:data:`OBJECT_KINDS`) of a precompiled plugin's bytes, or None when none fits:
+    ELF with machine 190 (EM_CUDA) a CUBIN, another ELF a host object (``nvcc -dc``), magic
+    0xBA55ED50 a fatbin, 0x7F4E43ED LTO-IR, ``!<arch>`` a static library, text with PTX's
+    ``.version`` and ``.target`` directives PTX."""
+    head = bytes(data[:4])
+    if head == ELF_MAGIC:
+        return "cubin" if len(data) >= 20 and struct.unpack_from("<H", data, 18)[0] == EM_CUDA else "object"
+    if head == FATBIN_MAGIC:
+        return "fatbin"
+    if head == LTOIR_MAGIC:
+        return "ltoir"
+    if bytes(data[:8]) == AR_MAGIC:
+        return "library"
+    text = bytes(data[:65536])
+    if b"\0" not in text.rstrip(b"\0") and _PTX_VERSION.search(text) and _PTX_TARGET.search(text):
+        return "ptx"
+    return None
+
+
+def _cubin_arch(data: bytes) -> str | None:
+    """``sm_XY`` from a CUBIN's ELF header (e_flags: bits 8-15 in the CUDA 12.8+ ABI, OSABI 0x41;
+    bits 0-7 before it), or None."""
+    try:
+        if data[4] == 2:  # ELFCLASS64
+            flags = struct.unpack_from("<I", data, 48)[0]
+        else:
+            flags = struct.unpack_from("<I", data, 36)[0]
+    except (IndexError, struct.error):
+        return None
+    sm = (flags >> 8) & 0xFF if data[7] == 0x41 else flags & 0xFF
+    return f"sm_{sm}" if sm else None
+
+
+def _fatbin_arches(data: bytes, start: int = 0) -> list[str]:
+    """The entries of the fatbin at ``data[start:]``: ``["sm_90 (CUBIN)", "compute_90 (PTX)", ...]``."""
+    out = []
+    try:
+        header_size = struct.unpack_from("<H", data, start + 6)[0]
+        total = struct.unpack_from("<Q", data, start + 8)[0]
+        off, end = start + header_size, min(len(data), start + header_size + total)
+        while off + 32 <= end:
+            entry_kind, _, entry_header, size = struct.unpack_from("<HHIQ", data, off)
+            arch = struct.unpack_from("<I", data, off + 28)[0]
+            prefix, what = _FATBIN_ENTRY_KINDS.get(entry_kind, ("sm", f"kind {entry_kind}"))
+            out.append(f"{prefix}_{arch} ({what})")
+            if entry_header == 0:
+                break
+            off += entry_header + size
+    except struct.error:
+        pass
+    return out
+
+
+def object_arches(kind: str, data: bytes) -> list[str]:
+    """What a precompiled plugin was built for, from its headers: a CUBIN's ELF flags, PTX's
+    ``.target``, the entries of a fatbin (also the fatbins embedded in an ``nvcc -dc`` object or a
+    library).  ``[]`` where they do not say (LTO-IR: nvJitLink checks it)."""
+    if kind == "cubin":
+        arch = _cubin_arch(data)
+        return [f"{arch} (CUBIN)"] if arch else []
+    if kind == "ptx":
+        m = _PTX_TARGET.search(bytes(data[:65536]))
+        return [f"{m.group(1).decode()} (PTX)"] if m else []
+    if kind == "fatbin":
+        return _fatbin_arches(data)
+    if kind in ("object", "library"):
+        out, at = [], data.find(FATBIN_MAGIC)
+        while at >= 0:
+            out += [a for a in _fatbin_arches(data, at) if a not in out]
+            at = data.find(FATBIN_MAGIC, at + 4)
+        return out
+    return []
+
+
+def _check_object(name: str, kind: str, data: bytes) -> None:
+    """What can be refused before any link: a CUBIN that is not relocatable."""
+    if kind == "cubin" and detect_kind(data) == "cubin" and struct.unpack_from("<H", data, 16)[0] != 1:
+        raise ConfigError(
+            f"plugin {name!r}: the CUBIN is not relocatable (built without -rdc=true), so its gpuq_process is "
+            "gone; rebuild it with nvcc -cubin -rdc=true -arch=sm_XY (docs/api.md, precompiled plugins)"
+        )
 
 
 # -- the built-ins' twins ----------------------------------------------------------------------
