@@ -32,6 +32,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
@@ -169,6 +170,13 @@ def _kernel_hash(source: str, options: CompileOptions):
     h.update(cccl_version.read_bytes() if cccl_version.exists() else include_dirs()[1].encode())
     h.update(repr((source, nvrtc_version(), options.nvrtc_options(("<inc>",)))).encode())
     return h
+
+
+def cache_entries(folder: Path) -> list[Path]:
+    """The entries in a cache folder: CUBINs, and kernels' LTO-IR for precompiled plugins."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.suffix in (".cubin", ".ltoir") and not p.name.startswith("."))
 
 
 def cache_key(source: str, options: CompileOptions) -> str:
@@ -371,12 +379,12 @@ def _explain_link_error(status: str, log: str, plugin: Plugin, arch: str) -> str
         if number is None or target is None:
             continue
         usable.append(number == target if entry.endswith("(CUBIN)") else number <= target)
-    if "Undefined reference to 'gpuq_process'" in log:
+    if re.search(r"(Undefined reference to|Unresolved extern function) 'gpuq_process'", log):
         return (
-            f"plugin {plugin.name!r} does not define gpuq_process with C linkage: define it as "
-            'extern "C" __device__ uint32_t gpuq_process(const uint8_t* in, uint32_t len, uint8_t* out, '
-            "uint32_t out_cap, uint64_t msg_id, uint32_t lane) (include gpuq_plugin_extern.cuh), and build a "
-            "CUBIN or PTX with -rdc=true"
+            f"plugin {plugin.name!r} does not define gpuq_process with C linkage in relocatable code: define it "
+            'as extern "C" __device__ uint32_t gpuq_process(const uint8_t* in, uint32_t len, uint8_t* out, '
+            "uint32_t out_cap, uint64_t msg_id, uint32_t lane) (include gpuq_plugin_extern.cuh), and build it "
+            "with -rdc=true (CUBIN, PTX, fatbin, library) or -dlto (LTO-IR, -dc object)"
         )
     if built and not any(usable):
         return (
