@@ -56,7 +56,8 @@ class CompileOptions:
     arch:      NVRTC target, ``"sm_90"`` for an H100/H200; the CUBIN runs only on that arch.
     std:       C++ dialect, default ``"c++17"``.
     plugin:    the processing function: a name (a built-in in ``device_src/plugins``, or an entry
-               point) or a ``Plugin`` (default ``"echo"``); see gpuq_driver/plugins.py.
+               point) or a ``Plugin`` (default ``"echo"``), of source (compiled in by NVRTC) or
+               precompiled (``Plugin.from_object``: linked in by nvJitLink); see gpuq_driver/plugins.py.
     defines:   extra ``NAME`` or ``NAME=VALUE`` macros.
     extra:     extra NVRTC options, e.g. ``("-lineinfo",)``.
     """

@@ -203,7 +203,7 @@ def link(source: str, plugin: Plugin, arch: str = "sm_90") -> bytes:
     return compiler.compile_cubin(source, CompileOptions(arch=arch, plugin=plugin))
 
 
-KERNEL_OF = {"gpuq_queue.cu": b"gpuq_persistent", "gpuq_batch.cu": b"gpuq_batch"}
+KERNEL_OF = {"gpuq_queue.cu": b"gpuq_layout_probe", "gpuq_batch.cu": b"gpuq_batch"}  # and gpuq_persistent
 
 
 # -- the kind, from the bytes ---------------------------------------------------------------------
@@ -287,8 +287,13 @@ def test_a_precompiled_plugin_runs_its_twin_on_the_simulator_and_numpy(objects):
 def test_each_kind_links_into_the_kernel(shared_cache, linker, objects, kind, source):
     cubin = link(source, Plugin.from_object(objects[kind], name="xor_reverse"))
     assert cubin[:4] == b"\x7fELF" and struct.unpack_from("<H", cubin, 18)[0] == 190 and len(cubin) > 1000
-    assert KERNEL_OF[source] in cubin
+    assert KERNEL_OF[source] in cubin and (source != "gpuq_queue.cu" or b"gpuq_persistent" in cubin)
     assert list(shared_cache.glob("*.ltoir")) and list(shared_cache.glob("*.cubin"))
+
+
+def test_ptx_with_its_terminating_nul_links(shared_cache, linker, objects):
+    plugin = Plugin.from_object(objects["ptx"] + b"\0", name="xor_reverse")  # as nvrtcGetPTX returns it
+    assert plugin.kind == "ptx" and link("gpuq_batch.cu", plugin)
 
 
 def test_the_kernel_nvrtc_compiles_for_a_precompiled_plugin_is_relocatable_ltoir(objects):
