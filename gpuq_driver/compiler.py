@@ -387,7 +387,7 @@ def _explain_link_error(status: str, log: str, plugin: Plugin, arch: str) -> str
             "uint32_t out_cap, uint64_t msg_id, uint32_t lane) (include gpuq_plugin_extern.cuh), and build it "
             "with -rdc=true (CUBIN, PTX, fatbin, library) or -dlto (LTO-IR, -dc object)"
         )
-    if built and not any(usable):
+    if usable and not any(usable):  # none of what its headers name can link for this arch
         return (
             f"plugin {plugin.name!r} is built for {built_for}, the link is for {arch}: rebuild it with -arch={arch} "
             "(a CUBIN must match the GPU's arch exactly; PTX and LTO-IR may be for an older one)"
