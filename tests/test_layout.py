@@ -52,7 +52,7 @@ def test_struct_sizes_match_the_static_asserts():
         "GpuqCtrlHost": layout.CtrlHost,
         "GpuqCtrlDev": layout.CtrlDev,
         "GpuqDevState": layout.DevState,
-        "GpuqParams": layout.Params,
+        "GpuqKernelArgs": layout.KernelArgs,
     }
     assert set(asserted) == set(mirror)
     assert {n: ctypes.sizeof(mirror[n]) for n in asserted} == asserted
@@ -63,7 +63,7 @@ def test_field_order_matches_the_header():
         ("GpuqSlotHeader", layout.SlotHeader),
         ("GpuqCtrlDev", layout.CtrlDev),
         ("GpuqDevState", layout.DevState),
-        ("GpuqParams", layout.Params),
+        ("GpuqKernelArgs", layout.KernelArgs),
     ):
         body = re.search(rf"struct (?:__align__\(\d+\) )?{cname} \{{(.*?)\}};", HEADER, re.S).group(1)
         fields = [m for m in re.findall(r"^\s*\w+\*? (\w+)(?:\[\d+\])?;", body, re.M)]
