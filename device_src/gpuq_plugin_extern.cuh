@@ -15,9 +15,12 @@
 //                                               uint8_t* __restrict__ out, uint32_t out_cap,
 //                                               uint64_t msg_id, uint32_t lane) { ... }
 //
-// Since the kernel is compiled with -rdc, other extern __device__ symbols that the kernel defines
-// for plugins are linkable from the plugin's object too.
+// Since the kernel is compiled with -rdc, the extern __device__ symbols that the kernel defines
+// for plugins are linkable from the plugin's object too: this header includes the plugin API
+// (gpuq_plugin_api.cuh: gpuq_params(), gpuq_params_bytes(), GPUQ_FAIL(code)).
 #pragma once
+
+#include "gpuq_plugin_api.cuh"
 
 #ifdef __CUDACC_RTC__
 #include <cuda/std/cstdint>

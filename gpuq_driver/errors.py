@@ -13,6 +13,7 @@ GpuqError
 ├── ResultTimeout        no result within the timeout (also a TimeoutError)
 ├── UnknownMessage       a msg_id never issued or already taken (also a KeyError)
 ├── ProtocolError        the device saw a broken slot (a bug, not bad input)
+├── MessageFailed        the plugin failed one message (GPUQ_FAIL(code) / plugins.Fail(code)); .msg_id, .code
 └── BrokerError          Redis (Track A) refused a command or the login, no redis-server could be started,
     │                    or the client's connection pool is exhausted (max_connections)
     └── BrokerUnavailable  Redis cannot be reached (bad URL, server down, connection lost)
@@ -106,6 +107,33 @@ class UnknownMessage(GpuqError, KeyError):
 
 class ProtocolError(GpuqError):
     """The device reported a slot that broke the protocol (GpuqCtrlDev.error)."""
+
+
+class MessageFailed(GpuqError):
+    """The plugin failed this message: its device code returned ``GPUQ_FAIL(code)``
+    (device_src/gpuq_plugin_api.cuh), or its twin raised ``gpuq_driver.plugins.Fail(code)``.
+
+    Raised when the result is taken (``try_dequeue_result``, ``wait_result``; in BatchProcessor,
+    ``process``).  The message's slot is freed like any other; the queue and every other message go
+    on, and it is not a protocol error (``shutdown`` does not report it).
+
+    Attributes: ``msg_id``; ``code`` (0 .. 65535, the plugin's own meaning; the built-ins' codes are
+    in gpuq_driver.plugins); ``plugin`` (its name).  From ``BatchProcessor.process`` also
+    ``results`` (the whole batch's results in order: bytes, or None where a message got no result,
+    the failed ones included) and ``failures`` ({index in the batch: code} of every failed message);
+    None from a queue.
+    """
+
+    def __init__(self, msg_id: int, code: int, plugin: str = "", results: list | None = None, failures=None):
+        self.msg_id, self.code, self.plugin = int(msg_id), int(code), plugin
+        self.results, self.failures = results, failures
+        text = f"msg_id {self.msg_id}: plugin {plugin!r} failed the message with code {self.code}"
+        if failures is not None and len(failures) > 1:
+            text += f" ({len(failures) - 1} more of the batch failed too: see .failures)"
+        super().__init__(text)
+
+    def __reduce__(self):
+        return type(self), (self.msg_id, self.code, self.plugin, self.results, self.failures)
 
 
 class BrokerError(GpuqError):

@@ -9,18 +9,28 @@ A plugin is CUDA C++ source that defines the warp-cooperative device function ::
 called by all 32 lanes of one warp per message (``lane`` 0..31): ``in`` is the payload, ``len``
 bytes (16-byte aligned, readable in whole 16-byte words); ``out`` the result buffer, ``out_cap``
 (= ``slot_bytes``) bytes, 16-byte aligned; it returns the result length, the same on every lane.
-It must write at most ``out_cap`` bytes; a returned length above ``out_cap`` is a BAD_RESULT
-protocol error for that message (its result is empty, ``ProtocolError`` when taken).  The
-contract is also in ``device_src/plugins/echo.cuh``.
+It must write at most ``out_cap`` bytes; a returned length above ``out_cap`` (and below
+``FAIL_BIT``) is a BAD_RESULT protocol error for that message (its result is empty,
+``ProtocolError`` when taken).  It may instead fail the message: ``return GPUQ_FAIL(code);``
+(code 0..65535; any value >= ``FAIL_BIT`` fails with code ``value & 0xFFFF``): the result is empty
+and taking it raises ``MessageFailed`` (``.msg_id``, ``.code``), while the queue goes on.  It may
+read the per-queue parameters (``QueueConfig(params=...)``, params.py) through ``gpuq_params()``
+and ``gpuq_params_bytes()``.  Those names come from ``device_src/gpuq_plugin_api.cuh``, included
+before every plugin; the contract is also in ``device_src/plugins/echo.cuh``.
 
 A :class:`Plugin` carries a name, that source, and optionally a Python *twin*
 ``f(payload: memoryview, msg_id: int) -> bytes-like`` computing the same result, which the CPU
-simulator (``backend="sim"``) and BatchProcessor's NumPy path run instead of the device code.
+simulator (``backend="sim"``) and BatchProcessor's NumPy path run instead of the device code.  A
+twin that has a parameter named ``params`` is also given the per-queue parameters (a read-only
+memoryview of bytes, empty when none), one that has a parameter named ``out_cap`` the result
+capacity (``slot_bytes``), as keywords; others are called with the two arguments only.  A twin
+fails a message by raising :class:`Fail` ``(code)``; any other exception it raises is a fault (the
+simulator stops for good, as a faulting device plugin stops the kernel).
 
 Where plugins come from (:func:`resolve` is the one lookup, used by QueueConfig, the kernel, the
 simulator and BatchProcessor): a :class:`Plugin` object (:meth:`Plugin.from_source`,
 :meth:`Plugin.from_file`), or a name: the built-ins ``device_src/plugins/<name>.cuh`` (``echo``,
-``crc32c``; their twins are below), then entry points of the group ``gpuq_driver.plugins``, so that
+``crc32c``, ``score``; their twins are below), then entry points of the group ``gpuq_driver.plugins``, so that
 a package can ship plugins::
 
     [project.entry-points."gpuq_driver.plugins"]
@@ -38,6 +48,8 @@ and links the two with nvJitLink (compiler.py); the kind is told by the bytes (:
 from __future__ import annotations
 
 import importlib.metadata
+import inspect
+import operator
 import os
 import re
 import struct
@@ -45,6 +57,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from .errors import ConfigError
 
@@ -74,7 +88,56 @@ KIND_NAMES = {
     "library": "static library",
 }
 
-Twin = Callable[[memoryview, int], Any]
+Twin = Callable[..., Any]
+"""``f(payload: memoryview, msg_id: int[, params=memoryview][, out_cap=int]) -> bytes-like``."""
+
+FAIL_BIT = 0x80000000
+"""``GPUQ_FAIL_BIT`` of gpuq_plugin_api.cuh: a plugin's return value at or above it fails the message."""
+MAX_FAIL_CODE = 0xFFFF
+"""The largest failure code (``GPUQ_FAIL(code)`` keeps ``code & 0xFFFF``)."""
+
+_NO_PARAMS = memoryview(b"")
+TWIN_KEYWORDS = ("params", "out_cap")
+"""The optional keyword arguments a twin receives when it names them (or takes ``**kwargs``)."""
+
+
+class Fail(Exception):
+    """Raised by a twin to fail one message with ``code`` (0 .. 65535), as the device code does with
+    ``return GPUQ_FAIL(code);``: the message gets an empty result and taking it raises
+    ``gpuq_driver.MessageFailed`` with that code; the queue goes on.  Raises ValueError for a code
+    that is not an int in 0 .. 65535 (the device would silently keep ``code & 0xFFFF``)."""
+
+    def __init__(self, code: int):
+        try:
+            if isinstance(code, bool):
+                raise TypeError
+            code = operator.index(code)
+        except TypeError:
+            raise ValueError(f"Fail(code={code!r}): code must be an int, 0 .. {MAX_FAIL_CODE}") from None
+        if not 0 <= code <= MAX_FAIL_CODE:
+            raise ValueError(f"Fail(code={code}): code must be 0 .. {MAX_FAIL_CODE}")
+        super().__init__(code)
+        self.code = code
+
+    def __str__(self) -> str:
+        return f"the plugin failed the message with code {self.code}"
+
+
+def _twin_keywords(twin) -> tuple[str, ...]:
+    """Which of TWIN_KEYWORDS ``twin`` takes by name (all of them if it takes ``**kwargs``); ()
+    when its signature cannot be read (a builtin): it is then called with two arguments."""
+    try:
+        parameters = inspect.signature(twin).parameters.values()
+    except (TypeError, ValueError):
+        return ()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return TWIN_KEYWORDS
+    named = {
+        p.name
+        for p in parameters
+        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    }
+    return tuple(k for k in TWIN_KEYWORDS if k in named)
 
 
 @dataclass(frozen=True, repr=False)
@@ -87,7 +150,9 @@ class Plugin:
              ``<cuda/std/cstdint>``; ``uint8_t``/``uint32_t``/``uint64_t``/``uint4`` are defined);
              ``""`` for a precompiled plugin.
     twin:    optional ``f(payload: memoryview, msg_id: int) -> bytes-like``, the same function in
-             Python for the simulator and BatchProcessor's NumPy path; None = GPU only.
+             Python for the simulator and BatchProcessor's NumPy path; None = GPU only.  If it
+             has a parameter named ``params`` (or ``out_cap``) it also gets the per-queue params
+             (or ``slot_bytes``) as that keyword; it fails a message by raising :class:`Fail`.
     origin:  the file name compiler and linker messages give (for source, with line numbers of
              ``source`` itself): the path for :meth:`from_file` and :meth:`from_object`;
              ``"<name>.cuh"`` (source) or ``"<name>.<kind>"`` (an object) by default.
@@ -134,6 +199,8 @@ class Plugin:
             object.__setattr__(
                 self, "origin", f"{self.name}.cuh" if self.kind == "source" else f"{self.name}.{self.kind}"
             )
+        # not a field: derived from the twin once (equality and hashing ignore it)
+        object.__setattr__(self, "_twin_keywords", _twin_keywords(self.twin) if self.twin is not None else ())
 
     @property
     def precompiled(self) -> bool:
@@ -229,12 +296,27 @@ class Plugin:
         e.g. ``["sm_90 (CUBIN)", "compute_90 (PTX)"]``; ``[]`` for source or where they do not say."""
         return object_arches(self.kind, self.binary) if self.precompiled else []
 
-    def run_twin(self, payload, msg_id: int) -> bytes:
-        """The twin's result for one message, as bytes.  Raises ConfigError when there is no twin,
-        TypeError when it returns something that is not bytes-like."""
+    @property
+    def twin_keywords(self) -> tuple[str, ...]:
+        """The optional keywords (``"params"``, ``"out_cap"``) the twin is given: those it names."""
+        return self._twin_keywords
+
+    def run_twin(self, payload, msg_id: int, params=_NO_PARAMS, out_cap: int | None = None) -> bytes:
+        """The twin's result for one message, as bytes.
+
+        params:  the per-queue parameters (bytes-like; a read-only memoryview reaches the twin),
+                 given only to a twin that names ``params``; out_cap: the result capacity
+                 (slot_bytes), given only to a twin that names ``out_cap`` (None where unknown).
+        Raises Fail (the twin failed the message; the caller turns it into a status), ConfigError
+        when there is no twin, TypeError when it returns something that is not bytes-like.
+        """
         if self.twin is None:
             raise ConfigError(f"plugin {self.name!r} has no Python twin")
-        result = self.twin(payload, msg_id)
+        if self._twin_keywords:
+            extra = {"params": params if isinstance(params, memoryview) else memoryview(params), "out_cap": out_cap}
+            result = self.twin(payload, msg_id, **{k: extra[k] for k in self._twin_keywords})
+        else:
+            result = self.twin(payload, msg_id)
         try:
             return bytes(memoryview(result))
         except TypeError:
@@ -374,7 +456,37 @@ def crc32c_twin(payload: memoryview, msg_id: int) -> bytes:
     return (crc ^ 0xFFFFFFFF).to_bytes(4, "little")
 
 
-TWINS: dict[str, Twin] = {"echo": echo_twin, "crc32c": crc32c_twin}
+SCORE_BAD_PAYLOAD = 1
+"""``score`` failure code: the payload is empty or not a whole number of float32 (len % 4 != 0)."""
+SCORE_BAD_PARAMS = 2
+"""``score`` failure code: the params are empty, or not a whole number of rows of k float32
+(params bytes % (4 k) != 0: not a [k, n] matrix for this payload's k)."""
+SCORE_TOO_LARGE = 3
+"""``score`` failure code: n scores (4 n bytes) do not fit in a result slot (4 n > slot_bytes)."""
+
+
+def score_twin(payload: memoryview, msg_id: int, params: memoryview = _NO_PARAMS, out_cap: int | None = None) -> bytes:
+    """``score``: the payload is a float32 vector x of k values (little-endian, 4 k bytes); the
+    params a float32 matrix W of shape [k, n], row-major (C order), so n = params bytes / (4 k);
+    the result is the n float32 scores x @ W (4 n bytes).  Fails the message (:class:`Fail`) with
+    SCORE_BAD_PAYLOAD, SCORE_BAD_PARAMS or SCORE_TOO_LARGE, checked in that order, as the device
+    does (device_src/plugins/score.cuh; its sums are fused multiply-adds in row order, so the two
+    agree to float32 rounding, not bit for bit)."""
+    m = memoryview(payload).nbytes
+    if m == 0 or m % 4:
+        raise Fail(SCORE_BAD_PAYLOAD)
+    p = memoryview(params).nbytes
+    if p == 0 or p % m:
+        raise Fail(SCORE_BAD_PARAMS)
+    k, n = m // 4, p // m
+    if out_cap is not None and n > out_cap // 4:
+        raise Fail(SCORE_TOO_LARGE)
+    x = np.frombuffer(payload, "<f4")
+    w = np.frombuffer(params, "<f4").reshape(k, n)
+    return (x @ w).astype("<f4", copy=False).tobytes()
+
+
+TWINS: dict[str, Twin] = {"echo": echo_twin, "crc32c": crc32c_twin, "score": score_twin}
 """Python twins of the built-in plugins in ``device_src/plugins``, by name."""
 
 

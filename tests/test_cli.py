@@ -27,6 +27,7 @@ def test_info_lists_versions_nvrtc_and_the_cache():
     r = gpuq("info")
     for row in ("gpuq_driver", "cuda-bindings", "NVRTC", "CCCL headers", "nvJitLink", "plugins", "CUBIN cache"):
         assert row in r.stdout, r.stdout
+    assert "crc32c, echo, score" in r.stdout  # the built-ins, by name
     if NO_GPU:
         assert r.returncode == 2 and "no usable CUDA GPU" in r.stdout and "backend='sim'" in r.stdout
     else:

@@ -63,6 +63,36 @@ WRONG_NAME_SOURCE = XOR_REVERSE_SOURCE.replace("gpuq_process(", "gpuq_process_v2
 
 NVRTC_KINDS = ("ltoir", "ptx", "cubin")
 
+# A precompiled plugin that uses the plugin API across the link: the queue's params (gpuq_params_g,
+# defined by the kernel) as an xor key, and GPUQ_FAIL for a 3-byte payload (code 7).
+PARAMS_XOR_SOURCE = f"""\
+#include "{EXTERN_HEADER}"
+
+extern "C" __device__ uint32_t gpuq_process(const uint8_t* __restrict__ in, uint32_t len,
+                                            uint8_t* __restrict__ out, uint32_t out_cap,
+                                            uint64_t msg_id, uint32_t lane) {{
+  (void)out_cap;
+  if (len == 3u) return GPUQ_FAIL(7);
+  const uint8_t* key = gpuq_params();
+  const uint64_t n = gpuq_params_bytes();
+  for (uint32_t i = lane; i < len; i += 32u) out[i] = static_cast<uint8_t>(in[i] ^ (n ? key[(msg_id + i) % n] : 0u));
+  return len;
+}}
+"""
+
+
+def params_xor_twin(payload, msg_id: int, params) -> bytes:
+    """The twin of PARAMS_XOR_SOURCE."""
+    from gpuq_driver.plugins import Fail
+
+    if len(payload) == 3:
+        raise Fail(7)
+    key = np.frombuffer(params, np.uint8)
+    data = np.frombuffer(payload, np.uint8)
+    if not len(key):
+        return data.tobytes()
+    return (data ^ key[(msg_id + np.arange(len(data))) % len(key)]).tobytes()
+
 
 def random_payloads(n: int, max_len: int, seed: int) -> list[bytes]:
     """n random payloads of 0 .. max_len bytes; the edge lengths first."""
@@ -291,6 +321,12 @@ def test_each_kind_links_into_the_kernel(shared_cache, linker, objects, kind, so
     assert list(shared_cache.glob("*.ltoir")) and list(shared_cache.glob("*.cubin"))
 
 
+@pytest.mark.parametrize("kind", NVRTC_KINDS)
+def test_a_plugin_using_params_and_fail_links(shared_cache, linker, kind):
+    cubin = link("gpuq_queue.cu", Plugin.from_object(nvrtc_object(PARAMS_XOR_SOURCE, kind), name="params_xor"))
+    assert cubin[:4] == b"\x7fELF" and b"gpuq_params_g" in cubin
+
+
 def test_ptx_with_its_terminating_nul_links(shared_cache, linker, objects):
     plugin = Plugin.from_object(objects["ptx"] + b"\0", name="xor_reverse")  # as nvrtcGetPTX returns it
     assert plugin.kind == "ptx" and link("gpuq_batch.cu", plugin)
@@ -499,3 +535,35 @@ def test_a_precompiled_plugin_in_batch_processor_on_the_gpu(gpu_plugin):
         for start in range(0, len(payloads), 1024):
             chunk = payloads[start : start + 1024]
             assert first_mismatch(proc.process(chunk), chunk, range(len(chunk))) is None, start
+
+
+def serve_params_xor(plugin, backend: str) -> None:
+    """PARAMS_XOR through a queue with a 257-byte key; every result against the twin, the 3-byte
+    payloads failed with code 7, the queue going on after each."""
+    from gpuq_driver import MessageFailed
+
+    key = np.random.default_rng(5).integers(0, 256, 257, dtype=np.uint8)
+    payloads = random_payloads(500, 256, seed=13)
+    payloads[5:5] = [b"xyz"]
+    cfg = QueueConfig(capacity=64, slot_bytes=256, plugin=plugin, params=key, backend=backend)
+    with GpuQueue(cfg) as q:
+        for p in payloads:
+            m = q.enqueue(p)
+            if len(p) == 3:
+                with pytest.raises(MessageFailed) as info:
+                    q.wait_result(m, timeout=10.0)
+                assert info.value.code == 7 and info.value.msg_id == m
+            else:
+                assert q.wait_result(m, timeout=10.0) == params_xor_twin(p, m, key.tobytes()), m
+
+
+def test_a_precompiled_plugin_with_params_runs_its_twin_on_the_simulator():
+    serve_params_xor(
+        Plugin.from_object(nvrtc_object(PARAMS_XOR_SOURCE, "ptx"), name="params_xor", twin=params_xor_twin), "sim"
+    )
+
+
+@pytest.mark.parametrize("kind", ["ltoir", "cubin"])
+def test_a_precompiled_plugin_reads_params_and_fails_a_message_on_the_gpu(gpu, linker, kind):
+    data = nvrtc_object(PARAMS_XOR_SOURCE, kind, arch=gpu.arch)
+    serve_params_xor(Plugin.from_object(data, name="params_xor", twin=params_xor_twin), "cuda")
