@@ -203,7 +203,8 @@ class BatchProcessor:
         else:
             out = b"".join(self._out_slots[i, :m].tobytes() for i, m in enumerate(out_lens.tolist()) if m != FAILED)
         if fail_codes:
-            codes = np.where(failed, raw & MAX_FAIL_CODE, -1).astype(np.int32)
+            # int32 on both sides: numpy >= 2.5 refuses -1 as a uint32
+            codes = np.where(failed, (raw & MAX_FAIL_CODE).astype(np.int32), np.int32(-1))
             return out_lens, memoryview(out), codes
         return out_lens, memoryview(out)
 
