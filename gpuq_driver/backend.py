@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Protocol, runtime_checkable
 
 from .layout import CtrlDev, HostLayout
+from .plugins import Plugin
 
 
 @runtime_checkable
@@ -33,6 +34,8 @@ class Backend(Protocol):
     """Worker warps, ``blocks * threads // 32`` (the simulator: 1)."""
     backend: str
     """``"cuda"`` or ``"sim"``, as QueueStats reports it."""
+    plugin: Plugin
+    """The plugin it runs (resolved): MessageFailed names it."""
 
     def start(self) -> None:
         """Get ready for the first lease (zero the device state; the simulator starts its thread)."""

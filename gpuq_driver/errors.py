@@ -3,7 +3,7 @@
 GpuqError
 ├── CudaError            a CUresult / nvrtcResult other than success (code, name, text)
 │   └── CudaUnavailable  no CUDA driver, or no device
-├── CompileError         NVRTC rejected a source (log, source, options)
+├── CompileError         NVRTC rejected a source, or nvJitLink a link (log, source, options)
 ├── ConfigError          a bad QueueConfig field (also a ValueError)
 ├── PayloadError         a payload too large for a slot (also a ValueError)
 │   └── PayloadTypeError a payload that is not a contiguous bytes-like object (also a TypeError)
@@ -15,6 +15,7 @@ GpuqError
 ├── ResultTimeout        no result within the timeout (also a TimeoutError)
 ├── UnknownMessage       a msg_id never issued or already taken (also a KeyError)
 ├── ProtocolError        the device saw a broken slot (a bug, not bad input)
+├── MessageFailed        the plugin failed one message (GPUQ_FAIL(code) / plugins.Fail(code)); .msg_id, .code
 └── BrokerError          Redis (Track A) refused a command or the login, no redis-server could be started,
     │                    or the client's connection pool is exhausted (max_connections)
     └── BrokerUnavailable  Redis cannot be reached (bad URL, server down, connection lost)
@@ -54,13 +55,20 @@ class CudaUnavailable(CudaError):
 
 
 class CompileError(GpuqError):
-    """NVRTC could not compile ``source``; ``log`` holds NVRTC's whole log; ``plugin`` is the
-    plugins.Plugin compiled in (None if not known), whose errors the log gives by its file and lines."""
+    """NVRTC could not compile ``source`` (``tool="NVRTC"``), or nvJitLink could not link it with a
+    precompiled plugin (``tool="nvJitLink"``); ``log`` holds the tool's whole log (for nvJitLink,
+    after a line that says what was wrong where it can tell: an undefined ``gpuq_process``, the
+    plugin's arch); ``options`` the tool's options; ``plugin`` is the plugins.Plugin compiled or
+    linked in (None if not known), whose compile errors the log gives by its file and lines."""
 
-    def __init__(self, source: str, options: tuple[str, ...], log: str, plugin=None):
-        self.source, self.options, self.log, self.plugin = source, tuple(options), log, plugin
-        with_plugin = f" with plugin {plugin.name!r} ({plugin.origin})" if plugin is not None else ""
-        super().__init__(f"NVRTC failed to compile {source}{with_plugin} with {' '.join(options)}:\n{log}")
+    def __init__(self, source: str, options: tuple[str, ...], log: str, plugin=None, tool: str = "NVRTC"):
+        self.source, self.options, self.log, self.plugin, self.tool = source, tuple(options), log, plugin, tool
+        if plugin is not None and getattr(plugin, "precompiled", False):
+            with_plugin = f" with plugin {plugin.name!r} ({plugin.kind} from {plugin.origin})"
+        else:
+            with_plugin = f" with plugin {plugin.name!r} ({plugin.origin})" if plugin is not None else ""
+        verb = "link" if tool == "nvJitLink" else "compile"
+        super().__init__(f"{tool} failed to {verb} {source}{with_plugin} with {' '.join(options)}:\n{log}")
 
 
 class ConfigError(GpuqError, ValueError):
@@ -229,6 +237,33 @@ class UnknownMessage(GpuqError, KeyError):
 
 class ProtocolError(GpuqError):
     """The device reported a slot that broke the protocol (GpuqCtrlDev.error)."""
+
+
+class MessageFailed(GpuqError):
+    """The plugin failed this message: its device code returned ``GPUQ_FAIL(code)``
+    (device_src/gpuq_plugin_api.cuh), or its twin raised ``gpuq_driver.plugins.Fail(code)``.
+
+    Raised when the result is taken (``try_dequeue_result``, ``wait_result``; in BatchProcessor,
+    ``process``).  The message's slot is freed like any other; the queue and every other message go
+    on, and it is not a protocol error (``shutdown`` does not report it).
+
+    Attributes: ``msg_id``; ``code`` (0 .. 65535, the plugin's own meaning; the built-ins' codes are
+    in gpuq_driver.plugins); ``plugin`` (its name).  From ``BatchProcessor.process`` also
+    ``results`` (the whole batch's results in order: bytes, or None where a message got no result,
+    the failed ones included) and ``failures`` ({index in the batch: code} of every failed message);
+    None from a queue.
+    """
+
+    def __init__(self, msg_id: int, code: int, plugin: str = "", results: list | None = None, failures=None):
+        self.msg_id, self.code, self.plugin = int(msg_id), int(code), plugin
+        self.results, self.failures = results, failures
+        text = f"msg_id {self.msg_id}: plugin {plugin!r} failed the message with code {self.code}"
+        if failures is not None and len(failures) > 1:
+            text += f" ({len(failures) - 1} more of the batch failed too: see .failures)"
+        super().__init__(text)
+
+    def __reduce__(self):
+        return type(self), (self.msg_id, self.code, self.plugin, self.results, self.failures)
 
 
 class BrokerError(GpuqError):

@@ -2,9 +2,10 @@
 
 A ``PersistentKernel`` owns every driver resource of one queue: the mapped pinned block that holds
 the control lines, the request and result rings (layout.HostLayout), the VRAM slot ring, the
-device state, the stream and the module.  Everything is allocated and every function handle is
-taken *before* the first cooperative launch; nothing is freed while a lease may still run, and
-nothing at all at interpreter exit (``abandon``): another thread may still be reading it.
+device state, the plugin's parameters (params.py), the stream and the module.  Everything is
+allocated and every function handle is taken *before* the first cooperative launch; nothing is
+freed while a lease may still run, and nothing at all at interpreter exit (``abandon``): another
+thread may still be reading it.
 
 It implements the backend contract, backend.Backend, as sim.SimulatedKernel does (so GpuQueue
 runs unchanged on either); the contract's members are documented there.
@@ -20,8 +21,18 @@ import weakref
 from . import driver
 from .compiler import CompileOptions, compile_cubin
 from .errors import ConfigError, CudaError, GpuqError, kernel_fault
-from .layout import KERNEL_EXITED, STOP_ABORT, CtrlDev, DevState, HostLayout, Params, expected_probe, request_stop
-from .plugins import resolve
+from .layout import (
+    KERNEL_EXITED,
+    STOP_ABORT,
+    CtrlDev,
+    DevState,
+    HostLayout,
+    KernelArgs,
+    expected_probe,
+    request_stop,
+)
+from .params import upload
+from .plugins import Plugin, resolve
 
 _live: dict[int, weakref.ref[PersistentKernel]] = {}
 """device ordinal -> the queue kernel running there in this process (at most one, see __init__)."""
@@ -45,6 +56,7 @@ class PersistentKernel:
     blocks: int
     threads: int
     warps: int
+    plugin: Plugin
 
     def __init__(self, config):
         # One persistent queue kernel per device per process: while one runs, another queue's
@@ -108,10 +120,12 @@ class PersistentKernel:
         self.dev_state = driver.DeviceBuffer(self.ctx, ctypes.sizeof(DevState))
         self.mem = self.host.view
         self._check_layout(probe_fn)
+        # The plugin's parameters: their own VRAM buffer, and gpuq_params_g pointing at it.
+        self.params_buf = upload(self.ctx, self.module, self.stream, config.params, config.device)
 
         off = self.layout.offsets
         base = self.host.device_ptr
-        self.params = Params(
+        self.args = KernelArgs(
             ctrl_host=base + off["ctrl_host"],
             ctrl_dev=base + off["ctrl_dev"],
             req_hdr=base + off["req_hdr"],
@@ -128,19 +142,15 @@ class PersistentKernel:
             front_backoff_ns=config.front_backoff_ns,
             idle_backoff_ns=config.idle_backoff_ns,
         )
-        self._args = driver.LaunchArgs([self.params])
+        self._args = driver.LaunchArgs([self.args])
         self.ctrl = CtrlDev.from_buffer(self.mem, off["ctrl_dev"])
         self.doorbell = self.layout.view(self.mem, "ctrl_host", "Q")[:1]
         self._launched = False
         self._stop_wait_s = [5.0]  # how long close() waits for the kernel to stop (0 after a hang)
-        self._finalizer = weakref.finalize(
-            self,
-            _release,
-            self.doorbell,
-            self.stream,
-            [self.stream, self.host, self.vram, self.dev_state, self.module],
-            self._stop_wait_s,
-        )
+        resources = [self.stream, self.host, self.vram, self.dev_state, self.module]
+        if self.params_buf is not None:
+            resources.append(self.params_buf)
+        self._finalizer = weakref.finalize(self, _release, self.doorbell, self.stream, resources, self._stop_wait_s)
         self._finalizer.atexit = False  # at exit: abandon(), never free (another thread may still read)
 
     def _check_layout(self, probe_fn) -> None:

@@ -23,7 +23,7 @@ import math
 import threading
 import time
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 
@@ -32,6 +32,7 @@ from .errors import (
     ConfigError,
     GpuqError,
     KernelStopped,
+    MessageFailed,
     PayloadError,
     PluginHung,
     ProtocolError,
@@ -46,12 +47,16 @@ from .errors import (
 from .layout import (
     DONE,
     DOORBELL_STOP_SHIFT,
+    ERR_MASK,
+    ERR_SHIFT,
     ERROR_NAMES,
+    FAIL_CODE_SHIFT,
     KERNEL_EXITED,
     KERNEL_PARKED,
     KERNEL_RUNNING,
     NO_MSG,
     READY,
+    RESULT_FAILED,
     STOP_ABORT,
     STOP_DRAIN,
     check_slot_bytes,
@@ -59,6 +64,7 @@ from .layout import (
     is_power_of_two,
 )
 from .lease import Leases
+from .params import check_params, describe
 from .payload import byte_view
 from .plugins import Plugin, resolve
 from .sim import SIM_NEEDS_TWIN
@@ -76,7 +82,7 @@ class QueueConfig:
     slot_bytes:         payload bytes per slot, a multiple of 16, 16 .. 1,048,576 (default 512);
                         results are at most this long too.  capacity × slot_bytes <= 4 GiB.
     plugin:             the processing function run on each message: a name (a built-in, "echo"
-                        (default) or "crc32c", or a package's entry point) or a ``Plugin``
+                        (default), "crc32c" or "score", or a package's entry point) or a ``Plugin``
                         (``Plugin.from_source`` / ``Plugin.from_file``); plugins.resolve looks it
                         up here, so an unknown name is refused at once with what exists.  On
                         ``backend="sim"`` the plugin needs a Python twin.
@@ -120,6 +126,15 @@ class QueueConfig:
     backend:            "cuda" (default) or "sim" (the CPU simulator in sim.py, for tests; it runs
                         one warp whatever ``blocks`` and ``threads_per_block`` say, and ``stats()``
                         reports that geometry).
+    params:             per-queue parameters the plugin reads (e.g. the weight matrix of "score"):
+                        any C-contiguous bytes-like object (bytes, bytearray, memoryview, a numpy
+                        array: its raw bytes in C order), 0 .. 1 GiB (1,073,741,824 bytes); None
+                        or empty (default) = none.  Kept as an immutable copy (``bytes``: the
+                        config stays hashable and compares by content; ``repr`` shows only the
+                        size).  On the GPU it is uploaded once to VRAM before the first launch
+                        (ConfigError there if it exceeds the free VRAM) and freed at ``close()``;
+                        the device code reads it with ``gpuq_params()`` /
+                        ``gpuq_params_bytes()``, the twin as its ``params`` argument (params.py).
     """
 
     capacity: int = 1024
@@ -136,6 +151,7 @@ class QueueConfig:
     watchdog_ms: float = 5000.0
     device: int = 0
     backend: str = "cuda"
+    params: bytes = b""
 
     def __post_init__(self):
         def check(name, lo, hi):
@@ -175,6 +191,11 @@ class QueueConfig:
         if self.backend not in ("cuda", "sim"):
             raise ConfigError(f"backend={self.backend!r} must be 'cuda' or 'sim'")
         resolve(self.plugin, SIM_NEEDS_TWIN if self.backend == "sim" else None)
+        object.__setattr__(self, "params", check_params(self.params))
+
+    def __repr__(self) -> str:  # the dataclass's, but params by its size only (it may be 1 GiB)
+        shown = [describe(self.params) if f.name == "params" else repr(getattr(self, f.name)) for f in fields(self)]
+        return f"QueueConfig({', '.join(f'{f.name}={v}' for f, v in zip(fields(self), shown))})"
 
     @property
     def lease_ns(self) -> int:
@@ -247,6 +268,7 @@ class GpuQueue:
             from .kernel import PersistentKernel as make_kernel
         self._kernel: Backend = make_kernel(config)
         kernel = self._kernel
+        self._plugin_name = kernel.plugin.name
         self._leases = leases = Leases(
             kernel,
             config.lease_ms,
@@ -494,8 +516,10 @@ class GpuQueue:
     def try_dequeue_result(self, msg_id: int) -> bytes | None:
         """The result of ``msg_id`` as bytes (and its slot freed), or None if not done yet.
 
-        None also for a msg_id already taken or never issued.  Raises ProtocolError if the device
-        flagged this slot as broken, QueueClosed after ``close()``.
+        None also for a msg_id already taken or never issued.  Raises MessageFailed (``.msg_id``,
+        ``.code``) if the plugin failed the message (GPUQ_FAIL(code) / plugins.Fail(code)), and
+        ProtocolError if the device flagged this slot as broken: either way the result is taken and
+        its slot freed.  QueueClosed after ``close()``.
         """
         slot = self._slot(msg_id)
         with self._clock:
@@ -523,8 +547,12 @@ class GpuQueue:
             else:
                 self._taken[slot] = msg_id
                 self._taken_ahead += 1
-        if len_flags >> 32 != DONE:  # flags = DONE | error code << 8
-            raise ProtocolError(f"msg_id {msg_id}: device reported {ERROR_NAMES.get(len_flags >> 40, len_flags >> 40)}")
+        flags = len_flags >> 32
+        if flags != DONE:  # DONE | protocol error << ERR_SHIFT | RESULT_FAILED | failure code << 16
+            if flags & RESULT_FAILED:
+                raise MessageFailed(msg_id, flags >> FAIL_CODE_SHIFT, self._plugin_name)
+            err = (flags >> ERR_SHIFT) & ERR_MASK
+            raise ProtocolError(f"msg_id {msg_id}: device reported {ERROR_NAMES.get(err, err)}")
         return data
 
     def wait_result(self, msg_id: int, timeout: float | None = 1.0) -> bytes:
@@ -538,7 +566,8 @@ class GpuQueue:
         within ``watchdog_ms``: within the bounds of docs/api.md, "Faults", also with
         ``timeout=None``), UnknownMessage (a KeyError) for a msg_id already taken or never
         issued, TypeError for a msg_id that is not an int, ConfigError for a timeout that is not a
-        number of seconds >= 0 or None, ProtocolError, QueueClosed.
+        number of seconds >= 0 or None, MessageFailed (the plugin failed it; taken, as in
+        try_dequeue_result), ProtocolError, QueueClosed.
         """
         try:
             timeout = math.inf if timeout is None else check_seconds("timeout", timeout)

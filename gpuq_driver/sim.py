@@ -6,9 +6,12 @@ machines without a GPU, as numba-cuda's simulator does for kernels. It follows t
 of gpuq_queue.cu (doorbell, stop before head, result data before header, msg_id last; a lease
 announces itself before its first doorbell read, announces that it is leaving when its time is up,
 serves what one last read shows, and carries its position over to the next lease) with one
-simulated warp and the plugin's Python twin (plugins.py), under the device's rules: a result
-longer than ``slot_bytes`` is a BAD_RESULT protocol error for that message (an empty result,
-ProtocolError when taken) and is never written. A thread plays the stream: leases launched while
+simulated warp and the plugin's Python twin (plugins.py; given the config's params and
+``slot_bytes`` as out_cap where it names them), under the device's rules: a twin that raises
+plugins.Fail(code) fails the message (DONE, an empty result, the code in the header's flags:
+MessageFailed when taken, as GPUQ_FAIL(code) on the device); a result longer than ``slot_bytes``
+is a BAD_RESULT protocol error for that message (an empty result, ProtocolError when taken) and is
+never written. A thread plays the stream: leases launched while
 one runs wait their turn. It is for tests, not for speed: ``blocks`` and ``threads_per_block`` are
 ignored (stats report one block of one warp).
 
@@ -28,7 +31,6 @@ import warnings
 
 from .errors import KernelFault, kernel_fault
 from .layout import (
-    DONE,
     DOORBELL_HEAD_MASK,
     DOORBELL_STOP_SHIFT,
     ERR_BAD_LEN,
@@ -42,9 +44,10 @@ from .layout import (
     CtrlDev,
     HostLayout,
     request_stop,
+    result_flags,
     slot_of,
 )
-from .plugins import resolve
+from .plugins import Fail, Plugin, resolve
 
 SIM_NEEDS_TWIN = "the simulator (backend='sim')"
 
@@ -60,9 +63,11 @@ class SimulatedKernel:
     blocks: int
     threads: int
     warps: int
+    plugin: Plugin
 
     def __init__(self, config):
         self.plugin = resolve(config.plugin, SIM_NEEDS_TWIN)
+        self.params = memoryview(config.params)  # read-only: the twin cannot change them
         self.config = config
         self.blocks, self.threads, self.warps = 1, 32, 1
         self.layout = HostLayout(config.capacity, config.slot_bytes, self.warps)
@@ -165,7 +170,7 @@ class SimulatedKernel:
         req_hdr, res_hdr = lay.view(mem, "req_hdr", "Q"), lay.view(mem, "res_hdr", "Q")
         req_data, res_data = lay.view(mem, "req_data"), lay.view(mem, "res_data")
         counter = lay.view(mem, "warp_counters", "Q")
-        process = self.plugin.run_twin
+        process, params = self.plugin.run_twin, self.params
         ctrl.warps = 1
         ctrl.leases_begun = ctrl.leases_ended + 1  # announce, then read the doorbell (the GIL orders both)
         ctrl.state = KERNEL_RUNNING
@@ -198,13 +203,17 @@ class SimulatedKernel:
                 code = ERR_BAD_MSG_ID
             elif n > sb:
                 code, n = ERR_BAD_LEN, sb
-            out = b"" if code else process(req_data[slot * sb : slot * sb + n], seq)
+            failed = None  # the plugin's failure code (plugins.Fail), as GPUQ_FAIL(code) on the device
+            try:
+                out = b"" if code else process(req_data[slot * sb : slot * sb + n], seq, params, sb)
+            except Fail as exc:
+                out, failed = b"", exc.code
             if len(out) > sb:  # the plugin broke its contract: nothing is written past the slot
                 code, out = ERR_BAD_RESULT, b""
             if code and not ctrl.error:
                 ctrl.error_msg_id, ctrl.error = seq, code
             res_data[slot * sb : slot * sb + len(out)] = out
-            res_hdr[2 * slot] = len(out) | ((DONE | (code << 8)) << 32)
+            res_hdr[2 * slot] = len(out) | (result_flags(code, failed) << 32)
             res_hdr[2 * slot + 1] = seq
             seq += 1
             counter[0] = seq

@@ -47,3 +47,18 @@ def test_gpu_bridge_reclaiming_its_own_entries_publishes_each_once(redis_client)
     assert (stats.messages, stats.entries, stats.duplicates, stats.failed) == (n, n, 0, 0)
     assert consumer.pending() == 0 and redis_client.xpending("s", "g")["pending"] == 0
     assert_exactly_once(all_results(redis_client, "s:results"), expected_results(ids, payloads, 1))
+
+
+def test_gpu_bridge_publishes_a_message_the_plugin_failed_as_failed(redis_client, make_queue):
+    """A plugin's GPUQ_FAIL(code) (MessageFailed when taken) is a failed (None) result, and the bridge goes on."""
+    from .test_params import ODD  # fails a message whose first byte is odd
+
+    payloads = [bytes([i % 256]) * 8 for i in range(300)]
+    ids = StreamProducer(redis_client, "s").send_many(payloads)
+    q = make_queue(capacity=64, slot_bytes=16, plugin=ODD)
+    bridge = GpuBridge(StreamConsumer(redis_client, "s", "g", "bridge", block_ms=50), q, publish_batch=32)
+    stats = bridge.run(max_messages=len(payloads), idle_exit_s=5)
+    assert (stats.messages, stats.failed, stats.duplicates) == (300, 150, 0)
+    expected = {(ids[i], 0): None if p[0] & 1 else p for i, p in enumerate(payloads)}
+    assert_exactly_once(all_results(redis_client, "s:results"), expected)
+    assert q.stats().occupied == 0

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 
-from ..errors import PayloadError, QueueFull, check_instance, check_int, check_seconds
+from ..errors import MessageFailed, PayloadError, QueueFull, check_instance, check_int, check_seconds
 from .wire import encode_frame
 from .worker import _Loop
 
@@ -98,7 +98,10 @@ class GpuBridge(_Loop):
         q = self.queue
         for msg_id in q.poll_completions():
             p, i = self._inflight.pop(msg_id)
-            p.results[i] = q.try_dequeue_result(msg_id)
+            try:
+                p.results[i] = q.try_dequeue_result(msg_id)
+            except MessageFailed:  # the plugin failed it: no result, reported as failed
+                p.results[i] = None
             self._finish(p)
 
     def _finish(self, p: _Pending) -> None:
