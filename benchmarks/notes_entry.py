@@ -70,6 +70,10 @@ def main() -> None:
                 f"- pause(): p50 {pr['pause']['p50_us']:.1f} µs, p99 {pr['pause']['p99_us']:.1f} µs; "
                 f"resume(): p50 {pr['resume']['p50_us']:.1f} µs"
             )
+    plugins = out / "bench_plugins.log"
+    if plugins.exists():  # its table, as printed
+        print("\n### The scoring plugin: GpuQueue vs BatchProcessor vs CuPy (bench_plugins.py)\n")
+        print("```\n" + plugins.read_text(errors="replace").strip() + "\n```")
     share = out / "bench_share.log"
     if share.exists():  # its tables, as printed
         print("\n### Other CUDA work beside a queue (bench_share.py)\n")

@@ -30,14 +30,15 @@
 //   READY    -> INFLIGHT  a warp that claimed msg_id (atomicAdd on GpuqDevState.claim) sees
 //                         head > msg_id, copies the payload into its VRAM slot
 //   INFLIGHT -> DONE      the plugin writes res_data; __threadfence_system(); then res_hdr
-//                         {len, DONE} and, last, res_hdr.msg_id = msg_id (release, system scope)
+//                         {len, flags} and, last, res_hdr.msg_id = msg_id (release, system scope);
+//                         flags = DONE | protocol error << GPUQ_ERR_SHIFT | plugin status (below)
 //   DONE     -> EMPTY     the host copies the result out; the slot may then take msg_id + capacity
 //
 // The host never writes a slot whose previous result it has not taken, so the device never sees
 // a slot reused under it.
 //
 // Leases (docs/design.md, "Sharing the GPU").  One launch serves the queue for at most
-// GpuqParams.lease_ns, then leaves at a message boundary so that other CUDA work in the process
+// GpuqKernelArgs.lease_ns, then leaves at a message boundary so that other CUDA work in the process
 // (context synchronisation, cuMemFree, module loads, large GEMMs) gets through; the host launches
 // the next lease on the same stream.  A lease ends when the front warp (the one whose claim equals
 // the head) finds its time up before reading the doorbell: it stores leases_leaving, fences, reads
@@ -68,7 +69,7 @@ using cuda::std::uint8_t;
 #include <cstdint>
 #endif
 
-#define GPUQ_LAYOUT_VERSION 3u
+#define GPUQ_LAYOUT_VERSION 4u  // 4: the plugin's per-message status in res_hdr.flags
 
 // Slot states (GpuqSlotHeader.flags, low byte).
 #define GPUQ_EMPTY 0u
@@ -94,14 +95,26 @@ using cuda::std::uint8_t;
 #define GPUQ_ERR_NONE 0u
 #define GPUQ_ERR_BAD_MSG_ID 1u  // req_hdr.msg_id differs from the claimed msg_id
 #define GPUQ_ERR_BAD_LEN 2u     // req_hdr.len > slot_bytes
-#define GPUQ_ERR_BAD_RESULT 3u  // plugin returned a length > slot_bytes
+#define GPUQ_ERR_BAD_RESULT 3u  // plugin returned a length > slot_bytes (and < GPUQ_FAIL_BIT)
+
+// GpuqSlotHeader.flags of a result (res_hdr), one 32-bit word:
+//   bits  0..7   the state, GPUQ_DONE
+//   bits  8..14  a protocol error of this message (GPUQ_ERR_*; 0 = none), result empty
+//   bit  15      GPUQ_RESULT_FAILED: the plugin failed the message (it returned GPUQ_FAIL(code),
+//                gpuq_plugin_api.cuh); result empty; not a protocol error (GpuqCtrlDev.error untouched)
+//   bits 16..31  that failure's code, 0..65535 (0 unless GPUQ_RESULT_FAILED)
+// A plain success is flags == GPUQ_DONE.
+#define GPUQ_ERR_SHIFT 8
+#define GPUQ_ERR_MASK 0x7Fu
+#define GPUQ_RESULT_FAILED 0x8000u
+#define GPUQ_FAIL_CODE_SHIFT 16
 
 #define GPUQ_NO_MSG 0xFFFFFFFFFFFFFFFFull  // msg_id of a slot never written
 
 // 16 B, 16-byte aligned: the header of every slot, in every ring.
 struct __align__(16) GpuqSlotHeader {
   uint32_t len;     // payload bytes, 0..slot_bytes
-  uint32_t flags;   // GPUQ_* state
+  uint32_t flags;   // GPUQ_* state (a result's: see GPUQ_RESULT_FAILED above)
   uint64_t msg_id;  // written last; GPUQ_NO_MSG until first use
 };
 
@@ -148,7 +161,7 @@ struct __align__(128) GpuqDevState {
 };
 
 // The persistent kernel's single argument (passed by value).
-struct GpuqParams {
+struct GpuqKernelArgs {
   GpuqCtrlHost* ctrl_host;
   GpuqCtrlDev* ctrl_dev;
   GpuqSlotHeader* req_hdr;
@@ -170,4 +183,4 @@ static_assert(sizeof(GpuqSlotHeader) == 16, "GpuqSlotHeader must be 16 bytes");
 static_assert(sizeof(GpuqCtrlHost) == 128, "GpuqCtrlHost must be 128 bytes");
 static_assert(sizeof(GpuqCtrlDev) == 128, "GpuqCtrlDev must be 128 bytes");
 static_assert(sizeof(GpuqDevState) == 256, "GpuqDevState must be 256 bytes");
-static_assert(sizeof(GpuqParams) == 104, "GpuqParams must be 104 bytes");
+static_assert(sizeof(GpuqKernelArgs) == 104, "GpuqKernelArgs must be 104 bytes");

@@ -1,6 +1,6 @@
 // gpuq_queue.cu -- the persistent cooperative kernel that serves the queue, and its layout probe.
 //
-// One launch (a *lease*) serves the queue for up to GpuqParams.lease_ns, then leaves at a message
+// One launch (a *lease*) serves the queue for up to GpuqKernelArgs.lease_ns, then leaves at a message
 // boundary; the host launches the next lease on demand (gpuq_layout.cuh, "Leases").  Every warp
 // of the grid is a worker:
 //   1. lane 0 claims the next msg_id with atomicAdd on GpuqDevState.claim (VRAM);
@@ -10,11 +10,18 @@
 //      copy (GpuqDevState.head) with __nanosleep backoff.  The front warp is also the one that
 //      ends the lease when its time is up;
 //   3. the warp copies the payload from the host-mapped request slot into its VRAM slot, runs the
-//      plugin's gpuq_process(), and publishes the result (data, fence, header, msg_id last).
+//      plugin's gpuq_process(), and publishes the result (data, fence, header, msg_id last); a
+//      plugin's GPUQ_FAIL(code) is published as a failed result (gpuq_layout.cuh, result flags).
 // gpuq_layout.cuh documents the memory placement and the one-writer rule.
 #include "gpuq_layout.cuh"
 
 #include "gpuq_sync.cuh"
+
+#include "gpuq_plugin_api.cuh"
+
+// The per-queue parameters the plugin reads (gpuq_plugin_api.cuh); set by the host before the
+// first lease (kernel.py: cuModuleGetGlobal + a copy), never while a lease runs.
+__device__ GpuqParams gpuq_params_g = {nullptr, 0u};
 
 #ifndef GPUQ_PLUGIN_FILE
 #define GPUQ_PLUGIN_FILE "plugins/echo.cuh"
@@ -32,7 +39,7 @@ __device__ __forceinline__ void backoff(uint32_t& ns, uint32_t cap) {
 }
 
 // Record the first protocol error (VRAM CAS, then a plain store to the host-visible line).
-__device__ void report_error(const GpuqParams& p, uint32_t code, uint64_t msg_id) {
+__device__ void report_error(const GpuqKernelArgs& p, uint32_t code, uint64_t msg_id) {
   if (atomicCAS(&p.dev->error, 0u, code) == 0u) {
     p.ctrl_dev->error_msg_id = msg_id;
     __threadfence_system();
@@ -54,7 +61,7 @@ __device__ __forceinline__ uint64_t globaltimer_ns() {
 
 // The first front warp of a lease announces it: leases_begun, RUNNING, then a full system fence
 // before its first doorbell read (the device half of the relaunch handshake, gpuq_layout.cuh).
-__device__ void announce_lease(const GpuqParams& p) {
+__device__ void announce_lease(const GpuqKernelArgs& p) {
   GpuqDevState* dev = p.dev;
   dev->begun = 1u;
   dev->lease_start = globaltimer_ns();
@@ -66,7 +73,7 @@ __device__ void announce_lease(const GpuqParams& p) {
 // Lane 0 only: claim a msg_id and wait until it is published.  Returns GPUQ_NO_MSG to exit.
 // When this warp was the front, `publish` is set to the head it read from the doorbell; the
 // caller publishes it to the other warps (process_one does so while its own reads are in flight).
-__device__ uint64_t claim_and_wait(const GpuqParams& p, uint64_t& publish) {
+__device__ uint64_t claim_and_wait(const GpuqKernelArgs& p, uint64_t& publish) {
   GpuqDevState* dev = p.dev;
   const uint64_t s = atomicAdd(reinterpret_cast<unsigned long long*>(&dev->claim), 1ull);
   uint32_t ns = 32u;
@@ -131,7 +138,7 @@ __device__ uint64_t claim_and_wait(const GpuqParams& p, uint64_t& publish) {
   }
 }
 
-__device__ void process_one(const GpuqParams& p, uint64_t s, uint32_t lane, uint64_t publish) {
+__device__ void process_one(const GpuqKernelArgs& p, uint64_t s, uint32_t lane, uint64_t publish) {
   const uint32_t slot = static_cast<uint32_t>(s & (p.capacity - 1u));
   const size_t data_off = static_cast<size_t>(slot) * p.slot_bytes;
   const uint8_t* src = p.req_data + data_off;
@@ -174,10 +181,13 @@ __device__ void process_one(const GpuqParams& p, uint64_t s, uint32_t lane, uint
   if (lane == 0) { vh->len = len; vh->flags = GPUQ_INFLIGHT; vh->msg_id = s; }
   __syncwarp();
 
-  uint32_t out_len = 0;
+  uint32_t out_len = 0, status = 0;
   if (code == GPUQ_ERR_NONE) {
     out_len = gpuq_process(vin, len, p.res_data + data_off, p.slot_bytes, s, lane);
-    if (out_len > p.slot_bytes) {
+    if (out_len >= GPUQ_FAIL_BIT) {  // the plugin failed the message: a status, not a protocol error
+      status = GPUQ_RESULT_FAILED | ((out_len & 0xFFFFu) << GPUQ_FAIL_CODE_SHIFT);
+      out_len = 0;
+    } else if (out_len > p.slot_bytes) {
       if (lane == 0) report_error(p, GPUQ_ERR_BAD_RESULT, s);
       code = GPUQ_ERR_BAD_RESULT;
       out_len = 0;
@@ -190,7 +200,7 @@ __device__ void process_one(const GpuqParams& p, uint64_t s, uint32_t lane, uint
   if (lane == 0) {
     GpuqSlotHeader* oh = p.res_hdr + slot;
     const uint64_t len_flags = static_cast<uint64_t>(out_len) |
-                               (static_cast<uint64_t>(GPUQ_DONE | (code << 8)) << 32);
+                               (static_cast<uint64_t>(GPUQ_DONE | (code << GPUQ_ERR_SHIFT) | status) << 32);
     *reinterpret_cast<volatile uint64_t*>(oh) = len_flags;
     store_release<kSys>(&oh->msg_id, s);
     vh->flags = GPUQ_DONE;
@@ -200,7 +210,7 @@ __device__ void process_one(const GpuqParams& p, uint64_t s, uint32_t lane, uint
 // The last warp out of a lease: every other warp has left, so it alone resets the device state for
 // the next lease (claims abandoned at or above the head are handed out again), then reports the
 // end: leases_ended, and state PARKED (on time) or EXITED (the host asked to stop).
-__device__ void end_lease(const GpuqParams& p) {
+__device__ void end_lease(const GpuqKernelArgs& p) {
   GpuqDevState* dev = p.dev;
   const uint32_t stop = dev->stop;
   const uint64_t ended = dev->leases + 1u;
@@ -220,7 +230,7 @@ __device__ void end_lease(const GpuqParams& p) {
 
 }  // namespace
 
-extern "C" __global__ void gpuq_persistent(const GpuqParams p) {
+extern "C" __global__ void gpuq_persistent(const GpuqKernelArgs p) {
   const uint32_t lane = threadIdx.x & 31u;
   const uint32_t warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
   const uint32_t warps = (gridDim.x * blockDim.x) >> 5;
@@ -266,9 +276,9 @@ extern "C" __global__ void gpuq_layout_probe(uint64_t* out) {
       GPUQ_OFFSETOF(GpuqCtrlDev, layout_version), GPUQ_OFFSETOF(GpuqCtrlDev, warps),
       GPUQ_OFFSETOF(GpuqCtrlDev, leases_begun), GPUQ_OFFSETOF(GpuqCtrlDev, leases_ended),
       GPUQ_OFFSETOF(GpuqCtrlDev, leases_leaving),
-      sizeof(GpuqDevState), sizeof(GpuqParams), GPUQ_OFFSETOF(GpuqParams, warp_totals),
-      GPUQ_OFFSETOF(GpuqParams, lease_ns), GPUQ_OFFSETOF(GpuqParams, capacity), GPUQ_OFFSETOF(GpuqParams, slot_bytes),
-      GPUQ_OFFSETOF(GpuqParams, front_backoff_ns), GPUQ_OFFSETOF(GpuqParams, idle_backoff_ns),
+      sizeof(GpuqDevState), sizeof(GpuqKernelArgs), GPUQ_OFFSETOF(GpuqKernelArgs, warp_totals),
+      GPUQ_OFFSETOF(GpuqKernelArgs, lease_ns), GPUQ_OFFSETOF(GpuqKernelArgs, capacity), GPUQ_OFFSETOF(GpuqKernelArgs, slot_bytes),
+      GPUQ_OFFSETOF(GpuqKernelArgs, front_backoff_ns), GPUQ_OFFSETOF(GpuqKernelArgs, idle_backoff_ns),
   };
   for (unsigned i = 0; i < sizeof(v) / sizeof(v[0]); ++i) out[i] = v[i];
 }

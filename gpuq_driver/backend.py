@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Protocol, runtime_checkable
 
 from .layout import CtrlDev, HostLayout
+from .plugins import Plugin
 
 
 @runtime_checkable
@@ -33,6 +34,8 @@ class Backend(Protocol):
     """Worker warps, ``blocks * threads // 32`` (the simulator: 1)."""
     backend: str
     """``"cuda"`` or ``"sim"``, as QueueStats reports it."""
+    plugin: Plugin
+    """The plugin it runs (resolved): MessageFailed names it."""
 
     def start(self) -> None:
         """Get ready for the first lease (zero the device state; the simulator starts its thread)."""
@@ -42,19 +45,22 @@ class Backend(Protocol):
         (lease.Leases) serialises launches.  Raises CudaError."""
 
     def idle(self) -> bool:
-        """True when no launched lease is still running or queued."""
+        """True when no launched lease is still running or queued (no wait).  Raises KernelFault
+        once a lease has faulted (a sticky CUDA error; the simulator: its twin raised)."""
 
     def exited(self) -> bool:
         """True once the kernel has stopped for good (a lease saw DRAIN or ABORT and returned), or
-        was never launched.  Raises CudaError if it faulted."""
+        was never launched.  Raises KernelFault if it faulted."""
 
     @property
     def error(self) -> tuple[int, int]:
         """(GPUQ_ERR_* code, msg_id) of the first protocol error the device saw; (0, 0) if none."""
 
-    def close(self) -> None:
-        """Stop the kernel (abort) if it still runs, then free everything.  Idempotent."""
+    def close(self, wait_s: float = 5.0) -> None:
+        """Stop the kernel (abort) if it still runs, waiting up to ``wait_s`` (0 after a plugin
+        hung), then free everything; a kernel that does not stop is left running and its memory
+        leaked, with a RuntimeWarning.  Idempotent."""
 
-    def abandon(self) -> None:
-        """Interpreter exit: stop the kernel (abort), wait briefly, free nothing (another thread
-        may still read the shared memory; process teardown frees it)."""
+    def abandon(self, wait_s: float = 2.0) -> None:
+        """Interpreter exit: stop the kernel (abort), wait up to ``wait_s`` (0 after a plugin hung),
+        free nothing (another thread may still read the shared memory; process teardown frees it)."""

@@ -35,6 +35,7 @@ from .errors import (
     ConfigError,
     GpuqError,
     KernelStopped,
+    MessageFailed,
     PayloadError,
     PayloadTypeError,
     ProtocolError,
@@ -45,7 +46,7 @@ from .errors import (
     check_int,
     check_seconds,
 )
-from .layout import DONE, ERROR_NAMES, NO_MSG, READY
+from .layout import DONE, ERR_MASK, ERR_SHIFT, ERROR_NAMES, FAIL_CODE_SHIFT, NO_MSG, READY, RESULT_FAILED
 from .payload import byte_view, byte_views
 
 _READY_WORD = np.uint64(READY << 32)
@@ -208,28 +209,38 @@ def _decode(hdr32: np.ndarray, segs, want_flags: bool):
 
 
 def _flag_name(flags: int) -> str:
-    """What a result's flags word says: a protocol error's name (bits 8..14), or, where bit 15 is
-    set, the plugin's own failure with its code in the top 16 bits (the per-message status of a
-    later layout; here only named)."""
-    if flags & 0x8000:
-        return f"a failure of the plugin (code {flags >> 16})"
-    code = (flags >> 8) & 0x7F
+    """What a result's flags word says: a protocol error's name (bits 8..14), or, where bit 15
+    (RESULT_FAILED) is set, the plugin's own failure with its code in the top 16 bits."""
+    if flags & RESULT_FAILED:
+        return f"a failure of the plugin (code {flags >> FAIL_CODE_SHIFT})"
+    code = (flags >> ERR_SHIFT) & ERR_MASK
     return ERROR_NAMES.get(code, f"flags 0x{flags:x}")
 
 
-def _bulk_failure(first: int, flags: np.ndarray, bad: np.ndarray, data, lens) -> GpuqError:
-    """The error a batch take raises (errors="raise") when the device flagged some of its results.
-    All of them were taken (their slots are free); ``.results`` holds (data, lengths) of the whole
-    range, FAILED where flagged, ``.msg_ids`` the flagged msg_ids, ``.flags`` their flags words."""
+def _bulk_failure(first: int, flags: np.ndarray, bad: np.ndarray, data, lens, plugin: str = "") -> GpuqError:
+    """The error a batch take raises (errors="raise") when some of its results are flagged.  All of
+    them were taken (their slots are free).  MessageFailed (naming the first, with ``.failures``
+    {msg_id: code}) when every flagged one is the plugin's own failure (GPUQ_FAIL), else
+    ProtocolError naming the first protocol error.  Either carries ``.results`` (data, lengths) of
+    the whole range, FAILED where flagged, ``.msg_ids`` the flagged msg_ids, ``.flags`` their
+    flags words."""
     idx = np.flatnonzero(bad)
-    i = int(idx[0])
-    exc = ProtocolError(
-        f"msg_id {first + i}: device reported {_flag_name(int(flags[i]))} ({len(idx)} of the {len(bad)} results "
-        f"from msg_id {first} flagged; all were taken: .results holds (data, lengths), FAILED where flagged)"
-    )
+    fl = flags[idx]
+    protocol = (fl & (ERR_MASK << ERR_SHIFT)) != 0
+    if not protocol.any():
+        failures = {first + int(j): int(f) >> FAIL_CODE_SHIFT for j, f in zip(idx, fl)}
+        i = int(idx[0])
+        exc: GpuqError = MessageFailed(first + i, failures[first + i], plugin, failures=failures)
+    else:
+        i = int(idx[int(np.flatnonzero(protocol)[0])])
+        exc = ProtocolError(
+            f"msg_id {first + i}: device reported {_flag_name(int(flags[i]))} ({len(idx)} of the {len(bad)} "
+            f"results from msg_id {first} flagged; all were taken: .results holds (data, lengths), FAILED "
+            "where flagged)"
+        )
     exc.results = (data, lens)
     exc.msg_ids = [first + int(j) for j in idx]
-    exc.flags = flags[idx]
+    exc.flags = fl
     return exc
 
 
@@ -870,7 +881,7 @@ class BulkCalls:
                 rings.taken[s0 : s0 + k] = np.arange(first + i0, first + i0 + k, dtype=np.uint64)
             self._taken_ahead += n
         if flagged and errors == "raise":
-            raise _bulk_failure(first, flags, bad, data, lens)
+            raise _bulk_failure(first, flags, bad, data, lens, self._plugin_name)
         return data, lens
 
     def _release_view(self, rec: list) -> None:

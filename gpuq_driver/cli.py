@@ -86,10 +86,14 @@ def gpu_report() -> tuple[list[tuple[str, str]], str | None]:
     except GpuqError as exc:
         problem = problem or str(exc)
         rows.append(("CCCL headers", "not found"))
+    try:  # only precompiled plugins (Plugin.from_object) need it: its absence is no problem
+        rows.append(("nvJitLink", compiler.nvjitlink_info() + " (links precompiled plugins)"))
+    except GpuqError:
+        rows.append(("nvJitLink", "not found: only precompiled plugins need it (pip install 'gpuq-driver[link]')"))
     rows.append(("kernel sources", str(compiler.DEVICE_SRC)))
     rows.append(("plugins", ", ".join(compiler.plugins())))
     folder = compiler.cache_dir()
-    entries = sorted(folder.glob("*.cubin")) if folder is not None and folder.is_dir() else []
+    entries = compiler.cache_entries(folder) if folder is not None else []
     rows.append(
         (
             "CUBIN cache",
@@ -128,7 +132,7 @@ def cmd_cache(args) -> int:
     if blocker is not None and not blocker.is_dir():
         print(f"gpuq cache: {blocker} is not a folder, so nothing is cached (check GPUQ_CACHE_DIR)", file=sys.stderr)
         return 2
-    entries = sorted(folder.glob("*.cubin")) if folder.is_dir() else []
+    entries = compiler.cache_entries(folder)
     size = sum(p.stat().st_size for p in entries)
     if args.clear:
         for p in entries:

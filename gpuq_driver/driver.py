@@ -256,6 +256,20 @@ class Module(_Resource):
             )
         return fn
 
+    def global_ptr(self, name: str) -> tuple[int, int]:
+        """(device address, size in bytes) of the module's ``__device__`` variable ``name``
+        (``cuModuleGetGlobal``).  Raises CudaError (CUDA_ERROR_NOT_FOUND where there is none)."""
+        self.ctx.make_current()
+        ptr, size = check(_driver().cuModuleGetGlobal(self.handle, name.encode()), f"cuModuleGetGlobal({name})")
+        return int(ptr), int(size)
+
+
+def mem_get_info(ctx: Context) -> tuple[int, int]:
+    """(free, total) bytes of device memory (``cuMemGetInfo``) of ``ctx``'s device.  Raises CudaError."""
+    ctx.make_current()
+    free, total = check(_driver().cuMemGetInfo(), "cuMemGetInfo")
+    return int(free), int(total)
+
 
 def max_active_blocks(function, threads_per_block: int, shared_bytes: int = 0) -> int:
     """Blocks of ``threads_per_block`` one SM can hold for ``function`` (cooperative-launch limit per SM)."""
@@ -341,6 +355,7 @@ __all__ = [
     "init",
     "launch",
     "max_active_blocks",
+    "mem_get_info",
     "memset_async",
     "primary_context",
 ]

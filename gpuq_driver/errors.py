@@ -3,16 +3,19 @@
 GpuqError
 ├── CudaError            a CUresult / nvrtcResult other than success (code, name, text)
 │   └── CudaUnavailable  no CUDA driver, or no device
-├── CompileError         NVRTC rejected a source (log, source, options)
+├── CompileError         NVRTC rejected a source, or nvJitLink a link (log, source, options)
 ├── ConfigError          a bad QueueConfig field (also a ValueError)
 ├── PayloadError         a payload too large for a slot (also a ValueError)
 │   └── PayloadTypeError a payload that is not a contiguous bytes-like object (also a TypeError)
 ├── QueueFull            the ring stayed full for the whole timeout
 ├── QueueClosed          the queue was shut down or closed
 ├── KernelStopped        the persistent kernel stopped for good: what it has not done never will be
+│   ├── KernelFault      a plugin trapped or accessed bad memory: the CUDA context is lost (cause, msg_id)
+│   └── PluginHung       a plugin never returned (the watchdog): the kernel runs on, forever (msg_id)
 ├── ResultTimeout        no result within the timeout (also a TimeoutError)
 ├── UnknownMessage       a msg_id never issued or already taken (also a KeyError)
 ├── ProtocolError        the device saw a broken slot (a bug, not bad input)
+├── MessageFailed        the plugin failed one message (GPUQ_FAIL(code) / plugins.Fail(code)); .msg_id, .code
 └── BrokerError          Redis (Track A) refused a command or the login, no redis-server could be started,
     │                    or the client's connection pool is exhausted (max_connections)
     └── BrokerUnavailable  Redis cannot be reached (bad URL, server down, connection lost)
@@ -52,13 +55,20 @@ class CudaUnavailable(CudaError):
 
 
 class CompileError(GpuqError):
-    """NVRTC could not compile ``source``; ``log`` holds NVRTC's whole log; ``plugin`` is the
-    plugins.Plugin compiled in (None if not known), whose errors the log gives by its file and lines."""
+    """NVRTC could not compile ``source`` (``tool="NVRTC"``), or nvJitLink could not link it with a
+    precompiled plugin (``tool="nvJitLink"``); ``log`` holds the tool's whole log (for nvJitLink,
+    after a line that says what was wrong where it can tell: an undefined ``gpuq_process``, the
+    plugin's arch); ``options`` the tool's options; ``plugin`` is the plugins.Plugin compiled or
+    linked in (None if not known), whose compile errors the log gives by its file and lines."""
 
-    def __init__(self, source: str, options: tuple[str, ...], log: str, plugin=None):
-        self.source, self.options, self.log, self.plugin = source, tuple(options), log, plugin
-        with_plugin = f" with plugin {plugin.name!r} ({plugin.origin})" if plugin is not None else ""
-        super().__init__(f"NVRTC failed to compile {source}{with_plugin} with {' '.join(options)}:\n{log}")
+    def __init__(self, source: str, options: tuple[str, ...], log: str, plugin=None, tool: str = "NVRTC"):
+        self.source, self.options, self.log, self.plugin, self.tool = source, tuple(options), log, plugin, tool
+        if plugin is not None and getattr(plugin, "precompiled", False):
+            with_plugin = f" with plugin {plugin.name!r} ({plugin.kind} from {plugin.origin})"
+        else:
+            with_plugin = f" with plugin {plugin.name!r} ({plugin.origin})" if plugin is not None else ""
+        verb = "link" if tool == "nvJitLink" else "compile"
+        super().__init__(f"{tool} failed to {verb} {source}{with_plugin} with {' '.join(options)}:\n{log}")
 
 
 class ConfigError(GpuqError, ValueError):
@@ -86,6 +96,134 @@ class KernelStopped(GpuqError):
     again): messages it has not processed never will be."""
 
 
+class KernelFault(KernelStopped):
+    """The kernel faulted: a plugin trapped (``__trap()``, a failed ``assert``) or read or wrote an
+    address it must not, and the CUDA driver reported a sticky error (``CUDA_ERROR_ILLEGAL_ADDRESS``,
+    ``CUDA_ERROR_LAUNCH_FAILED``, ``CUDA_ERROR_ILLEGAL_INSTRUCTION``, ...).  The device's CUDA context
+    is lost for the whole process: every later CUDA call on that device fails (PyTorch and CuPy
+    included); results already taken stay valid.  Restart the process; fix the plugin
+    (compute-sanitizer finds the faulting access).  On the simulator: the plugin's twin raised.
+
+    Attributes: ``cause`` (the driver's error, or the twin's exception, as text), ``plugin`` (its
+    name), ``device`` (the CUDA device ordinal; None on the simulator), ``msg_id`` (the oldest
+    message not processed when the fault was seen; None where unknown), ``batch`` (in a
+    BatchProcessor: the number of the batch, counting from 0; None in a queue).  Built by
+    :func:`kernel_fault`.
+    """
+
+    def __init__(self, message: str = "", cause: str = "", plugin: str = "", device=None, msg_id=None, batch=None):
+        super().__init__(message)
+        self.cause, self.plugin, self.device, self.msg_id, self.batch = cause, plugin, device, msg_id, batch
+
+    def __reduce__(self):
+        return type(self), (str(self), self.cause, self.plugin, self.device, self.msg_id, self.batch)
+
+
+class PluginHung(KernelStopped):
+    """A plugin did not return within the watchdog (``QueueConfig.watchdog_ms``,
+    ``BatchProcessor(watchdog_ms=...)``): no message finished while one waited for that long.  A
+    running kernel cannot be interrupted: it keeps its device busy until the process exits, and
+    every call that synchronises that device in this process (``cuCtxSynchronize``, ``cuMemFree``,
+    module loads, ``torch.cuda.synchronize()``, ...) hangs meanwhile; results already taken stay
+    valid.  Restart the process; fix the plugin (or raise ``watchdog_ms`` if it is only slow).  On
+    the simulator: the plugin's twin did not return.
+
+    Attributes: ``msg_id`` (the oldest message not processed: the one in the plugin; None in a
+    BatchProcessor), ``batch`` (in a BatchProcessor, the number of the batch; None in a queue),
+    ``seconds`` (how long nothing finished), ``watchdog_ms``, ``plugin``, ``device`` (None on the
+    simulator).  Built by :func:`plugin_hung`.
+    """
+
+    def __init__(
+        self,
+        message: str = "",
+        msg_id=None,
+        seconds: float = 0.0,
+        watchdog_ms: float = 0.0,
+        plugin="",
+        device=None,
+        batch=None,
+    ):
+        super().__init__(message)
+        self.msg_id, self.seconds, self.watchdog_ms, self.plugin = msg_id, seconds, watchdog_ms, plugin
+        self.device, self.batch = device, batch
+
+    def __reduce__(self):
+        args = (str(self), self.msg_id, self.seconds, self.watchdog_ms, self.plugin, self.device, self.batch)
+        return type(self), args
+
+
+def _lost(msg_id, batch, messages) -> str:
+    """What will never be processed."""
+    if batch is not None:
+        return f"batch {batch}{f' ({messages} messages)' if messages is not None else ''} has no results"
+    if msg_id is None:
+        return "messages not yet processed never will be"
+    return f"msg_id {msg_id} and every later message will never be processed"
+
+
+def kernel_fault(cause: str, plugin: str, device=None, msg_id=None, batch=None, messages=None) -> KernelFault:
+    """The KernelFault for a kernel whose stream reported ``cause`` (a CUDA error, as text), or, with
+    ``device=None``, a simulated kernel whose plugin twin raised (``cause``: what it raised, where).
+
+    msg_id: the oldest message of a queue not processed; batch, messages: a BatchProcessor's batch
+    number and size.  The message says what failed, what else in the process is affected and what
+    to do; the backends differ only in the first sentence and the scope of the damage."""
+    lost = _lost(msg_id, batch, messages)
+    where = f"batch {batch} of a BatchProcessor" if batch is not None else "the queue's kernel"
+    if device is None:
+        text = (
+            f"{'the NumPy path of ' + where if batch is not None else 'the simulated kernel'} faulted: the twin "
+            f"of plugin {plugin!r} raised {cause}. On the GPU a plugin "
+            "that faults (a trap, an illegal address) loses the CUDA context of its device for the whole "
+            "process: every later CUDA call there fails, PyTorch and CuPy included; here only this "
+            f"{'processor' if batch is not None else 'queue'} has stopped. Results already taken stay valid; "
+            f"{lost}. Fix the plugin (its device code and its twin)."
+        )
+    else:
+        text = (
+            f"the CUDA context of device {device} is lost: {where} failed with {cause}. Most likely plugin "
+            f"{plugin!r} trapped (__trap(), a failed assert) or read or wrote an address it must not (other "
+            f"CUDA work in this process can cause it too). Every CUDA call on device {device} in this process "
+            "fails from now on, PyTorch and CuPy included; results already taken stay valid; "
+            f"{lost}. Restart the process to use the GPU again, and fix the plugin: run it under "
+            "compute-sanitizer (compute-sanitizer python your_script.py) to find the faulting access."
+        )
+    return KernelFault(text, cause, plugin, device, msg_id, batch)
+
+
+def plugin_hung(plugin: str, device, seconds: float, watchdog_ms: float, msg_id=None, batch=None, messages=None):
+    """The PluginHung for a kernel (``device``: its ordinal; None: the simulator) in which nothing
+    finished for ``seconds`` while ``msg_id`` (a queue's oldest message not processed) or ``batch``
+    (a BatchProcessor's batch number, of ``messages`` messages) waited."""
+    lost = _lost(msg_id, batch, messages)
+    what = f"batch {batch}" if batch is not None else f"msg_id {msg_id} (the oldest message not processed)"
+    inside = "the twin" if device is None else "the kernel"
+    head = (
+        f"plugin {plugin!r} did not return: {what} has been in {inside} for {seconds:.1f} s with no message "
+        f"finished meanwhile (watchdog_ms={watchdog_ms:g}), so the "
+        f"{'processor' if batch is not None else 'queue'} has stopped for good. "
+    )
+    if device is None:
+        body = (
+            "A thread cannot be interrupted: the simulator's thread stays in the twin (a daemon thread: "
+            "the process can still exit). On the GPU the kernel would keep its device busy until the process "
+            "exits, and every synchronising CUDA call in the process would hang meanwhile. "
+        )
+    else:
+        body = (
+            f"A running kernel cannot be interrupted: it keeps device {device} busy until this process exits, "
+            f"and every call that synchronises device {device} in this process hangs meanwhile (cuCtxSynchronize, "
+            "cuMemFree, module loads, torch.cuda.synchronize(), CuPy's first kernels). "
+        )
+    text = (
+        head + body + f"Results already taken stay valid; {lost}. Restart the process; fix the plugin (a loop "
+        "that never ends, a wait for a value nothing writes), or raise watchdog_ms if it is only slow "
+        "(math.inf turns the watchdog off)."
+    )
+    return PluginHung(text, msg_id, seconds, watchdog_ms, plugin, device, batch)
+
+
 class ResultTimeout(GpuqError, TimeoutError):
     """No result within the timeout; the message stays queued and its result can be taken later."""
 
@@ -99,6 +237,33 @@ class UnknownMessage(GpuqError, KeyError):
 
 class ProtocolError(GpuqError):
     """The device reported a slot that broke the protocol (GpuqCtrlDev.error)."""
+
+
+class MessageFailed(GpuqError):
+    """The plugin failed this message: its device code returned ``GPUQ_FAIL(code)``
+    (device_src/gpuq_plugin_api.cuh), or its twin raised ``gpuq_driver.plugins.Fail(code)``.
+
+    Raised when the result is taken (``try_dequeue_result``, ``wait_result``; in BatchProcessor,
+    ``process``).  The message's slot is freed like any other; the queue and every other message go
+    on, and it is not a protocol error (``shutdown`` does not report it).
+
+    Attributes: ``msg_id``; ``code`` (0 .. 65535, the plugin's own meaning; the built-ins' codes are
+    in gpuq_driver.plugins); ``plugin`` (its name).  From ``BatchProcessor.process`` also
+    ``results`` (the whole batch's results in order: bytes, or None where a message got no result,
+    the failed ones included) and ``failures`` ({index in the batch: code} of every failed message);
+    None from a queue.
+    """
+
+    def __init__(self, msg_id: int, code: int, plugin: str = "", results: list | None = None, failures=None):
+        self.msg_id, self.code, self.plugin = int(msg_id), int(code), plugin
+        self.results, self.failures = results, failures
+        text = f"msg_id {self.msg_id}: plugin {plugin!r} failed the message with code {self.code}"
+        if failures is not None and len(failures) > 1:
+            text += f" ({len(failures) - 1} more of the batch failed too: see .failures)"
+        super().__init__(text)
+
+    def __reduce__(self):
+        return type(self), (self.msg_id, self.code, self.plugin, self.results, self.failures)
 
 
 class BrokerError(GpuqError):

@@ -2,9 +2,10 @@
 
 A ``PersistentKernel`` owns every driver resource of one queue: the mapped pinned block that holds
 the control lines, the request and result rings (layout.HostLayout), the VRAM slot ring, the
-device state, the stream and the module.  Everything is allocated and every function handle is
-taken *before* the first cooperative launch; nothing is freed while a lease may still run, and
-nothing at all at interpreter exit (``abandon``): another thread may still be reading it.
+device state, the plugin's parameters (params.py), the stream and the module.  Everything is
+allocated and every function handle is taken *before* the first cooperative launch; nothing is
+freed while a lease may still run, and nothing at all at interpreter exit (``abandon``): another
+thread may still be reading it.
 
 It implements the backend contract, backend.Backend, as sim.SimulatedKernel does (so GpuQueue
 runs unchanged on either); the contract's members are documented there.
@@ -19,9 +20,19 @@ import weakref
 
 from . import driver
 from .compiler import CompileOptions, compile_cubin
-from .errors import ConfigError, GpuqError
-from .layout import KERNEL_EXITED, STOP_ABORT, CtrlDev, DevState, HostLayout, Params, expected_probe, request_stop
-from .plugins import resolve
+from .errors import ConfigError, CudaError, GpuqError, kernel_fault
+from .layout import (
+    KERNEL_EXITED,
+    STOP_ABORT,
+    CtrlDev,
+    DevState,
+    HostLayout,
+    KernelArgs,
+    expected_probe,
+    request_stop,
+)
+from .params import upload
+from .plugins import Plugin, resolve
 
 _live: dict[int, weakref.ref[PersistentKernel]] = {}
 """device ordinal -> the queue kernel running there in this process (at most one, see __init__)."""
@@ -45,17 +56,26 @@ class PersistentKernel:
     blocks: int
     threads: int
     warps: int
+    plugin: Plugin
 
     def __init__(self, config):
         # One persistent queue kernel per device per process: while one runs, another queue's
         # module load or cuMemFree could wait on it forever.
         other = _live.get(config.device)
         if other is not None and other() is not None and not other().closed:
+            if other().stuck:
+                raise GpuqError(
+                    f"the GpuQueue closed on device {config.device} in this process left a kernel that did not "
+                    "stop (a plugin that never returns: PluginHung); it keeps the device until the process exits: "
+                    "restart the process"
+                )
             raise GpuqError(
                 f"a GpuQueue is already running on device {config.device} in this process; "
                 "close it first (one persistent queue kernel per device per process)"
             )
         self.closed = False
+        self.stuck = False  # closed after a hang: the kernel runs on, its memory is left to the process
+        self.device = config.device
         _live[config.device] = weakref.ref(self)
         try:
             self._setup(config)
@@ -100,10 +120,12 @@ class PersistentKernel:
         self.dev_state = driver.DeviceBuffer(self.ctx, ctypes.sizeof(DevState))
         self.mem = self.host.view
         self._check_layout(probe_fn)
+        # The plugin's parameters: their own VRAM buffer, and gpuq_params_g pointing at it.
+        self.params_buf = upload(self.ctx, self.module, self.stream, config.params, config.device)
 
         off = self.layout.offsets
         base = self.host.device_ptr
-        self.params = Params(
+        self.args = KernelArgs(
             ctrl_host=base + off["ctrl_host"],
             ctrl_dev=base + off["ctrl_dev"],
             req_hdr=base + off["req_hdr"],
@@ -120,13 +142,15 @@ class PersistentKernel:
             front_backoff_ns=config.front_backoff_ns,
             idle_backoff_ns=config.idle_backoff_ns,
         )
-        self._args = driver.LaunchArgs([self.params])
+        self._args = driver.LaunchArgs([self.args])
         self.ctrl = CtrlDev.from_buffer(self.mem, off["ctrl_dev"])
         self.doorbell = self.layout.view(self.mem, "ctrl_host", "Q")[:1]
         self._launched = False
-        self._finalizer = weakref.finalize(
-            self, _release, self.doorbell, self.stream, [self.stream, self.host, self.vram, self.dev_state, self.module]
-        )
+        self._stop_wait_s = [5.0]  # how long close() waits for the kernel to stop (0 after a hang)
+        resources = [self.stream, self.host, self.vram, self.dev_state, self.module]
+        if self.params_buf is not None:
+            resources.append(self.params_buf)
+        self._finalizer = weakref.finalize(self, _release, self.doorbell, self.stream, resources, self._stop_wait_s)
         self._finalizer.atexit = False  # at exit: abandon(), never free (another thread may still read)
 
     def _check_layout(self, probe_fn) -> None:
@@ -159,11 +183,17 @@ class PersistentKernel:
         self._launched = True
 
     def idle(self) -> bool:
-        """True when no launched lease is still running or queued (``cuStreamQuery``)."""
+        """True when no launched lease is still running or queued (``cuStreamQuery``, no wait).
+
+        Raises KernelFault if the stream reports an error: a lease faulted (a sticky error, e.g.
+        CUDA_ERROR_ILLEGAL_ADDRESS; the CUDA context is lost for the whole process)."""
         if not self._launched or self.closed:
             return True
-        self.ctx.make_current()
-        return self.stream.done()
+        try:
+            self.ctx.make_current()
+            return self.stream.done()
+        except CudaError as exc:
+            raise kernel_fault(str(exc), self.plugin.name, self.device) from exc
 
     @property
     def error(self) -> tuple[int, int]:
@@ -172,50 +202,64 @@ class PersistentKernel:
 
     def exited(self) -> bool:
         """True once the kernel has stopped for good (a lease saw DRAIN or ABORT and returned), or
-        was never launched.  Raises CudaError if it faulted."""
+        was never launched.  Raises KernelFault if it faulted."""
         if not self._launched or self.closed:
             return True
         return self.ctrl.state == KERNEL_EXITED and self.idle()
 
-    def close(self) -> None:
-        """Free every resource, once the kernel has exited (aborting it first if it still runs).
+    def close(self, wait_s: float = 5.0) -> None:
+        """Free every resource, once the kernel has exited (aborting it first if it still runs;
+        waiting up to ``wait_s`` for that: 0 after a plugin hung).
 
-        If the kernel will not stop, its memory is leaked on purpose and ``closed`` stays False,
-        so the device stays marked busy for this process.
+        If the kernel will not stop (a plugin that never returns), its memory is leaked on purpose,
+        with a RuntimeWarning (cuMemFree would wait behind the kernel for ever), and ``closed``
+        stays False, so the device stays marked busy for this process.  After a fault (a lost
+        context) everything is freed, the driver's errors ignored: the memory goes with the context.
         """
         if self._finalizer.alive:
+            self._stop_wait_s[0] = wait_s
             self.closed = bool(self._finalizer())
+            self.stuck = not self.closed
 
-    def abandon(self, timeout_s: float = 2.0) -> None:
-        """Interpreter exit: stop the kernel (abort) and wait up to ``timeout_s`` for it, but free
-        nothing: another thread may still read the mapped memory, and process teardown frees it."""
+    def abandon(self, wait_s: float = 2.0) -> None:
+        """Interpreter exit: stop the kernel (abort) and wait up to ``wait_s`` for it (0 after a
+        plugin hung), but free nothing: another thread may still read the mapped memory, and
+        process teardown frees it."""
         if not self._finalizer.alive:
             return
         self._finalizer.detach()
         try:
             request_stop(self.doorbell, STOP_ABORT)
-            deadline = time.monotonic() + timeout_s
-            while not self.idle() and time.monotonic() < deadline:
+            deadline = time.monotonic() + wait_s
+            while time.monotonic() < deadline and not self.idle():
                 time.sleep(1e-3)
-        except Exception:  # at exit the driver may be going away: nothing more to do
+        except Exception:  # at exit the driver may be going away, or the context is lost: nothing more to do
             pass
         self.closed = True
 
 
-def _release(doorbell, stream, resources) -> bool:
+def _release(doorbell, stream, resources, wait_s) -> bool:
     """Stop the kernel (abort) and free the resources; True when freed, False when leaked
-    because the kernel would not stop (freeing under a running kernel can hang)."""
+    because the kernel would not stop within ``wait_s[0]`` seconds (freeing under a running kernel
+    can hang).  A stream that reports an error (a fault: the context is lost) has no kernel left
+    to wait for: everything is freed, the driver's errors ignored (driver._free)."""
     try:
         request_stop(doorbell, STOP_ABORT)
         stream.ctx.make_current()
-        deadline = time.monotonic() + 5.0
+        deadline = time.monotonic() + wait_s[0]
         while not stream.done():
-            if time.monotonic() > deadline:
+            if time.monotonic() >= deadline:
                 warnings.warn(
-                    "gpuq_driver: persistent kernel did not stop; leaking its memory", RuntimeWarning, stacklevel=2
+                    "gpuq_driver: the persistent kernel is still running (a plugin that never returns?), so its "
+                    "memory is not freed (cuMemFree would wait behind the kernel for ever); the process frees it "
+                    "at exit",
+                    RuntimeWarning,
+                    stacklevel=2,
                 )
                 return False
             time.sleep(1e-3)
+    except CudaError:  # the context is lost (a fault): nothing runs any more; free what the driver lets us
+        pass
     except Exception as exc:
         warnings.warn(
             f"gpuq_driver: cannot stop the persistent kernel ({exc}); leaking its memory", RuntimeWarning, stacklevel=2

@@ -12,13 +12,17 @@ import ctypes
 
 from .errors import ConfigError, check_int
 
-LAYOUT_VERSION = 3
+LAYOUT_VERSION = 4
 
 EMPTY, READY, INFLIGHT, DONE = 0, 1, 2, 3
 RUN, STOP_DRAIN, STOP_ABORT, STOP_LEAVE = 0, 1, 2, 3
 KERNEL_NOT_STARTED, KERNEL_RUNNING, KERNEL_EXITED, KERNEL_PARKED = 0, 1, 2, 3
 ERR_NONE, ERR_BAD_MSG_ID, ERR_BAD_LEN, ERR_BAD_RESULT = 0, 1, 2, 3
 ERROR_NAMES = {ERR_BAD_MSG_ID: "BAD_MSG_ID", ERR_BAD_LEN: "BAD_LEN", ERR_BAD_RESULT: "BAD_RESULT"}
+# A result's flags (res_hdr): DONE | protocol error << ERR_SHIFT | RESULT_FAILED | code << FAIL_CODE_SHIFT
+ERR_SHIFT, ERR_MASK = 8, 0x7F
+RESULT_FAILED = 0x8000  # the plugin failed the message (GPUQ_FAIL(code)); its code in the top 16 bits
+FAIL_CODE_SHIFT = 16
 NO_MSG = 0xFFFFFFFFFFFFFFFF
 DOORBELL_STOP_SHIFT = 56
 DOORBELL_HEAD_MASK = (1 << DOORBELL_STOP_SHIFT) - 1
@@ -70,8 +74,8 @@ class DevState(ctypes.Structure):
     ]
 
 
-class Params(ctypes.Structure):
-    """``GpuqParams``, the persistent kernel's one by-value argument."""
+class KernelArgs(ctypes.Structure):
+    """``GpuqKernelArgs``, the persistent kernel's one by-value argument."""
 
     _fields_ = [
         (name, ctypes.c_uint64)
@@ -115,13 +119,13 @@ def expected_probe() -> list[int]:
         _off(CtrlDev, "leases_ended"),
         _off(CtrlDev, "leases_leaving"),
         ctypes.sizeof(DevState),
-        ctypes.sizeof(Params),
-        _off(Params, "warp_totals"),
-        _off(Params, "lease_ns"),
-        _off(Params, "capacity"),
-        _off(Params, "slot_bytes"),
-        _off(Params, "front_backoff_ns"),
-        _off(Params, "idle_backoff_ns"),
+        ctypes.sizeof(KernelArgs),
+        _off(KernelArgs, "warp_totals"),
+        _off(KernelArgs, "lease_ns"),
+        _off(KernelArgs, "capacity"),
+        _off(KernelArgs, "slot_bytes"),
+        _off(KernelArgs, "front_backoff_ns"),
+        _off(KernelArgs, "idle_backoff_ns"),
     ]
 
 
@@ -132,6 +136,15 @@ def request_stop(doorbell, mode: int) -> None:
     field's only writer: call it with the producers stopped.
     """
     doorbell[0] = (doorbell[0] & DOORBELL_HEAD_MASK) | (mode << DOORBELL_STOP_SHIFT)
+
+
+def result_flags(code: int = ERR_NONE, failed: int | None = None) -> int:
+    """A result header's flags word: DONE, a protocol error ``code`` (GPUQ_ERR_*), or the plugin's
+    failure with code ``failed`` (0 .. 65535)."""
+    flags = DONE | (code << ERR_SHIFT)
+    if failed is not None:
+        flags |= RESULT_FAILED | (failed << FAIL_CODE_SHIFT)
+    return flags
 
 
 def align_up(n: int, a: int = ALIGN) -> int:

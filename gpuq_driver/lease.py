@@ -30,35 +30,63 @@ behind it: ``2 × lease_ms`` plus the messages the running lease has already see
 queue goes on where it left off.  The price of lingering is a kernel that polls (one PCIe read per
 ~µs, one block per SM) for ``linger_ms`` after the last message.
 
+The keeper is also the queue's **watchdog** (``watch``).  A plugin that faults (a trap, an illegal
+address) kills the lease with a sticky CUDA error, and one that never returns keeps it running for
+ever; either way the device's lease counters stop moving, and nothing else would notice: no lease
+ends, so nobody launches, and waiters would wait for good.  On every look while a lease runs the
+keeper compares what the device already publishes (``leases_begun`` / ``leases_ended``, the warps'
+processed counters: no extra device work) with its last look.  Once nothing has moved for
+``min(2 × lease_ms, 50 ms)`` it asks the driver (``idle()``: ``cuStreamQuery``, no wait): an error there is a fault
+(KernelFault, reported within that time plus two looks, <= 10 ms); a stream still busy while messages
+have waited with nothing finished for ``watchdog_ms`` is a plugin that does not return
+(PluginHung, naming the oldest message not processed: the one in the plugin).  Either stops the
+queue for good (``failure``), warns once (RuntimeWarning), and every waiter raises it.  A launch
+that fails is checked the same way (``idle()``), so a context lost while the kernel was parked is a
+KernelFault too.
+
 ``Leases`` serves both backends (kernel.PersistentKernel and sim.SimulatedKernel): the backend
 provides ``launch()`` (one more lease on its stream), ``idle()`` (nothing launched is still
-running or queued), and the device-written ``GpuqCtrlDev`` line (``ctrl``, a ctypes struct over
-the shared memory).
+running or queued; KernelFault if a lease faulted), and the device-written ``GpuqCtrlDev`` line
+(``ctrl``, a ctypes struct over the shared memory).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import threading
 import time
+import warnings
 
-from .errors import ConfigError, GpuqError, QueueClosed
+from .errors import ConfigError, GpuqError, KernelFault, KernelStopped, QueueClosed, kernel_fault, plugin_hung
 from .layout import KERNEL_EXITED, CtrlDev
 
 _BEGUN = CtrlDev.leases_begun.offset // 8
 _ENDED = CtrlDev.leases_ended.offset // 8
 _LEAVING = CtrlDev.leases_leaving.offset // 8
+FAULT_CHECK_MAX_S = 0.05  # the watchdog asks the driver once nothing moved for min(2 × lease, this)
 
 
 class Leases:
     """Launch bookkeeping of one queue's kernel: ``launches`` (host-counted), ``pauses``, and the
     device's ``begun`` / ``leaving`` / ``ended`` lease counters, read in place (no CUDA call).
 
-    lease_ms, linger_ms: as in QueueConfig.  Thread-safe: any thread may call ``kick``; launches
-    are serialised by one lock, and the backend makes its context current in the calling thread.
+    lease_ms, linger_ms, watchdog_ms: as in QueueConfig; plugin (its name) and device (its ordinal,
+    None on the simulator) for the watchdog's messages.  Thread-safe: any thread may call ``kick``;
+    launches are serialised by one lock, and the backend makes its context current in the calling
+    thread.  ``failure`` is the KernelFault or PluginHung that stopped the kernel for good (None
+    while it has not); ``check()`` raises it (a copy) in the calling thread.
     """
 
-    def __init__(self, kernel, lease_ms: float, linger_ms: float = 0.0):
+    def __init__(
+        self,
+        kernel,
+        lease_ms: float,
+        linger_ms: float = 0.0,
+        watchdog_ms: float = math.inf,
+        plugin: str = "",
+        device: int | None = None,
+    ):
         self._kernel = kernel
         self._ahead = not math.isinf(lease_ms)  # a lease that never ends needs no successor queued
         self._period = min(max(lease_ms / 2e3, 2e-4), 5e-3)  # the keeper's look while lingering
@@ -78,17 +106,30 @@ class Leases:
         self.stopping = False  # shutdown asked for the last leases: no pause from now on
         self.closed = False  # no launch ever again (close, interpreter exit)
         self._lock = threading.Lock()
+        # the watchdog (watch): what failed, and what it compares from look to look
+        self.failure: KernelStopped | None = None  # KernelFault or PluginHung: stopped for good
+        self._failing: KernelStopped | None = None  # the same, set first (fail: the queue is told in between)
+        self.watchdog_ms = watchdog_ms
+        self._watchdog_s = watchdog_ms / 1e3
+        self._check_s = min(2 * lease_ms / 1e3, FAULT_CHECK_MAX_S)
+        self._plugin, self._device = plugin, device
+        self._moved = None  # (leases ended, leases begun, messages processed or None) when last changed
+        self._still_since = 0.0  # time.monotonic() of that look
+        self._waiting_since = None  # since when messages have waited unprocessed (None: none wait)
+        self._oldest_ref = self._on_failure_ref = None
+        self._thread: threading.Thread | None = None
 
     def kick(self, ahead: bool = True) -> bool:
         """Launch the next lease if the newest one has begun (ahead=True: queue a successor behind
         a running lease) or, with ahead=False, only if it has also reached its last doorbell read
         (nothing launched would see a message published before this call).  True if it launched.
 
-        Does nothing while paused, after the kernel stopped for good, or after ``close``.
-        Raises CudaError if the launch fails (a lost context, say).
+        Does nothing while paused, after the kernel stopped for good (shut down, faulted or hung),
+        or after ``close``.  Raises KernelFault if the launch fails because the CUDA context is lost
+        (the queue is then stopped for good), CudaError if it fails otherwise.
         """
         with self._lock:
-            if self.paused or self.closed or self._kernel.ctrl.state == KERNEL_EXITED:
+            if self.paused or self.closed or self._failing is not None or self._kernel.ctrl.state == KERNEL_EXITED:
                 return False
             n = self.launches
             if self.begun[0] != n:
@@ -100,9 +141,16 @@ class Leases:
             self.launches = n + 1  # first: the device's ended count never passes it
             try:
                 self._kernel.launch()
-            except BaseException:
+            except BaseException as exc:
                 self.launches = n
-                raise
+                failed = exc
+            else:
+                failed = None
+        if failed is not None:
+            fault = self._fault_behind(failed)
+            if fault is not None:
+                raise copy.copy(fault) from failed
+            raise failed
         if self._keeper_parked:
             self._wake.set()
         return True
@@ -113,24 +161,29 @@ class Leases:
         now, as the keeper would have).  True if it launched.  Raises CudaError."""
         return self.kick(ahead=time.monotonic() > self.fresh_until)
 
-    def keep(self, enqueued_ref, pending_ref) -> threading.Thread:
-        """Start the keeper, a daemon thread.  ``enqueued_ref()`` and ``pending_ref()`` are weak
+    def keep(self, enqueued_ref, processed_ref, oldest_ref=None, on_failure_ref=None) -> threading.Thread:
+        """Start the keeper, a daemon thread.  ``enqueued_ref()`` and ``processed_ref()`` are weak
         references to callables returning messages enqueued so far (cheap: the doorbell's head) and
-        whether any wait unprocessed (a sum over the warps' counters, asked only once the queue has
-        been quiet for ``linger_ms``).  Weak, so that the keeper does not keep its queue alive.
+        messages the device has processed (a sum over the warps' counters, asked only while a lease
+        runs or once the queue has been quiet for ``linger_ms``); ``oldest_ref()`` one returning the
+        oldest msg_id not processed (or None), asked only when the watchdog reports a failure;
+        ``on_failure_ref()`` one called once then (the queue refuses new messages).  Weak, so that
+        the keeper does not keep its queue alive.
 
         While messages flow it looks once a lease (at most every 5 ms) and leaves queueing the
         successor to the producers (``after_publish``), as they publish anyway; for ``linger_ms``
         after the last message it looks every ``lease_ms / 2`` (0.2 .. 5 ms), queues each
         successor itself and tells the producers so (``fresh_until``), so that the next message
         needs no launch; after that, while nothing is pending, it launches nothing (the kernel
-        parks) and looks every 20 ms.  Ends at ``close`` or when the queue is gone."""
+        parks) and looks every 20 ms.  On every look while a lease runs it is the watchdog
+        (``watch``).  Ends at ``close``, when the queue is gone, or once the kernel failed."""
+        self._oldest_ref, self._on_failure_ref = oldest_ref, on_failure_ref
 
         def run():
             seen, active = -1, 0.0
-            while not self.closed:
-                enqueued, pending = enqueued_ref(), pending_ref()
-                if enqueued is None or pending is None:
+            while not self.closed and self.failure is None:
+                enqueued, processed = enqueued_ref(), processed_ref()
+                if enqueued is None or processed is None:
                     return
                 n = enqueued()
                 now = time.monotonic()
@@ -139,15 +192,19 @@ class Leases:
                     seen, active = n, now
                 lingering = not flowing and not self.paused and now - active < self._linger
                 serving = self.serving()
+                if serving:
+                    self.watch(n, processed, now)
                 if lingering:  # queue each successor itself, so that the next message needs no launch
                     launch = self.begun[0] == self.launches or not serving
                 else:  # a rescue: messages wait and nothing runs or is queued
-                    launch = not serving and not self.paused and pending()
-                del enqueued, pending
-                if launch:
+                    launch = not serving and not self.paused and processed() < n
+                del enqueued, processed
+                if launch and self.failure is None:
                     try:
                         serving = self.kick() or serving
-                    except Exception as exc:  # a lost context: report it to the consumers, stop
+                    except KernelStopped:  # a lost context: kick recorded it in failure
+                        return
+                    except Exception as exc:  # the launch failed otherwise: report it to the consumers, stop
                         self.error = exc
                         self.fresh_until = 0.0
                         return
@@ -157,9 +214,101 @@ class Leases:
                 self._wake.wait(self._period if lingering else self._flow_period if awake else 20e-3)
                 self._wake.clear()
 
-        thread = threading.Thread(target=run, name="gpuq-lease-keeper", daemon=True)
+        self._thread = thread = threading.Thread(target=run, name="gpuq-lease-keeper", daemon=True)
         thread.start()
         return thread
+
+    # -- the watchdog ----------------------------------------------------------------------------
+
+    def watch(self, enqueued: int, processed, now: float) -> None:
+        """One look of the watchdog (the keeper calls it on every look while a lease runs or is
+        queued): ``enqueued`` messages so far, ``processed()`` the device's count, ``now`` =
+        time.monotonic().  Reads only what the device publishes anyway (no extra device work).
+
+        Once the leases launched have begun, ended and finished nothing for
+        ``min(2 × lease_ms, 50 ms)``, it asks the driver whether the stream is still busy
+        (``idle()``, no wait): a fault there is a KernelFault.  If it is busy, a lease has begun
+        (one merely queued may wait for SMs that other kernels hold), and messages have waited,
+        none finishing, for ``watchdog_ms``, the plugin does not return: PluginHung."""
+        if self.failure is not None or self.closed:
+            return
+        ended = int(self.ended[0])
+        if self.launches == ended:  # nothing launched runs or waits: nothing to stall
+            self._moved, self._waiting_since = None, None
+            return
+        begun = int(self.begun[0])
+        if self._moved is None or self._moved[:2] != (ended, begun):  # a lease began or ended: it moves
+            self._moved, self._still_since, self._waiting_since = (ended, begun, None), now, None
+            return  # (the processed count, a sum over the warps, is read only while no lease begins or ends)
+        done = processed()
+        if self._moved[2] != done:
+            if self._moved[2] is not None:  # a message finished since the last look
+                self._still_since = now
+            self._moved = (ended, begun, done)
+        if begun <= ended or enqueued <= done:  # no lease runs, or no message waits
+            self._waiting_since = None
+        elif self._waiting_since is None:
+            self._waiting_since = now
+        if now - self._still_since < self._check_s:
+            return
+        try:
+            busy = not self._kernel.idle()
+        except KernelFault as exc:
+            self._fault_behind(exc)
+            return
+        if busy and self._waiting_since is not None:
+            stuck = now - max(self._still_since, self._waiting_since)
+            if stuck >= self._watchdog_s:
+                self.fail(plugin_hung(self._plugin, self._device, stuck, self.watchdog_ms, msg_id=self._oldest()))
+
+    def _oldest(self):
+        """The oldest msg_id not processed, from the queue (None if unknown)."""
+        oldest = self._oldest_ref() if self._oldest_ref is not None else None
+        try:
+            return oldest() if oldest is not None else None
+        except Exception:  # the queue is being closed: its memory is gone
+            return None
+
+    def _fault_behind(self, exc: BaseException) -> KernelStopped | None:
+        """After ``exc`` (a failed launch, or the backend's KernelFault): if the stream reports a
+        fault (the CUDA context is lost), record it as the failure, naming the oldest message not
+        processed, and return it; None if the stream is fine (``exc`` was something else)."""
+        fault = exc if isinstance(exc, KernelFault) else None
+        if fault is None:
+            try:
+                self._kernel.idle()
+            except KernelFault as probed:
+                fault = probed
+            except Exception:
+                return None
+            else:
+                return None
+        return self.fail(kernel_fault(fault.cause, fault.plugin, fault.device, msg_id=self._oldest()))
+
+    def fail(self, failure: KernelStopped) -> KernelStopped:
+        """Stop for good with ``failure`` (the first one wins; returned): no launch from now on,
+        the queue is told first (``on_failure_ref``: it accepts no message from then on), then
+        waiters see it and raise it, and a RuntimeWarning says why (once)."""
+        with self._lock:
+            first = self._failing is None
+            if first:
+                self._failing = failure
+            failure = self._failing
+        if first:
+            told = self._on_failure_ref() if self._on_failure_ref is not None else None
+            if told is not None:
+                told()
+            self.failure = failure
+            self.fresh_until = 0.0
+            self._wake.set()
+            warnings.warn(f"gpuq_driver: {failure}", RuntimeWarning, stacklevel=3)
+        return failure
+
+    def check(self) -> None:
+        """Raise the failure (a copy: one per raising thread) if the kernel faulted or hung."""
+        failure = self.failure
+        if failure is not None:
+            raise copy.copy(failure)
 
     @property
     def paused(self) -> bool:
@@ -176,8 +325,10 @@ class Leases:
         Pauses nest: the kernel runs again after as many ``resume()`` calls.  Returns within
         ``2 × lease_ms`` plus the messages in flight.  Raises GpuqError on timeout (this pause
         is undone), QueueClosed once shutdown or close has begun, ConfigError where leases
-        never end (``lease_ms=math.inf``).
+        never end (``lease_ms=math.inf``), KernelFault / PluginHung once the kernel has failed
+        (also when that is found while it waits; the pause is undone).
         """
+        self.check()
         if not self._ahead:
             raise ConfigError("lease_ms=inf: the kernel never leaves, so pause() cannot park it")
         with self._lock:
@@ -187,7 +338,10 @@ class Leases:
             if self._depth == 1:
                 self.pauses += 1
         deadline = time.monotonic() + timeout
-        while self.serving() or not self._kernel.idle():
+        while self._busy():
+            if self.failure is not None:
+                self.resume()
+                self.check()
             if self.closed:
                 raise QueueClosed("queue was closed while pause() waited")
             if self.stopping:
@@ -199,6 +353,14 @@ class Leases:
                     f"({self.launches} leases launched, {self.ended[0]} ended); not paused"
                 )
             time.sleep(50e-6)
+
+    def _busy(self) -> bool:
+        """A lease runs or is queued (pause's wait); a fault the stream reports is recorded."""
+        try:
+            return self.serving() or not self._kernel.idle()
+        except KernelFault as exc:
+            self._fault_behind(exc)
+            return True
 
     def resume(self) -> None:
         """Undo one ``pause()``; when none is left in force, launch again: messages enqueued while
@@ -219,7 +381,11 @@ class Leases:
             self._depth = 0
 
     def close(self) -> None:
-        """No launch from now on (the caller then stops the kernel and waits for it)."""
+        """No launch from now on (the caller then stops the kernel and waits for it); waits up to
+        1 s for the keeper's last look, so that it reads no memory about to be freed."""
         with self._lock:
             self.closed = True
         self._wake.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(1.0)

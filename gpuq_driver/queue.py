@@ -23,7 +23,7 @@ import math
 import threading
 import time
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 
@@ -33,7 +33,9 @@ from .errors import (
     ConfigError,
     GpuqError,
     KernelStopped,
+    MessageFailed,
     PayloadError,
+    PluginHung,
     ProtocolError,
     QueueClosed,
     QueueFull,
@@ -46,12 +48,16 @@ from .errors import (
 from .layout import (
     DONE,
     DOORBELL_STOP_SHIFT,
+    ERR_MASK,
+    ERR_SHIFT,
     ERROR_NAMES,
+    FAIL_CODE_SHIFT,
     KERNEL_EXITED,
     KERNEL_PARKED,
     KERNEL_RUNNING,
     NO_MSG,
     READY,
+    RESULT_FAILED,
     STOP_ABORT,
     STOP_DRAIN,
     check_slot_bytes,
@@ -59,6 +65,7 @@ from .layout import (
     is_power_of_two,
 )
 from .lease import Leases
+from .params import check_params, describe
 from .payload import byte_view
 from .plugins import Plugin, resolve
 from .sim import SIM_NEEDS_TWIN
@@ -76,7 +83,7 @@ class QueueConfig:
     slot_bytes:         payload bytes per slot, a multiple of 16, 16 .. 1,048,576 (default 512);
                         results are at most this long too.  capacity × slot_bytes <= 4 GiB.
     plugin:             the processing function run on each message: a name (a built-in, "echo"
-                        (default) or "crc32c", or a package's entry point) or a ``Plugin``
+                        (default), "crc32c" or "score", or a package's entry point) or a ``Plugin``
                         (``Plugin.from_source`` / ``Plugin.from_file``); plugins.resolve looks it
                         up here, so an unknown name is refused at once with what exists.  On
                         ``backend="sim"`` the plugin needs a Python twin.
@@ -107,10 +114,28 @@ class QueueConfig:
                         spin).  Lower is lower latency after idle, more PCIe reads.
     idle_backoff_ns:    cap of the __nanosleep of the other idle warps, which poll VRAM
                         (default 2000 ns).
+    watchdog_ms:        a plugin that does not return (an endless loop, a wait for a value nothing
+                        writes) keeps its lease running for ever; once messages have waited this
+                        long with a lease running and no message finished, the queue stops for good
+                        and every waiter raises PluginHung naming the msg_id in the plugin (default
+                        5,000 ms: far above any sane plugin's time per message, and below
+                        ``shutdown_timeout_s``'s 10 s, so that a hang met by ``shutdown``/``close``
+                        is named, not a generic timeout; 1 .. 3,600,000, or ``math.inf``: never,
+                        e.g. under a debugger).  A plugin that faults is reported within
+                        min(2 × lease_ms, 50 ms) + 10 ms whatever this says (docs/api.md, "Faults").
     device:             CUDA device ordinal (default 0).
     backend:            "cuda" (default) or "sim" (the CPU simulator in sim.py, for tests; it runs
                         one warp whatever ``blocks`` and ``threads_per_block`` say, and ``stats()``
                         reports that geometry).
+    params:             per-queue parameters the plugin reads (e.g. the weight matrix of "score"):
+                        any C-contiguous bytes-like object (bytes, bytearray, memoryview, a numpy
+                        array: its raw bytes in C order), 0 .. 1 GiB (1,073,741,824 bytes); None
+                        or empty (default) = none.  Kept as an immutable copy (``bytes``: the
+                        config stays hashable and compares by content; ``repr`` shows only the
+                        size).  On the GPU it is uploaded once to VRAM before the first launch
+                        (ConfigError there if it exceeds the free VRAM) and freed at ``close()``;
+                        the device code reads it with ``gpuq_params()`` /
+                        ``gpuq_params_bytes()``, the twin as its ``params`` argument (params.py).
     """
 
     capacity: int = 1024
@@ -124,8 +149,10 @@ class QueueConfig:
     linger_ms: float = 100.0
     front_backoff_ns: int = 1000
     idle_backoff_ns: int = 2000
+    watchdog_ms: float = 5000.0
     device: int = 0
     backend: str = "cuda"
+    params: bytes = b""
 
     def __post_init__(self):
         def check(name, lo, hi):
@@ -154,12 +181,22 @@ class QueueConfig:
             "linger_ms",
             check_number("linger_ms", self.linger_ms, 0.0, MAX_LEASE_MS, " of milliseconds", allow_inf=True),
         )
+        object.__setattr__(
+            self,
+            "watchdog_ms",
+            check_number("watchdog_ms", self.watchdog_ms, 1.0, MAX_LEASE_MS, " of milliseconds", allow_inf=True),
+        )
         check("front_backoff_ns", 0, 1_000_000)
         check("idle_backoff_ns", 0, 1_000_000)
         check("device", 0, 1023)
         if self.backend not in ("cuda", "sim"):
             raise ConfigError(f"backend={self.backend!r} must be 'cuda' or 'sim'")
         resolve(self.plugin, SIM_NEEDS_TWIN if self.backend == "sim" else None)
+        object.__setattr__(self, "params", check_params(self.params))
+
+    def __repr__(self) -> str:  # the dataclass's, but params by its size only (it may be 1 GiB)
+        shown = [describe(self.params) if f.name == "params" else repr(getattr(self, f.name)) for f in fields(self)]
+        return f"QueueConfig({', '.join(f'{f.name}={v}' for f, v in zip(fields(self), shown))})"
 
     @property
     def lease_ns(self) -> int:
@@ -178,11 +215,14 @@ class QueueStats:
     occupied:  enqueued - taken: slots not EMPTY (the ring is full at ``capacity``).
     capacity, slot_bytes, blocks, threads_per_block, warps: the running geometry.
     kernel:    "running" (a lease is serving), "parked" (between leases: no GPU work; the next
-               message launches one), "paused" (``pause()``), "exited" (shut down), "not started".
+               message launches one), "paused" (``pause()``), "exited" (shut down), "not started",
+               "faulted" (a plugin faulted: KernelFault; the CUDA context is lost), "hung" (a
+               plugin did not return within ``watchdog_ms``: PluginHung).
     launches:  leases launched (the first at construction, then one per lease under traffic).
     exits:     leases that have ended (on time, paused or shut down); launches - exits <= 2.
     pauses:    times ``pause()`` asked the kernel to park (a pause nested in another not counted).
     backend:   "cuda" or "sim".
+    fault:     "" while the kernel has not failed; else the KernelFault's or PluginHung's message.
     """
 
     enqueued: int
@@ -200,6 +240,7 @@ class QueueStats:
     exits: int
     pauses: int
     backend: str
+    fault: str = ""
 
 
 class GpuQueue(BulkCalls):
@@ -231,7 +272,15 @@ class GpuQueue(BulkCalls):
             from .kernel import PersistentKernel as make_kernel
         self._kernel: Backend = make_kernel(config)
         kernel = self._kernel
-        self._leases = leases = Leases(kernel, config.lease_ms, config.linger_ms)
+        self._plugin_name = kernel.plugin.name
+        self._leases = leases = Leases(
+            kernel,
+            config.lease_ms,
+            config.linger_ms,
+            config.watchdog_ms,
+            kernel.plugin.name,
+            config.device if config.backend == "cuda" else None,
+        )
         self._finalizer = weakref.finalize(self, _close_kernel, leases, kernel)
         self._finalizer.atexit = False  # _abandon_open_queues handles exit
         lay, mem, cap, sb = kernel.layout, kernel.mem, config.capacity, config.slot_bytes
@@ -266,12 +315,43 @@ class GpuQueue(BulkCalls):
             self._finalizer()
             raise
         # weak: a dropped queue is still collected
-        leases.keep(weakref.WeakMethod(self._enqueued), weakref.WeakMethod(self._pending))
+        leases.keep(
+            weakref.WeakMethod(self._enqueued),
+            weakref.WeakMethod(self._processed),
+            weakref.WeakMethod(self._oldest_unprocessed),
+            weakref.WeakMethod(self._stop_for_good),
+        )
         _open_queues.add(self)
 
     def _pending(self) -> bool:
         """Messages enqueued and not yet processed."""
         return self._head > int(self._counters.sum())
+
+    def _processed(self) -> int:
+        """Messages the device has processed (the sum of its per-warp counters)."""
+        return int(self._counters.sum())
+
+    def _oldest_unprocessed(self) -> int | None:
+        """The oldest msg_id enqueued whose result the device has not published (None if none):
+        the watchdog's name for the message in the plugin.  One pass over the untaken slots."""
+        hdr = self._res_hdr
+        if hdr is None:
+            return None
+        ids = np.arange(self._tail, self._head, dtype=np.uint64)
+        published = np.frombuffer(hdr, dtype=np.uint64)[1::2][ids & np.uint64(self._mask)]
+        undone = np.flatnonzero(published != ids)
+        return int(ids[undone[0]]) if len(undone) else None
+
+    def _stop_for_good(self) -> None:
+        """The kernel faulted or hung (lease.Leases.fail): no message is accepted from now on
+        (``enqueue`` raises the failure), as after shutdown."""
+        self._accepting = False
+        got = self._clock.acquire(timeout=1.0)  # consumers move _limit under _clock, only while accepting
+        try:
+            self._limit = -1
+        finally:
+            if got:
+                self._clock.release()
 
     def _enqueued(self) -> int:
         """Messages enqueued so far: the lease keeper's look at the traffic."""
@@ -301,6 +381,8 @@ class GpuQueue(BulkCalls):
         Raises PayloadError (too large), PayloadTypeError (not bytes-like), ConfigError (a timeout
         that is not a number >= 0), QueueFull (no slot freed within the timeout; nothing enqueued;
         the message names the msg_id holding the next slot), QueueClosed (after shutdown),
+        KernelFault / PluginHung (a plugin faulted or hung: the queue accepts nothing more; also
+        from the launch that follows a message, which is then queued but never processed),
         KernelStopped (the kernel stopped for good while waiting), CudaError (the next lease could
         not be launched: the message is queued, and ``outstanding()`` lists its msg_id, but the
         CUDA context is unusable).
@@ -335,12 +417,14 @@ class GpuQueue(BulkCalls):
         return seq - 1
 
     def _wait_for_slot(self, seq: int, timeout: float | None) -> None:
+        self._leases.check()  # a fault or hang: say so rather than QueueClosed
         if not self._accepting:
             raise QueueClosed("queue is shut down: enqueue is no longer accepted")
         timeout = self.config.enqueue_timeout_s if timeout is None else check_seconds("timeout", timeout)
         deadline = time.monotonic() + timeout
         pause = 0.0
         while seq >= self._limit:
+            self._leases.check()
             if not self._accepting:
                 raise QueueClosed("queue is shut down: enqueue is no longer accepted")
             if time.monotonic() >= deadline:
@@ -379,8 +463,9 @@ class GpuQueue(BulkCalls):
         once the earlier ones have).  ``max_items`` (int >= 0, numpy integers too, or None) caps
         the list.  Does not wait for the device (only for the consumer lock); finding nothing, it
         launches a lease if messages wait and none runs.  Raises QueueClosed after ``close()``,
-        ConfigError (a ValueError) for a bad ``max_items``, KernelStopped if the kernel could not
-        be launched again (a lost CUDA context).
+        ConfigError (a ValueError) for a bad ``max_items``, KernelFault / PluginHung (finding
+        nothing, once a plugin faulted or hung), KernelStopped if the kernel could not be launched
+        again.
         """
         if max_items is not None:
             max_items = check_int("max_items", max_items, 0)
@@ -412,9 +497,11 @@ class GpuQueue(BulkCalls):
 
     def _keep_serving(self) -> None:
         """Messages wait unprocessed but no lease runs or is queued: launch one (the keeper thread
-        does too; a consumer that waits need not wait for it).  Raises KernelStopped if the
-        keeper's launch failed, CudaError if this one does."""
+        does too; a consumer that waits need not wait for it).  Raises KernelFault / PluginHung if
+        the kernel faulted or hung, KernelStopped if the keeper's launch failed, CudaError if this
+        one does."""
         leases = self._leases
+        leases.check()
         if leases.error is not None:
             raise KernelStopped(
                 f"the persistent kernel could not be launched again ({leases.error}); "
@@ -435,8 +522,10 @@ class GpuQueue(BulkCalls):
     def try_dequeue_result(self, msg_id: int) -> bytes | None:
         """The result of ``msg_id`` as bytes (and its slot freed), or None if not done yet.
 
-        None also for a msg_id already taken or never issued.  Raises ProtocolError if the device
-        flagged this slot as broken, QueueClosed after ``close()``.
+        None also for a msg_id already taken or never issued.  Raises MessageFailed (``.msg_id``,
+        ``.code``) if the plugin failed the message (GPUQ_FAIL(code) / plugins.Fail(code)), and
+        ProtocolError if the device flagged this slot as broken: either way the result is taken and
+        its slot freed.  QueueClosed after ``close()``.
         """
         slot = self._slot(msg_id)
         with self._clock:
@@ -464,8 +553,12 @@ class GpuQueue(BulkCalls):
             else:
                 self._taken[slot] = msg_id
                 self._taken_ahead += 1
-        if len_flags >> 32 != DONE:  # flags = DONE | error code << 8
-            raise ProtocolError(f"msg_id {msg_id}: device reported {ERROR_NAMES.get(len_flags >> 40, len_flags >> 40)}")
+        flags = len_flags >> 32
+        if flags != DONE:  # DONE | protocol error << ERR_SHIFT | RESULT_FAILED | failure code << 16
+            if flags & RESULT_FAILED:
+                raise MessageFailed(msg_id, flags >> FAIL_CODE_SHIFT, self._plugin_name)
+            err = (flags >> ERR_SHIFT) & ERR_MASK
+            raise ProtocolError(f"msg_id {msg_id}: device reported {ERROR_NAMES.get(err, err)}")
         return data
 
     def wait_result(self, msg_id: int, timeout: float | None = 1.0) -> bytes:
@@ -475,9 +568,12 @@ class GpuQueue(BulkCalls):
         1 ms.  timeout: seconds, or None to wait as long as the kernel runs.  Raises ResultTimeout
         (a TimeoutError) after ``timeout`` (the result stays takeable), KernelStopped if the kernel
         has stopped for good and the message will never be processed (e.g. after
-        ``shutdown(drain=False)``), UnknownMessage (a KeyError) for a msg_id already taken or never
+        ``shutdown(drain=False)``; KernelFault / PluginHung if a plugin faulted or did not return
+        within ``watchdog_ms``: within the bounds of docs/api.md, "Faults", also with
+        ``timeout=None``), UnknownMessage (a KeyError) for a msg_id already taken or never
         issued, TypeError for a msg_id that is not an int, ConfigError for a timeout that is not a
-        number of seconds >= 0 or None, ProtocolError, QueueClosed.
+        number of seconds >= 0 or None, MessageFailed (the plugin failed it; taken, as in
+        try_dequeue_result), ProtocolError, QueueClosed.
         """
         try:
             timeout = math.inf if timeout is None else check_seconds("timeout", timeout)
@@ -497,6 +593,7 @@ class GpuQueue(BulkCalls):
                 return result
             if not self._tail <= msg_id < self._head or self._taken[msg_id & self._mask] == msg_id:
                 raise UnknownMessage(f"msg_id {msg_id} was already taken or never issued")
+            self._leases.check()  # a fault or hang: it will never come
             waited = time.perf_counter() - start
             if waited > timeout:
                 why = " (the queue is paused: resume() lets the kernel process it)" if self._leases.paused else ""
@@ -530,7 +627,10 @@ class GpuQueue(BulkCalls):
             launches = leases.launches  # once, before what the device wrote: exits <= launches
             state, exits = k.ctrl.state, int(leases.ended[0])
         head = self._head
-        if state == KERNEL_EXITED:
+        failure = leases.failure
+        if failure is not None:
+            kernel = "hung" if isinstance(failure, PluginHung) else "faulted"
+        elif state == KERNEL_EXITED:
             kernel = "exited"
         elif leases.paused and exits == launches:
             kernel = "paused"
@@ -555,6 +655,7 @@ class GpuQueue(BulkCalls):
             exits=exits,
             pauses=leases.pauses,
             backend=k.backend,
+            fault=str(failure) if failure is not None else "",
         )
 
     # -- sharing the GPU -----------------------------------------------------------------------
@@ -570,7 +671,8 @@ class GpuQueue(BulkCalls):
         ~2 × ``lease_ms`` plus the messages in flight (one per warp).  timeout: seconds (None =
         ``config.shutdown_timeout_s``); past it GpuqError is raised and this pause is undone.
         Raises QueueClosed once ``shutdown()`` or ``close()`` has begun, ConfigError with
-        ``lease_ms=math.inf`` (a kernel that never leaves cannot be parked).
+        ``lease_ms=math.inf`` (a kernel that never leaves cannot be parked), KernelFault /
+        PluginHung once a plugin faulted or hung (also when found while waiting).
         """
         timeout = self.config.shutdown_timeout_s if timeout is None else check_seconds("timeout", timeout)
         if self.closed:
@@ -605,8 +707,9 @@ class GpuQueue(BulkCalls):
         QueueClosed at once.  Calling it again (e.g. after an interrupt) waits again; drain=False
         on a later call turns a drain into an abort.  timeout: seconds (None =
         ``config.shutdown_timeout_s``); past it the kernel is aborted and GpuqError is raised.
-        Raises ProtocolError if the device reported a broken slot during the queue's life,
-        QueueClosed after ``close()``.
+        Raises KernelFault / PluginHung if a plugin faulted or hung (before or while it waits: the
+        kernel cannot be stopped then; ``close()`` still releases what it can), ProtocolError if
+        the device reported a broken slot during the queue's life, QueueClosed after ``close()``.
         """
         timeout = self.config.shutdown_timeout_s if timeout is None else check_seconds("timeout", timeout)
         self._accepting = False  # waiting producers see it and leave, releasing _plock
@@ -624,6 +727,7 @@ class GpuQueue(BulkCalls):
         leases.stop()  # pauses lifted, none accepted from now on; the loop below launches
         deadline = time.monotonic() + timeout
         while not k.exited():
+            leases.check()
             if not leases.serving():  # a lease that ended before it saw the stop: one more sees it
                 leases.kick()
             if time.monotonic() > deadline:
@@ -643,13 +747,20 @@ class GpuQueue(BulkCalls):
         """Shut down (draining) if needed, then free all GPU and pinned memory.  Idempotent.
 
         Results not taken are gone after this; every later call raises QueueClosed.  Errors of
-        the shutdown (GpuqError, ProtocolError) propagate; the memory is freed all the same (or,
-        if the kernel cannot be stopped, deliberately leaked and the device kept marked busy).
+        the shutdown (GpuqError, ProtocolError, and KernelFault / PluginHung found during it)
+        propagate; the memory is freed all the same (or, if the kernel cannot be stopped,
+        deliberately leaked and the device kept marked busy).  After a fault or hang found before
+        it, close neither shuts down nor raises (the failure was raised to the waiters, warned of,
+        and stays in ``stats().fault``): it frees what a lost context still lets it free
+        (errors ignored: the memory goes with the context), or, after a hang, nothing, with a
+        RuntimeWarning (cuMemFree would wait behind the running kernel for ever); it never waits
+        for the kernel then.
         """
         if self.closed:
             return
         try:
-            self.shutdown(drain=self._stop_mode != STOP_ABORT)
+            if self._leases.failure is None:
+                self.shutdown(drain=self._stop_mode != STOP_ABORT)
         finally:
             with self._plock, self._clock:
                 self._forget_memory()
@@ -677,7 +788,7 @@ class GpuQueue(BulkCalls):
                 lock.release()
         self._leases.close()
         self._finalizer.detach()
-        self._kernel.abandon()
+        self._kernel.abandon(0.0 if isinstance(self._leases.failure, PluginHung) else 2.0)
 
     @property
     def closed(self) -> bool:
@@ -700,9 +811,10 @@ class GpuQueue(BulkCalls):
 
 
 def _close_kernel(leases: Leases, kernel: Backend) -> None:
-    """close() and garbage collection: no launch from now on, then stop the kernel and free it."""
+    """close() and garbage collection: no launch from now on, then stop the kernel and free it
+    (after a hang, free nothing and do not wait: the kernel will never stop)."""
     leases.close()
-    kernel.close()
+    kernel.close(0.0 if isinstance(leases.failure, PluginHung) else 5.0)
 
 
 _open_queues: weakref.WeakSet[GpuQueue] = weakref.WeakSet()

@@ -6,21 +6,31 @@ machines without a GPU, as numba-cuda's simulator does for kernels. It follows t
 of gpuq_queue.cu (doorbell, stop before head, result data before header, msg_id last; a lease
 announces itself before its first doorbell read, announces that it is leaving when its time is up,
 serves what one last read shows, and carries its position over to the next lease) with one
-simulated warp and the plugin's Python twin (plugins.py), under the device's rules: a result
-longer than ``slot_bytes`` is a BAD_RESULT protocol error for that message (an empty result,
-ProtocolError when taken) and is never written. A thread plays the stream: leases launched while
+simulated warp and the plugin's Python twin (plugins.py; given the config's params and
+``slot_bytes`` as out_cap where it names them), under the device's rules: a twin that raises
+plugins.Fail(code) fails the message (DONE, an empty result, the code in the header's flags:
+MessageFailed when taken, as GPUQ_FAIL(code) on the device); a result longer than ``slot_bytes``
+is a BAD_RESULT protocol error for that message (an empty result, ProtocolError when taken) and is
+never written. A thread plays the stream: leases launched while
 one runs wait their turn. It is for tests, not for speed: ``blocks`` and ``threads_per_block`` are
 ignored (stats report one block of one warp).
+
+Faults as on the device: a twin that raises is a plugin that faults (the lease stops where it was,
+its counters frozen, and ``idle()`` / ``launch()`` raise KernelFault from then on, as cuStreamQuery
+and every launch do in a lost CUDA context); a twin that never returns is a plugin that hangs (the
+lease never ends; the thread, a daemon, stays in the twin and does not block exit).  The lease
+keeper's watchdog (lease.py) finds both, as on the GPU.
 """
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 import warnings
 
+from .errors import KernelFault, kernel_fault
 from .layout import (
-    DONE,
     DOORBELL_HEAD_MASK,
     DOORBELL_STOP_SHIFT,
     ERR_BAD_LEN,
@@ -34,9 +44,10 @@ from .layout import (
     CtrlDev,
     HostLayout,
     request_stop,
+    result_flags,
     slot_of,
 )
-from .plugins import resolve
+from .plugins import Fail, Plugin, resolve
 
 SIM_NEEDS_TWIN = "the simulator (backend='sim')"
 
@@ -52,9 +63,11 @@ class SimulatedKernel:
     blocks: int
     threads: int
     warps: int
+    plugin: Plugin
 
     def __init__(self, config):
         self.plugin = resolve(config.plugin, SIM_NEEDS_TWIN)
+        self.params = memoryview(config.params)  # read-only: the twin cannot change them
         self.config = config
         self.blocks, self.threads, self.warps = 1, 32, 1
         self.layout = HostLayout(config.capacity, config.slot_bytes, self.warps)
@@ -63,6 +76,7 @@ class SimulatedKernel:
         self.doorbell = self.layout.view(self.mem, "ctrl_host", "Q")[:1]
         self.delay_s = 0.0  # tests may slow the simulated device down
         self.fault: Exception | None = None  # what a plugin's twin raised (the kernel then stopped)
+        self._fault_error: KernelFault | None = None  # what idle() and launch() raise from then on
         self.closed = False
         self._lease_s = config.lease_ms / 1e3
         self._claim = 0  # GpuqDevState.claim: the next msg_id, carried from lease to lease
@@ -75,13 +89,19 @@ class SimulatedKernel:
         self._thread.start()
 
     def launch(self) -> None:
-        """Queue one lease behind those already launched (kernel.PersistentKernel.launch's twin)."""
+        """Queue one lease behind those already launched (kernel.PersistentKernel.launch's twin).
+        Raises KernelFault after a fault, as a launch in a lost CUDA context fails."""
+        if self._fault_error is not None:
+            raise copy.copy(self._fault_error)
         with self._cv:
             self._queued += 1
             self._cv.notify()
 
     def idle(self) -> bool:
-        """True when no launched lease is still running or queued."""
+        """True when no launched lease is still running or queued.  Raises KernelFault once a twin
+        has raised (the simulated cuStreamQuery of a faulted stream)."""
+        if self._fault_error is not None:
+            raise copy.copy(self._fault_error)
         return self._queued == 0
 
     @property
@@ -93,17 +113,32 @@ class SimulatedKernel:
         """True once the simulated kernel has stopped for good (or was never launched)."""
         return self.closed or (self.ctrl.state in (KERNEL_EXITED, 0) and self.idle())
 
-    def close(self) -> None:
-        """Abort the running lease and stop the stream thread (waits up to 5 s).  Idempotent."""
+    def close(self, wait_s: float = 5.0) -> None:
+        """Abort the running lease and stop the stream thread (waits up to ``wait_s``: 0 after a
+        twin hung; a thread still in a twin is left, with a RuntimeWarning, as the GPU's kernel is).
+        Idempotent."""
+        self._stop(wait_s, warn=True)
+
+    def abandon(self, wait_s: float = 2.0) -> None:
+        """Interpreter exit: as ``close``, without the warning (nothing to leave behind: the memory is
+        a bytearray, and a thread still in a twin is a daemon)."""
+        self._stop(wait_s, warn=False)
+
+    def _stop(self, wait_s: float, warn: bool) -> None:
         if not self.closed:
             request_stop(self.doorbell, STOP_ABORT)
             with self._cv:
                 self.closed = True
                 self._cv.notify()
             if self._thread.is_alive():
-                self._thread.join(5.0)
-
-    abandon = close  # nothing to leave behind: the memory is a bytearray
+                self._thread.join(wait_s)
+                if warn and self._thread.is_alive():
+                    warnings.warn(
+                        "gpuq_driver simulator: the simulated kernel is still running (a twin that never returns?); "
+                        "its thread, a daemon, is left in it",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
 
     def _stream(self) -> None:
         while True:
@@ -121,18 +156,13 @@ class SimulatedKernel:
                 self._queued -= 1
 
     def _fail(self, exc: Exception) -> None:
-        """A twin raised: stop for good, as a device plugin that faults stops the kernel (and, on the
-        GPU, loses the CUDA context).  Waiters get KernelStopped; the exception is kept in ``fault``."""
+        """A twin raised: stop for good where it was, as a device plugin that faults kills its lease
+        (and, on the GPU, loses the CUDA context): the counters stay as they are (no lease end, state
+        RUNNING) and ``idle()`` / ``launch()`` raise KernelFault from now on; the lease keeper's
+        watchdog finds it and tells every waiter.  The exception is kept in ``fault``."""
+        msg_id = int(self.layout.view(self.mem, "warp_counters", "Q")[0])  # one warp: the message it was on
         self.fault = exc
-        ctrl = self.ctrl
-        ctrl.leases_leaving = ctrl.leases_ended = ctrl.leases_begun
-        ctrl.state = KERNEL_EXITED
-        warnings.warn(
-            f"gpuq_driver simulator: plugin {self.plugin.name!r}'s twin raised {exc!r}; the simulated kernel "
-            "has stopped for good (messages not yet processed never will be)",
-            RuntimeWarning,
-            stacklevel=1,
-        )
+        self._fault_error = kernel_fault(f"{exc!r} at msg_id {msg_id}", self.plugin.name)
 
     def _lease(self) -> None:
         lay, mem, sb, cap = self.layout, self.mem, self.config.slot_bytes, self.config.capacity
@@ -140,7 +170,7 @@ class SimulatedKernel:
         req_hdr, res_hdr = lay.view(mem, "req_hdr", "Q"), lay.view(mem, "res_hdr", "Q")
         req_data, res_data = lay.view(mem, "req_data"), lay.view(mem, "res_data")
         counter = lay.view(mem, "warp_counters", "Q")
-        process = self.plugin.run_twin
+        process, params = self.plugin.run_twin, self.params
         ctrl.warps = 1
         ctrl.leases_begun = ctrl.leases_ended + 1  # announce, then read the doorbell (the GIL orders both)
         ctrl.state = KERNEL_RUNNING
@@ -173,13 +203,17 @@ class SimulatedKernel:
                 code = ERR_BAD_MSG_ID
             elif n > sb:
                 code, n = ERR_BAD_LEN, sb
-            out = b"" if code else process(req_data[slot * sb : slot * sb + n], seq)
+            failed = None  # the plugin's failure code (plugins.Fail), as GPUQ_FAIL(code) on the device
+            try:
+                out = b"" if code else process(req_data[slot * sb : slot * sb + n], seq, params, sb)
+            except Fail as exc:
+                out, failed = b"", exc.code
             if len(out) > sb:  # the plugin broke its contract: nothing is written past the slot
                 code, out = ERR_BAD_RESULT, b""
             if code and not ctrl.error:
                 ctrl.error_msg_id, ctrl.error = seq, code
             res_data[slot * sb : slot * sb + len(out)] = out
-            res_hdr[2 * slot] = len(out) | ((DONE | (code << 8)) << 32)
+            res_hdr[2 * slot] = len(out) | (result_flags(code, failed) << 32)
             res_hdr[2 * slot + 1] = seq
             seq += 1
             counter[0] = seq

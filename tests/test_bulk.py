@@ -635,3 +635,26 @@ def test_many_batches_byte_for_byte(make_queue, backend):
     assert [m for m in sent if got[m] != sent[m]] == []
     s = q.stats()
     assert s.enqueued == s.processed == s.taken == len(sent) and s.occupied == 0
+
+
+def test_a_batch_take_with_plugin_failures_raises_message_failed_naming_each(make_queue):
+    """GPUQ_FAIL(code) in a batch: the whole range is taken, MessageFailed names the first failed
+    msg_id and code and carries every one in .failures; errors="mark" gives FAILED lengths."""
+    from gpuq_driver import MessageFailed
+
+    from .test_params import ODD  # fails a message whose first byte is odd, with code msg_id % 1000 + 1
+
+    q = make_queue(capacity=16, slot_bytes=16, plugin=ODD)
+    rows = np.array([[b] * 4 for b in (2, 3, 4, 5, 6)], dtype=np.uint8)
+    first = q.enqueue_many(rows)
+    with pytest.raises(MessageFailed) as exc:
+        q.take_results(first, 5, timeout=10)
+    e = exc.value
+    assert (e.msg_id, e.code, e.plugin) == (first + 1, first + 2, "odd")
+    assert e.failures == {first + 1: first + 2, first + 3: first + 4} and e.msg_ids == [first + 1, first + 3]
+    data, lens = e.results
+    assert list(lens) == [4, FAILED, 4, FAILED, 4] and bytes(data[2, :4]) == bytes([4] * 4)
+    first = q.enqueue_many(rows)
+    data, lens = q.take_results(first, 5, timeout=10, errors="mark")
+    assert list(lens) == [4, FAILED, 4, FAILED, 4]
+    assert q.stats().occupied == 0 and q.wait_result(q.enqueue(b"\x02\x02"), timeout=10) == b"\x02\x02"

@@ -25,8 +25,9 @@ def gpuq(*args, env=None, timeout=300):
 
 def test_info_lists_versions_nvrtc_and_the_cache():
     r = gpuq("info")
-    for row in ("gpuq_driver", "cuda-bindings", "NVRTC", "CCCL headers", "plugins", "CUBIN cache"):
+    for row in ("gpuq_driver", "cuda-bindings", "NVRTC", "CCCL headers", "nvJitLink", "plugins", "CUBIN cache"):
         assert row in r.stdout, r.stdout
+    assert "crc32c, echo, score" in r.stdout  # the built-ins, by name
     if NO_GPU:
         assert r.returncode == 2 and "no usable CUDA GPU" in r.stdout and "backend='sim'" in r.stdout
     else:
@@ -76,10 +77,13 @@ def test_cache_lists_and_clears_entries(tmp_path):
     folder.mkdir()
     (folder / "a.cubin").write_bytes(b"x" * 1000)
     (folder / "b.cubin").write_bytes(b"y" * 500)
+    (folder / "c.ltoir").write_bytes(b"z" * 500)  # a kernel's LTO-IR, for precompiled plugins
+    (folder / "notes.txt").write_text("not an entry")
     r = gpuq("cache", env=env)
-    assert r.returncode == 0 and "2 entries" in r.stdout
+    assert r.returncode == 0 and "3 entries, 0.0 MB" in r.stdout
     r = gpuq("cache", "--clear", env=env)
-    assert r.returncode == 0 and "removed 2 entries" in r.stdout and not list(folder.glob("*.cubin"))
+    assert r.returncode == 0 and "removed 3 entries" in r.stdout
+    assert [p.name for p in folder.iterdir()] == ["notes.txt"]
     assert "off" in gpuq("cache", env={"GPUQ_CACHE_DIR": "off"}).stdout
     # a file where the folder should be: said, not "0 entries"
     (tmp_path / "file").write_text("x")

@@ -40,6 +40,10 @@ def test_constants_match_the_header():
         "GPUQ_ERR_BAD_MSG_ID": layout.ERR_BAD_MSG_ID,
         "GPUQ_ERR_BAD_LEN": layout.ERR_BAD_LEN,
         "GPUQ_ERR_BAD_RESULT": layout.ERR_BAD_RESULT,
+        "GPUQ_ERR_SHIFT": layout.ERR_SHIFT,
+        "GPUQ_ERR_MASK": layout.ERR_MASK,
+        "GPUQ_RESULT_FAILED": layout.RESULT_FAILED,
+        "GPUQ_FAIL_CODE_SHIFT": layout.FAIL_CODE_SHIFT,
         "GPUQ_NO_MSG": layout.NO_MSG,
     }
     assert {k: d.get(k) for k in expected} == expected
@@ -52,7 +56,7 @@ def test_struct_sizes_match_the_static_asserts():
         "GpuqCtrlHost": layout.CtrlHost,
         "GpuqCtrlDev": layout.CtrlDev,
         "GpuqDevState": layout.DevState,
-        "GpuqParams": layout.Params,
+        "GpuqKernelArgs": layout.KernelArgs,
     }
     assert set(asserted) == set(mirror)
     assert {n: ctypes.sizeof(mirror[n]) for n in asserted} == asserted
@@ -63,11 +67,23 @@ def test_field_order_matches_the_header():
         ("GpuqSlotHeader", layout.SlotHeader),
         ("GpuqCtrlDev", layout.CtrlDev),
         ("GpuqDevState", layout.DevState),
-        ("GpuqParams", layout.Params),
+        ("GpuqKernelArgs", layout.KernelArgs),
     ):
         body = re.search(rf"struct (?:__align__\(\d+\) )?{cname} \{{(.*?)\}};", HEADER, re.S).group(1)
         fields = [m for m in re.findall(r"^\s*\w+\*? (\w+)(?:\[\d+\])?;", body, re.M)]
         assert fields == [f[0] for f in struct._fields_], cname
+
+
+def test_result_flags_keep_state_error_and_failure_apart():
+    assert layout.result_flags() == layout.DONE
+    bad = layout.result_flags(layout.ERR_BAD_RESULT)
+    assert bad & 0xFF == layout.DONE and (bad >> layout.ERR_SHIFT) & layout.ERR_MASK == layout.ERR_BAD_RESULT
+    assert not bad & layout.RESULT_FAILED
+    for code in (0, 1, 0x7FFF, 0xFFFF):
+        f = layout.result_flags(failed=code)
+        assert f & 0xFF == layout.DONE and (f >> layout.ERR_SHIFT) & layout.ERR_MASK == 0
+        assert f & layout.RESULT_FAILED and f >> layout.FAIL_CODE_SHIFT == code and f < 1 << 32
+    assert layout.ERR_MASK << layout.ERR_SHIFT & layout.RESULT_FAILED == 0  # disjoint bits
 
 
 def test_slot_header_offsets():

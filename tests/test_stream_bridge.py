@@ -69,3 +69,18 @@ def test_gpu_bridge_frames_larger_than_the_ring_with_oversized_messages_anywhere
     assert_exactly_once(all_results(redis_client, "s:results"), expected)
     s = q.stats()
     assert s.enqueued == s.taken == n - 8 and s.occupied == 0
+
+
+def test_gpu_bridge_publishes_a_message_the_plugin_failed_as_failed(redis_client, make_queue):
+    """A plugin's GPUQ_FAIL(code) (MessageFailed when taken) is a failed (None) result, and the bridge goes on."""
+    from .test_params import ODD  # fails a message whose first byte is odd
+
+    payloads = [bytes([i % 256]) * 8 for i in range(300)]
+    ids = StreamProducer(redis_client, "s").send_many(payloads)
+    q = make_queue(capacity=64, slot_bytes=16, plugin=ODD)
+    bridge = GpuBridge(StreamConsumer(redis_client, "s", "g", "bridge", block_ms=50), q, publish_batch=32)
+    stats = bridge.run(max_messages=len(payloads), idle_exit_s=5)
+    assert (stats.messages, stats.failed, stats.duplicates) == (300, 150, 0)
+    expected = {(ids[i], 0): None if p[0] & 1 else p for i, p in enumerate(payloads)}
+    assert_exactly_once(all_results(redis_client, "s:results"), expected)
+    assert q.stats().occupied == 0

@@ -9,9 +9,17 @@
 //   out     : the result buffer (host-mapped pinned memory), `out_cap` (= slot_bytes) bytes,
 //             16-byte aligned; write at most `out_cap` bytes (past it lies the next message's result).
 //   msg_id  : the message's id (0, 1, 2, ... in enqueue order; the index in the batch in gpuq_batch).
-//   returns : the result length in bytes (the same value on every lane), at most `out_cap`; a larger
-//             value is a BAD_RESULT protocol error for that message (empty result, ProtocolError).
-// Compiled as the in-memory header gpuq_plugin.cuh after gpuq_layout.cuh (<cuda/std/cstdint>
+//   returns : the result length in bytes (the same value on every lane), at most `out_cap`; or
+//             GPUQ_FAIL(code), code 0..65535, to fail the message: it is DONE with an empty result
+//             and taking it raises MessageFailed (.msg_id, .code); the queue and the other messages
+//             go on.  Any value >= GPUQ_FAIL_BIT (0x80000000) fails it with code value & 0xFFFF.  A
+//             value above `out_cap` and below that is a BAD_RESULT protocol error for that message
+//             (empty result, ProtocolError: a broken plugin).
+//   params  : gpuq_params() / gpuq_params_bytes(): the per-queue parameters (QueueConfig(params=...),
+//             BatchProcessor(params=...)), read-only device memory uploaded once before the first
+//             launch, 256-byte aligned; nullptr / 0 when none.
+// Compiled as the in-memory header gpuq_plugin.cuh after gpuq_layout.cuh and gpuq_plugin_api.cuh
+// (which define GpuqParams, gpuq_params(), gpuq_params_bytes(), GPUQ_FAIL and the <cuda/std/cstdint>
 // types), with NVRTC; its errors are reported with the plugin file's own name and line numbers.
 #pragma once
 
