@@ -90,6 +90,7 @@ def test_enqueue_many_packed_variable_lengths_and_the_other_forms(make_queue):
     assert results_as_bytes(*q.take_results(first, 4, timeout=10)) == [bytes(memoryview(m).cast("B")) for m in msgs]
     # long variable messages (the per-message copy path) in big slots
     q2_lens = [3000, 1, 4096, 2049]
+    q.close()  # one persistent queue kernel per device per process
     big = make_queue(capacity=8, slot_bytes=4096)
     buf, lens = packed(q2_lens, seed=5)
     first = big.enqueue_many(buf, lens)
@@ -184,21 +185,35 @@ def test_batches_interleave_with_single_calls_poll_and_outstanding(make_queue):
 
 
 def test_two_threads_enqueue_many_and_one_enqueue(make_queue, backend):
-    per = 60 if backend == "sim" else 2000
+    per = 300 if backend == "sim" else 2000  # past 255: the byte stamp wraps
     q = make_queue(capacity=256, slot_bytes=16)
     sent: dict[int, bytes] = {}
     lock = threading.Lock()
 
+    errors = []
+
     def batcher(tag: int):
+        try:
+            batches(tag)
+        except BaseException as exc:  # a thread's error fails the test, not just a warning
+            errors.append(exc)
+
+    def batches(tag: int):
         for i in range(per):
             a = np.full((4, 8), tag, np.uint8)
-            a[:, 1] = i
+            a[:, 1] = i % 256  # a Python int past 255 into uint8 raises OverflowError (numpy 2)
             a[:, 2] = np.arange(4)
             first = q.enqueue_many(a, timeout=30)
             with lock:
                 sent.update({first + j: bytes(a[j]) for j in range(4)})
 
     def single():
+        try:
+            singles()
+        except BaseException as exc:
+            errors.append(exc)
+
+    def singles():
         for i in range(per):
             p = b"s%06d" % i
             m = q.enqueue(p, timeout=30)
@@ -211,11 +226,12 @@ def test_two_threads_enqueue_many_and_one_enqueue(make_queue, backend):
         t.start()
     total = 9 * per
     deadline = time.monotonic() + 60
-    while len(got) < total and time.monotonic() < deadline:
+    while len(got) < total and time.monotonic() < deadline and not errors:
         first, data, lens = q.take_ready()
         got.update({first + i: r for i, r in enumerate(results_as_bytes(data, lens))})
     for t in threads:
         t.join()
+    assert errors == []
     assert sorted(got) == list(range(total)) and got == sent
 
 
