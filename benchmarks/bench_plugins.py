@@ -8,6 +8,8 @@ x @ W.  For each k (default 64, 256, 1024: 256 B, 1 KB, 4 KB messages; n = 64 sc
   gpuq     GpuQueue(QueueConfig(plugin="score", params=W)): round trip of one message at a time
            (enqueue -> result taken; p50/p99 µs), and throughput with one Python thread keeping up
            to half the ring in flight (msg/s);
+  gpuq_many  the same queue through its batch calls: enqueue_many of B rows, take_results of the
+           B scores, two batches in flight (B = min(--batch, 2048)); latency: a batch of one;
   batch    BatchProcessor(plugin="score", params=W): one batch of 1 at a time (latency), and
            batches of --batch messages (throughput; one launch, one copy each way per batch);
   cupy     the same on CuPy: W on the device once; per batch one H2D copy of X, ``X @ W``, one D2H
@@ -82,6 +84,36 @@ def run_gpuq(x, w, iters: int, backend: str) -> dict:
     return {"latency": pct(lat), "msg_per_s": m / dt, "err": check("gpuq", out, x, w), "launches": stats.launches}
 
 
+def run_gpuq_many(x, w, iters: int, batch: int, backend: str) -> dict:
+    """GpuQueue's batch calls: enqueue_many of [B, 4k] rows, take_results of the B scores, two
+    batches in flight; latency: a batch of one through the same calls."""
+    m, k = x.shape
+    n = w.shape[1]
+    batch = min(batch, 2048)  # two batches in flight in a ring of 4096
+    cfg = QueueConfig(plugin="score", params=w, slot_bytes=slot_bytes_for(k, n), capacity=4096, backend=backend)
+    rows = x.view(np.uint8)  # [m, 4k]
+    with GpuQueue(cfg) as q:
+        lat = []
+        for i in range(iters):
+            t0 = time.perf_counter_ns()
+            data, lens = q.take_results(q.enqueue_many(rows[i % m : i % m + 1]), 1, timeout=10)
+            lat.append(time.perf_counter_ns() - t0)
+        out = np.empty((m, n), np.float32)
+        inflight = []
+        t0 = time.perf_counter()
+        for s in range(0, m, batch):
+            inflight.append((s, q.enqueue_many(rows[s : s + batch], timeout=10), len(rows[s : s + batch])))
+            if len(inflight) == 2 or s + batch >= m:
+                for s0, first, c in inflight:
+                    data, lens = q.take_results(first, c, timeout=10)
+                    if not (lens == 4 * n).all():
+                        raise AssertionError(f"gpuq_many: result sizes {set(lens.tolist())}, expected {4 * n}")
+                    out[s0 : s0 + c] = data[:, : 4 * n].view(np.float32)
+                inflight.clear()
+        dt = time.perf_counter() - t0
+    return {"latency": pct(lat), "msg_per_s": m / dt, "err": check("gpuq_many", out, x, w), "batch": batch}
+
+
 def run_batch(x, w, iters: int, batch: int, backend: str) -> dict:
     m, k = x.shape
     n = w.shape[1]
@@ -134,7 +166,7 @@ def plot(res: dict, path: Path) -> None:
     if plt is None:
         return
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    for way in ("gpuq", "batch", "cupy"):
+    for way in ("gpuq", "gpuq_many", "batch", "cupy"):
         ks = [int(k) for k in res["sizes"] if way in res["sizes"][k]]
         if not ks:
             continue
@@ -142,7 +174,10 @@ def plot(res: dict, path: Path) -> None:
         b.plot([4 * k for k in ks], [res["sizes"][str(k)][way]["latency"]["p50_us"] for k in ks], "o-", label=way)
     a.set(xscale="log", yscale="log", xlabel="message bytes (k float32)", ylabel="messages/s", title="throughput")
     b.set(xscale="log", yscale="log", xlabel="message bytes (k float32)", ylabel="p50 µs", title="one message")
+    sizes = [4 * int(k) for k in res["sizes"]]
     for ax in (a, b):
+        ax.set_xticks(sizes, [str(v) for v in sizes], minor=False)
+        ax.set_xticks([], minor=True)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
     fig.suptitle(f"score plugin: x[k] @ W[k, {res['n']}] ({res['device']})")
@@ -168,7 +203,7 @@ def main() -> int:
     res: dict = {"n": args.scores, "device": device, "messages": args.messages, "batch": args.batch, "sizes": {}}
     rng = np.random.default_rng(0)
     print(f"score plugin, n = {args.scores}, {args.messages:,} messages per run, batch {args.batch} ({device})")
-    print(f"{'k':>6} {'bytes':>6}  {'way':<6} {'msg/s':>12} {'p50 µs':>9} {'p99 µs':>9} {'rel err':>9}")
+    print(f"{'k':>6} {'bytes':>6}  {'way':<9} {'msg/s':>12} {'p50 µs':>9} {'p99 µs':>9} {'rel err':>9}")
     for k in [int(s) for s in args.sizes.split(",")]:
         x = rng.standard_normal((args.messages, k), dtype=np.float32)
         w = rng.standard_normal((k, args.scores), dtype=np.float32)
@@ -177,10 +212,11 @@ def main() -> int:
             row["cupy"] = run_cupy(x, w, args.iters, args.batch)
         row["batch"] = run_batch(x, w, args.iters, args.batch, "numpy" if sim else "cuda")
         row["gpuq"] = run_gpuq(x, w, args.iters, args.backend)
+        row["gpuq_many"] = run_gpuq_many(x, w, args.iters, args.batch, args.backend)
         for way, r in row.items():
             lat = r["latency"]
             print(
-                f"{k:>6} {4 * k:>6}  {way:<6} {r['msg_per_s']:>12,.0f} {lat['p50_us']:>9.2f} {lat['p99_us']:>9.2f}"
+                f"{k:>6} {4 * k:>6}  {way:<9} {r['msg_per_s']:>12,.0f} {lat['p50_us']:>9.2f} {lat['p99_us']:>9.2f}"
                 f" {r['err']:>9.1e}"
             )
     if not have_cupy:

@@ -26,7 +26,7 @@ def test_bench_plugins_dry_run_on_the_simulator(tmp_path):
     res = json.loads((tmp_path / "bench_plugins.json").read_text())
     assert sorted(res["sizes"]) == ["16", "48"] and res["n"] == 8
     for k, row in res["sizes"].items():
-        assert set(row) == {"gpuq", "batch"}, row.keys()  # no CuPy in a simulator run
+        assert set(row) == {"gpuq", "gpuq_many", "batch"}, row.keys()  # no CuPy in a simulator run
         for way, m in row.items():
             assert m["err"] <= 1e-3 and m["msg_per_s"] > 0 and m["latency"]["n"] == 30, (k, way, m)
     assert "CuPy not run: the simulator dry run" in r.stdout
