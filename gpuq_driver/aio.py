@@ -103,7 +103,7 @@ class AsyncQueue:
             try:
                 return q.enqueue(payload, timeout=0)
             except QueueFull:
-                await self._room(1, deadline, timeout)
+                await self._room(1, deadline, timeout, False)
 
     async def enqueue_many(self, payloads, lengths=None, timeout: float | None = None) -> int:
         """``queue.enqueue_many`` without blocking the loop (all or nothing, as there).
@@ -116,7 +116,7 @@ class AsyncQueue:
                 return q.enqueue_many(payloads, lengths, timeout=0)
             except QueueFull:
                 n = len(payloads) if lengths is None else len(lengths)
-                await self._room(n, deadline, timeout)
+                await self._room(n, deadline, timeout, True)
 
     async def result(self, msg_id: int, timeout: float | None = None) -> bytes:
         """Await ``msg_id``'s result and take it (``wait_result``'s async twin).  timeout: seconds,
@@ -171,8 +171,8 @@ class AsyncQueue:
         finishes, in msg_id order, each taken (like ``poll_completions`` + ``try_dequeue_result``;
         results someone awaits with ``result()`` are left to them).  Ends once the queue has shut
         down and every result has been yielded, or the queue or this object is closed.  A result
-        the device flagged raises ProtocolError (ending the iteration); ``errors="return"`` yields
-        the exception in its place instead."""
+        the device flagged raises ProtocolError, one the plugin failed MessageFailed (ending the
+        iteration); ``errors="return"`` yields the exception in its place instead."""
         if errors not in ("raise", "return"):
             raise ConfigError(f"errors={errors!r} must be 'raise' or 'return'")
         q = self.queue
@@ -203,7 +203,10 @@ class AsyncQueue:
                 final = True  # one more poll: what finished last is visible now
                 continue
             q._keep_serving()  # raises where the kernel cannot be launched again
-            await self._until(_next_done, None)
+            try:
+                await self._until(_next_done, None)
+            except QueueClosed:  # this AsyncQueue was closed: the iteration ends
+                return
 
     # -- helpers of the coroutines -----------------------------------------------------------------
 
@@ -218,16 +221,15 @@ class AsyncQueue:
         t = check_seconds("timeout", timeout)
         return None if math.isinf(t) else time.monotonic() + t
 
-    async def _room(self, n: int, deadline, timeout) -> None:
+    async def _room(self, n: int, deadline, timeout, batch: bool) -> None:
         q = self.queue
         q._keep_serving()  # raises where the kernel cannot be launched again
         if q._kernel.exited() and q._accepting:
             raise KernelStopped("the persistent kernel has stopped; the queue cannot make room")
-        if deadline is not None and time.monotonic() >= deadline:
-            raise QueueFull(
-                f"ring full (waited {timeout} s): {q.free_slots()} of {q._cap} slots free, {n} needed; "
-                "slots free in msg_id order as results are taken (outstanding() lists them)"
-            )
+        if deadline is not None and time.monotonic() >= deadline:  # the blocking calls' message
+            waited = q.config.enqueue_timeout_s if timeout is None else timeout
+            seq = q._head
+            raise QueueFull(q._room_message(seq, n, waited) if batch else q._full_message(seq, waited))
         need = min(n, q._cap)
         await self._until(lambda q, rings: q._head + need <= q._limit or not q._accepting, deadline)
 
@@ -243,8 +245,9 @@ class AsyncQueue:
                 if q._kernel.exited():  # the sync call's own KernelStopped check needs a wait
                     return call(first, n, timeout=1e-3, **kwargs)
                 if deadline is not None and time.monotonic() >= deadline:
+                    why = " (the queue is paused: resume() lets the kernel process it)" if q._leases.paused else ""
                     raise ResultTimeout(
-                        f"msg_ids {first}..{first + n - 1} were not all done within {timeout} s"
+                        f"msg_ids {first}..{first + n - 1} were not all done within {timeout} s{why}; nothing was taken"
                     ) from None
             count = min(n, q._cap - (first & q._mask)) if view else min(n, q._cap)
             ids = np.arange(first, first + count, dtype=np.uint64)

@@ -77,8 +77,11 @@ def _segments(first: int, n: int, cap: int) -> list[tuple[int, int, int]]:
     return [(s0, 0, k)] if k == n else [(s0, 0, k), (0, k, n - k)]
 
 
-def _lengths_array(lengths, n_expected: int | None, limit: int, what: str) -> np.ndarray:
-    """``lengths`` as a uint32 array, each 0 .. ``limit``; PayloadError/PayloadTypeError naming it."""
+def _lengths_array(
+    lengths, n_expected: int | None, limit: int, what: str, counted: str = "payloads has {} messages"
+) -> np.ndarray:
+    """``lengths`` as a uint32 array, each 0 .. ``limit``; PayloadError/PayloadTypeError naming it
+    (``counted``: what ``n_expected`` counts, for the message)."""
     try:
         lens = np.asarray(lengths)
     except Exception as exc:  # noqa: BLE001 - whatever numpy refuses
@@ -90,7 +93,7 @@ def _lengths_array(lengths, n_expected: int | None, limit: int, what: str) -> np
             f"lengths must be a 1-D array of integers (uint32), not {lens.ndim}-D of dtype {lens.dtype}"
         )
     if n_expected is not None and len(lens) != n_expected:
-        raise PayloadError(f"lengths has {len(lens)} entries; payloads has {n_expected} messages")
+        raise PayloadError(f"lengths has {len(lens)} entries; {counted.format(n_expected)}")
     if len(lens):
         lo, hi = lens.min(), lens.max()
         if lo < 0:
@@ -135,6 +138,11 @@ def _batch_input(payloads, lengths, sb: int):
                 f"payloads rows are {payloads.shape[1]} bytes; slot_bytes is {sb} (the limit per message)"
             )
         return "rows", payloads, None
+    if isinstance(payloads, (list, tuple)):
+        raise PayloadTypeError(
+            "payloads is a list of messages, which takes no lengths= (each message has its own size); "
+            "lengths= goes with a packed bytes-like buffer or a 2-D uint8 array [n, size]"
+        )
     if isinstance(payloads, np.ndarray) and payloads.ndim == 2:
         if payloads.dtype != np.uint8:
             raise PayloadTypeError(f"payloads must have dtype uint8, not {payloads.dtype} (use .view(np.uint8))")
@@ -305,9 +313,12 @@ class Reservation:
 
     @property
     def data(self) -> np.ndarray:
-        """``[n, slot_bytes]`` uint8 view of the request slots; GpuqError once committed or cancelled."""
+        """``[n, slot_bytes]`` uint8 view of the request slots; GpuqError once committed or cancelled,
+        QueueClosed once the queue is closed (the memory is freed)."""
         if not self._open:
             raise GpuqError("the reservation is committed or cancelled: its slots are no longer yours")
+        if self._q._req_hdr is None:
+            raise QueueClosed("queue is closed: the reservation's slots are freed")
         return self._data
 
     @property
@@ -337,7 +348,9 @@ class Reservation:
             lengths = np.asarray(self.lengths)[:count]
         elif isinstance(lengths, (int, np.integer)) and not isinstance(lengths, bool):
             lengths = np.full(count, lengths, dtype=np.int64)
-        lens = _lengths_array(lengths, count, q._sb, "slot_bytes")
+        lens = _lengths_array(
+            lengths, count, q._sb, "slot_bytes", "the commit publishes {} messages (n= publishes fewer)"
+        )
         doorbell = q._doorbell
         if doorbell is None:
             self._unlock()
@@ -424,9 +437,12 @@ class ResultView:
 
     @property
     def data(self) -> np.ndarray:
-        """``[n, slot_bytes]`` read-only view of the results; GpuqError once released."""
+        """``[n, slot_bytes]`` read-only view of the results; GpuqError once released, QueueClosed
+        once the queue is closed (the memory is freed)."""
         if not self._held:
             raise GpuqError("the result view is released: its slots are no longer yours")
+        if self._q._res_hdr is None:
+            raise QueueClosed("queue is closed: the result view's slots are freed")
         return self._data
 
     @property
@@ -462,7 +478,9 @@ class ResultView:
                     finally:
                         q._clock.release()
                 else:
-                    q._dropped.append(self._rec)  # released by the next batch take, under the lock
+                    # released under the lock by the next batch take, poll_completions, outstanding,
+                    # stats, or a producer waiting for room
+                    q._dropped.append(self._rec)
             except Exception:  # noqa: BLE001 - interpreter teardown
                 return
             warnings.warn(
@@ -689,7 +707,8 @@ class BulkCalls:
         Covers ``min(n, capacity - first % capacity)`` results: a view never crosses the ring's
         end (``len(v)`` says how many; view again from ``first + len(v)`` for the rest).  Views
         are taken in msg_id order: ``first`` must be the oldest result not taken or held (the
-        previous view's end, or the queue's tail), since slots free only in that order.
+        previous view's end or the queue's tail, past any results taken out of order there),
+        since slots free only in that order.
         timeout, errors: as ``take_results``; with errors="raise" and a flagged result, the range
         is taken as copies and ProtocolError raised (``.results``), so no view is left held.
 
@@ -723,10 +742,7 @@ class BulkCalls:
                 raise QueueClosed("queue is closed")
             if self._dropped:
                 self._release_dropped()
-            views, taken, mask, head = self._views, self._taken, self._mask, self._head
-            start = sum(views[-1]) if views else self._tail
-            while start < head and taken[start & mask] == start:
-                start += 1
+            start, head = self._oldest_free(), self._head
             end = head if max_items is None else min(head, start + max_items)
             k = 0
             if end > start:
@@ -823,7 +839,7 @@ class BulkCalls:
         if first < tail:
             raise UnknownMessage(f"msg_id {first} was already taken")
         if view:
-            oldest = sum(views[-1]) if views else tail
+            oldest = self._oldest_free()
             if first != oldest:
                 raise ConfigError(
                     f"view_results must start at msg_id {oldest}, the oldest result not taken or held (slots "
@@ -883,6 +899,15 @@ class BulkCalls:
         if flagged and errors == "raise":
             raise _bulk_failure(first, flags, bad, data, lens, self._plugin_name)
         return data, lens
+
+    def _oldest_free(self) -> int:
+        """The oldest msg_id neither taken nor held by a view: after the last view held (or the
+        tail), past the results taken out of order there (the consumer lock is held)."""
+        views, taken, mask, head = self._views, self._taken, self._mask, self._head
+        start = sum(views[-1]) if views else self._tail
+        while start < head and taken[start & mask] == start:
+            start += 1
+        return start
 
     def _release_view(self, rec: list) -> None:
         """Free a held view's slots (the consumer lock is held)."""

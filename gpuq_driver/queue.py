@@ -424,6 +424,10 @@ class GpuQueue(BulkCalls):
         deadline = time.monotonic() + timeout
         pause = 0.0
         while seq >= self._limit:
+            if self._dropped:  # result views dropped unreleased while the consumer lock was busy (bulk.py)
+                with self._clock:
+                    self._release_dropped()
+                continue
             self._leases.check()
             if not self._accepting:
                 raise QueueClosed("queue is shut down: enqueue is no longer accepted")
@@ -472,6 +476,8 @@ class GpuQueue(BulkCalls):
         with self._clock:
             if self._res_hdr is None:
                 raise QueueClosed("queue is closed")
+            if self._dropped:
+                self._release_dropped()
             seq = max(self._polled, self._tail)
             end = self._head if max_items is None else min(self._head, seq + max_items)
             ids, taken, mask = self._res_hdr, self._taken, self._mask
@@ -492,6 +498,8 @@ class GpuQueue(BulkCalls):
         with self._clock:
             if self._res_hdr is None:
                 raise QueueClosed("queue is closed")
+            if self._dropped:
+                self._release_dropped()
             taken, mask = self._taken, self._mask
             return [m for m in range(self._tail, self._head) if taken[m & mask] != m]
 
@@ -621,6 +629,8 @@ class GpuQueue(BulkCalls):
         with self._clock:
             if self._res_hdr is None:
                 raise QueueClosed("queue is closed")
+            if self._dropped:
+                self._release_dropped()
             k, leases = self._kernel, self._leases
             taken = self._tail + self._taken_ahead  # read before head: occupied is never negative
             processed = int(self._counters.sum())

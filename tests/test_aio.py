@@ -160,6 +160,59 @@ def test_completions_in_order_then_the_end_after_shutdown(make_queue):
     run(main())
 
 
+def test_completions_ends_when_the_async_queue_is_closed(make_queue):
+    """completions() ends (as documented) when the AsyncQueue is closed while it waits, rather
+    than raising QueueClosed; an iterator started after close ends at once."""
+    q = make_queue(capacity=16, slot_bytes=16)
+
+    async def main():
+        aq = AsyncQueue(q)
+        got = []
+
+        async def consume():
+            async for mid, r in aq.completions():
+                got.append((mid, r))
+            return "ended"
+
+        task = asyncio.create_task(consume())
+        await aq.enqueue(b"one")
+        deadline = time.monotonic() + 10
+        while not got and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)  # waiting for the next one now
+        aq.close()
+        assert await asyncio.wait_for(task, 10) == "ended"
+        assert got == [(0, b"one")]
+        assert [x async for x in aq.completions()] == []
+
+    run(main())
+
+
+def test_timeouts_of_the_async_calls_say_what_the_blocking_calls_say(make_queue):
+    """QueueFull after an awaited enqueue names the timeout that applied (the config's for None)
+    and what holds the next slot, as the blocking calls do; a range's ResultTimeout says the
+    queue is paused and that nothing was taken."""
+    q = make_queue(capacity=4, slot_bytes=16, enqueue_timeout_s=0.05)
+
+    async def main():
+        async with AsyncQueue(q) as aq:
+            with q.paused():
+                first = await aq.enqueue_many([b"x"] * 4)
+                with pytest.raises(
+                    QueueFull, match=r"waited 0.05 s\).*msg_id 0 is not processed yet: the queue is paused"
+                ):
+                    await aq.enqueue(b"y")
+                with pytest.raises(
+                    QueueFull, match=r"batch of 2 messages \(waited 0.02 s\).*msg_id 0 is not processed yet"
+                ):
+                    await aq.enqueue_many([b"y"] * 2, timeout=0.02)
+                with pytest.raises(ResultTimeout, match="paused.*nothing was taken"):
+                    await aq.take_results(first, 4, timeout=0.02)
+            assert (await aq.take_results(first, 4, timeout=10))[1].tolist() == [1] * 4
+
+    run(main())
+
+
 def test_kernel_stopped_and_closing(make_queue, backend):
     q = make_queue(capacity=4096, slot_bytes=16)
     if backend == "sim":

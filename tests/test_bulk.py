@@ -132,6 +132,11 @@ def test_bad_batches_are_refused_whole_and_nothing_queued_is_lost(make_queue):
         (lambda: q.enqueue_many(rows(2, 8), timeout=-1), ConfigError, "timeout"),
         (lambda: q.enqueue_many([b"x" * 33]), PayloadError, "33 bytes"),
         (lambda: q.enqueue_many([b"ok", "no"]), PayloadTypeError, "payload 1"),
+        (
+            lambda: q.enqueue_many([b"ab", b"cd"], [2, 2]),
+            PayloadTypeError,
+            "a list of messages, which takes no lengths=",
+        ),
     ]
     for call, exc, match in cases:
         with pytest.raises(exc, match=match):
@@ -418,6 +423,75 @@ def test_views_chain_in_order_release_in_any_order_and_stop_at_the_ring_end(make
     assert v.released and q.stats().occupied == 0
 
 
+def test_a_view_after_results_taken_out_of_order_starts_past_them(make_queue):
+    """The next view starts at the oldest result neither taken nor held: results that
+    take_results took out of order after a held view are skipped, not demanded."""
+    q = make_queue(capacity=16, slot_bytes=16)
+    a = rows(6, 16, seed=7)
+    first = q.enqueue_many(a)
+    v1 = q.view_results(first, 2, timeout=10)
+    data, lens = q.take_results(first + 2, 2, timeout=10)  # taken ahead, past the view
+    assert (data[:, :16] == a[2:4]).all()
+    with pytest.raises(ConfigError, match="must start at msg_id 4,"):
+        q.view_results(first + 2, 2, timeout=10)  # taken: the message names the right start
+    v2 = q.view_results(first + 4, 2, timeout=10)
+    assert (v2.first, len(v2)) == (4, 2) and (v2.data == a[4:6]).all()
+    assert q.try_dequeue_result(4) is None and q.outstanding() == []
+    v1.release()  # the tail moves past the view and what was taken after it, up to v2
+    assert q.stats().taken == 4 and q.stats().occupied == 2 and q.free_slots() == 14
+    assert q.try_dequeue_result(4) is None  # still held by v2
+    v2.release()
+    assert q.stats().taken == 6 and q.free_slots() == 16
+    assert q.wait_result(q.enqueue(b"next"), 10) == b"next"
+
+
+def test_a_view_dropped_while_the_consumer_lock_is_busy_does_not_hold_the_ring(make_queue):
+    """A view collected while another thread held the consumer lock is released by the next
+    call that takes that lock (poll_completions, outstanding, stats) or by a producer that
+    waits for room, not only by a batch take: single-call users are not held up for ever."""
+    q = make_queue(capacity=8, slot_bytes=16)
+
+    def drop_view_while_busy():
+        fill = -q.stats().enqueued % 8  # a view stops at the ring's end: start one at slot 0
+        q.take_results(q.enqueue_many(rows(fill, 16)), fill, timeout=10)
+        v = q.view_results(q.enqueue_many(rows(8, 16)), 8, timeout=10)
+        with q._clock:  # as if a consumer thread were inside poll_completions
+            with pytest.warns(ResourceWarning, match="dropped unreleased"):
+                del v
+        assert q.free_slots() == 0
+
+    drop_view_while_busy()
+    assert q.wait_result(q.enqueue(b"p", timeout=10), 10) == b"p"  # the producer released it
+    for call in (q.poll_completions, q.outstanding, q.stats):
+        drop_view_while_busy()
+        call()
+        assert q.free_slots() == 8, call
+        assert q.wait_result(q.enqueue(b"q", timeout=0), 10) == b"q"
+
+
+def test_data_of_a_view_or_reservation_after_close_raises_queue_closed(backend):
+    """After close() the rings are freed (on the GPU, unmapped): .data refuses instead of
+    handing out a view of freed memory."""
+    from gpuq_driver import GpuQueue, QueueConfig
+
+    with GpuQueue(QueueConfig(capacity=8, slot_bytes=16, backend=backend)) as q:
+        v = q.view_results(q.enqueue_many(rows(2, 16)), 2, timeout=10)
+        assert v.data.shape == (2, 16)
+    with pytest.raises(QueueClosed, match="closed"):
+        _ = v.data
+    v.release()
+    if backend == "sim":  # abandoned (as at interpreter exit) with a reservation open; on the
+        # GPU an abandoned queue keeps its device until the process ends
+        q = GpuQueue(QueueConfig(capacity=8, slot_bytes=16, backend=backend))
+        r = q.reserve(2)
+        q._abandon()
+        with pytest.raises(QueueClosed):
+            _ = r.data
+        with pytest.raises(QueueClosed):
+            r.commit()
+        assert not r.open
+
+
 def test_a_dropped_view_is_released(make_queue):
     q = make_queue(capacity=8, slot_bytes=16)
     first = q.enqueue_many(rows(8, 16))
@@ -491,7 +565,7 @@ def test_reserve_cancel_errors_and_the_ring_end(make_queue):
     r = q.reserve(2)
     with pytest.raises(PayloadError, match="message 1 is 17 bytes"):
         r.commit([1, 17])
-    with pytest.raises(PayloadError, match="lengths has 1 entries"):
+    with pytest.raises(PayloadError, match="lengths has 1 entries; the commit publishes 2 messages"):
         r.commit([1])
     assert r.open  # still open after a refused commit
     r.cancel()
