@@ -675,15 +675,17 @@ class BulkCalls:
         timeout: seconds to wait for the last of them (None = as long as the kernel runs); past it
                  ResultTimeout names the first not done, and nothing is taken.
         errors:  "raise" (default): if the device flagged any of them, all are still taken (slots
-                 freed) and ProtocolError names the first, with ``.results`` = (data, lengths),
-                 ``.msg_ids`` and ``.flags`` of the flagged ones; "mark": no error, FAILED lengths.
+                 freed) and ProtocolError names the first protocol error (MessageFailed the first
+                 failure where every flagged one is the plugin's own, with ``.failures``), with
+                 ``.results`` = (data, lengths), ``.msg_ids`` and ``.flags`` of the flagged ones;
+                 "mark": no error, FAILED lengths.
         The range may wrap at the ring's end and may be taken out of order (a later range before
         an earlier one), as with ``try_dequeue_result``.  n = 0 returns empty arrays.
 
         Raises UnknownMessage (a KeyError: one of them was already taken, is held by a result
         view, or was never issued; nothing taken), ResultTimeout, KernelStopped (the kernel stopped
         and one of them will never be processed), ConfigError / TypeError (bad arguments),
-        ProtocolError (above), QueueClosed.
+        ProtocolError / MessageFailed (above), QueueClosed.
         Thread safety: as ``try_dequeue_result`` (the consumer lock, held for the copy).
         """
         first, n, timeout = self._range_args(first, n, timeout, errors)
@@ -713,7 +715,7 @@ class BulkCalls:
         is taken as copies and ProtocolError raised (``.results``), so no view is left held.
 
         Raises ConfigError (first is not the oldest result not taken or held, or bad arguments),
-        UnknownMessage, ResultTimeout, KernelStopped, ProtocolError, QueueClosed, TypeError.
+        UnknownMessage, ResultTimeout, KernelStopped, ProtocolError / MessageFailed, QueueClosed, TypeError.
         Thread safety: any thread; the view may be released from another thread.
         """
         first, n, timeout = self._range_args(first, n, timeout, errors)
@@ -729,7 +731,8 @@ class BulkCalls:
         none runs, as ``poll_completions`` does).  data, packed, errors: as ``take_results``.
 
         The batch form of ``for m in poll_completions(): try_dequeue_result(m)`` for a consumer that
-        takes everything in order.  Raises ConfigError, ProtocolError, QueueClosed, KernelStopped.
+        takes everything in order.  Raises ConfigError, ProtocolError / MessageFailed, QueueClosed,
+        KernelStopped.
         """
         if max_items is not None:
             max_items = check_int("max_items", max_items, 0)

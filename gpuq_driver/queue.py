@@ -208,9 +208,9 @@ class QueueConfig:
 class QueueStats:
     """A snapshot of a queue's counters (message counts; no units).
 
-    enqueued:  messages accepted by ``enqueue`` (the doorbell value).
+    enqueued:  messages accepted by ``enqueue``, ``enqueue_many`` and ``commit`` (the doorbell value).
     processed: results the device has published (sum of its per-warp counters, read in place).
-    taken:     results removed by ``try_dequeue_result``.
+    taken:     results removed by ``try_dequeue_result``, the batch takes and released result views.
     pending:   enqueued - processed: READY or INFLIGHT on the device.
     occupied:  enqueued - taken: slots not EMPTY (the ring is full at ``capacity``).
     capacity, slot_bytes, blocks, threads_per_block, warps: the running geometry.
