@@ -533,7 +533,8 @@ class BulkCalls:
         buffer, n > capacity: the error names the field and the limit), PayloadTypeError (not
         uint8, not 2-D, not bytes-like), ConfigError (a bad timeout), QueueFull (the ring did not
         have n free slots within the timeout; it says how many were free), QueueClosed, GpuqError
-        (this thread holds an open reservation), KernelStopped, CudaError (as ``enqueue``).
+        (this thread holds an open reservation), KernelFault / PluginHung (a plugin faulted or
+        hung: nothing more is accepted), KernelStopped, CudaError (as ``enqueue``).
         Thread safety: as ``enqueue`` (the producer lock, held for the copy).
         """
         if timeout is not None:
@@ -547,6 +548,7 @@ class BulkCalls:
             if self._doorbell is None:
                 raise QueueClosed("queue is closed")
             if seq + n > self._limit:  # ring too full, or shut down (_limit = -1)
+                self._leases.check()  # a fault or hang: say so rather than QueueClosed, as enqueue does
                 if not self._accepting:
                     raise QueueClosed("queue is shut down: enqueue is no longer accepted")
                 if n == 0:
@@ -612,8 +614,9 @@ class BulkCalls:
         those slots are free: timeout seconds, None = ``config.enqueue_timeout_s``.
 
         Raises ConfigError (n not an int >= 1, a bad timeout), QueueFull (the slots did not free
-        within the timeout; it says how many were free), QueueClosed, KernelStopped, GpuqError
-        (this thread already holds an open reservation).
+        within the timeout; it says how many were free), QueueClosed, KernelFault / PluginHung
+        (as ``enqueue_many``), KernelStopped, GpuqError (this thread already holds an open
+        reservation).
         Thread safety: until commit or cancel the reservation holds the producer lock; other
         threads' enqueues and reservations wait for it, this thread's raise GpuqError.
         """
@@ -628,6 +631,7 @@ class BulkCalls:
             seq = self._head
             k = min(n, self._cap - (seq & self._mask))
             if seq + k > self._limit:
+                self._leases.check()  # a fault or hang: say so rather than QueueClosed, as enqueue does
                 if not self._accepting:
                     raise QueueClosed("queue is shut down: enqueue is no longer accepted")
                 self._wait_for_room(seq, k, timeout)
