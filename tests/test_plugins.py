@@ -191,6 +191,18 @@ def test_a_plugin_file_anywhere_compiles_to_cubin(tmp_path, cache, source):
     assert cubin[:4] == b"\x7fELF" and len(cubin) > 1000
 
 
+def test_a_plugin_file_is_one_file_its_folder_is_not_on_the_include_path(tmp_path, cache):
+    """docs/api.md: a sibling header cannot be included (the cache key covers the plugin's text
+    only); NVRTC says so at the user's file and line."""
+    (tmp_path / "helper.cuh").write_text("__device__ __forceinline__ uint32_t helper() { return 0u; }\n")
+    path = tmp_path / "with_helper.cuh"
+    path.write_text('#include "helper.cuh"\n' + TRIPLE_SOURCE)
+    with pytest.raises(
+        CompileError, match=r'with_helper\.cuh\(1\): catastrophic error: cannot open source file "helper'
+    ):
+        compiler.compile_cubin("gpuq_queue.cu", CompileOptions(arch="sm_90", plugin=Plugin.from_file(path)))
+
+
 def test_a_syntax_error_is_reported_at_the_users_own_file_and_line(tmp_path, cache):
     path = tmp_path / "my_plugin.cuh"
     lines = TRIPLE_SOURCE.splitlines()
