@@ -4,7 +4,7 @@ Pure Python over NVIDIA's cuda-python driver API and NVRTC.  See README.md and d
 """
 
 from .aio import AsyncQueue
-from .batch import BatchProcessor
+from .batch import FAILED, BatchProcessor
 from .compiler import CompileOptions, compile_cubin
 from .driver import DeviceInfo, device_count, device_info
 from .errors import (
@@ -38,6 +38,7 @@ __all__ = [
     "CudaError",
     "CudaUnavailable",
     "DeviceInfo",
+    "FAILED",
     "GpuQueue",
     "GpuqError",
     "KernelFault",

@@ -122,7 +122,8 @@ class AsyncQueue:
         """Await ``msg_id``'s result and take it (``wait_result``'s async twin).  timeout: seconds,
         None (default) = as long as the kernel runs.  On timeout or cancellation the result stays
         in the queue, takeable.  Raises ResultTimeout, KernelStopped, UnknownMessage, ProtocolError,
-        QueueClosed, TypeError, GpuqError (the same msg_id already awaited)."""
+        MessageFailed (the plugin failed it: taken), QueueClosed, TypeError, GpuqError (the same
+        msg_id already awaited)."""
         q = self.queue
         q._slot(msg_id)  # TypeError unless an int
         self._check_open()
@@ -171,8 +172,8 @@ class AsyncQueue:
         finishes, in msg_id order, each taken (like ``poll_completions`` + ``try_dequeue_result``;
         results someone awaits with ``result()`` are left to them).  Ends once the queue has shut
         down and every result has been yielded, or the queue or this object is closed.  A result
-        the device flagged raises ProtocolError, one the plugin failed MessageFailed (ending the
-        iteration); ``errors="return"`` yields the exception in its place instead."""
+        the device flagged raises ProtocolError, or MessageFailed where the plugin failed it
+        (either ends the iteration); ``errors="return"`` yields the exception in its place instead."""
         if errors not in ("raise", "return"):
             raise ConfigError(f"errors={errors!r} must be 'raise' or 'return'")
         q = self.queue

@@ -49,7 +49,7 @@ from .errors import (
 )
 from .layout import check_slot_bytes, check_threads_per_block
 from .params import check_params, describe
-from .payload import byte_views
+from .payload import byte_view, byte_views, lengths_array
 from .plugins import FAIL_BIT, MAX_FAIL_CODE, Fail, Plugin, resolve
 
 _LENS_ALIGN = 256
@@ -171,12 +171,12 @@ class BatchProcessor:
 
         Raises PayloadError (naming the message's index, size and ``slot_bytes``) before
         anything runs if a payload is larger than a slot, PayloadTypeError for one that is not
-        plain bytes (payload.byte_view: the check every entry point shares); ValueError for too
-        many payloads.  MessageFailed, after the whole batch ran, if the plugin failed one or more
-        messages: it names the first (``.msg_id`` is its index, ``.code``), and carries
-        ``.results`` (this list, None at the failed ones) and ``.failures`` ({index: code}).
-        KernelFault if the plugin faulted (the CUDA context is lost; the NumPy
-        path: its twin raised), PluginHung if the batch ran longer than ``watchdog_ms`` (the
+        plain bytes (payload.byte_view: the check every entry point shares); PayloadError (a
+        ValueError) for more than ``max_batch`` payloads.  MessageFailed, after the whole batch
+        ran, if the plugin failed one or more messages: it names the first (``.msg_id`` is its
+        index, ``.code``), and carries ``.results`` (this list, None at the failed ones) and
+        ``.failures`` ({index: code}).  KernelFault if the plugin faulted (the CUDA context is
+        lost; the NumPy path: its twin raised), PluginHung if the batch ran longer than ``watchdog_ms`` (the
         plugin does not return): from then on every batch raises the same error.
         """
         views = byte_views(payloads, "process([payload])")
@@ -207,20 +207,24 @@ class BatchProcessor:
         slot, so it did not run, its result did not fit, or the plugin failed it; the results back
         to back, a memoryview of new bytes), and with ``fail_codes=True`` a third item: an int32
         array of n, the plugin's failure code (0 .. 65535) where it failed the message, -1
-        elsewhere.  Raises nothing for failed messages; ValueError for a size mismatch; KernelFault,
-        PluginHung as ``process``.
+        elsewhere.  Raises nothing for failed messages; PayloadTypeError (a TypeError) for ``lens``
+        that are not a 1-D array of integers or ``data`` that is not C-contiguous bytes-like,
+        PayloadError (a ValueError) for a negative size or one above 0xFFFFFFFF, sizes that do not
+        add up to ``data``, or more than ``max_batch`` messages; KernelFault, PluginHung as
+        ``process``.
         """
         if not self._finalizer.alive:
             raise GpuqError("BatchProcessor is closed: its memory has been freed")
         if self._failure is not None:
             raise copy.copy(self._failure)
-        lens = np.asarray(lens, dtype=np.uint32)
+        # a size above slot_bytes is no error here: that message is FAILED (it does not run)
+        lens = lengths_array(lens, None, 0xFFFFFFFF, "the uint32 limit", "lens")
         n, sb = len(lens), self.slot_bytes
         if n > self.max_batch:
-            raise ValueError(f"{n} messages; max_batch is {self.max_batch}")
-        src = np.frombuffer(data, np.uint8)
+            raise PayloadError(f"{n} messages; max_batch is {self.max_batch} (the limit per batch)")
+        src = np.frombuffer(byte_view(data, "data"), np.uint8)
         if int(lens.sum(dtype=np.int64)) != len(src):
-            raise ValueError(f"lens add up to {int(lens.sum(dtype=np.int64))} bytes, data has {len(src)}")
+            raise PayloadError(f"lens add up to {int(lens.sum(dtype=np.int64))} bytes, data has {len(src)}")
         fits = lens <= sb
         self._in_lens[:n] = np.where(fits, lens, 0)
         first = int(lens[0]) if n else 0

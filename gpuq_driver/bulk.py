@@ -47,7 +47,7 @@ from .errors import (
     check_seconds,
 )
 from .layout import DONE, ERR_MASK, ERR_SHIFT, ERROR_NAMES, FAIL_CODE_SHIFT, NO_MSG, READY, RESULT_FAILED
-from .payload import byte_view, byte_views
+from .payload import byte_view, byte_views, lengths_array
 
 _READY_WORD = np.uint64(READY << 32)
 _MASK_COPY_MAX = 2048  # packed payloads up to this long are scattered with one masked NumPy copy
@@ -77,41 +77,13 @@ def _segments(first: int, n: int, cap: int) -> list[tuple[int, int, int]]:
     return [(s0, 0, k)] if k == n else [(s0, 0, k), (0, k, n - k)]
 
 
-def _lengths_array(
-    lengths, n_expected: int | None, limit: int, what: str, counted: str = "payloads has {} messages"
-) -> np.ndarray:
-    """``lengths`` as a uint32 array, each 0 .. ``limit``; PayloadError/PayloadTypeError naming it
-    (``counted``: what ``n_expected`` counts, for the message)."""
-    try:
-        lens = np.asarray(lengths)
-    except Exception as exc:  # noqa: BLE001 - whatever numpy refuses
-        raise PayloadTypeError(f"lengths must be an array of ints: {exc}") from None
-    if lens.ndim == 1 and lens.size == 0:
-        lens = lens.astype(np.uint32)  # [] is float64 to numpy
-    if lens.ndim != 1 or lens.dtype.kind not in "iu":
-        raise PayloadTypeError(
-            f"lengths must be a 1-D array of integers (uint32), not {lens.ndim}-D of dtype {lens.dtype}"
-        )
-    if n_expected is not None and len(lens) != n_expected:
-        raise PayloadError(f"lengths has {len(lens)} entries; {counted.format(n_expected)}")
-    if len(lens):
-        lo, hi = lens.min(), lens.max()
-        if lo < 0:
-            i = int(np.argmax(lens < 0))
-            raise PayloadError(f"lengths[{i}]={int(lens[i])} is negative")
-        if hi > limit:
-            i = int(np.argmax(lens > limit))
-            raise PayloadError(f"message {i} is {int(lens[i])} bytes; {what} is {limit} (the limit per message)")
-    return lens.astype(np.uint32, copy=False)
-
-
 def _batch_input(payloads, lengths, sb: int):
     """Check a batch and bring it to one of two forms, before anything is written:
     ("rows", [n, width] uint8, lengths uint32[n] or None) or ("packed", 1-D uint8, lengths uint32[n])."""
     if lengths is None:
         if isinstance(payloads, (list, tuple)):  # a convenience: a list of bytes-like messages
             views = byte_views(payloads, "enqueue()")
-            lens = _lengths_array([len(v) if type(v) is bytes else v.nbytes for v in views], None, sb, "slot_bytes")
+            lens = lengths_array([len(v) if type(v) is bytes else v.nbytes for v in views], None, sb, "slot_bytes")
             return "packed", np.frombuffer(b"".join(views), np.uint8), lens
         if isinstance(payloads, (bytes, bytearray, memoryview, str)):
             raise PayloadTypeError(
@@ -147,10 +119,10 @@ def _batch_input(payloads, lengths, sb: int):
         if payloads.dtype != np.uint8:
             raise PayloadTypeError(f"payloads must have dtype uint8, not {payloads.dtype} (use .view(np.uint8))")
         width = payloads.shape[1]
-        lens = _lengths_array(lengths, payloads.shape[0], min(width, sb), "slot_bytes" if width >= sb else "the row")
+        lens = lengths_array(lengths, payloads.shape[0], min(width, sb), "slot_bytes" if width >= sb else "the row")
         return "rows", payloads[:, : min(width, sb)], lens
     flat = np.frombuffer(byte_view(payloads, "payloads"), np.uint8)
-    lens = _lengths_array(lengths, None, sb, "slot_bytes")
+    lens = lengths_array(lengths, None, sb, "slot_bytes")
     total = int(lens.sum(dtype=np.int64))
     if total != flat.size:
         raise PayloadError(f"lengths add up to {total} bytes; the packed payloads buffer has {flat.size}")
@@ -348,8 +320,8 @@ class Reservation:
             lengths = np.asarray(self.lengths)[:count]
         elif isinstance(lengths, (int, np.integer)) and not isinstance(lengths, bool):
             lengths = np.full(count, lengths, dtype=np.int64)
-        lens = _lengths_array(
-            lengths, count, q._sb, "slot_bytes", "the commit publishes {} messages (n= publishes fewer)"
+        lens = lengths_array(
+            lengths, count, q._sb, "slot_bytes", counted="the commit publishes {} messages (n= publishes fewer)"
         )
         doorbell = q._doorbell
         if doorbell is None:
@@ -551,7 +523,8 @@ class BulkCalls:
         buffer, n > capacity: the error names the field and the limit), PayloadTypeError (not
         uint8, not 2-D, not bytes-like), ConfigError (a bad timeout), QueueFull (the ring did not
         have n free slots within the timeout; it says how many were free), QueueClosed, GpuqError
-        (this thread holds an open reservation), KernelStopped, CudaError (as ``enqueue``).
+        (this thread holds an open reservation), KernelFault / PluginHung (a plugin faulted or
+        hung: nothing more is accepted), KernelStopped, CudaError (as ``enqueue``).
         Thread safety: as ``enqueue`` (the producer lock, held for the copy).
         """
         if timeout is not None:
@@ -565,6 +538,7 @@ class BulkCalls:
             if self._doorbell is None:
                 raise QueueClosed("queue is closed")
             if seq + n > self._limit:  # ring too full, or shut down (_limit = -1)
+                self._leases.check()  # a fault or hang: say so rather than QueueClosed, as enqueue does
                 if not self._accepting:
                     raise QueueClosed("queue is shut down: enqueue is no longer accepted")
                 if n == 0:
@@ -630,8 +604,9 @@ class BulkCalls:
         those slots are free: timeout seconds, None = ``config.enqueue_timeout_s``.
 
         Raises ConfigError (n not an int >= 1, a bad timeout), QueueFull (the slots did not free
-        within the timeout; it says how many were free), QueueClosed, KernelStopped, GpuqError
-        (this thread already holds an open reservation).
+        within the timeout; it says how many were free), QueueClosed, KernelFault / PluginHung
+        (as ``enqueue_many``), KernelStopped, GpuqError (this thread already holds an open
+        reservation).
         Thread safety: until commit or cancel the reservation holds the producer lock; other
         threads' enqueues and reservations wait for it, this thread's raise GpuqError.
         """
@@ -646,6 +621,7 @@ class BulkCalls:
             seq = self._head
             k = min(n, self._cap - (seq & self._mask))
             if seq + k > self._limit:
+                self._leases.check()  # a fault or hang: say so rather than QueueClosed, as enqueue does
                 if not self._accepting:
                     raise QueueClosed("queue is shut down: enqueue is no longer accepted")
                 self._wait_for_room(seq, k, timeout)

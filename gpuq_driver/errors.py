@@ -95,6 +95,16 @@ class KernelStopped(GpuqError):
     """The persistent kernel stopped for good (shut down or aborted, or it could not be launched
     again): messages it has not processed never will be."""
 
+    def __copy__(self):
+        """The copy each waiter raises keeps ``__cause__`` (on the simulator, the twin's own
+        exception and its traceback)."""
+        cls, args, *state = self.__reduce_ex__(2)
+        new = cls(*args)
+        if state and state[0]:
+            new.__dict__.update(state[0])
+        new.__cause__ = self.__cause__
+        return new
+
 
 class KernelFault(KernelStopped):
     """The kernel faulted: a plugin trapped (``__trap()``, a failed ``assert``) or read or wrote an
@@ -102,7 +112,8 @@ class KernelFault(KernelStopped):
     ``CUDA_ERROR_LAUNCH_FAILED``, ``CUDA_ERROR_ILLEGAL_INSTRUCTION``, ...).  The device's CUDA context
     is lost for the whole process: every later CUDA call on that device fails (PyTorch and CuPy
     included); results already taken stay valid.  Restart the process; fix the plugin
-    (compute-sanitizer finds the faulting access).  On the simulator: the plugin's twin raised.
+    (compute-sanitizer finds the faulting access).  On the simulator: the plugin's twin raised
+    (that exception is the ``__cause__``: the traceback shows where in the twin).
 
     Attributes: ``cause`` (the driver's error, or the twin's exception, as text), ``plugin`` (its
     name), ``device`` (the CUDA device ordinal; None on the simulator), ``msg_id`` (the oldest
@@ -192,6 +203,11 @@ def kernel_fault(cause: str, plugin: str, device=None, msg_id=None, batch=None, 
     return KernelFault(text, cause, plugin, device, msg_id, batch)
 
 
+def _duration(seconds: float) -> str:
+    """``"52 ms"`` below a second (watchdog_ms may be 1), ``"5.2 s"`` from there on."""
+    return f"{seconds * 1e3:.0f} ms" if seconds < 1.0 else f"{seconds:.1f} s"
+
+
 def plugin_hung(plugin: str, device, seconds: float, watchdog_ms: float, msg_id=None, batch=None, messages=None):
     """The PluginHung for a kernel (``device``: its ordinal; None: the simulator) in which nothing
     finished for ``seconds`` while ``msg_id`` (a queue's oldest message not processed) or ``batch``
@@ -200,8 +216,8 @@ def plugin_hung(plugin: str, device, seconds: float, watchdog_ms: float, msg_id=
     what = f"batch {batch}" if batch is not None else f"msg_id {msg_id} (the oldest message not processed)"
     inside = "the twin" if device is None else "the kernel"
     head = (
-        f"plugin {plugin!r} did not return: {what} has been in {inside} for {seconds:.1f} s with no message "
-        f"finished meanwhile (watchdog_ms={watchdog_ms:g}), so the "
+        f"plugin {plugin!r} did not return: {what} has been in {inside} for {_duration(seconds)} with no message "
+        f"finished meanwhile (watchdog_ms={watchdog_ms:.10g}), so the "
         f"{'processor' if batch is not None else 'queue'} has stopped for good. "
     )
     if device is None:

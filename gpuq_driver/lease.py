@@ -36,8 +36,8 @@ ever; either way the device's lease counters stop moving, and nothing else would
 ends, so nobody launches, and waiters would wait for good.  On every look while a lease runs the
 keeper compares what the device already publishes (``leases_begun`` / ``leases_ended``, the warps'
 processed counters: no extra device work) with its last look.  Once nothing has moved for
-``min(2 × lease_ms, 50 ms)`` it asks the driver (``idle()``: ``cuStreamQuery``, no wait): an error there is a fault
-(KernelFault, reported within that time plus two looks, <= 10 ms); a stream still busy while messages
+``min(2 × lease_ms, 50 ms, watchdog_ms)`` it asks the driver (``idle()``: ``cuStreamQuery``, no wait): an error
+there is a fault (KernelFault, reported within that time plus two looks, <= 10 ms); a stream still busy while messages
 have waited with nothing finished for ``watchdog_ms`` is a plugin that does not return
 (PluginHung, naming the oldest message not processed: the one in the plugin).  Either stops the
 queue for good (``failure``), warns once (RuntimeWarning), and every waiter raises it.  A launch
@@ -111,7 +111,9 @@ class Leases:
         self._failing: KernelStopped | None = None  # the same, set first (fail: the queue is told in between)
         self.watchdog_ms = watchdog_ms
         self._watchdog_s = watchdog_ms / 1e3
-        self._check_s = min(2 * lease_ms / 1e3, FAULT_CHECK_MAX_S)
+        # the driver is asked once nothing moved for this long; never later than watchdog_ms, so
+        # that a short watchdog beside a long lease still names a hang within watchdog_ms
+        self._check_s = min(2 * lease_ms / 1e3, FAULT_CHECK_MAX_S, self._watchdog_s)
         self._plugin, self._device = plugin, device
         self._moved = None  # (leases ended, leases begun, messages processed or None) when last changed
         self._still_since = 0.0  # time.monotonic() of that look
@@ -226,7 +228,7 @@ class Leases:
         time.monotonic().  Reads only what the device publishes anyway (no extra device work).
 
         Once the leases launched have begun, ended and finished nothing for
-        ``min(2 × lease_ms, 50 ms)``, it asks the driver whether the stream is still busy
+        ``min(2 × lease_ms, 50 ms, watchdog_ms)``, it asks the driver whether the stream is still busy
         (``idle()``, no wait): a fault there is a KernelFault.  If it is busy, a lease has begun
         (one merely queued may wait for SMs that other kernels hold), and messages have waited,
         none finishing, for ``watchdog_ms``, the plugin does not return: PluginHung."""
@@ -283,7 +285,9 @@ class Leases:
                 return None
             else:
                 return None
-        return self.fail(kernel_fault(fault.cause, fault.plugin, fault.device, msg_id=self._oldest()))
+        found = kernel_fault(fault.cause, fault.plugin, fault.device, msg_id=self._oldest())
+        found.__cause__ = fault.__cause__  # on the simulator: the twin's exception
+        return self.fail(found)
 
     def fail(self, failure: KernelStopped) -> KernelStopped:
         """Stop for good with ``failure`` (the first one wins; returned): no launch from now on,

@@ -1,9 +1,13 @@
 """The one payload check of every entry point that takes messages (GpuQueue.enqueue,
-StreamProducer.send/send_many, BatchProcessor.process): what counts as a message's bytes."""
+StreamProducer.send/send_many, BatchProcessor.process): what counts as a message's bytes; and
+the one check of message sizes given apart from the bytes (GpuQueue.enqueue_many's and
+Reservation.commit's ``lengths``, BatchProcessor.process_packed's ``lens``)."""
 
 from __future__ import annotations
 
-from .errors import PayloadTypeError
+import numpy as np
+
+from .errors import PayloadError, PayloadTypeError
 
 
 def byte_view(payload, name: str = "payload") -> bytes | memoryview:
@@ -48,3 +52,39 @@ def byte_views(payloads, one: str = "send()") -> list:
         if isinstance(exc, PayloadTypeError):
             raise
         raise PayloadTypeError(f"payloads must be a list of messages, not {type(payloads).__name__}") from None
+
+
+def lengths_array(
+    lengths,
+    n_expected: int | None,
+    limit: int,
+    what: str,
+    name: str = "lengths",
+    counted: str = "payloads has {} messages",
+) -> np.ndarray:
+    """``lengths`` (sizes in bytes) as a uint32 array, each 0 .. ``limit`` (``what`` says which
+    limit that is, e.g. ``"slot_bytes"``); ``n_expected`` entries unless None.  Raises
+    PayloadTypeError naming ``name`` for anything but a 1-D array of integers (floats, bools and
+    strings would be truncated or misread), PayloadError for a wrong count, a negative size or one
+    above ``limit`` (``counted``: what ``n_expected`` counts, for the message)."""
+    try:
+        lens = np.asarray(lengths)
+    except Exception as exc:  # noqa: BLE001 - whatever numpy refuses
+        raise PayloadTypeError(f"{name} must be an array of ints: {exc}") from None
+    if lens.ndim == 1 and lens.size == 0:
+        lens = lens.astype(np.uint32)  # [] is float64 to numpy
+    if lens.ndim != 1 or lens.dtype.kind not in "iu":
+        raise PayloadTypeError(
+            f"{name} must be a 1-D array of integers (uint32), not {lens.ndim}-D of dtype {lens.dtype}"
+        )
+    if n_expected is not None and len(lens) != n_expected:
+        raise PayloadError(f"{name} has {len(lens)} entries; {counted.format(n_expected)}")
+    if len(lens):
+        lo, hi = lens.min(), lens.max()
+        if lo < 0:
+            i = int(np.argmax(lens < 0))
+            raise PayloadError(f"{name}[{i}]={int(lens[i])} is negative")
+        if hi > limit:
+            i = int(np.argmax(lens > limit))
+            raise PayloadError(f"message {i} is {int(lens[i])} bytes; {what} is {limit} (the limit per message)")
+    return lens.astype(np.uint32, copy=False)

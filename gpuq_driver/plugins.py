@@ -123,6 +123,17 @@ class Fail(Exception):
         return f"the plugin failed the message with code {self.code}"
 
 
+def _name_from_file(path: Path, stem: str) -> str:
+    """The plugin name a file gives (``stem``); ConfigError saying to pass ``name=`` when it is
+    not an identifier (``my-plugin.cuh``)."""
+    if not stem.isidentifier():
+        raise ConfigError(
+            f"plugin file {str(path)!r}: its name would be {stem!r} (from the file name), which is not an "
+            "identifier: pass name=, e.g. name='my_plugin'"
+        )
+    return stem
+
+
 def _twin_keywords(twin) -> tuple[str, ...]:
     """Which of TWIN_KEYWORDS ``twin`` takes by name (all of them if it takes ``**kwargs``); ()
     when its signature cannot be read (a builtin): it is then called with two arguments."""
@@ -221,7 +232,7 @@ class Plugin:
             source = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"plugin file {str(path)!r} cannot be read: {exc}") from exc
-        return cls(path.stem if name is None else name, source, twin, str(path))
+        return cls(_name_from_file(path, path.stem) if name is None else name, source, twin, str(path))
 
     @classmethod
     def from_object(
@@ -253,7 +264,7 @@ class Plugin:
                 data = path.read_bytes()
             except OSError as exc:
                 raise ConfigError(f"plugin object {str(path)!r} cannot be read: {exc}") from exc
-            name = path.name.split(".")[0] if name is None else name
+            name = _name_from_file(path, path.name.split(".")[0]) if name is None else name
             origin = str(path)
         else:
             try:
@@ -271,6 +282,12 @@ class Plugin:
         found = detect_kind(data)
         if kind is None:
             if found is None:
+                if _looks_like_source(data):
+                    raise ConfigError(
+                        f"{label}: this is CUDA source, not a precompiled plugin: Plugin.from_file(path, twin=...) "
+                        "or Plugin.from_source(name, text, twin=...) compiles it with NVRTC (or build an object "
+                        "from it first: docs/api.md, precompiled plugins)"
+                    )
                 raise ConfigError(
                     f"{label}: not a precompiled plugin nvJitLink links (LTO-IR, PTX, CUBIN, fatbin, nvcc -dc "
                     f"object, static library); it begins {data[:8].hex(' ')}; pass kind= if it is one"
@@ -362,6 +379,15 @@ def detect_kind(data: bytes) -> str | None:
     return None
 
 
+def _looks_like_source(data: bytes) -> bool:
+    """UTF-8 text that mentions gpuq_process and no PTX directive: a plugin's CUDA source."""
+    try:
+        text = bytes(data[:65536]).decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return "gpuq_process" in text and "\0" not in text and not _PTX_VERSION.search(data[:65536])
+
+
 def _cubin_arch(data: bytes) -> str | None:
     """``sm_XY`` from a CUBIN's ELF header (e_flags: bits 8-15 in the CUDA 12.8+ ABI, OSABI 0x41;
     bits 0-7 before it), or None."""
@@ -400,6 +426,8 @@ def object_arches(kind: str, data: bytes) -> list[str]:
     """What a precompiled plugin was built for, from its headers: a CUBIN's ELF flags, PTX's
     ``.target``, the entries of a fatbin (also the fatbins embedded in an ``nvcc -dc`` object or a
     library).  ``[]`` where they do not say (LTO-IR: nvJitLink checks it)."""
+    if kind in ("cubin", "fatbin") and detect_kind(data) != kind:
+        return []  # bytes given a kind they do not show (kind=): their headers say nothing
     if kind == "cubin":
         arch = _cubin_arch(data)
         return [f"{arch} (CUBIN)"] if arch else []
@@ -500,7 +528,9 @@ def _builtin_dir() -> Path:
 
 
 def _entry_points() -> dict[str, importlib.metadata.EntryPoint]:
-    return {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+    """The group's entry points by name; those whose name is not an identifier are left out (a
+    Plugin's name is an identifier and must equal its entry point's, so they could never load)."""
+    return {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP) if ep.name.isidentifier()}
 
 
 def available() -> list[str]:
@@ -548,8 +578,9 @@ def resolve(plugin: str | Plugin, twin_for: str | None = None) -> Plugin:
                 )
             found = _from_entry_point(ep)
     if twin_for is not None and found.twin is None:
+        how = "Plugin.from_object(obj, twin=f)" if found.precompiled else "Plugin.from_source(name, source, twin=f)"
         raise ConfigError(
             f"plugin={found.name!r} has no Python twin, which {twin_for} runs in place of the device code: "
-            "give one (Plugin.from_source(name, source, twin=f), f(payload, msg_id) -> bytes) or run on the GPU"
+            f"give one ({how}, f(payload, msg_id) -> bytes) or run on the GPU"
         )
     return found

@@ -163,6 +163,7 @@ class SimulatedKernel:
         msg_id = int(self.layout.view(self.mem, "warp_counters", "Q")[0])  # one warp: the message it was on
         self.fault = exc
         self._fault_error = kernel_fault(f"{exc!r} at msg_id {msg_id}", self.plugin.name)
+        self._fault_error.__cause__ = exc  # the twin's traceback, for whoever is told of the fault
 
     def _lease(self) -> None:
         lay, mem, sb, cap = self.layout, self.mem, self.config.slot_bytes, self.config.capacity

@@ -10,7 +10,16 @@ import time
 import numpy as np
 import pytest
 
-from gpuq_driver import ConfigError, GpuqError, KernelStopped, QueueClosed, QueueFull, ResultTimeout, UnknownMessage
+from gpuq_driver import (
+    ConfigError,
+    GpuqError,
+    KernelStopped,
+    MessageFailed,
+    QueueClosed,
+    QueueFull,
+    ResultTimeout,
+    UnknownMessage,
+)
 from gpuq_driver.aio import AsyncQueue
 
 
@@ -48,6 +57,33 @@ def test_round_trip_and_errors(make_queue):
             with await aq.view_results(first, 5) as v:
                 assert (v.data[:, :16] == rows).all()
         assert aq.closed
+
+    run(main())
+
+
+def test_a_message_the_plugin_failed_raises_message_failed(make_queue):
+    """score fails an empty payload with code 1 (SCORE_BAD_PAYLOAD): result() and completions()
+    raise MessageFailed, as docs/api.md says, and the queue goes on."""
+    w = np.ones((2, 3), np.float32)
+    q = make_queue(capacity=16, slot_bytes=64, plugin="score", params=w)
+    x = np.array([1.0, 2.0], np.float32)
+
+    async def main():
+        async with AsyncQueue(q) as aq:
+            with pytest.raises(MessageFailed, match="failed the message with code 1") as info:
+                await aq.result(await aq.enqueue(b""))
+            assert info.value.code == 1
+            ok = await aq.enqueue(x)
+            await aq.enqueue(b"")
+            seen = []
+            with pytest.raises(MessageFailed) as info:
+                async for msg_id, result in aq.completions():
+                    seen.append((msg_id, np.frombuffer(result, np.float32).tolist()))
+            assert seen == [(ok, [3.0, 3.0, 3.0])] and info.value.msg_id == ok + 1
+            last = await aq.enqueue(b"")
+            q.shutdown()
+            got = [item async for item in aq.completions(errors="return")]
+            assert [m for m, _ in got] == [last] and isinstance(got[0][1], MessageFailed)
 
     run(main())
 

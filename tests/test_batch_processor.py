@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gpuq_driver import BatchProcessor, ConfigError, GpuqError, PayloadError
+from gpuq_driver import BatchProcessor, ConfigError, GpuqError, PayloadError, PayloadTypeError
 from gpuq_driver.batch import FAILED
 
 
@@ -52,6 +52,40 @@ def test_batch_processor_direct(request, proc_backend):
     assert proc.closed
     with pytest.raises(GpuqError, match="closed"):
         proc.process([b"x"])
+
+
+@pytest.mark.parametrize(
+    "lens, data, error, match",
+    [
+        ([1.5, 0.5], b"ab", PayloadTypeError, "lens must be a 1-D array of integers"),  # not truncated to [1, 0]
+        ([True, True], b"ab", PayloadTypeError, "lens must be a 1-D array of integers"),
+        ([[1, 1]], b"ab", PayloadTypeError, "lens must be a 1-D array of integers .* 2-D"),
+        (None, b"", PayloadTypeError, "lens must be"),
+        (5, b"xxxxx", PayloadTypeError, "lens must be"),
+        ([-1], b"", PayloadError, r"lens\[0\]=-1 is negative"),
+        ([1, 1 << 33], b"x", PayloadError, "message 1 is 8589934592 bytes; the uint32 limit is 4294967295"),
+        ([1], "a", PayloadTypeError, "data must be a bytes-like object"),
+        ([1], None, PayloadTypeError, "data must be a bytes-like object"),
+        ([1, 1], np.arange(2, dtype=np.uint8)[::-1], PayloadTypeError, "data must be C-contiguous"),
+        ([1] * 9, b"x" * 9, PayloadError, "9 messages; max_batch is 8"),
+        ([2, 2], b"abc", PayloadError, "lens add up to 4 bytes, data has 3"),
+    ],
+)
+def test_process_packed_refuses_bad_lens_and_data_with_library_errors(lens, data, error, match):
+    """Not numpy's OverflowError / broadcast errors, and no silent truncation of float sizes."""
+    with BatchProcessor(slot_bytes=16, max_batch=8, backend="numpy") as proc:
+        with pytest.raises(error, match=match):
+            proc.process_packed(lens, data)
+        assert proc.batches == 0  # refused before anything ran
+        lens_ok, out = proc.process_packed(np.array([1, 2], np.int64), np.frombuffer(b"abc", np.uint8))
+        assert lens_ok.dtype == np.uint32 and lens_ok.tolist() == [1, 2] and bytes(out) == b"abc"
+
+
+def test_failed_is_in_the_flat_namespace():
+    """docs/api.md: check lengths == FAILED; everything there is importable from gpuq_driver."""
+    import gpuq_driver
+
+    assert gpuq_driver.FAILED is FAILED == 0xFFFFFFFF and "FAILED" in gpuq_driver.__all__
 
 
 def test_the_old_import_paths_still_work():

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 import warnings
 from pathlib import Path
 
@@ -86,6 +87,18 @@ def test_the_error_classes_and_their_messages():
     for exc in (gpu, sim, hung, batch):  # waiters raise copies; errors cross processes
         for again in (copy.copy(exc), pickle.loads(pickle.dumps(exc))):
             assert type(again) is type(exc) and str(again) == str(exc) and again.__dict__ == exc.__dict__
+    sim.__cause__ = ZeroDivisionError("boom")  # the twin's exception: each waiter's copy keeps it
+    assert copy.copy(sim).__cause__ is sim.__cause__
+    assert copy.copy(KernelStopped("stopped")).__cause__ is None
+
+
+def test_a_hang_message_gives_short_times_in_milliseconds():
+    """watchdog_ms may be 1: "for 0.0 s" would say nothing."""
+    assert "has been in the twin for 52 ms with no message finished meanwhile (watchdog_ms=50)" in str(
+        plugin_hung("spin", None, 0.052, 50.0, msg_id=1)
+    )
+    assert "for 3600.2 s" in str(plugin_hung("spin", 0, 3600.2, 3_600_000.0, msg_id=1))
+    assert "(watchdog_ms=3600000)" in str(plugin_hung("spin", 0, 3600.2, 3_600_000.0, msg_id=1))
 
 
 def test_watchdog_ms_is_checked():
@@ -157,6 +170,17 @@ def test_the_watchdog_names_a_plugin_that_stopped_finishing_messages():
     assert not leases.kick() and k.launched == 1  # stopped for good
     leases.watch(8, processed, 200.0)  # nothing more happens
     assert leases.failure is failure and told == [True]
+
+
+def test_a_watchdog_shorter_than_two_leases_is_kept():
+    """watchdog_ms=5 beside lease_ms=20: the hang is named after 5 ms, not after 2 × lease_ms."""
+    k, leases, _ = watched(lease_ms=20.0, watchdog_ms=5.0)
+    leases.watch(8, lambda: 5, 100.0)
+    leases.watch(8, lambda: 5, 100.004)  # 3 messages wait from here on
+    assert leases.failure is None and k.queries == 0
+    with pytest.warns(RuntimeWarning, match=r"did not return: msg_id 7 .* for 6 ms"):
+        leases.watch(8, lambda: 5, 100.010)
+    assert k.queries == 1 and isinstance(leases.failure, PluginHung)
 
 
 @pytest.mark.parametrize("why", ["nothing waits", "no lease has begun", "the lease ends", "watchdog off"])
@@ -237,6 +261,8 @@ def every_waiter(q, msg_id) -> dict:
     """What each call that waits for the kernel raises (a class name, or "returned")."""
     calls = {
         "enqueue": lambda: q.enqueue(b"x", timeout=5),
+        "enqueue_many": lambda: q.enqueue_many([b"x", b"y"], timeout=5),  # the fault, not QueueClosed
+        "reserve": lambda: q.reserve(1, timeout=5),
         "wait_result": lambda: q.wait_result(msg_id, timeout=None),
         "poll_completions": q.poll_completions,
         "pause": lambda: q.pause(timeout=5),
@@ -270,6 +296,12 @@ def test_a_twin_that_raises_is_a_fault_for_every_waiter():
     assert time.monotonic() - start < 0.5  # min(2 × lease_ms, 50 ms) + a look, and some slack
     err = info.value
     assert err.msg_id == bad == 3 and err.device is None and "ZeroDivisionError('boom') at msg_id 3" in err.cause
+    cause = err.__cause__  # the twin's own exception, its traceback in the twin: as BatchProcessor's NumPy path
+    assert isinstance(cause, ZeroDivisionError) and cause.__traceback__ is not None
+    assert "in fragile" in "".join(traceback.format_exception(err))
+    with pytest.raises(KernelFault) as again:
+        q.wait_result(bad, timeout=None)  # every later waiter too
+    assert again.value.__cause__ is cause
     assert q.try_dequeue_result(2) == b"\2"  # a result done before the fault stays readable
     assert set(every_waiter(q, bad).values()) == {"KernelFault"}
     s = q.stats()
@@ -402,7 +434,7 @@ def test_batch_processor_bounds_its_wait_for_the_gpu():
     proc.backend, proc._hung = "cuda", [False]  # as _init_cuda leaves them
     proc._stream = _Stream(False)  # a kernel that never ends
     start = time.monotonic()
-    with pytest.raises(PluginHung, match=r"batch 0 has been in the kernel for 0\.\d s .*watchdog_ms=50") as info:
+    with pytest.raises(PluginHung, match=r"batch 0 has been in the kernel for \d+ ms .*watchdog_ms=50\)") as info:
         proc._wait(8)
     assert 0.05 <= time.monotonic() - start < 0.5 and info.value.batch == 0 and proc._hung == [True]
     with pytest.raises(PluginHung):

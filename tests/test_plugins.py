@@ -115,6 +115,14 @@ def test_plugin_construction_errors(make, message):
         make()
 
 
+def test_a_file_name_that_is_not_an_identifier_asks_for_name(tmp_path):
+    path = tmp_path / "my-plugin.cuh"
+    path.write_text(TRIPLE_SOURCE)
+    with pytest.raises(ConfigError, match=r"its name would be 'my-plugin' \(from the file name\).*pass name="):
+        Plugin.from_file(path)
+    assert Plugin.from_file(path, name="my_plugin").name == "my_plugin"
+
+
 def test_a_twin_returning_something_not_bytes_like_is_a_type_error():
     p = Plugin.from_source("bad_twin", TRIPLE_SOURCE, twin=lambda payload, msg_id: 48)
     with pytest.raises(TypeError, match="plugin 'bad_twin': the twin returned int, not a bytes-like object"):
@@ -145,6 +153,7 @@ def installed_plugins(tmp_path, monkeypatch):
         f"triple = {module}:TRIPLE\n"
         f"factory = {module}:make\n"
         f"misnamed = {module}:TRIPLE\n"
+        f"not-a-name = {module}:TRIPLE\n"
         "missing = gpuq_test_no_such_module:PLUGIN\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -155,6 +164,7 @@ def installed_plugins(tmp_path, monkeypatch):
 
 def test_entry_point_plugins_are_found_by_name_and_imported_only_then(installed_plugins):
     assert {"crc32c", "echo", "factory", "missing", "misnamed", "triple"} <= set(available())
+    assert "not-a-name" not in available()  # never loadable: a Plugin's name is an identifier
     assert installed_plugins not in sys.modules  # listing imports nothing
     triple = resolve("triple")
     assert triple.name == "triple" and installed_plugins in sys.modules
@@ -179,6 +189,18 @@ def test_a_plugin_file_anywhere_compiles_to_cubin(tmp_path, cache, source):
     assert (plugin.name, plugin.origin) == ("triple", str(path))
     cubin = compiler.compile_cubin(source, CompileOptions(arch="sm_90", plugin=plugin))
     assert cubin[:4] == b"\x7fELF" and len(cubin) > 1000
+
+
+def test_a_plugin_file_is_one_file_its_folder_is_not_on_the_include_path(tmp_path, cache):
+    """docs/api.md: a sibling header cannot be included (the cache key covers the plugin's text
+    only); NVRTC says so at the user's file and line."""
+    (tmp_path / "helper.cuh").write_text("__device__ __forceinline__ uint32_t helper() { return 0u; }\n")
+    path = tmp_path / "with_helper.cuh"
+    path.write_text('#include "helper.cuh"\n' + TRIPLE_SOURCE)
+    with pytest.raises(
+        CompileError, match=r'with_helper\.cuh\(1\): catastrophic error: cannot open source file "helper'
+    ):
+        compiler.compile_cubin("gpuq_queue.cu", CompileOptions(arch="sm_90", plugin=Plugin.from_file(path)))
 
 
 def test_a_syntax_error_is_reported_at_the_users_own_file_and_line(tmp_path, cache):

@@ -296,6 +296,36 @@ def test_from_object_refuses_what_cannot_link(objects, make, message):
         make(objects)
 
 
+def test_cuda_source_or_a_bad_file_name_given_to_from_object_says_what_to_do(tmp_path):
+    source = tmp_path / "plugin.cu"
+    source.write_text(XOR_REVERSE_SOURCE)
+    with pytest.raises(
+        ConfigError, match=r"plugin.cu: this is CUDA source, not a precompiled plugin: Plugin.from_file"
+    ):
+        Plugin.from_object(source)
+    with pytest.raises(ConfigError, match="this is CUDA source"):
+        Plugin.from_object(XOR_REVERSE_SOURCE.encode(), name="p")
+    named = tmp_path / "my-plugin.v2.ltoir"
+    named.write_bytes(b"irrelevant")
+    with pytest.raises(ConfigError, match=r"its name would be 'my-plugin' \(from the file name\).*pass name="):
+        Plugin.from_object(named)
+
+
+def test_bytes_given_a_kind_they_do_not_show_have_no_arches():
+    """kind='cubin' on bytes without a CUDA ELF header: no arch read from random offsets (it said
+    'built for sm_55' of garbage), and a link error that says the bytes are not a CUBIN."""
+    garbage = bytes(range(7, 107))
+    for kind in ("cubin", "fatbin"):
+        assert Plugin.from_object(garbage, name="g", kind=kind).arches() == []
+    assert object_arches("cubin", garbage) == object_arches("fatbin", garbage) == []
+
+
+def test_a_precompiled_plugin_without_a_twin_is_told_to_take_one_in_from_object(objects):
+    plugin = Plugin.from_object(objects["ltoir"], name="xor_reverse")
+    with pytest.raises(ConfigError, match=r"has no Python twin.*give one \(Plugin.from_object\(obj, twin=f\)"):
+        QueueConfig(plugin=plugin, backend="sim")
+
+
 def test_a_precompiled_plugin_runs_its_twin_on_the_simulator_and_numpy(objects):
     plugin = Plugin.from_object(objects["ltoir"], name="xor_reverse", twin=xor_reverse_twin)
     payloads = random_payloads(60, 64, seed=5)
@@ -360,6 +390,10 @@ def test_garbage_of_a_given_kind_is_a_link_error_with_the_log(shared_cache, link
     with pytest.raises(CompileError, match=r"the bytes are not LTO-IR \('ltoir'\)") as info:
         link("gpuq_queue.cu", plugin)
     assert "NVJITLINK_INPUT_LTOIR" in info.value.log  # nvJitLink's own words follow
+    cubin = Plugin.from_object(bytes(range(7, 107)), name="garbage", kind="cubin")
+    with pytest.raises(CompileError) as info:
+        link("gpuq_queue.cu", cubin)
+    assert "is built for" not in str(info.value)  # not an arch read from random bytes
     assert not list(shared_cache.glob(f"{compiler.cache_key('gpuq_queue.cu', CompileOptions(plugin=plugin))}*"))
 
 
