@@ -24,7 +24,6 @@ from gpuq_driver import (
 )
 from gpuq_driver.batch import FAILED
 from gpuq_driver.bulk import Reservation, ResultView
-from gpuq_driver.plugins import Plugin
 
 RNG = np.random.default_rng(20261201)
 
@@ -314,20 +313,8 @@ def test_take_ready_takes_the_done_prefix_in_order(make_queue):
 
 # --- device-flagged results ------------------------------------------------------------------------
 
-DOUBLE_SOURCE = """\
-__device__ __forceinline__ uint32_t gpuq_process(const uint8_t* __restrict__ in, uint32_t len,
-                                                 uint8_t* __restrict__ out, uint32_t out_cap,
-                                                 uint64_t msg_id, uint32_t lane) {
-  (void)msg_id;
-  if (2u * len > out_cap) return 2u * len;
-  for (uint32_t i = lane; i < len; i += 32u) {
-    out[i] = in[i];
-    out[len + i] = in[i];
-  }
-  return 2u * len;
-}
-"""
-DOUBLE = Plugin.from_source("double", DOUBLE_SOURCE, twin=lambda p, m: bytes(p) * 2)
+# the payload twice: BAD_RESULT for a payload longer than out_cap / 2 (the conformance test's plugin)
+from .test_conformance import DOUBLE  # noqa: E402
 
 
 def test_flagged_results_raise_after_taking_the_whole_batch_or_are_marked(backend):
