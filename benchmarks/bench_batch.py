@@ -419,40 +419,17 @@ def pct(samples_ns) -> dict:
 
 
 def single_part(backend: str, n: int) -> dict:
-    from gpuq_driver import QueueFull
+    """The per-message figures of bench_latency.py (the same loops), on this run's backend."""
+    from bench_latency import enqueue_throughput, sustained_one_thread
 
-    cap = 1 << max(10, (n - 1).bit_length())
-    payloads = [np.random.default_rng(i).integers(0, 256, 64, dtype=np.uint8).tobytes() for i in range(256)]
-    with open_queue(backend, 64, cap) as q:
-        enqueue, take = q.enqueue, q.try_dequeue_result
-        for p in payloads:
-            q.wait_result(enqueue(p), 10)
-        t0 = time.perf_counter()
-        for i in range(n):
-            enqueue(payloads[i & 255])
-        t_enq = time.perf_counter() - t0
-        bad = 0
-        for mid in range(256, 256 + n):
-            r = take(mid)
-            while r is None:
-                r = take(mid)
-            bad += r != payloads[(mid - 256) & 255]
-    with open_queue(backend, 64, 1024) as q:
-        enqueue, poll, take = q.enqueue, q.poll_completions, q.try_dequeue_result
-        got = i = 0
-        t0 = time.perf_counter()
-        while got < n:
-            try:
-                while i < n:
-                    enqueue(payloads[i & 255], timeout=0)
-                    i += 1
-            except QueueFull:
-                pass
-            for mid in poll():
-                bad += take(mid) != payloads[mid & 255]
-                got += 1
-        t_sus = time.perf_counter() - t0
-    return {"messages": n, "enqueue_msg_per_s": n / t_enq, "interleaved_msg_per_s": n / t_sus, "mismatches": bad}
+    e = enqueue_throughput(n, backend=backend)
+    s = sustained_one_thread(n, backend=backend)
+    return {
+        "messages": n,
+        "enqueue_msg_per_s": e["enqueue_msg_per_s"],
+        "interleaved_msg_per_s": s["msg_per_s"],
+        "mismatches": e["mismatches"] + s["mismatches"],
+    }
 
 
 # --- main -------------------------------------------------------------------------------------------------

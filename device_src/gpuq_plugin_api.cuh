@@ -27,7 +27,7 @@ using cuda::std::uint32_t;
 using cuda::std::uint64_t;
 using cuda::std::uint8_t;
 #else
-#include <cstdint>
+#include <stdint.h>  // the types in the global namespace, as plugins use them
 #endif
 
 struct GpuqParams {

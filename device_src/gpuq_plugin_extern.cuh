@@ -20,16 +20,7 @@
 // (gpuq_plugin_api.cuh: gpuq_params(), gpuq_params_bytes(), GPUQ_FAIL(code)).
 #pragma once
 
-#include "gpuq_plugin_api.cuh"
-
-#ifdef __CUDACC_RTC__
-#include <cuda/std/cstdint>
-using cuda::std::uint32_t;
-using cuda::std::uint64_t;
-using cuda::std::uint8_t;
-#else
-#include <stdint.h>
-#endif
+#include "gpuq_plugin_api.cuh"  // also the integer types
 
 extern "C" __device__ uint32_t gpuq_process(const uint8_t* __restrict__ in, uint32_t len,
                                             uint8_t* __restrict__ out, uint32_t out_cap, uint64_t msg_id,
