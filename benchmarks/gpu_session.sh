@@ -24,7 +24,7 @@ PY=${PYTHON:-python3}
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader | tee "$OUT/nvidia-smi.txt"
 # A quick smoke run first, so a broken build costs one minute, not the whole session.
 timeout 90 $PY benchmarks/smoke.py 2>&1 | tee "$OUT/smoke.log" || { echo "smoke run failed: stopping"; exit 1; }
-STEPS=${STEPS:-tests example redis_example latency batch probe plugins share soak redis}   # which of the steps after the smoke run to do
+STEPS=${STEPS:-tests example redis_example oneread latency batch probe plugins share soak redis}   # which of the steps after the smoke run to do
 step() { [[ " $STEPS " == *" $1 "* ]]; }
 step tests && timeout 480 $PY -m pytest -q -rs -p no:cacheprovider ${PYTEST_ARGS:-tests properties} 2>&1 | tee "$OUT/pytest.log"
 step example && timeout 120 $PY examples/producer_consumer.py --messages "${EXAMPLE_MESSAGES:-1000000}" 2>&1 | tee "$OUT/example.log"
@@ -32,6 +32,7 @@ if step redis_example; then
     timeout 120 $PY examples/redis_consumer.py --backend cuda --frame 16 --messages 200000 2>&1 | tee "$OUT/redis_example_batch.log"
     timeout 120 $PY examples/redis_consumer.py --mode bridge --backend cuda --frame 16 --messages 200000 2>&1 | tee "$OUT/redis_example_bridge.log"
 fi
+step oneread && timeout 300 $PY benchmarks/stress_one_read.py --messages "${ONEREAD_MESSAGES:-10000000}" --out "$OUT" 2>&1 | tee "$OUT/stress_one_read.log"
 step latency && timeout 300 $PY benchmarks/bench_latency.py --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
 step batch && timeout 480 $PY benchmarks/bench_batch.py --out "$OUT" ${BATCH_ARGS:-} 2>&1 | tee "$OUT/bench_batch.log"
 step probe && timeout 90 $PY benchmarks/probe_launch.py 2>&1 | tee "$OUT/probe_launch.log"

@@ -25,10 +25,12 @@
 // Slot life (one ring of `capacity` slots, a power of two; message msg_id lives in slot
 // msg_id & (capacity - 1)):
 //
-//   EMPTY    -> READY     host writes req_data, then req_hdr {len, READY, msg_id}, then
-//                         GpuqCtrlHost.doorbell = msg_id + 1, in that order (x86 TSO)
-//   READY    -> INFLIGHT  a warp that claimed msg_id (atomicAdd on GpuqDevState.claim) sees
-//                         head > msg_id, copies the payload into its VRAM slot
+//   EMPTY    -> READY     host writes req_data, then req_hdr {len, flags, msg_id}, then
+//                         GpuqCtrlHost.doorbell = msg_id + 1, in that order (x86 TSO); flags =
+//                         READY, plus the slot check where the host made one ("One read", below)
+//   READY    -> INFLIGHT  a warp that claimed msg_id (atomicAdd on GpuqDevState.claim; a range of
+//                         up to 32 at once when many wait) sees head > msg_id, or (the front warp)
+//                         a slot whose check holds, and copies the payload into its VRAM slot
 //   INFLIGHT -> DONE      the plugin writes res_data; __threadfence_system(); then res_hdr
 //                         {len, flags} and, last, res_hdr.msg_id = msg_id (release, system scope);
 //                         flags = DONE | protocol error << GPUQ_ERR_SHIFT | plugin status (below)
@@ -58,6 +60,19 @@
 // after the host's store; otherwise the host launches one that will.  So every message is read by
 // some lease.  (The host's lease keeper also launches lease n + 1 as soon as n has begun, while
 // traffic is recent, so that under traffic one lease waits queued behind the running one; lease.py.)
+//
+// One read (docs/design.md, "One read per message").  The front warp (the one waiting for the
+// message at the head) reads, in one PCIe round trip, the doorbell and slot head's header and
+// first 64 payload bytes.  Nothing orders those reads with respect to one another, nor makes one
+// read a snapshot, so the slot's bytes may be torn (part new, part the previous message's) or
+// stale.  The host therefore puts a check in the header's flags: READY | GPUQ_REQ_CHECKED |
+// check << 8, with check = the low 24 bits of zlib.crc32(payload[0 : min(len, 64)], msg_id mod
+// 2^32) ^ len.  The warp serves the message from that read only if the header's msg_id is its
+// own and the check holds over what it read (msg_id and len bind the header, the CRC the bytes);
+// it then fences (acquire, system scope) before reading the rest of a longer payload, which the
+// host wrote before the header.  Anything else, torn, stale or unchecked, is read again
+// (GpuqDevState.spec_retries) or waits for the doorbell, which stays the source of truth for the
+// head, stop requests and the lease handshakes.
 #pragma once
 
 #ifdef __CUDACC_RTC__
@@ -69,13 +84,20 @@ using cuda::std::uint8_t;
 #include <cstdint>
 #endif
 
-#define GPUQ_LAYOUT_VERSION 4u  // 4: the plugin's per-message status in res_hdr.flags
+#define GPUQ_LAYOUT_VERSION 5u  // 5: the slot check in req_hdr.flags; spec_reads / spec_retries
 
 // Slot states (GpuqSlotHeader.flags, low byte).
 #define GPUQ_EMPTY 0u
 #define GPUQ_READY 1u
 #define GPUQ_INFLIGHT 2u
 #define GPUQ_DONE 3u
+
+// A request's flags (req_hdr): bits 0..3 the state (READY), bit 5 GPUQ_REQ_CHECKED (bits 8..31
+// hold the slot check, "One read" above).
+#define GPUQ_REQ_CHECKED 0x20u
+#define GPUQ_CHECK_SHIFT 8
+#define GPUQ_CHECK_MASK 0xFFFFFFu
+#define GPUQ_CHECK_BYTES 64u
 
 // Stop requests, carried in the doorbell's top byte (GpuqCtrlHost.doorbell >> 56).
 #define GPUQ_RUN 0u
@@ -140,7 +162,9 @@ struct __align__(128) GpuqCtrlDev {
   uint64_t leases_begun;  // leases that have read the doorbell (1, 2, ...)
   uint64_t leases_ended;  // leases whose last warp has left
   uint64_t leases_leaving;  // leases whose time is up (set before their last doorbell read)
-  uint64_t pad[10];
+  uint64_t spec_reads;      // messages served from the front warp's one read (copied at each lease end)
+  uint64_t spec_retries;    // such reads that failed the check (torn or stale) and were read again
+  uint64_t pad[8];
 };
 
 // Device-only scalars in VRAM; zeroed by the host before the first lease, carried from lease to
@@ -157,7 +181,9 @@ struct __align__(128) GpuqDevState {
   uint64_t leases;       // leases ended so far
   uint32_t leaving;      // 1 once a front warp has begun this lease's last doorbell read
   uint32_t pad2;
-  uint64_t pad1[10];
+  uint64_t spec_reads;   // GpuqCtrlDev.spec_reads, counted here (atomicAdd)
+  uint64_t spec_retries;
+  uint64_t pad1[8];
 };
 
 // The persistent kernel's single argument (passed by value).

@@ -19,6 +19,8 @@
 
 #include "gpuq_plugin_api.cuh"
 
+#include "gpuq_crc.cuh"
+
 // The per-queue parameters the plugin reads (gpuq_plugin_api.cuh); set by the host before the
 // first lease (kernel.py: cuModuleGetGlobal + a copy), never while a lease runs.
 __device__ GpuqParams gpuq_params_g = {nullptr, 0u};
@@ -70,12 +72,25 @@ __device__ void announce_lease(const GpuqKernelArgs& p) {
   cuda::atomic_thread_fence(cuda::memory_order_seq_cst, kSys);
 }
 
-// Lane 0 only: claim a msg_id and wait until it is published.  Returns GPUQ_NO_MSG to exit.
-// When this warp was the front, `publish` is set to the head it read from the doorbell; the
-// caller publishes it to the other warps (process_one does so while its own reads are in flight).
-__device__ uint64_t claim_and_wait(const GpuqKernelArgs& p, uint64_t& publish) {
+// What the front warp read of slot s with the doorbell (lane 0's registers): header, first 64 B.
+struct SlotRead {
+  uint4 hdr;
+  uint4 d[4];
+};
+
+// The header lane 0 read may be message s's, checked by the host: worth validating (process_one).
+__device__ __forceinline__ bool slot_candidate(const GpuqKernelArgs& p, const uint4& hdr, uint64_t s) {
+  const uint64_t mid = static_cast<uint64_t>(hdr.z) | (static_cast<uint64_t>(hdr.w) << 32);
+  return mid == s && (hdr.y & GPUQ_REQ_CHECKED) != 0u && hdr.x <= p.slot_bytes;
+}
+
+// Lane 0 only: wait until msg_id s (claimed by this warp) is published.  Returns s, or GPUQ_NO_MSG
+// to exit.  When this warp was the front, `publish` is set to the head it read from the doorbell
+// (the caller publishes it to the other warps: process_one does so while its own reads are in
+// flight), and `cand` says whether `sr` holds a read of slot s to validate ("One read",
+// gpuq_layout.cuh): then s may also be returned before the doorbell shows it.
+__device__ uint64_t wait_for(const GpuqKernelArgs& p, uint64_t s, uint64_t& publish, SlotRead& sr, bool& cand) {
   GpuqDevState* dev = p.dev;
-  const uint64_t s = atomicAdd(reinterpret_cast<unsigned long long*>(&dev->claim), 1ull);
   uint32_t ns = 32u;
   for (;;) {
     const uint32_t stop = load_acquire<kGpu>(&dev->stop);
@@ -85,11 +100,15 @@ __device__ uint64_t claim_and_wait(const GpuqKernelArgs& p, uint64_t& publish) {
     if (stop != GPUQ_RUN) return GPUQ_NO_MSG;  // DRAIN or LEAVE: head was final before stop was set
     if (s == h) {
       // Front warp: only it advances dev->head, so it polls the host alone until its message
-      // (or a stop) arrives: one acquire load of the doorbell per PCIe round trip.  Fronts follow
+      // (or a stop) arrives: one round trip per poll for the doorbell and slot s.  Fronts follow
       // one another through head's release/acquire, so begun and lease_start are seen in order.
       const bool first = volatile_load(&dev->begun) == 0u;
       if (first) announce_lease(p);
       const uint64_t lease_start = volatile_load(&dev->lease_start);
+      const uint32_t slot = static_cast<uint32_t>(s & (p.capacity - 1u));
+      const uint4* shdr = reinterpret_cast<const uint4*>(p.req_hdr + slot);
+      const uint4* sdata = reinterpret_cast<const uint4*>(p.req_data + static_cast<size_t>(slot) * p.slot_bytes);
+      const uint32_t chunks = p.slot_bytes / 16u < 4u ? p.slot_bytes / 16u : 4u;
       for (uint32_t polls = 0;; ++polls) {
         // The lease is over: one front warp (the first to see it, atomicExch on dev->leaving)
         // says so (leases_leaving, then a full system fence) and reads the doorbell one last
@@ -111,6 +130,17 @@ __device__ uint64_t claim_and_wait(const GpuqKernelArgs& p, uint64_t& publish) {
           cuda::atomic_thread_fence(cuda::memory_order_seq_cst, kSys);
           leaving = true;
         }
+        // One round trip: slot s's header and first 64 bytes (issued first, so the doorbell's
+        // acquire does not hold them back), then the doorbell.  The last read of a lease reads
+        // the doorbell alone: what it shows is all this lease serves.
+        uint4 hdr = make_uint4(0u, 0u, 0u, 0u), d[4];
+        if (!leaving) {
+          hdr = __ldcv(shdr);
+#pragma unroll
+          for (uint32_t k = 0; k < 4u; ++k) {
+            if (k < chunks) d[k] = __ldcv(sdata + k);
+          }
+        }
         const uint64_t db = load_acquire<kSys>(&p.ctrl_host->doorbell);
         const uint64_t hh = db & GPUQ_DOORBELL_HEAD_MASK;
         const uint32_t hstop = static_cast<uint32_t>(db >> GPUQ_DOORBELL_STOP_SHIFT);
@@ -123,8 +153,14 @@ __device__ uint64_t claim_and_wait(const GpuqKernelArgs& p, uint64_t& publish) {
           store_release<kGpu>(&dev->stop, hstop != GPUQ_RUN ? hstop : GPUQ_STOP_LEAVE);
           return s < hh ? s : GPUQ_NO_MSG;
         }
-        if (s < hh) {
-          publish = hh;  // published by process_one, once its PCIe reads are in flight
+        cand = slot_candidate(p, hdr, s);
+        if (cand) {
+          sr.hdr = hdr;
+#pragma unroll
+          for (uint32_t k = 0; k < 4u; ++k) sr.d[k] = k < chunks ? d[k] : make_uint4(0u, 0u, 0u, 0u);
+        }
+        if (s < hh || cand) {
+          publish = hh;  // published by process_one (s + 1 at least, once a slot read holds)
           return s;
         }
         // Spin while traffic is recent (a poll is one PCIe round trip, ~1 us); back off once idle.
@@ -138,35 +174,41 @@ __device__ uint64_t claim_and_wait(const GpuqKernelArgs& p, uint64_t& publish) {
   }
 }
 
-__device__ void process_one(const GpuqKernelArgs& p, uint64_t s, uint32_t lane, uint64_t publish) {
-  const uint32_t slot = static_cast<uint32_t>(s & (p.capacity - 1u));
-  const size_t data_off = static_cast<size_t>(slot) * p.slot_bytes;
-  const uint8_t* src = p.req_data + data_off;
-
-  // One PCIe round trip for the header and the first 512 payload bytes: lane 0 reads the header
-  // while every lane reads its 16 bytes of the slot (speculatively: the length is not known yet).
-  const uint32_t first = lane * 16u;
-  uint4 hdr = make_uint4(0u, 0u, 0u, 0u), chunk = make_uint4(0u, 0u, 0u, 0u);
-  if (lane == 0) hdr = __ldcv(reinterpret_cast<const uint4*>(p.req_hdr + slot));
-  if (first < p.slot_bytes) chunk = __ldcv(reinterpret_cast<const uint4*>(src + first));
-  // The front warp hands over to the next warp now: the release waits for these reads anyway.
-  if (lane == 0 && publish != 0) publish_head(p.dev, publish);
-  uint32_t len = hdr.x, code = GPUQ_ERR_NONE;
-  if (lane == 0) {
-    const uint64_t mid = static_cast<uint64_t>(hdr.z) | (static_cast<uint64_t>(hdr.w) << 32);
-    if (mid != s) code = GPUQ_ERR_BAD_MSG_ID;
-    if (len > p.slot_bytes) { code = GPUQ_ERR_BAD_LEN; len = p.slot_bytes; }
-    if (code != GPUQ_ERR_NONE) report_error(p, code, s);
+// zlib.crc32(bytes[0 : n], seed) for n <= 64, computed by the whole warp from its lanes' halves:
+// lane i holds bytes 2i, 2i + 1 in `half`.  Each lane's partial CRC is shifted past the bytes
+// after it (x^(8k) mod P, kCrcShift) and the partials XORed together, as zlib's crc32_combine.
+__device__ __forceinline__ uint32_t gf2_mul(uint32_t a, uint32_t b) {  // a * b mod P (zlib's multmodp)
+  uint32_t prod = 0u;
+#pragma unroll
+  for (int i = 31; i >= 0; --i) {
+    if ((a >> i) & 1u) prod ^= b;
+    b = (b & 1u) ? (b >> 1) ^ 0xEDB88320u : b >> 1;
   }
-  len = __shfl_sync(kFullMask, len, 0);
-  code = __shfl_sync(kFullMask, code, 0);
+  return prod;
+}
 
-  // READY -> INFLIGHT: stage the payload in the message's VRAM slot; the rest of a long payload
-  // with four 16-byte loads in flight per lane (2 KB per round trip).
-  uint8_t* vslot = p.vram_slots + static_cast<size_t>(slot) * (16u + p.slot_bytes);
-  uint8_t* vin = vslot + 16;
-  if (first < len) *reinterpret_cast<uint4*>(vin + first) = chunk;
-  for (uint32_t base = 512u + first; base < len; base += 4u * 512u) {
+__device__ uint32_t warp_crc32(uint32_t half, uint32_t n, uint32_t seed, uint32_t lane) {
+  const uint32_t j = 2u * lane;
+  uint32_t part = 0u;
+  if (j < n) {
+    uint32_t r = kCrcTable[half & 0xFFu];
+    uint32_t last = j;
+    if (j + 1u < n) {
+      r = kCrcTable[(r ^ (half >> 8)) & 0xFFu] ^ (r >> 8);
+      last = j + 1u;
+    }
+    part = gf2_mul(kCrcShift[n - 1u - last], r);
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) part ^= __shfl_xor_sync(kFullMask, part, o);
+  return ~(part ^ gf2_mul(kCrcShift[n], ~seed));
+}
+
+// The rest of a payload, bytes [from, len), into its VRAM slot: four 16-byte loads in flight per
+// lane (2 KB per round trip).  `from` is a multiple of 16.
+__device__ __forceinline__ void stage_rest(const uint8_t* src, uint8_t* vin, uint32_t from, uint32_t len,
+                                           uint32_t lane) {
+  for (uint32_t base = from + lane * 16u; base < len; base += 4u * 512u) {
     uint4 v[4];
 #pragma unroll
     for (uint32_t k = 0; k < 4u; ++k) {
@@ -177,13 +219,19 @@ __device__ void process_one(const GpuqKernelArgs& p, uint64_t s, uint32_t lane, 
       if (base + k * 512u < len) *reinterpret_cast<uint4*>(vin + base + k * 512u) = v[k];
     }
   }
+}
+
+// Run the plugin on a staged message (the whole warp) and write its result and the result
+// header's first word (len | flags); the caller publishes msg_id (after a system fence).
+__device__ __forceinline__ void run_plugin(const GpuqKernelArgs& p, uint64_t s, uint32_t slot, uint8_t* vslot,
+                                           uint32_t len, uint32_t code, uint32_t lane) {
+  uint8_t* vin = vslot + 16;
   GpuqSlotHeader* vh = reinterpret_cast<GpuqSlotHeader*>(vslot);
   if (lane == 0) { vh->len = len; vh->flags = GPUQ_INFLIGHT; vh->msg_id = s; }
   __syncwarp();
-
   uint32_t out_len = 0, status = 0;
   if (code == GPUQ_ERR_NONE) {
-    out_len = gpuq_process(vin, len, p.res_data + data_off, p.slot_bytes, s, lane);
+    out_len = gpuq_process(vin, len, p.res_data + static_cast<size_t>(slot) * p.slot_bytes, p.slot_bytes, s, lane);
     if (out_len >= GPUQ_FAIL_BIT) {  // the plugin failed the message: a status, not a protocol error
       status = GPUQ_RESULT_FAILED | ((out_len & 0xFFFFu) << GPUQ_FAIL_CODE_SHIFT);
       out_len = 0;
@@ -193,17 +241,151 @@ __device__ void process_one(const GpuqKernelArgs& p, uint64_t s, uint32_t lane, 
       out_len = 0;
     }
   }
+  __syncwarp();
+  if (lane == 0) {
+    const uint64_t len_flags = static_cast<uint64_t>(out_len) |
+                               (static_cast<uint64_t>(GPUQ_DONE | (code << GPUQ_ERR_SHIFT) | status) << 32);
+    *reinterpret_cast<volatile uint64_t*>(p.res_hdr + slot) = len_flags;
+  }
+}
+
+// Check a request header (lane 0 of the message): BAD_MSG_ID, BAD_LEN (len clamped).
+__device__ __forceinline__ uint32_t check_request(const GpuqKernelArgs& p, const uint4& hdr, uint64_t s, uint32_t& len) {
+  const uint64_t mid = static_cast<uint64_t>(hdr.z) | (static_cast<uint64_t>(hdr.w) << 32);
+  uint32_t code = GPUQ_ERR_NONE;
+  len = hdr.x;
+  if (mid != s) code = GPUQ_ERR_BAD_MSG_ID;
+  if (len > p.slot_bytes) { code = GPUQ_ERR_BAD_LEN; len = p.slot_bytes; }
+  if (code != GPUQ_ERR_NONE) report_error(p, code, s);
+  return code;
+}
+
+// One message, the whole warp.  `cand`: lane 0's `sr` holds the front warp's read of slot s (with
+// the doorbell); served from it if the check holds.  Returns false if it did not and the doorbell
+// has not shown s yet (`publish` == 0 or <= s): the caller waits for s again.
+__device__ bool process_one(const GpuqKernelArgs& p, uint64_t s, uint32_t lane, uint64_t publish,
+                            const SlotRead& sr, bool cand) {
+  const uint32_t slot = static_cast<uint32_t>(s & (p.capacity - 1u));
+  const uint8_t* src = p.req_data + static_cast<size_t>(slot) * p.slot_bytes;
+  uint8_t* vslot = p.vram_slots + static_cast<size_t>(slot) * (16u + p.slot_bytes);
+  uint8_t* vin = vslot + 16;
+  const uint64_t shown = __shfl_sync(kFullMask, publish, 0);  // the doorbell's head, if this warp read it
+
+  if (cand) {
+    // Validate the one read: lane i takes payload bytes 2i, 2i + 1 (and lanes 0..3 a 16-byte
+    // chunk each, to stage) from lane 0's registers.
+    uint32_t half = 0u;
+    uint4 chunk = make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+    for (uint32_t k = 0; k < 16u; ++k) {
+      const uint4& q = sr.d[k >> 2];
+      const uint32_t w = __shfl_sync(kFullMask, (k & 3u) == 0u ? q.x : (k & 3u) == 1u ? q.y : (k & 3u) == 2u ? q.z : q.w, 0);
+      if ((lane >> 1) == k) half = (lane & 1u) ? w >> 16 : w & 0xFFFFu;
+      if ((k >> 2) == lane) {
+        if ((k & 3u) == 0u) chunk.x = w; else if ((k & 3u) == 1u) chunk.y = w; else if ((k & 3u) == 2u) chunk.z = w; else chunk.w = w;
+      }
+    }
+    const uint32_t len = __shfl_sync(kFullMask, sr.hdr.x, 0);
+    const uint32_t flags = __shfl_sync(kFullMask, sr.hdr.y, 0);
+    const uint32_t n = len < GPUQ_CHECK_BYTES ? len : GPUQ_CHECK_BYTES;
+    const uint32_t crc = warp_crc32(half, n, static_cast<uint32_t>(s), lane);
+    if (((crc ^ len) & GPUQ_CHECK_MASK) == (flags >> GPUQ_CHECK_SHIFT)) {
+      // Served from the one read: the header (msg_id, len) and the first n bytes are the host's.
+      // The acquire fence orders the reads of the rest after it (the host wrote the payload first).
+      if (lane == 0) {
+        publish_head(p.dev, shown > s + 1u ? shown : s + 1u);
+        const unsigned long long k = atomicAdd(reinterpret_cast<unsigned long long*>(&p.dev->spec_reads), 1ull);
+        *reinterpret_cast<volatile uint64_t*>(&p.ctrl_dev->spec_reads) = k + 1ull;
+      }
+      cuda::atomic_thread_fence(cuda::memory_order_acquire, kSys);
+      if (lane * 16u < n) *reinterpret_cast<uint4*>(vin + lane * 16u) = chunk;
+      stage_rest(src, vin, GPUQ_CHECK_BYTES, len, lane);
+      run_plugin(p, s, slot, vslot, len, GPUQ_ERR_NONE, lane);
+      __syncwarp();
+      if (lane == 0) {
+        store_release<kSys>(&p.res_hdr[slot].msg_id, s);
+        reinterpret_cast<GpuqSlotHeader*>(vslot)->flags = GPUQ_DONE;
+      }
+      return true;
+    }
+    if (lane == 0) {  // torn or stale: read again
+      const unsigned long long k = atomicAdd(reinterpret_cast<unsigned long long*>(&p.dev->spec_retries), 1ull);
+      *reinterpret_cast<volatile uint64_t*>(&p.ctrl_dev->spec_retries) = k + 1ull;
+    }
+    if (shown <= s) return false;  // the doorbell has not shown s: wait for it (or the slot) again
+  }
+
+  // The doorbell (or the VRAM head) has shown s: one PCIe round trip for the header and the first
+  // 512 payload bytes: lane 0 reads the header while every lane reads its 16 bytes of the slot
+  // (speculatively: the length is not known yet).
+  const uint32_t first = lane * 16u;
+  uint4 hdr = make_uint4(0u, 0u, 0u, 0u), chunk = make_uint4(0u, 0u, 0u, 0u);
+  if (lane == 0) hdr = __ldcv(reinterpret_cast<const uint4*>(p.req_hdr + slot));
+  if (first < p.slot_bytes) chunk = __ldcv(reinterpret_cast<const uint4*>(src + first));
+  // The front warp hands over to the next warp now: the release waits for these reads anyway.
+  if (lane == 0 && publish != 0) publish_head(p.dev, publish);
+  uint32_t len = 0, code = GPUQ_ERR_NONE;
+  if (lane == 0) code = check_request(p, hdr, s, len);
+  len = __shfl_sync(kFullMask, len, 0);
+  code = __shfl_sync(kFullMask, code, 0);
+
+  // READY -> INFLIGHT: stage the payload in the message's VRAM slot.
+  if (first < len) *reinterpret_cast<uint4*>(vin + first) = chunk;
+  stage_rest(src, vin, 512u, len, lane);
+  run_plugin(p, s, slot, vslot, len, code, lane);
 
   // INFLIGHT -> DONE: the warp's result writes are ordered before lane 0's release (the warp
   // barrier orders them, the system-scope release is cumulative); header, then msg_id last.
   __syncwarp();
   if (lane == 0) {
-    GpuqSlotHeader* oh = p.res_hdr + slot;
-    const uint64_t len_flags = static_cast<uint64_t>(out_len) |
-                               (static_cast<uint64_t>(GPUQ_DONE | (code << GPUQ_ERR_SHIFT) | status) << 32);
-    *reinterpret_cast<volatile uint64_t*>(oh) = len_flags;
-    store_release<kSys>(&oh->msg_id, s);
-    vh->flags = GPUQ_DONE;
+    store_release<kSys>(&p.res_hdr[slot].msg_id, s);
+    reinterpret_cast<GpuqSlotHeader*>(vslot)->flags = GPUQ_DONE;
+  }
+  return true;
+}
+
+// A range of m (2 .. 32) published messages s0 .. s0 + m - 1 claimed by this warp (a backlog):
+// one PCIe round trip for all their headers and first 64 bytes (lane j reads message s0 + j's),
+// the plugin on each in turn, then one system fence and every result's msg_id.
+__device__ void process_range(const GpuqKernelArgs& p, uint64_t s0, uint32_t m, uint32_t lane) {
+  const uint64_t s = s0 + lane;
+  const uint32_t slot = static_cast<uint32_t>(s & (p.capacity - 1u));
+  const uint8_t* src = p.req_data + static_cast<size_t>(slot) * p.slot_bytes;
+  uint8_t* vslot = p.vram_slots + static_cast<size_t>(slot) * (16u + p.slot_bytes);
+  const uint32_t chunks = p.slot_bytes / 16u < 4u ? p.slot_bytes / 16u : 4u;
+  uint4 hdr = make_uint4(0u, 0u, 0u, 0u), d[4];
+  if (lane < m) {
+    hdr = __ldcv(reinterpret_cast<const uint4*>(p.req_hdr + slot));
+#pragma unroll
+    for (uint32_t k = 0; k < 4u; ++k) {
+      if (k < chunks) d[k] = __ldcv(reinterpret_cast<const uint4*>(src) + k);
+    }
+  }
+  uint32_t len = 0, code = GPUQ_ERR_NONE;
+  if (lane < m) {
+    code = check_request(p, hdr, s, len);
+#pragma unroll
+    for (uint32_t k = 0; k < 4u; ++k) {
+      if (k < chunks && k * 16u < len) *reinterpret_cast<uint4*>(vslot + 16 + k * 16u) = d[k];
+    }
+  }
+  __syncwarp();
+  for (uint32_t j = 0; j < m; ++j) {
+    const uint64_t sj = s0 + j;
+    const uint32_t slot_j = static_cast<uint32_t>(sj & (p.capacity - 1u));
+    const uint32_t len_j = __shfl_sync(kFullMask, len, j);
+    const uint32_t code_j = __shfl_sync(kFullMask, code, j);
+    uint8_t* vslot_j = p.vram_slots + static_cast<size_t>(slot_j) * (16u + p.slot_bytes);
+    stage_rest(p.req_data + static_cast<size_t>(slot_j) * p.slot_bytes, vslot_j + 16, 64u, len_j, lane);
+    run_plugin(p, sj, slot_j, vslot_j, len_j, code_j, lane);
+  }
+  // INFLIGHT -> DONE for all m: every lane's fence after the warp barrier orders the whole
+  // warp's result writes (cumulativity) before the msg_id stores.
+  __syncwarp();
+  __threadfence_system();
+  if (lane < m) {
+    *reinterpret_cast<volatile uint64_t*>(&p.res_hdr[slot].msg_id) = s;
+    reinterpret_cast<GpuqSlotHeader*>(vslot)->flags = GPUQ_DONE;
   }
 }
 
@@ -221,6 +403,8 @@ __device__ void end_lease(const GpuqKernelArgs& p) {
   dev->begun = 0u;
   dev->leases = ended;
   __threadfence();
+  *reinterpret_cast<volatile uint64_t*>(&p.ctrl_dev->spec_reads) = dev->spec_reads;
+  *reinterpret_cast<volatile uint64_t*>(&p.ctrl_dev->spec_retries) = dev->spec_retries;
   *reinterpret_cast<volatile uint64_t*>(&p.ctrl_dev->leases_leaving) = ended;  // also after DRAIN/ABORT
   *reinterpret_cast<volatile uint64_t*>(&p.ctrl_dev->leases_ended) = ended;
   __threadfence_system();
@@ -239,15 +423,50 @@ extern "C" __global__ void gpuq_persistent(const GpuqKernelArgs p) {
     p.ctrl_dev->warps = warps;
   }
   uint64_t processed = p.warp_totals[warp];  // carried over from the previous lease
+  uint64_t next = 0, end = 0;  // lane 0: this warp's claimed msg_ids [next, end), served in order
   for (;;) {
     uint64_t s = 0, publish = 0;
-    if (lane == 0) s = claim_and_wait(p, publish);
+    uint32_t range = 0;
+    bool cand = false;
+    SlotRead sr;
+    if (lane == 0) {
+      GpuqDevState* dev = p.dev;
+      const uint64_t h = load_acquire<kGpu>(&dev->head);
+      if (next == end) {
+        // Claim one msg_id, or a range when a backlog waits: about the backlog's share per warp
+        // (at most 32), so that an idle queue's messages go one per warp as before.
+        const uint64_t c = volatile_load(&dev->claim);
+        const uint64_t share = h > c ? (h - c) / warps : 0u;
+        const uint64_t want = share < 1u ? 1u : share > 32u ? 32u : share;
+        next = atomicAdd(reinterpret_cast<unsigned long long*>(&dev->claim), static_cast<unsigned long long>(want));
+        end = next + want;
+      }
+      const uint64_t ready = (h < end ? h : end);
+      if (ready >= next + 2u && load_acquire<kGpu>(&dev->stop) != GPUQ_STOP_ABORT) {
+        s = next;
+        range = static_cast<uint32_t>(ready - next);
+      } else {
+        s = wait_for(p, next, publish, sr, cand);
+      }
+    }
     s = __shfl_sync(kFullMask, s, 0);
-    __syncwarp();  // orders lane 0's acquire before every lane's reads of the slot
+    range = __shfl_sync(kFullMask, range, 0);
+    cand = __shfl_sync(kFullMask, cand ? 1u : 0u, 0) != 0u;
+    __syncwarp();  // orders lane 0's acquire before every lane's reads of the slots
     if (s == GPUQ_NO_MSG) break;
-    process_one(p, s, lane, publish);
-    ++processed;
-    if (lane == 0) *reinterpret_cast<volatile uint64_t*>(p.warp_counters + warp) = processed;
+    uint32_t done = 0;
+    if (range != 0u) {
+      process_range(p, s, range, lane);
+      done = range;
+    } else if (process_one(p, s, lane, publish, sr, cand)) {
+      done = 1u;
+    }
+    if (done == 0u) continue;  // a torn or stale slot read: wait for s again
+    processed += done;
+    if (lane == 0) {
+      next += done;
+      *reinterpret_cast<volatile uint64_t*>(p.warp_counters + warp) = processed;
+    }
   }
   if (lane == 0) {
     p.warp_totals[warp] = processed;
@@ -275,7 +494,8 @@ extern "C" __global__ void gpuq_layout_probe(uint64_t* out) {
       GPUQ_OFFSETOF(GpuqCtrlDev, error), GPUQ_OFFSETOF(GpuqCtrlDev, error_msg_id),
       GPUQ_OFFSETOF(GpuqCtrlDev, layout_version), GPUQ_OFFSETOF(GpuqCtrlDev, warps),
       GPUQ_OFFSETOF(GpuqCtrlDev, leases_begun), GPUQ_OFFSETOF(GpuqCtrlDev, leases_ended),
-      GPUQ_OFFSETOF(GpuqCtrlDev, leases_leaving),
+      GPUQ_OFFSETOF(GpuqCtrlDev, leases_leaving), GPUQ_OFFSETOF(GpuqCtrlDev, spec_reads),
+      GPUQ_OFFSETOF(GpuqCtrlDev, spec_retries),
       sizeof(GpuqDevState), sizeof(GpuqKernelArgs), GPUQ_OFFSETOF(GpuqKernelArgs, warp_totals),
       GPUQ_OFFSETOF(GpuqKernelArgs, lease_ns), GPUQ_OFFSETOF(GpuqKernelArgs, capacity), GPUQ_OFFSETOF(GpuqKernelArgs, slot_bytes),
       GPUQ_OFFSETOF(GpuqKernelArgs, front_backoff_ns), GPUQ_OFFSETOF(GpuqKernelArgs, idle_backoff_ns),

@@ -25,12 +25,16 @@ keeper's watchdog (lease.py) finds both, as on the GPU.
 from __future__ import annotations
 
 import copy
+import random
 import threading
 import time
 import warnings
 
 from .errors import KernelFault, kernel_fault
 from .layout import (
+    CHECK_BYTES,
+    CHECK_MASK,
+    CHECK_SHIFT,
     DOORBELL_HEAD_MASK,
     DOORBELL_STOP_SHIFT,
     ERR_BAD_LEN,
@@ -39,12 +43,14 @@ from .layout import (
     KERNEL_EXITED,
     KERNEL_PARKED,
     KERNEL_RUNNING,
+    REQ_CHECKED,
     STOP_ABORT,
     STOP_DRAIN,
     CtrlDev,
     HostLayout,
     request_stop,
     result_flags,
+    slot_check,
     slot_of,
 )
 from .plugins import Fail, Plugin, resolve
@@ -75,6 +81,8 @@ class SimulatedKernel:
         self.ctrl = CtrlDev.from_buffer(self.mem, self.layout.offsets["ctrl_dev"])
         self.doorbell = self.layout.view(self.mem, "ctrl_host", "Q")[:1]
         self.delay_s = 0.0  # tests may slow the simulated device down
+        self.tear_rate = 0.0  # tests: the share of one-reads that come back torn (a 16-byte chunk garbled)
+        self._rng = random.Random(0)
         self.fault: Exception | None = None  # what a plugin's twin raised (the kernel then stopped)
         self._fault_error: KernelFault | None = None  # what idle() and launch() raise from then on
         self.closed = False
@@ -191,7 +199,10 @@ class SimulatedKernel:
                 head = final
             if stop == STOP_ABORT or (seq >= head and (stop == STOP_DRAIN or final is not None)):
                 break
-            if seq >= head:
+            one = None
+            if seq >= head and final is None and stop == 0:
+                one = self._one_read(seq, req_hdr, req_data)  # the front warp's read of the slot
+            if seq >= head and one is None:
                 idle += 1
                 time.sleep(0 if idle < 100 else min(1e-3, 1e-6 * idle))
                 continue
@@ -200,13 +211,14 @@ class SimulatedKernel:
                 time.sleep(self.delay_s)
             slot = slot_of(seq, cap)
             n, mid, code = req_hdr[2 * slot] & 0xFFFFFFFF, req_hdr[2 * slot + 1], 0
+            payload = req_data[slot * sb : slot * sb + n] if one is None else one
             if mid != seq:
                 code = ERR_BAD_MSG_ID
             elif n > sb:
                 code, n = ERR_BAD_LEN, sb
             failed = None  # the plugin's failure code (plugins.Fail), as GPUQ_FAIL(code) on the device
             try:
-                out = b"" if code else process(req_data[slot * sb : slot * sb + n], seq, params, sb)
+                out = b"" if code else process(payload, seq, params, sb)
             except Fail as exc:
                 out, failed = b"", exc.code
             if len(out) > sb:  # the plugin broke its contract: nothing is written past the slot
@@ -222,3 +234,24 @@ class SimulatedKernel:
         ctrl.leases_leaving = ctrl.leases_ended + 1
         ctrl.leases_ended += 1
         ctrl.state = KERNEL_EXITED if stop in (STOP_DRAIN, STOP_ABORT) else KERNEL_PARKED
+
+    def _one_read(self, seq: int, req_hdr, req_data):
+        """The front warp's one read of slot ``seq`` (gpuq_layout.cuh, "One read"): its payload if
+        the header is msg_id ``seq``'s, checked, and the check holds over a snapshot of its first
+        64 bytes (garbled at ``tear_rate``, as a torn PCIe read); else None (counted in
+        spec_retries when the check failed).  The snapshot's bytes are what is served, as on the
+        device."""
+        slot = slot_of(seq, self.config.capacity)
+        word, sb = req_hdr[2 * slot], self.config.slot_bytes
+        n, flags = word & 0xFFFFFFFF, word >> 32
+        if req_hdr[2 * slot + 1] != seq or not flags & REQ_CHECKED or n > sb:
+            return None
+        head = bytearray(req_data[slot * sb : slot * sb + min(n, CHECK_BYTES)])
+        if self.tear_rate and self._rng.random() < self.tear_rate and head:
+            at = self._rng.randrange(0, len(head), 16)
+            head[at : at + 16] = self._rng.randbytes(len(head[at : at + 16]))
+        if slot_check(head, seq, n) != (flags >> CHECK_SHIFT) & CHECK_MASK:
+            self.ctrl.spec_retries += 1
+            return None
+        self.ctrl.spec_reads += 1
+        return bytes(head) + bytes(req_data[slot * sb + len(head) : slot * sb + n])

@@ -47,6 +47,7 @@ def make_machine(backend: str):
             self.paused_at: int | None = None  # processed count when pause() returned
             self.pauses_in_force = 0  # pauses nest: as many resumes undo them
             self.views: list = []  # ResultViews held across steps, with the payloads they must show
+            self.retries_seen = 0
 
         def teardown(self):
             self.q.close()
@@ -66,6 +67,13 @@ def make_machine(backend: str):
             else:
                 with pytest.raises(QueueFull):
                     self.q.enqueue(payload, timeout=0)
+
+        @rule(rate=st.sampled_from([0.0, 0.3, 1.0]))
+        def tear_slot_reads(self, rate):
+            """The simulator garbles that share of the front warp's one-reads (gpuq_layout.cuh, "One
+            read"): each must fail its check and be read again, so no result may change."""
+            if backend == "sim":
+                self.q._kernel.tear_rate = rate
 
         @rule(extra=st.integers(1, 64))
         def enqueue_too_large(self, extra):
@@ -270,6 +278,10 @@ def make_machine(backend: str):
             assert s.occupied == self.model.occupied <= CAPACITY
             assert 0 <= s.processed <= s.enqueued
             assert 1 <= s.launches and 0 <= s.launches - s.exits <= 2
+            if backend == "sim":  # exact there (on the GPU a running lease's copy may lag or lead by one)
+                assert s.spec_reads <= s.processed
+                assert s.spec_retries >= self.retries_seen
+                self.retries_seen = s.spec_retries
 
         @invariant()
         def nothing_is_processed_while_paused(self):

@@ -3,7 +3,10 @@ ring's index and wrap math.  The GPU's own view is checked by the layout probe a
 
 import ctypes
 import re
+import zlib
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from gpuq_driver import layout
@@ -45,6 +48,10 @@ def test_constants_match_the_header():
         "GPUQ_RESULT_FAILED": layout.RESULT_FAILED,
         "GPUQ_FAIL_CODE_SHIFT": layout.FAIL_CODE_SHIFT,
         "GPUQ_NO_MSG": layout.NO_MSG,
+        "GPUQ_REQ_CHECKED": layout.REQ_CHECKED,
+        "GPUQ_CHECK_SHIFT": layout.CHECK_SHIFT,
+        "GPUQ_CHECK_MASK": layout.CHECK_MASK,
+        "GPUQ_CHECK_BYTES": layout.CHECK_BYTES,
     }
     assert {k: d.get(k) for k in expected} == expected
 
@@ -127,3 +134,58 @@ def test_request_stop_keeps_the_head():
     assert db[0] & layout.DOORBELL_HEAD_MASK == 12345 and db[0] >> layout.DOORBELL_STOP_SHIFT == layout.STOP_DRAIN
     layout.request_stop(db, layout.STOP_ABORT)
     assert db[0] & layout.DOORBELL_HEAD_MASK == 12345 and db[0] >> layout.DOORBELL_STOP_SHIFT == layout.STOP_ABORT
+
+
+def test_crc_header_is_generated_from_layout():
+    path = Path(__file__).resolve().parent.parent / "device_src" / "gpuq_crc.cuh"
+    assert path.read_text() == layout.crc_header(), (
+        "regenerate: python -c 'from gpuq_driver import layout; ...crc_header()'"
+    )
+
+
+def _lane_crc(data: bytes, seed: int) -> int:
+    """gpuq_queue.cu's warp_crc32, lane by lane in Python: two bytes per lane, each lane's partial
+    shifted past the bytes after it, XORed, then the seed's term."""
+    table, shift = layout.crc_tables()
+
+    def mul(a, b):
+        p = 0
+        for i in range(31, -1, -1):
+            if a >> i & 1:
+                p ^= b
+            b = (b >> 1) ^ layout.CRC_POLY if b & 1 else b >> 1
+        return p
+
+    n, part = len(data), 0
+    for lane in range(32):
+        j = 2 * lane
+        if j >= n:
+            continue
+        r, last = table[data[j]], j
+        if j + 1 < n:
+            r, last = table[(r ^ data[j + 1]) & 0xFF] ^ (r >> 8), j + 1
+        part ^= mul(shift[n - 1 - last], r)
+    return ~(part ^ mul(shift[n], ~seed & 0xFFFFFFFF)) & 0xFFFFFFFF
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 15, 16, 17, 31, 33, 63, 64])
+def test_the_devices_lane_crc_is_zlibs(n):
+    rng = np.random.default_rng(n)
+    for _ in range(20):
+        data = rng.bytes(n)
+        seed = int(rng.integers(0, 2**32))
+        assert _lane_crc(data, seed) == zlib.crc32(data, seed)
+
+
+def test_slot_check_binds_msg_id_len_and_the_first_64_bytes():
+    data = bytes(range(200))
+    c = layout.slot_check(data, 7, 200)
+    assert c == (zlib.crc32(data[:64], 7) ^ 200) & 0xFFFFFF
+    assert layout.slot_check(data, 8, 200) != c  # another msg_id
+    assert layout.slot_check(data, 7, 199) != c  # another len
+    assert layout.slot_check(data[:63] + b"x" + data[64:], 7, 200) != c  # a byte inside the window
+    assert layout.slot_check(data[:100] + b"x" + data[101:], 7, 200) == c  # past it: read after the check
+    word = layout.request_word(200, c)
+    assert word & 0xFFFFFFFF == 200 and (word >> 32) & 0xF == layout.READY
+    assert (word >> 32) & layout.REQ_CHECKED and (word >> 40) == c
+    assert layout.request_word(5, None) == 5 | layout.READY << 32

@@ -1,0 +1,150 @@
+"""The one-read path (issue 11; gpuq_layout.cuh, "One read"): the front warp serves a message from
+its read of the slot when the host's check holds, and reads a torn or stale slot again.
+
+To show that path alone, these tests keep the doorbell from moving (the host's store to it is
+dropped): the kernel then learns of a message only by reading its slot.  On the simulator and,
+where a GPU exists, on the real kernel.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+
+import numpy as np
+import pytest
+
+import gpuq_driver.queue as queue_module
+from gpuq_driver.layout import DOORBELL_HEAD_MASK
+
+
+class FrozenDoorbell:
+    """Stands in for GpuQueue._doorbell: reads see the real doorbell, the host's stores are dropped."""
+
+    def __init__(self, real):
+        self.real = real
+
+    def __getitem__(self, i):
+        return self.real[i]
+
+    def __setitem__(self, i, value):
+        pass
+
+
+def freeze(q):
+    q._doorbell = FrozenDoorbell(q._doorbell)
+
+
+def thaw(q):
+    """Put the real doorbell back and ring it with the producers' head."""
+    real = q._doorbell.real
+    q._doorbell = real
+    real[0] = (real[0] & ~DOORBELL_HEAD_MASK) | q._head
+
+
+def payloads(n: int, slot_bytes: int, seed: int) -> list[bytes]:
+    """Mixed sizes: empty, around the 16-byte chunks and the 64-byte window, up to the slot."""
+    rng = np.random.default_rng(seed)
+    edges = [0, 1, 15, 16, 17, 63, 64, 65, 127, 128, 511, 512, slot_bytes - 1, slot_bytes]
+    sizes = [e for e in edges if e <= slot_bytes] + list(rng.integers(0, slot_bytes + 1, n))
+    return [rng.bytes(int(k)) for k in sizes[:n]]
+
+
+def test_served_from_the_slot_alone(make_queue):
+    q = make_queue(capacity=256, slot_bytes=1024, linger_ms=1000.0)
+    freeze(q)
+    sent = payloads(300, 1024, 1)
+    for p in sent:
+        msg_id = q.enqueue(p)
+        assert q.wait_result(msg_id, timeout=10) == p  # with the doorbell still at 0
+    assert q._doorbell.real[0] & DOORBELL_HEAD_MASK == 0
+    thaw(q)
+    q.shutdown()  # the lease ends: the device's counters are exact
+    st = q.stats()
+    assert st.spec_reads == len(sent) and st.spec_retries == 0
+
+
+def test_without_one_read_the_doorbell_is_needed(make_queue):
+    q = make_queue(capacity=64, slot_bytes=64, one_read=False, linger_ms=1000.0)
+    freeze(q)
+    msg_id = q.enqueue(b"x" * 40)
+    time.sleep(0.05)
+    assert q.try_dequeue_result(msg_id) is None  # unchecked: the slot alone is not enough
+    thaw(q)
+    assert q.wait_result(msg_id, timeout=10) == b"x" * 40
+    q.shutdown()
+    assert q.stats().spec_reads == 0
+
+
+def test_a_slot_whose_check_fails_is_read_again_and_never_served(make_queue, monkeypatch):
+    """A stale or torn read looks like a header whose check does not hold over the bytes read: the
+    device must count it, read again, and serve the message only once the doorbell shows it."""
+    q = make_queue(capacity=64, slot_bytes=256, linger_ms=1000.0)
+    freeze(q)
+    monkeypatch.setattr(queue_module, "crc32", lambda data, seed: zlib.crc32(data, seed) ^ 0x100)
+    payload = bytes(range(200))
+    msg_id = q.enqueue(payload)
+    deadline = time.monotonic() + 5
+    while q.stats().spec_retries < 3 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert q.stats().spec_retries >= 3
+    assert q.try_dequeue_result(msg_id) is None
+    thaw(q)
+    assert q.wait_result(msg_id, timeout=10) == payload
+    q.shutdown()
+    assert q.stats().spec_reads == 0
+
+
+def test_torn_reads_are_caught_on_the_simulator():
+    """The simulator garbles a 16-byte chunk of half its slot reads: every one is caught by the
+    check (counted, read again) and every result is still right."""
+    import gpuq_driver
+
+    q = gpuq_driver.GpuQueue(gpuq_driver.QueueConfig(backend="sim", capacity=128, slot_bytes=512, linger_ms=1000.0))
+    try:
+        q._kernel.tear_rate = 0.5
+        freeze(q)
+        sent = payloads(400, 512, 2)
+        for p in sent:
+            assert q.wait_result(q.enqueue(p), timeout=10) == p
+        thaw(q)
+        q.shutdown()
+        st = q.stats()
+        assert st.spec_reads == len(sent)
+        assert st.spec_retries > 50  # about one per served message
+    finally:
+        q.close()
+
+
+@pytest.mark.parametrize("one_read", [True, False])
+def test_many_producers_mixed_sizes(make_queue, backend, one_read):
+    """Many producers, sizes across the 16- and 64-byte lines: every result right, each exactly
+    once (the torn-read stress; benchmarks/bench_one_read.py runs 10 M)."""
+    import threading
+
+    n_threads, per = 4, 2000 if backend == "cuda" else 300
+    q = make_queue(capacity=1024, slot_bytes=512, one_read=one_read)
+    errors: list = []
+
+    def producer(t):
+        try:
+            sent = payloads(per, 512, 100 + t)
+            ids = [q.enqueue(p, timeout=10) for p in sent]
+            for i, p in zip(ids, sent):
+                got = q.wait_result(i, timeout=10)
+                if got != p:
+                    errors.append((i, len(p), len(got)))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=producer, args=(t,)) for t in range(n_threads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors[:5]
+    q.shutdown()
+    st = q.stats()
+    assert st.processed == n_threads * per
+    if not one_read:
+        assert st.spec_reads == 0 and st.spec_retries == 0
