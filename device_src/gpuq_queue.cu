@@ -72,105 +72,132 @@ __device__ void announce_lease(const GpuqKernelArgs& p) {
   cuda::atomic_thread_fence(cuda::memory_order_seq_cst, kSys);
 }
 
-// What the front warp read of slot s with the doorbell (lane 0's registers): header, first 64 B.
-struct SlotRead {
-  uint4 hdr;
-  uint4 d[4];
-};
+// The lanes of the front warp's poll (one round trip): lane 0 the doorbell, lane 1 slot s's
+// header, lanes 2 .. 5 its first 64 payload bytes (one coalesced 64-byte read; four loads of one
+// line from a single thread measured 2.6 us slower per poll on the H200, benchmarks/NOTES.md).
+constexpr uint32_t kHdrLane = 1u, kDataLane = 2u;
 
-// The header lane 0 read may be message s's, checked by the host: worth validating (process_one).
+// The header lane 1 read may be message s's, checked by the host: worth validating (process_one).
 __device__ __forceinline__ bool slot_candidate(const GpuqKernelArgs& p, const uint4& hdr, uint64_t s) {
   const uint64_t mid = static_cast<uint64_t>(hdr.z) | (static_cast<uint64_t>(hdr.w) << 32);
   return mid == s && (hdr.y & GPUQ_REQ_CHECKED) != 0u && hdr.x <= p.slot_bytes;
 }
 
-// Lane 0 only: wait until msg_id s (claimed by this warp) is published.  Returns s, or GPUQ_NO_MSG
-// to exit.  When this warp was the front, `publish` is set to the head it read from the doorbell
-// (the caller publishes it to the other warps: process_one does so while its own reads are in
-// flight), and `cand` says whether `sr` holds a read of slot s to validate ("One read",
-// gpuq_layout.cuh): then s may also be returned before the doorbell shows it.
-__device__ uint64_t wait_for(const GpuqKernelArgs& p, uint64_t s, uint64_t& publish, SlotRead& sr, bool& cand) {
+__device__ __forceinline__ uint4 shfl4(uint4 v, uint32_t src) {
+  return make_uint4(__shfl_sync(kFullMask, v.x, src), __shfl_sync(kFullMask, v.y, src),
+                    __shfl_sync(kFullMask, v.z, src), __shfl_sync(kFullMask, v.w, src));
+}
+
+// The whole warp: wait until msg_id s (claimed by this warp) is published.  Returns s, or
+// GPUQ_NO_MSG to exit (the same in every lane).  Lane 0 runs the protocol; the other lanes join the
+// front warp's polls.  When this warp was the front, lane 0's `publish` is set to the head it read
+// from the doorbell (process_one publishes it to the other warps while its own reads are in
+// flight), and `cand` (every lane) says whether `mine` (lanes 1 .. 5) holds a read of slot s to
+// validate ("One read", gpuq_layout.cuh): then s may be returned before the doorbell shows it.
+__device__ uint64_t wait_for(const GpuqKernelArgs& p, uint64_t s, uint32_t lane, uint64_t& publish, uint4& mine,
+                             bool& cand) {
   GpuqDevState* dev = p.dev;
   uint32_t ns = 32u;
-  for (;;) {
-    const uint32_t stop = load_acquire<kGpu>(&dev->stop);
-    if (stop == GPUQ_STOP_ABORT) return GPUQ_NO_MSG;
-    const uint64_t h = load_acquire<kGpu>(&dev->head);
-    if (s < h) return s;
-    if (stop != GPUQ_RUN) return GPUQ_NO_MSG;  // DRAIN or LEAVE: head was final before stop was set
-    if (s == h) {
-      // Front warp: only it advances dev->head, so it polls the host alone until its message
-      // (or a stop) arrives: one round trip per poll for the doorbell and slot s.  Fronts follow
-      // one another through head's release/acquire, so begun and lease_start are seen in order.
-      const bool first = volatile_load(&dev->begun) == 0u;
-      if (first) announce_lease(p);
-      const uint64_t lease_start = volatile_load(&dev->lease_start);
-      const uint32_t slot = static_cast<uint32_t>(s & (p.capacity - 1u));
-      const uint4* shdr = reinterpret_cast<const uint4*>(p.req_hdr + slot);
-      const uint4* sdata = reinterpret_cast<const uint4*>(p.req_data + static_cast<size_t>(slot) * p.slot_bytes);
-      const uint32_t chunks = p.slot_bytes / 16u < 4u ? p.slot_bytes / 16u : 4u;
-      for (uint32_t polls = 0;; ++polls) {
-        // The lease is over: one front warp (the first to see it, atomicExch on dev->leaving)
-        // says so (leases_leaving, then a full system fence) and reads the doorbell one last
-        // time; what that read shows is served in this lease, nothing after it (the device half
-        // of the leaving handshake, gpuq_layout.cuh).  A warp that becomes front after it (its
-        // claim is that final head) must not read again: it waits for the final head and stop.
-        // Every lease reads the doorbell at least once before it may leave (its first front
-        // skips the time check once).
-        const bool over = !(first && polls == 0u) && globaltimer_ns() - lease_start >= p.lease_ns;
-        bool leaving = false;
-        if (over || volatile_load(&dev->leaving) != 0u) {
-          if (atomicExch(&dev->leaving, 1u) != 0u) {
-            uint32_t st;
-            while ((st = load_acquire<kGpu>(&dev->stop)) == GPUQ_RUN) {
-            }
-            return st != GPUQ_STOP_ABORT && s < load_acquire<kGpu>(&dev->head) ? s : GPUQ_NO_MSG;
+  uint64_t ret = 0;
+  uint32_t front = 0u;
+  if (lane == 0) {
+    for (;;) {  // not the front: wait on the VRAM copy of the doorbell
+      const uint32_t stop = load_acquire<kGpu>(&dev->stop);
+      if (stop == GPUQ_STOP_ABORT) { ret = GPUQ_NO_MSG; break; }
+      const uint64_t h = load_acquire<kGpu>(&dev->head);
+      if (s < h) { ret = s; break; }
+      if (stop != GPUQ_RUN) { ret = GPUQ_NO_MSG; break; }  // DRAIN or LEAVE: head was final before stop
+      if (s == h) { front = 1u; break; }
+      // The next two in line spin on the VRAM copy of the doorbell, so one of them takes over at
+      // once even if a sleeper wakes late; the others sleep with exponential backoff (a sleeping
+      // warp that is late to become front would delay every later message).
+      if (s - h > 2u) backoff(ns, p.idle_backoff_ns);
+    }
+  }
+  if (__shfl_sync(kFullMask, front, 0) == 0u) return __shfl_sync(kFullMask, ret, 0);
+
+  // Front warp: only it advances dev->head, so it polls the host alone until its message (or a
+  // stop) arrives: one round trip per poll for the doorbell and slot s.  Fronts follow one another
+  // through head's release/acquire, so begun and lease_start are seen in order.
+  bool first = false;
+  uint64_t lease_start = 0;
+  if (lane == 0) {
+    first = volatile_load(&dev->begun) == 0u;
+    if (first) announce_lease(p);
+    lease_start = volatile_load(&dev->lease_start);
+  }
+  const uint32_t slot = static_cast<uint32_t>(s & (p.capacity - 1u));
+  const uint4* shdr = reinterpret_cast<const uint4*>(p.req_hdr + slot);
+  const uint4* sdata = reinterpret_cast<const uint4*>(p.req_data + static_cast<size_t>(slot) * p.slot_bytes);
+  const uint32_t chunks = p.slot_bytes / 16u < 4u ? p.slot_bytes / 16u : 4u;
+  ns = 32u;
+  for (uint32_t polls = 0;; ++polls) {
+    // The lease is over: one front warp (the first to see it, atomicExch on dev->leaving) says so
+    // (leases_leaving, then a full system fence) and reads the doorbell one last time; what that
+    // read shows is served in this lease, nothing after it (the device half of the leaving
+    // handshake, gpuq_layout.cuh).  A warp that becomes front after it (its claim is that final
+    // head) must not read again: it waits for the final head and stop.  Every lease reads the
+    // doorbell at least once before it may leave (its first front skips the time check once).
+    uint32_t act = 0u;  // 0: poll, 1: the lease's last read (the doorbell alone), 2: return ret
+    if (lane == 0) {
+      const bool over = !(first && polls == 0u) && globaltimer_ns() - lease_start >= p.lease_ns;
+      if (over || volatile_load(&dev->leaving) != 0u) {
+        if (atomicExch(&dev->leaving, 1u) != 0u) {
+          uint32_t st;
+          while ((st = load_acquire<kGpu>(&dev->stop)) == GPUQ_RUN) {
           }
+          ret = st != GPUQ_STOP_ABORT && s < load_acquire<kGpu>(&dev->head) ? s : GPUQ_NO_MSG;
+          act = 2u;
+        } else {
           *reinterpret_cast<volatile uint64_t*>(&p.ctrl_dev->leases_leaving) = dev->leases + 1u;
           cuda::atomic_thread_fence(cuda::memory_order_seq_cst, kSys);
-          leaving = true;
+          act = 1u;
         }
-        // One round trip: slot s's header and first 64 bytes (issued first, so the doorbell's
-        // acquire does not hold them back), then the doorbell.  The last read of a lease reads
-        // the doorbell alone: what it shows is all this lease serves.
-        uint4 hdr = make_uint4(0u, 0u, 0u, 0u), d[4];
-        if (!leaving) {
-          hdr = __ldcv(shdr);
-#pragma unroll
-          for (uint32_t k = 0; k < 4u; ++k) {
-            if (k < chunks) d[k] = __ldcv(sdata + k);
-          }
-        }
-        const uint64_t db = load_acquire<kSys>(&p.ctrl_host->doorbell);
-        const uint64_t hh = db & GPUQ_DOORBELL_HEAD_MASK;
-        const uint32_t hstop = static_cast<uint32_t>(db >> GPUQ_DOORBELL_STOP_SHIFT);
-        if (hstop == GPUQ_STOP_ABORT) {  // no new head: only messages already handed out finish
-          store_release<kGpu>(&dev->stop, hstop);
-          return GPUQ_NO_MSG;
-        }
-        if (hstop != GPUQ_RUN || leaving) {  // DRAIN, or the last read of a lease: this head is final
-          publish_head(dev, hh);
-          store_release<kGpu>(&dev->stop, hstop != GPUQ_RUN ? hstop : GPUQ_STOP_LEAVE);
-          return s < hh ? s : GPUQ_NO_MSG;
-        }
-        cand = slot_candidate(p, hdr, s);
-        if (cand) {
-          sr.hdr = hdr;
-#pragma unroll
-          for (uint32_t k = 0; k < 4u; ++k) sr.d[k] = k < chunks ? d[k] : make_uint4(0u, 0u, 0u, 0u);
-        }
-        if (s < hh || cand) {
-          publish = hh;  // published by process_one (s + 1 at least, once a slot read holds)
-          return s;
-        }
-        // Spin while traffic is recent (a poll is one PCIe round trip, ~1 us); back off once idle.
-        if (polls > 1024u) backoff(ns, p.front_backoff_ns);
       }
     }
-    // Not the front.  The next two in line spin on the VRAM copy of the doorbell, so one of
-    // them takes over at once even if a sleeper wakes late; the others sleep with exponential
-    // backoff (a sleeping warp that is late to become front would delay every later message).
-    if (s - h > 2u) backoff(ns, p.idle_backoff_ns);
+    act = __shfl_sync(kFullMask, act, 0);
+    if (act == 2u) return __shfl_sync(kFullMask, ret, 0);
+    const bool leaving = act == 1u;
+    // One round trip: the slot's header and first 64 bytes (lanes 1 .. 5) beside the doorbell
+    // (lane 0).  The last read of a lease reads the doorbell alone: what it shows is all it serves.
+    uint4 v = make_uint4(0u, 0u, 0u, 0u);
+    uint64_t db = 0;
+    if (!leaving) {
+      if (lane == kHdrLane) v = __ldcv(shdr);
+      else if (lane >= kDataLane && lane < kDataLane + chunks) v = __ldcv(sdata + (lane - kDataLane));
+    }
+    if (lane == 0) db = load_acquire<kSys>(&p.ctrl_host->doorbell);
+    const uint4 hdr = shfl4(v, kHdrLane);
+    uint32_t decide = 0u;  // 0: poll again, 1: return ret
+    bool c = false;
+    if (lane == 0) {
+      const uint64_t hh = db & GPUQ_DOORBELL_HEAD_MASK;
+      const uint32_t hstop = static_cast<uint32_t>(db >> GPUQ_DOORBELL_STOP_SHIFT);
+      decide = 1u;
+      if (hstop == GPUQ_STOP_ABORT) {  // no new head: only messages already handed out finish
+        store_release<kGpu>(&dev->stop, hstop);
+        ret = GPUQ_NO_MSG;
+      } else if (hstop != GPUQ_RUN || leaving) {  // DRAIN, or the last read of a lease: this head is final
+        publish_head(dev, hh);
+        store_release<kGpu>(&dev->stop, hstop != GPUQ_RUN ? hstop : GPUQ_STOP_LEAVE);
+        ret = s < hh ? s : GPUQ_NO_MSG;
+      } else {
+        c = slot_candidate(p, hdr, s);
+        if (s < hh || c) {
+          publish = hh;  // published by process_one (s + 1 at least, once a slot read holds)
+          ret = s;
+        } else {
+          decide = 0u;
+          // Spin while traffic is recent (a poll is one PCIe round trip, ~1 us); back off once idle.
+          if (polls > 1024u) backoff(ns, p.front_backoff_ns);
+        }
+      }
+    }
+    if (__shfl_sync(kFullMask, decide, 0) != 0u) {
+      cand = __shfl_sync(kFullMask, c ? 1u : 0u, 0) != 0u;
+      mine = v;
+      return __shfl_sync(kFullMask, ret, 0);
+    }
   }
 }
 
@@ -187,21 +214,22 @@ __device__ __forceinline__ uint32_t gf2_mul(uint32_t a, uint32_t b) {  // a * b 
   return prod;
 }
 
-__device__ uint32_t warp_crc32(uint32_t half, uint32_t n, uint32_t seed, uint32_t lane) {
+__device__ uint32_t warp_crc32(const uint32_t* table, const uint32_t* shift, uint32_t half, uint32_t n,
+                               uint32_t seed, uint32_t lane) {
   const uint32_t j = 2u * lane;
   uint32_t part = 0u;
   if (j < n) {
-    uint32_t r = kCrcTable[half & 0xFFu];
+    uint32_t r = table[half & 0xFFu];
     uint32_t last = j;
     if (j + 1u < n) {
-      r = kCrcTable[(r ^ (half >> 8)) & 0xFFu] ^ (r >> 8);
+      r = table[(r ^ (half >> 8)) & 0xFFu] ^ (r >> 8);
       last = j + 1u;
     }
-    part = gf2_mul(kCrcShift[n - 1u - last], r);
+    part = gf2_mul(shift[n - 1u - last], r);
   }
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) part ^= __shfl_xor_sync(kFullMask, part, o);
-  return ~(part ^ gf2_mul(kCrcShift[n], ~seed));
+  return ~(part ^ gf2_mul(shift[n], ~seed));
 }
 
 // The rest of a payload, bytes [from, len), into its VRAM slot: four 16-byte loads in flight per
@@ -263,8 +291,8 @@ __device__ __forceinline__ uint32_t check_request(const GpuqKernelArgs& p, const
 // One message, the whole warp.  `cand`: lane 0's `sr` holds the front warp's read of slot s (with
 // the doorbell); served from it if the check holds.  Returns false if it did not and the doorbell
 // has not shown s yet (`publish` == 0 or <= s): the caller waits for s again.
-__device__ bool process_one(const GpuqKernelArgs& p, uint64_t s, uint32_t lane, uint64_t publish,
-                            const SlotRead& sr, bool cand) {
+__device__ bool process_one(const GpuqKernelArgs& p, uint64_t s, uint32_t lane, uint64_t publish, uint4 mine,
+                            bool cand, const uint32_t* crc_table, const uint32_t* crc_shift) {
   const uint32_t slot = static_cast<uint32_t>(s & (p.capacity - 1u));
   const uint8_t* src = p.req_data + static_cast<size_t>(slot) * p.slot_bytes;
   uint8_t* vslot = p.vram_slots + static_cast<size_t>(slot) * (16u + p.slot_bytes);
@@ -272,34 +300,30 @@ __device__ bool process_one(const GpuqKernelArgs& p, uint64_t s, uint32_t lane, 
   const uint64_t shown = __shfl_sync(kFullMask, publish, 0);  // the doorbell's head, if this warp read it
 
   if (cand) {
-    // Validate the one read: lane i takes payload bytes 2i, 2i + 1 (and lanes 0..3 a 16-byte
-    // chunk each, to stage) from lane 0's registers.
-    uint32_t half = 0u;
-    uint4 chunk = make_uint4(0u, 0u, 0u, 0u);
-#pragma unroll
-    for (uint32_t k = 0; k < 16u; ++k) {
-      const uint4& q = sr.d[k >> 2];
-      const uint32_t w = __shfl_sync(kFullMask, (k & 3u) == 0u ? q.x : (k & 3u) == 1u ? q.y : (k & 3u) == 2u ? q.z : q.w, 0);
-      if ((lane >> 1) == k) half = (lane & 1u) ? w >> 16 : w & 0xFFFFu;
-      if ((k >> 2) == lane) {
-        if ((k & 3u) == 0u) chunk.x = w; else if ((k & 3u) == 1u) chunk.y = w; else if ((k & 3u) == 2u) chunk.z = w; else chunk.w = w;
-      }
-    }
-    const uint32_t len = __shfl_sync(kFullMask, sr.hdr.x, 0);
-    const uint32_t flags = __shfl_sync(kFullMask, sr.hdr.y, 0);
+    // Validate the one read (wait_for: lane 1 the header, lanes 2 .. 5 the first 64 bytes).  Lane
+    // i takes payload bytes 2i, 2i + 1 (from lane 2 + i / 8), lanes 0 .. 3 a 16-byte chunk each.
+    const uint4 hdr = shfl4(mine, kHdrLane);
+    const uint4 q = shfl4(mine, kDataLane + (lane >> 3));
+    const uint32_t wi = (lane & 7u) >> 1;
+    const uint32_t w = wi == 0u ? q.x : wi == 1u ? q.y : wi == 2u ? q.z : q.w;
+    const uint32_t half = (lane & 1u) ? w >> 16 : w & 0xFFFFu;
+    const uint4 chunk = shfl4(mine, kDataLane + (lane & 3u));
+    const uint32_t len = hdr.x;
     const uint32_t n = len < GPUQ_CHECK_BYTES ? len : GPUQ_CHECK_BYTES;
-    const uint32_t crc = warp_crc32(half, n, static_cast<uint32_t>(s), lane);
-    if (((crc ^ len) & GPUQ_CHECK_MASK) == (flags >> GPUQ_CHECK_SHIFT)) {
+    const uint32_t crc = warp_crc32(crc_table, crc_shift, half, n, static_cast<uint32_t>(s), lane);
+    if (((crc ^ len) & GPUQ_CHECK_MASK) == (hdr.y >> GPUQ_CHECK_SHIFT)) {
       // Served from the one read: the header (msg_id, len) and the first n bytes are the host's.
-      // The acquire fence orders the reads of the rest after it (the host wrote the payload first).
       if (lane == 0) {
         publish_head(p.dev, shown > s + 1u ? shown : s + 1u);
-        const unsigned long long k = atomicAdd(reinterpret_cast<unsigned long long*>(&p.dev->spec_reads), 1ull);
-        *reinterpret_cast<volatile uint64_t*>(&p.ctrl_dev->spec_reads) = k + 1ull;
+        atomicAdd(reinterpret_cast<unsigned long long*>(&p.dev->spec_reads), 1ull);
       }
-      cuda::atomic_thread_fence(cuda::memory_order_acquire, kSys);
       if (lane * 16u < n) *reinterpret_cast<uint4*>(vin + lane * 16u) = chunk;
-      stage_rest(src, vin, GPUQ_CHECK_BYTES, len, lane);
+      if (len > GPUQ_CHECK_BYTES) {
+        // The rest: the acquire fence orders these reads after the header's (the host wrote the
+        // whole payload before the header).
+        cuda::atomic_thread_fence(cuda::memory_order_acquire, kSys);
+        stage_rest(src, vin, GPUQ_CHECK_BYTES, len, lane);
+      }
       run_plugin(p, s, slot, vslot, len, GPUQ_ERR_NONE, lane);
       __syncwarp();
       if (lane == 0) {
@@ -308,10 +332,7 @@ __device__ bool process_one(const GpuqKernelArgs& p, uint64_t s, uint32_t lane, 
       }
       return true;
     }
-    if (lane == 0) {  // torn or stale: read again
-      const unsigned long long k = atomicAdd(reinterpret_cast<unsigned long long*>(&p.dev->spec_retries), 1ull);
-      *reinterpret_cast<volatile uint64_t*>(&p.ctrl_dev->spec_retries) = k + 1ull;
-    }
+    if (lane == 0) atomicAdd(reinterpret_cast<unsigned long long*>(&p.dev->spec_retries), 1ull);  // torn or stale
     if (shown <= s) return false;  // the doorbell has not shown s: wait for it (or the slot) again
   }
 
@@ -422,13 +443,18 @@ extern "C" __global__ void gpuq_persistent(const GpuqKernelArgs p) {
     p.ctrl_dev->layout_version = GPUQ_LAYOUT_VERSION;
     p.ctrl_dev->warps = warps;
   }
+  // The CRC tables of the one read's check (gpuq_crc.cuh), in shared memory.
+  __shared__ uint32_t crc_table[256], crc_shift[GPUQ_CHECK_BYTES + 1u];
+  for (uint32_t i = threadIdx.x; i < 256u; i += blockDim.x) crc_table[i] = kCrcTable[i];
+  for (uint32_t i = threadIdx.x; i <= GPUQ_CHECK_BYTES; i += blockDim.x) crc_shift[i] = kCrcShift[i];
+  __syncthreads();
   uint64_t processed = p.warp_totals[warp];  // carried over from the previous lease
   uint64_t next = 0, end = 0;  // lane 0: this warp's claimed msg_ids [next, end), served in order
   for (;;) {
     uint64_t s = 0, publish = 0;
     uint32_t range = 0;
     bool cand = false;
-    SlotRead sr;
+    uint4 mine = make_uint4(0u, 0u, 0u, 0u);
     if (lane == 0) {
       GpuqDevState* dev = p.dev;
       const uint64_t h = load_acquire<kGpu>(&dev->head);
@@ -445,20 +471,21 @@ extern "C" __global__ void gpuq_persistent(const GpuqKernelArgs p) {
       if (ready >= next + 2u && load_acquire<kGpu>(&dev->stop) != GPUQ_STOP_ABORT) {
         s = next;
         range = static_cast<uint32_t>(ready - next);
-      } else {
-        s = wait_for(p, next, publish, sr, cand);
       }
     }
-    s = __shfl_sync(kFullMask, s, 0);
     range = __shfl_sync(kFullMask, range, 0);
-    cand = __shfl_sync(kFullMask, cand ? 1u : 0u, 0) != 0u;
+    if (range != 0u) {
+      s = __shfl_sync(kFullMask, s, 0);
+    } else {
+      s = wait_for(p, __shfl_sync(kFullMask, next, 0), lane, publish, mine, cand);
+    }
     __syncwarp();  // orders lane 0's acquire before every lane's reads of the slots
     if (s == GPUQ_NO_MSG) break;
     uint32_t done = 0;
     if (range != 0u) {
       process_range(p, s, range, lane);
       done = range;
-    } else if (process_one(p, s, lane, publish, sr, cand)) {
+    } else if (process_one(p, s, lane, publish, mine, cand, crc_table, crc_shift)) {
       done = 1u;
     }
     if (done == 0u) continue;  // a torn or stale slot read: wait for s again
