@@ -69,8 +69,9 @@
 // check << 8, with check = the low 24 bits of zlib.crc32(payload[0 : min(len, 64)], msg_id mod
 // 2^32) ^ len.  The warp serves the message from that read only if the header's msg_id is its
 // own and the check holds over what it read (msg_id and len bind the header, the CRC the bytes);
-// it then fences (acquire, system scope) before reading the rest of a longer payload, which the
-// host wrote before the header.  Anything else, torn, stale or unchecked, is read again
+// only messages of at most 64 bytes are served this way (the rest of a longer one would need a
+// system-scope acquire fence after the check, which costs more than the round trip it saves).
+// Anything else, torn, stale, longer or unchecked, is read again
 // (GpuqDevState.spec_retries) or waits for the doorbell, which stays the source of truth for the
 // head, stop requests and the lease handshakes.
 #pragma once

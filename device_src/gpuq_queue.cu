@@ -77,10 +77,12 @@ __device__ void announce_lease(const GpuqKernelArgs& p) {
 // line from a single thread measured 2.6 us slower per poll on the H200, benchmarks/NOTES.md).
 constexpr uint32_t kHdrLane = 1u, kDataLane = 2u;
 
-// The header lane 1 read may be message s's, checked by the host: worth validating (process_one).
+// The header lane 1 read may be message s's, checked by the host, and the whole payload was read
+// with it (at most 64 bytes: a longer one waits for the doorbell, since reading its rest after the
+// check would need a system-scope acquire fence, measured ~2 us): worth validating (process_one).
 __device__ __forceinline__ bool slot_candidate(const GpuqKernelArgs& p, const uint4& hdr, uint64_t s) {
   const uint64_t mid = static_cast<uint64_t>(hdr.z) | (static_cast<uint64_t>(hdr.w) << 32);
-  return mid == s && (hdr.y & GPUQ_REQ_CHECKED) != 0u && hdr.x <= p.slot_bytes;
+  return mid == s && (hdr.y & GPUQ_REQ_CHECKED) != 0u && hdr.x <= GPUQ_CHECK_BYTES && hdr.x <= p.slot_bytes;
 }
 
 __device__ __forceinline__ uint4 shfl4(uint4 v, uint32_t src) {
@@ -317,13 +319,7 @@ __device__ bool process_one(const GpuqKernelArgs& p, uint64_t s, uint32_t lane, 
         publish_head(p.dev, shown > s + 1u ? shown : s + 1u);
         atomicAdd(reinterpret_cast<unsigned long long*>(&p.dev->spec_reads), 1ull);
       }
-      if (lane * 16u < n) *reinterpret_cast<uint4*>(vin + lane * 16u) = chunk;
-      if (len > GPUQ_CHECK_BYTES) {
-        // The rest: the acquire fence orders these reads after the header's (the host wrote the
-        // whole payload before the header).
-        cuda::atomic_thread_fence(cuda::memory_order_acquire, kSys);
-        stage_rest(src, vin, GPUQ_CHECK_BYTES, len, lane);
-      }
+      if (lane * 16u < n) *reinterpret_cast<uint4*>(vin + lane * 16u) = chunk;  // n == len (slot_candidate)
       run_plugin(p, s, slot, vslot, len, GPUQ_ERR_NONE, lane);
       __syncwarp();
       if (lane == 0) {

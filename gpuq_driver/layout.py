@@ -153,7 +153,8 @@ def request_stop(doorbell, mode: int) -> None:
 
 def slot_check(payload, msg_id: int, n: int) -> int:
     """The 24-bit check of a request (gpuq_layout.cuh, "One read"): the low 24 bits of
-    ``zlib.crc32(payload[:min(n, 64)], msg_id mod 2**32) ^ n``, for a payload of ``n`` bytes.
+    ``zlib.crc32(payload[:min(n, 64)], msg_id mod 2**32) ^ n``, for a payload of ``n`` bytes
+    (``enqueue`` adds it to messages of at most 64 bytes, the only ones served from one read).
     Binds the header (msg_id, len) to the bytes the front warp reads with it, so a torn or stale
     read fails it.  ``payload`` is bytes-like; ~0.1 µs."""
     return (zlib.crc32(payload if n <= CHECK_BYTES else payload[:CHECK_BYTES], msg_id & 0xFFFFFFFF) ^ n) & CHECK_MASK

@@ -138,11 +138,11 @@ class QueueConfig:
                         (ConfigError there if it exceeds the free VRAM) and freed at ``close()``;
                         the device code reads it with ``gpuq_params()`` /
                         ``gpuq_params_bytes()``, the twin as its ``params`` argument (params.py).
-    one_read:           True (default): ``enqueue`` puts a 24-bit check of the message's first 64
+    one_read:           True (default): ``enqueue`` puts a 24-bit check of a message of at most 64
                         bytes in its header (~0.1 µs), so that the front warp, polling, reads the
                         doorbell and the slot in one PCIe round trip and serves the message at once
-                        if the check holds (a torn or stale read is read again): ~1.4 µs less per
-                        message on an idle queue (docs/design.md, "One read per message").  False:
+                        if the check holds (a torn or stale read is read again; docs/design.md,
+                        "One read per message", has the figures).  False, and for longer messages:
                         the doorbell first, then the slot (two round trips).  The batch calls never
                         add the check (their messages are served in ranges, after the doorbell).
     """
@@ -426,9 +426,8 @@ class GpuQueue(BulkCalls):
             off = slot * self._sb
             hdr = self._req_hdr
             self._req_data[off : off + n] = payload
-            if self._one_read:  # the slot check (layout.slot_check, inlined: ~0.1 µs)
-                c = crc32(payload if n <= 64 else payload[:64], seq & 0xFFFFFFFF) ^ n
-                hdr[slot << 1] = n | self._checked | (c & 0xFFFFFF) << 40
+            if n <= 64 and self._one_read:  # the slot check (layout.slot_check, inlined: ~0.1 µs)
+                hdr[slot << 1] = n | self._checked | ((crc32(payload, seq & 0xFFFFFFFF) ^ n) & 0xFFFFFF) << 40
             else:
                 hdr[slot << 1] = n | self._ready
             hdr[(slot << 1) | 1] = seq

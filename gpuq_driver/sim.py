@@ -237,14 +237,14 @@ class SimulatedKernel:
 
     def _one_read(self, seq: int, req_hdr, req_data):
         """The front warp's one read of slot ``seq`` (gpuq_layout.cuh, "One read"): its payload if
-        the header is msg_id ``seq``'s, checked, and the check holds over a snapshot of its first
-        64 bytes (garbled at ``tear_rate``, as a torn PCIe read); else None (counted in
+        the header is msg_id ``seq``'s, checked, at most 64 bytes long, and the check holds over a
+        snapshot of it (garbled at ``tear_rate``, as a torn PCIe read); else None (counted in
         spec_retries when the check failed).  The snapshot's bytes are what is served, as on the
         device."""
         slot = slot_of(seq, self.config.capacity)
         word, sb = req_hdr[2 * slot], self.config.slot_bytes
         n, flags = word & 0xFFFFFFFF, word >> 32
-        if req_hdr[2 * slot + 1] != seq or not flags & REQ_CHECKED or n > sb:
+        if req_hdr[2 * slot + 1] != seq or not flags & REQ_CHECKED or n > min(sb, CHECK_BYTES):
             return None
         head = bytearray(req_data[slot * sb : slot * sb + min(n, CHECK_BYTES)])
         if self.tear_rate and self._rng.random() < self.tear_rate and head:
@@ -254,4 +254,4 @@ class SimulatedKernel:
             self.ctrl.spec_retries += 1
             return None
         self.ctrl.spec_reads += 1
-        return bytes(head) + bytes(req_data[slot * sb + len(head) : slot * sb + n])
+        return bytes(head)  # the whole payload (n <= 64)

@@ -42,18 +42,19 @@ def thaw(q):
     real[0] = (real[0] & ~DOORBELL_HEAD_MASK) | q._head
 
 
-def payloads(n: int, slot_bytes: int, seed: int) -> list[bytes]:
-    """Mixed sizes: empty, around the 16-byte chunks and the 64-byte window, up to the slot."""
+def payloads(n: int, max_bytes: int, seed: int) -> list[bytes]:
+    """Mixed sizes: empty, around the 16-byte chunks and the 64-byte window, up to max_bytes."""
     rng = np.random.default_rng(seed)
-    edges = [0, 1, 15, 16, 17, 63, 64, 65, 127, 128, 511, 512, slot_bytes - 1, slot_bytes]
-    sizes = [e for e in edges if e <= slot_bytes] + list(rng.integers(0, slot_bytes + 1, n))
+    edges = [0, 1, 15, 16, 17, 63, 64, 65, 127, 128, 511, 512, max_bytes - 1, max_bytes]
+    sizes = [e for e in edges if e <= max_bytes] + list(rng.integers(0, max_bytes + 1, n))
     return [rng.bytes(int(k)) for k in sizes[:n]]
 
 
 def test_served_from_the_slot_alone(make_queue):
+    """Messages of at most 64 bytes (the one read's window) need no doorbell at all."""
     q = make_queue(capacity=256, slot_bytes=1024, linger_ms=1000.0)
     freeze(q)
-    sent = payloads(300, 1024, 1)
+    sent = payloads(300, 64, 1)
     for p in sent:
         msg_id = q.enqueue(p)
         assert q.wait_result(msg_id, timeout=10) == p  # with the doorbell still at 0
@@ -64,14 +65,16 @@ def test_served_from_the_slot_alone(make_queue):
     assert st.spec_reads == len(sent) and st.spec_retries == 0
 
 
-def test_without_one_read_the_doorbell_is_needed(make_queue):
-    q = make_queue(capacity=64, slot_bytes=64, one_read=False, linger_ms=1000.0)
+@pytest.mark.parametrize("one_read, size", [(False, 40), (True, 65), (True, 1000)])
+def test_otherwise_the_doorbell_is_needed(make_queue, one_read, size):
+    """Unchecked (one_read=False) or longer than 64 bytes: the slot alone is not enough."""
+    q = make_queue(capacity=64, slot_bytes=1024, one_read=one_read, linger_ms=1000.0)
     freeze(q)
-    msg_id = q.enqueue(b"x" * 40)
+    msg_id = q.enqueue(b"x" * size)
     time.sleep(0.05)
-    assert q.try_dequeue_result(msg_id) is None  # unchecked: the slot alone is not enough
+    assert q.try_dequeue_result(msg_id) is None
     thaw(q)
-    assert q.wait_result(msg_id, timeout=10) == b"x" * 40
+    assert q.wait_result(msg_id, timeout=10) == b"x" * size
     q.shutdown()
     assert q.stats().spec_reads == 0
 
@@ -82,7 +85,7 @@ def test_a_slot_whose_check_fails_is_read_again_and_never_served(make_queue, mon
     q = make_queue(capacity=64, slot_bytes=256, linger_ms=1000.0)
     freeze(q)
     monkeypatch.setattr(queue_module, "crc32", lambda data, seed: zlib.crc32(data, seed) ^ 0x100)
-    payload = bytes(range(200))
+    payload = bytes(range(48))
     msg_id = q.enqueue(payload)
     deadline = time.monotonic() + 5
     while q.stats().spec_retries < 3 and time.monotonic() < deadline:
@@ -104,7 +107,7 @@ def test_torn_reads_are_caught_on_the_simulator():
     try:
         q._kernel.tear_rate = 0.5
         freeze(q)
-        sent = payloads(400, 512, 2)
+        sent = payloads(400, 64, 2)
         for p in sent:
             assert q.wait_result(q.enqueue(p), timeout=10) == p
         thaw(q)
@@ -128,12 +131,15 @@ def test_many_producers_mixed_sizes(make_queue, backend, one_read):
 
     def producer(t):
         try:
-            sent = payloads(per, 512, 100 + t)
-            ids = [q.enqueue(p, timeout=10) for p in sent]
-            for i, p in zip(ids, sent):
-                got = q.wait_result(i, timeout=10)
-                if got != p:
-                    errors.append((i, len(p), len(got)))
+            sent, window = payloads(per, 512, 100 + t), []
+            for k, p in enumerate(sent):  # up to 16 in flight per producer
+                window.append((q.enqueue(p, timeout=10), p))
+                if len(window) == 16 or k == len(sent) - 1:
+                    for i, want in window:
+                        got = q.wait_result(i, timeout=10)
+                        if got != want:
+                            errors.append((i, len(want), len(got)))
+                    window.clear()
         except Exception as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
