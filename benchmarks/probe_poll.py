@@ -2,7 +2,8 @@
 """What the front warp's poll costs (issue 11 diagnostic): the 64 B round trip, one read and two,
 with kernels built to poll the doorbell alone, the doorbell and the slot's header, or the doorbell,
 header and first 64 bytes (GPUQ_POLL_SLOT = 0 / 1 / 2, gpuq_queue.cu), and with the doorbell read
-relaxed instead of acquire (GPUQ_POLL_RELAXED: not a valid protocol, to see what the acquire costs).
+relaxed instead of acquire (GPUQ_POLL_RELAXED), and with the one read's check skipped
+(GPUQ_SPEC_NO_CHECK): neither is a valid protocol; they show what the acquire and the check cost.
 Prints one line per case; writes nothing.
 
     PYTHONPATH=. python benchmarks/probe_poll.py --iters 3000
@@ -22,13 +23,62 @@ import bench_latency  # noqa: E402
 from gpuq_driver import compiler, kernel  # noqa: E402
 
 
+def trace(size: int, iters: int, one_read: bool, defines=()) -> None:
+    """Per-stage SM cycles of the serving warp (a GPUQ_TRACE build): poll issued -> returned ->
+    payload in hand -> plugin done -> result released, and the polls each message took."""
+    import numpy as np
+
+    from gpuq_driver import GpuQueue, QueueConfig
+
+    kernel.CompileOptions = functools.partial(compiler.CompileOptions, defines=("GPUQ_TRACE", *defines))
+    payload = bytes(range(size % 256)) * (size // 256) + bytes(range(size % 256))
+    rows = []
+    with GpuQueue(QueueConfig(capacity=1024, slot_bytes=max(64, size), one_read=one_read)) as q:
+        pad, res_ids, mask = q._kernel.ctrl.pad, q._res_hdr, q._mask
+        for i in range(iters):
+            mid = q.enqueue(payload)
+            while res_ids[((mid & mask) << 1) | 1] != mid:
+                pass
+            for _ in range(100000):
+                if pad[5] == mid:
+                    break
+            q.try_dequeue_result(mid)
+            if pad[5] == mid and i >= iters // 10:
+                t = [int(pad[k]) for k in range(5)]
+                rows.append([t[1] - t[0], t[2] - t[1], t[3] - t[2], t[4] - t[3], int(pad[6])])
+    a = np.array(rows)
+    med = np.median(a, axis=0)
+    print(
+        f"trace {size} B one_read={one_read} {defines} ({len(a)} msgs), median SM cycles: poll RT {med[0]:.0f}, "
+        f"to payload {med[1]:.0f}, plugin {med[2]:.0f}, release {med[3]:.0f}; polls/msg median {med[4]:.0f}, "
+        f"mean {a[:, 4].mean():.1f}",
+        flush=True,
+    )
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--iters", type=int, default=3000)
     ap.add_argument("--sizes", default="64")
+    ap.add_argument(
+        "--cases",
+        default=",GPUQ_POLL_SLOT=0,GPUQ_POLL_SLOT=1,GPUQ_POLL_RELAXED,GPUQ_SPEC_NO_CHECK",
+        help="comma-separated kernels to build: macros joined by '+', empty = the default kernel",
+    )
+    ap.add_argument("--trace", action="store_true", help="per-stage cycles from a GPUQ_TRACE build instead")
     args = ap.parse_args()
     bench_latency.queue_round_trip(64, args.iters // 2)  # warm-up
-    for defines in ((), ("GPUQ_POLL_SLOT=0",), ("GPUQ_POLL_SLOT=1",), ("GPUQ_POLL_RELAXED",)):
+    if args.trace:
+        from gpuq_driver import device_info
+
+        print(device_info(0))
+        for defines in [tuple(c.split("+")) if c else () for c in args.cases.split(",")]:
+            for size in map(int, args.sizes.split(",")):
+                for one_read in (True, False):
+                    trace(size, args.iters, one_read, defines)
+        return 0
+    cases = [tuple(c.split("+")) if c else () for c in args.cases.split(",")]
+    for defines in cases:
         kernel.CompileOptions = functools.partial(compiler.CompileOptions, defines=defines)
         for size in map(int, args.sizes.split(",")):
             for one_read in (True, False):

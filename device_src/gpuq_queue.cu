@@ -72,6 +72,17 @@ __device__ void announce_lease(const GpuqKernelArgs& p) {
   cuda::atomic_thread_fence(cuda::memory_order_seq_cst, kSys);
 }
 
+// GPUQ_TRACE (a diagnostic build, benchmarks/probe_poll.py --trace): lane 0 of the warp serving a
+// message stamps clock64() at the poll that found it (issued, returned), once its payload is in
+// hand, after the plugin and after the result's release, into GpuqCtrlDev.pad (with the msg_id
+// and the polls it took), for the host to read.
+#ifdef GPUQ_TRACE
+__device__ unsigned long long gpuq_trace_g[8];
+#define GPUQ_TRACE_AT(i) (gpuq_trace_g[i] = clock64())
+#else
+#define GPUQ_TRACE_AT(i) ((void)0)
+#endif
+
 // The lanes of the front warp's poll (one round trip): lane 0 the doorbell, lane 1 slot s's
 // header, lanes 2 .. 5 its first 64 payload bytes (one coalesced 64-byte read; four loads of one
 // line from a single thread measured 2.6 us slower per poll on the H200, benchmarks/NOTES.md).
@@ -164,9 +175,18 @@ __device__ uint64_t wait_for(const GpuqKernelArgs& p, uint64_t s, uint32_t lane,
     // (lane 0).  The last read of a lease reads the doorbell alone: what it shows is all it serves.
     uint4 v = make_uint4(0u, 0u, 0u, 0u);
     uint64_t db = 0;
+#ifdef GPUQ_TRACE
+    const unsigned long long t_issue = clock64();
+#endif
     if (!leaving) {
       if (lane == kHdrLane) v = __ldcv(shdr);
+#if defined(GPUQ_POLL_DATA32)  // diagnostics (probe_poll.py): 32 bytes only; L2-cached loads
+      else if (lane >= kDataLane && lane < kDataLane + 2u) v = __ldcv(sdata + (lane - kDataLane));
+#elif defined(GPUQ_POLL_DATA_CG)
+      else if (lane >= kDataLane && lane < kDataLane + chunks) v = __ldcg(sdata + (lane - kDataLane));
+#else
       else if (lane >= kDataLane && lane < kDataLane + chunks) v = __ldcv(sdata + (lane - kDataLane));
+#endif
     }
     if (lane == 0) db = load_acquire<kSys>(&p.ctrl_host->doorbell);
     const uint4 hdr = shfl4(v, kHdrLane);
@@ -196,6 +216,9 @@ __device__ uint64_t wait_for(const GpuqKernelArgs& p, uint64_t s, uint32_t lane,
       }
     }
     if (__shfl_sync(kFullMask, decide, 0) != 0u) {
+#ifdef GPUQ_TRACE
+      if (lane == 0) { gpuq_trace_g[0] = t_issue; GPUQ_TRACE_AT(1); gpuq_trace_g[6] = polls; }
+#endif
       cand = __shfl_sync(kFullMask, c ? 1u : 0u, 0) != 0u;
       mine = v;
       return __shfl_sync(kFullMask, ret, 0);
@@ -203,35 +226,27 @@ __device__ uint64_t wait_for(const GpuqKernelArgs& p, uint64_t s, uint32_t lane,
   }
 }
 
-// zlib.crc32(bytes[0 : n], seed) for n <= 64, computed by the whole warp from its lanes' halves:
-// lane i holds bytes 2i, 2i + 1 in `half`.  Each lane's partial CRC is shifted past the bytes
-// after it (x^(8k) mod P, kCrcShift) and the partials XORed together, as zlib's crc32_combine.
-__device__ __forceinline__ uint32_t gf2_mul(uint32_t a, uint32_t b) {  // a * b mod P (zlib's multmodp)
-  uint32_t prod = 0u;
-#pragma unroll
-  for (int i = 31; i >= 0; --i) {
-    if ((a >> i) & 1u) prod ^= b;
-    b = (b & 1u) ? (b >> 1) ^ 0xEDB88320u : b >> 1;
+// zlib.crc32(bytes[0 : n], seed) for n <= 64, computed by every lane alike (the warp stays
+// converged) by slicing-by-16, then by 4, then byte by byte (zlib's tables in shared memory,
+// gpuq_crc.cuh).  Lane j < 16 holds the window's little-endian word j in `word`; the words are
+// broadcast by shuffles.  ~300 SM cycles for 64 bytes (a bitwise carry-less shift measured ~2,000).
+__device__ uint32_t warp_crc32(const uint32_t (*t)[256], uint32_t word, uint32_t n, uint32_t seed) {
+  uint32_t c = ~seed, k = 0;
+  for (; 4u * k + 16u <= n; k += 4u) {
+    const uint32_t a = __shfl_sync(kFullMask, word, k) ^ c, b = __shfl_sync(kFullMask, word, k + 1u);
+    const uint32_t d = __shfl_sync(kFullMask, word, k + 2u), e = __shfl_sync(kFullMask, word, k + 3u);
+    c = t[15][a & 0xFFu] ^ t[14][(a >> 8) & 0xFFu] ^ t[13][(a >> 16) & 0xFFu] ^ t[12][a >> 24] ^
+        t[11][b & 0xFFu] ^ t[10][(b >> 8) & 0xFFu] ^ t[9][(b >> 16) & 0xFFu] ^ t[8][b >> 24] ^
+        t[7][d & 0xFFu] ^ t[6][(d >> 8) & 0xFFu] ^ t[5][(d >> 16) & 0xFFu] ^ t[4][d >> 24] ^
+        t[3][e & 0xFFu] ^ t[2][(e >> 8) & 0xFFu] ^ t[1][(e >> 16) & 0xFFu] ^ t[0][e >> 24];
   }
-  return prod;
-}
-
-__device__ uint32_t warp_crc32(const uint32_t* table, const uint32_t* shift, uint32_t half, uint32_t n,
-                               uint32_t seed, uint32_t lane) {
-  const uint32_t j = 2u * lane;
-  uint32_t part = 0u;
-  if (j < n) {
-    uint32_t r = table[half & 0xFFu];
-    uint32_t last = j;
-    if (j + 1u < n) {
-      r = table[(r ^ (half >> 8)) & 0xFFu] ^ (r >> 8);
-      last = j + 1u;
-    }
-    part = gf2_mul(shift[n - 1u - last], r);
+  for (; 4u * k + 4u <= n; ++k) {
+    const uint32_t a = __shfl_sync(kFullMask, word, k) ^ c;
+    c = t[3][a & 0xFFu] ^ t[2][(a >> 8) & 0xFFu] ^ t[1][(a >> 16) & 0xFFu] ^ t[0][a >> 24];
   }
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) part ^= __shfl_xor_sync(kFullMask, part, o);
-  return ~(part ^ gf2_mul(shift[n], ~seed));
+  const uint32_t last = __shfl_sync(kFullMask, word, k & 15u);
+  for (uint32_t i = 0; i < (n & 3u); ++i) c = t[0][(c ^ (last >> (8u * i))) & 0xFFu] ^ (c >> 8);
+  return ~c;
 }
 
 // The rest of a payload, bytes [from, len), into its VRAM slot: four 16-byte loads in flight per
@@ -279,6 +294,16 @@ __device__ __forceinline__ void run_plugin(const GpuqKernelArgs& p, uint64_t s, 
   }
 }
 
+__device__ __forceinline__ void trace_out(const GpuqKernelArgs& p, uint64_t s) {
+#ifdef GPUQ_TRACE
+  GPUQ_TRACE_AT(4);
+  volatile uint64_t* out = p.ctrl_dev->pad;
+  for (int i = 0; i < 5; ++i) out[i] = gpuq_trace_g[i];
+  out[6] = gpuq_trace_g[6];
+  out[5] = s;
+#endif
+}
+
 // Check a request header (lane 0 of the message): BAD_MSG_ID, BAD_LEN (len clamped).
 __device__ __forceinline__ uint32_t check_request(const GpuqKernelArgs& p, const uint4& hdr, uint64_t s, uint32_t& len) {
   const uint64_t mid = static_cast<uint64_t>(hdr.z) | (static_cast<uint64_t>(hdr.w) << 32);
@@ -294,7 +319,7 @@ __device__ __forceinline__ uint32_t check_request(const GpuqKernelArgs& p, const
 // the doorbell); served from it if the check holds.  Returns false if it did not and the doorbell
 // has not shown s yet (`publish` == 0 or <= s): the caller waits for s again.
 __device__ bool process_one(const GpuqKernelArgs& p, uint64_t s, uint32_t lane, uint64_t publish, uint4 mine,
-                            bool cand, const uint32_t* crc_table, const uint32_t* crc_shift) {
+                            bool cand, const uint32_t (*crc_tables)[256]) {
   const uint32_t slot = static_cast<uint32_t>(s & (p.capacity - 1u));
   const uint8_t* src = p.req_data + static_cast<size_t>(slot) * p.slot_bytes;
   uint8_t* vslot = p.vram_slots + static_cast<size_t>(slot) * (16u + p.slot_bytes);
@@ -302,28 +327,39 @@ __device__ bool process_one(const GpuqKernelArgs& p, uint64_t s, uint32_t lane, 
   const uint64_t shown = __shfl_sync(kFullMask, publish, 0);  // the doorbell's head, if this warp read it
 
   if (cand) {
-    // Validate the one read (wait_for: lane 1 the header, lanes 2 .. 5 the first 64 bytes).  Lane
-    // i takes payload bytes 2i, 2i + 1 (from lane 2 + i / 8), lanes 0 .. 3 a 16-byte chunk each.
+    // Validate the one read (wait_for: lane 1 the header, lanes 2 .. 5 the first 64 bytes).
     const uint4 hdr = shfl4(mine, kHdrLane);
-    const uint4 q = shfl4(mine, kDataLane + (lane >> 3));
-    const uint32_t wi = (lane & 7u) >> 1;
-    const uint32_t w = wi == 0u ? q.x : wi == 1u ? q.y : wi == 2u ? q.z : q.w;
-    const uint32_t half = (lane & 1u) ? w >> 16 : w & 0xFFFFu;
-    const uint4 chunk = shfl4(mine, kDataLane + (lane & 3u));
+    const uint4 q = shfl4(mine, kDataLane + ((lane >> 2) & 3u));  // lane j < 16: word j of the 64 bytes
+    const uint32_t wi = lane & 3u;
+    const uint32_t word = wi == 0u ? q.x : wi == 1u ? q.y : wi == 2u ? q.z : q.w;
+    const uint4 chunk = shfl4(mine, kDataLane + (lane & 3u));  // lanes 0 .. 3: 16-byte chunk `lane`
     const uint32_t len = hdr.x;
     const uint32_t n = len < GPUQ_CHECK_BYTES ? len : GPUQ_CHECK_BYTES;
-    const uint32_t crc = warp_crc32(crc_table, crc_shift, half, n, static_cast<uint32_t>(s), lane);
+#ifdef GPUQ_SPEC_NO_CHECK  // a diagnostic only (probe_poll.py): what the check costs; not a valid protocol
+    if (true) {
+#else
+    const uint32_t crc = warp_crc32(crc_tables, word, n, static_cast<uint32_t>(s));
     if (((crc ^ len) & GPUQ_CHECK_MASK) == (hdr.y >> GPUQ_CHECK_SHIFT)) {
+#endif
       // Served from the one read: the header (msg_id, len) and the first n bytes are the host's.
       if (lane == 0) {
-        publish_head(p.dev, shown > s + 1u ? shown : s + 1u);
+        GPUQ_TRACE_AT(2);
+        // The head the doorbell showed, if it covers more than s, is released (its slots' writes
+        // come with the doorbell's acquire); s + 1 alone needs no release (slot s is this warp's).
+        if (shown > s + 1u) {
+          publish_head(p.dev, shown);
+        } else {
+          cuda::atomic_ref<uint64_t, kGpu>(p.dev->head).fetch_max(s + 1u, cuda::memory_order_relaxed);
+        }
         atomicAdd(reinterpret_cast<unsigned long long*>(&p.dev->spec_reads), 1ull);
       }
       if (lane * 16u < n) *reinterpret_cast<uint4*>(vin + lane * 16u) = chunk;  // n == len (slot_candidate)
       run_plugin(p, s, slot, vslot, len, GPUQ_ERR_NONE, lane);
+      if (lane == 0) GPUQ_TRACE_AT(3);
       __syncwarp();
       if (lane == 0) {
         store_release<kSys>(&p.res_hdr[slot].msg_id, s);
+        trace_out(p, s);
         reinterpret_cast<GpuqSlotHeader*>(vslot)->flags = GPUQ_DONE;
       }
       return true;
@@ -343,6 +379,7 @@ __device__ bool process_one(const GpuqKernelArgs& p, uint64_t s, uint32_t lane, 
   if (lane == 0 && publish != 0) publish_head(p.dev, publish);
   uint32_t len = 0, code = GPUQ_ERR_NONE;
   if (lane == 0) code = check_request(p, hdr, s, len);
+  if (lane == 0) GPUQ_TRACE_AT(2);
   len = __shfl_sync(kFullMask, len, 0);
   code = __shfl_sync(kFullMask, code, 0);
 
@@ -350,12 +387,14 @@ __device__ bool process_one(const GpuqKernelArgs& p, uint64_t s, uint32_t lane, 
   if (first < len) *reinterpret_cast<uint4*>(vin + first) = chunk;
   stage_rest(src, vin, 512u, len, lane);
   run_plugin(p, s, slot, vslot, len, code, lane);
+  if (lane == 0) GPUQ_TRACE_AT(3);
 
   // INFLIGHT -> DONE: the warp's result writes are ordered before lane 0's release (the warp
   // barrier orders them, the system-scope release is cumulative); header, then msg_id last.
   __syncwarp();
   if (lane == 0) {
     store_release<kSys>(&p.res_hdr[slot].msg_id, s);
+    trace_out(p, s);
     reinterpret_cast<GpuqSlotHeader*>(vslot)->flags = GPUQ_DONE;
   }
   return true;
@@ -439,10 +478,13 @@ extern "C" __global__ void gpuq_persistent(const GpuqKernelArgs p) {
     p.ctrl_dev->layout_version = GPUQ_LAYOUT_VERSION;
     p.ctrl_dev->warps = warps;
   }
-  // The CRC tables of the one read's check (gpuq_crc.cuh), in shared memory.
-  __shared__ uint32_t crc_table[256], crc_shift[GPUQ_CHECK_BYTES + 1u];
-  for (uint32_t i = threadIdx.x; i < 256u; i += blockDim.x) crc_table[i] = kCrcTable[i];
-  for (uint32_t i = threadIdx.x; i <= GPUQ_CHECK_BYTES; i += blockDim.x) crc_shift[i] = kCrcShift[i];
+  // The CRC tables of the one read's check (gpuq_crc.cuh, 16 KB), in shared memory.
+  __shared__ uint32_t crc_tables[16][256];
+  {
+    const uint4* src = reinterpret_cast<const uint4*>(&kCrcTables[0][0]);
+    uint4* dst = reinterpret_cast<uint4*>(&crc_tables[0][0]);
+    for (uint32_t i = threadIdx.x; i < 16u * 256u / 4u; i += blockDim.x) dst[i] = src[i];
+  }
   __syncthreads();
   uint64_t processed = p.warp_totals[warp];  // carried over from the previous lease
   uint64_t next = 0, end = 0;  // lane 0: this warp's claimed msg_ids [next, end), served in order
@@ -481,7 +523,7 @@ extern "C" __global__ void gpuq_persistent(const GpuqKernelArgs p) {
     if (range != 0u) {
       process_range(p, s, range, lane);
       done = range;
-    } else if (process_one(p, s, lane, publish, mine, cand, crc_table, crc_shift)) {
+    } else if (process_one(p, s, lane, publish, mine, cand, crc_tables)) {
       done = 1u;
     }
     if (done == 0u) continue;  // a torn or stale slot read: wait for s again
