@@ -16,9 +16,12 @@
 //   req_hdr[cap]      mapped pinned               host              device (owning warp)
 //   req_data[cap]     mapped pinned               host              device (owning warp)
 //   res_hdr[cap]      mapped pinned               device            host
-//   res_data[cap]     mapped pinned               device            host
+//   res_data[cap]     mapped pinned, or VRAM      device            host (a VRAM ring: read by
+//                     (result_memory="device")                        DtoH copies, or lent as device arrays)
 //   warp_counters[W]  mapped pinned               device (warp w)   host
-//   vram_slots[cap]   VRAM                        device            device (plugin input)
+//   vram_slots[cap]   VRAM                        device (host:     device (plugin input)
+//                                                 enqueue_device's
+//                                                 D2D copies)
 //   GpuqDevState      VRAM                        device            device
 //   warp_totals[W]    VRAM                        device (warp w)   device (warp w, next lease)
 //
@@ -28,7 +31,9 @@
 //   EMPTY    -> READY     host writes req_data, then req_hdr {len, READY, msg_id}, then
 //                         GpuqCtrlHost.doorbell = msg_id + 1, in that order (x86 TSO)
 //   READY    -> INFLIGHT  a warp that claimed msg_id (atomicAdd on GpuqDevState.claim) sees
-//                         head > msg_id, copies the payload into its VRAM slot
+//                         head > msg_id, copies the payload into its VRAM slot (unless the request
+//                         flags have GPUQ_REQ_IN_VRAM: the host copied it there device to device,
+//                         and waited for that copy, before writing the header; enqueue_device)
 //   INFLIGHT -> DONE      the plugin writes res_data; __threadfence_system(); then res_hdr
 //                         {len, flags} and, last, res_hdr.msg_id = msg_id (release, system scope);
 //                         flags = DONE | protocol error << GPUQ_ERR_SHIFT | plugin status (below)
@@ -76,6 +81,8 @@ using cuda::std::uint8_t;
 #define GPUQ_READY 1u
 #define GPUQ_INFLIGHT 2u
 #define GPUQ_DONE 3u
+// Request flags (req_hdr.flags) = GPUQ_READY | these bits.
+#define GPUQ_REQ_IN_VRAM 0x100u  // the payload is already in the message's VRAM slot (enqueue_device)
 
 // Stop requests, carried in the doorbell's top byte (GpuqCtrlHost.doorbell >> 56).
 #define GPUQ_RUN 0u

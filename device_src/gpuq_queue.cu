@@ -152,6 +152,8 @@ __device__ void process_one(const GpuqKernelArgs& p, uint64_t s, uint32_t lane, 
   // The front warp hands over to the next warp now: the release waits for these reads anyway.
   if (lane == 0 && publish != 0) publish_head(p.dev, publish);
   uint32_t len = hdr.x, code = GPUQ_ERR_NONE;
+  // [enqueue_device] the request flags: GPUQ_REQ_IN_VRAM = the payload is in the VRAM slot already.
+  const bool in_vram = (__shfl_sync(kFullMask, hdr.y, 0) & GPUQ_REQ_IN_VRAM) != 0u;
   if (lane == 0) {
     const uint64_t mid = static_cast<uint64_t>(hdr.z) | (static_cast<uint64_t>(hdr.w) << 32);
     if (mid != s) code = GPUQ_ERR_BAD_MSG_ID;
@@ -165,8 +167,10 @@ __device__ void process_one(const GpuqKernelArgs& p, uint64_t s, uint32_t lane, 
   // with four 16-byte loads in flight per lane (2 KB per round trip).
   uint8_t* vslot = p.vram_slots + static_cast<size_t>(slot) * (16u + p.slot_bytes);
   uint8_t* vin = vslot + 16;
-  if (first < len) *reinterpret_cast<uint4*>(vin + first) = chunk;
-  for (uint32_t base = 512u + first; base < len; base += 4u * 512u) {
+  // [enqueue_device] an in-VRAM payload is not copied (both the first chunk and the rest are
+  // skipped); the acquire of the head in claim_and_wait orders the host's completed D2D copy first.
+  if (!in_vram && first < len) *reinterpret_cast<uint4*>(vin + first) = chunk;
+  for (uint32_t base = 512u + first; !in_vram && base < len; base += 4u * 512u) {
     uint4 v[4];
 #pragma unroll
     for (uint32_t k = 0; k < 4u; ++k) {
