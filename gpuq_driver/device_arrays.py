@@ -466,7 +466,10 @@ def import_array(array, dmem, sb: int, lengths, stream) -> _Source:
     sim = dmem.dl_device[0] == KDL_CPU
     explicit = None if stream is None else stream_handle(stream)
     iface_name = "__array_interface__" if sim else "__cuda_array_interface__"
-    iface = getattr(array, iface_name, None) if not isinstance(array, type) else None
+    try:  # torch raises RuntimeError for a tensor that requires grad
+        iface = getattr(array, iface_name, None) if not isinstance(array, type) else None
+    except Exception as exc:  # noqa: BLE001 - whatever the producer raises
+        raise PayloadTypeError(f"array's {iface_name} cannot be read: {exc}") from None
     if iface is not None:
         if iface.get("mask") is not None:
             raise PayloadTypeError(f"array's {iface_name} has a mask; masked arrays are not supported")
