@@ -16,9 +16,12 @@
 //   req_hdr[cap]      mapped pinned               host              device (owning warp)
 //   req_data[cap]     mapped pinned               host              device (owning warp)
 //   res_hdr[cap]      mapped pinned               device            host
-//   res_data[cap]     mapped pinned               device            host
+//   res_data[cap]     mapped pinned, or VRAM      device            host (a VRAM ring: read by
+//                     (result_memory="device")                        DtoH copies, or lent as device arrays)
 //   warp_counters[W]  mapped pinned               device (warp w)   host
-//   vram_slots[cap]   VRAM                        device            device (plugin input)
+//   vram_slots[cap]   VRAM                        device (host:     device (plugin input)
+//                                                 enqueue_device's
+//                                                 D2D copies)
 //   GpuqDevState      VRAM                        device            device
 //   warp_totals[W]    VRAM                        device (warp w)   device (warp w, next lease)
 //
@@ -31,6 +34,9 @@
 //   READY    -> INFLIGHT  a warp that claimed msg_id (atomicAdd on GpuqDevState.claim; a range of
 //                         up to 32 at once when many wait) sees head > msg_id, or (the front warp)
 //                         a slot whose check holds, and copies the payload into its VRAM slot
+//                         (unless the request flags have GPUQ_REQ_IN_VRAM: the host copied it there
+//                         device to device, and waited for that copy, before writing the header;
+//                         enqueue_device)
 //   INFLIGHT -> DONE      the plugin writes res_data; __threadfence_system(); then res_hdr
 //                         {len, flags} and, last, res_hdr.msg_id = msg_id (release, system scope);
 //                         flags = DONE | protocol error << GPUQ_ERR_SHIFT | plugin status (below)
@@ -92,9 +98,10 @@ using cuda::std::uint8_t;
 #define GPUQ_READY 1u
 #define GPUQ_INFLIGHT 2u
 #define GPUQ_DONE 3u
-
-// A request's flags (req_hdr): bits 0..3 the state (READY), bit 5 GPUQ_REQ_CHECKED (bits 8..31
-// hold the slot check, "One read" above).
+// A request's flags (req_hdr): bits 0..3 the state (READY); bit 4 GPUQ_REQ_IN_VRAM, the payload is
+// already in the message's VRAM slot (enqueue_device); bit 5 GPUQ_REQ_CHECKED, bits 8..31 hold the
+// slot check ("One read" above).
+#define GPUQ_REQ_IN_VRAM 0x10u
 #define GPUQ_REQ_CHECKED 0x20u
 #define GPUQ_CHECK_SHIFT 8
 #define GPUQ_CHECK_MASK 0xFFFFFFu

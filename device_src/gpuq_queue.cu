@@ -382,10 +382,15 @@ __device__ bool process_one(const GpuqKernelArgs& p, uint64_t s, uint32_t lane, 
   if (lane == 0) GPUQ_TRACE_AT(2);
   len = __shfl_sync(kFullMask, len, 0);
   code = __shfl_sync(kFullMask, code, 0);
+  // GPUQ_REQ_IN_VRAM (enqueue_device): the payload is in the VRAM slot already, copied device to
+  // device before the host wrote the header (the head's acquire orders that copy first).
+  const bool in_vram = (__shfl_sync(kFullMask, hdr.y, 0) & GPUQ_REQ_IN_VRAM) != 0u;
 
   // READY -> INFLIGHT: stage the payload in the message's VRAM slot.
-  if (first < len) *reinterpret_cast<uint4*>(vin + first) = chunk;
-  stage_rest(src, vin, 512u, len, lane);
+  if (!in_vram) {
+    if (first < len) *reinterpret_cast<uint4*>(vin + first) = chunk;
+    stage_rest(src, vin, 512u, len, lane);
+  }
   run_plugin(p, s, slot, vslot, len, code, lane);
   if (lane == 0) GPUQ_TRACE_AT(3);
 
@@ -418,11 +423,12 @@ __device__ void process_range(const GpuqKernelArgs& p, uint64_t s0, uint32_t m, 
     }
   }
   uint32_t len = 0, code = GPUQ_ERR_NONE;
+  const bool in_vram = (hdr.y & GPUQ_REQ_IN_VRAM) != 0u;  // enqueue_device: already in the VRAM slot
   if (lane < m) {
     code = check_request(p, hdr, s, len);
 #pragma unroll
     for (uint32_t k = 0; k < 4u; ++k) {
-      if (k < chunks && k * 16u < len) *reinterpret_cast<uint4*>(vslot + 16 + k * 16u) = d[k];
+      if (!in_vram && k < chunks && k * 16u < len) *reinterpret_cast<uint4*>(vslot + 16 + k * 16u) = d[k];
     }
   }
   __syncwarp();
@@ -431,8 +437,9 @@ __device__ void process_range(const GpuqKernelArgs& p, uint64_t s0, uint32_t m, 
     const uint32_t slot_j = static_cast<uint32_t>(sj & (p.capacity - 1u));
     const uint32_t len_j = __shfl_sync(kFullMask, len, j);
     const uint32_t code_j = __shfl_sync(kFullMask, code, j);
+    const bool in_vram_j = __shfl_sync(kFullMask, in_vram ? 1u : 0u, j) != 0u;
     uint8_t* vslot_j = p.vram_slots + static_cast<size_t>(slot_j) * (16u + p.slot_bytes);
-    stage_rest(p.req_data + static_cast<size_t>(slot_j) * p.slot_bytes, vslot_j + 16, 64u, len_j, lane);
+    if (!in_vram_j) stage_rest(p.req_data + static_cast<size_t>(slot_j) * p.slot_bytes, vslot_j + 16, 64u, len_j, lane);
     run_plugin(p, sj, slot_j, vslot_j, len_j, code_j, lane);
   }
   // INFLIGHT -> DONE for all m: every lane's fence after the warp barrier orders the whole

@@ -6,6 +6,7 @@ Pure Python over NVIDIA's cuda-python driver API and NVRTC.  See README.md and d
 from .aio import AsyncQueue
 from .batch import FAILED, BatchProcessor
 from .compiler import CompileOptions, compile_cubin
+from .device_arrays import DeviceArray, DeviceResultView
 from .driver import DeviceInfo, device_count, device_info
 from .errors import (
     CompileError,
@@ -37,7 +38,9 @@ __all__ = [
     "ConfigError",
     "CudaError",
     "CudaUnavailable",
+    "DeviceArray",
     "DeviceInfo",
+    "DeviceResultView",
     "FAILED",
     "GpuQueue",
     "GpuqError",

@@ -8,10 +8,13 @@ runs unchanged on either.  tests/test_backend.py checks that both have every mem
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from .layout import CtrlDev, HostLayout
 from .plugins import Plugin
+
+if TYPE_CHECKING:
+    from .device_arrays import DeviceMemory
 
 
 @runtime_checkable
@@ -36,6 +39,9 @@ class Backend(Protocol):
     """``"cuda"`` or ``"sim"``, as QueueStats reports it."""
     plugin: Plugin
     """The plugin it runs (resolved): MessageFailed names it."""
+    dmem: DeviceMemory
+    """Its device memory for device arrays (device_arrays.CudaMemory; the simulator: SimMemory): the
+    VRAM slot ring's and the VRAM result ring's addresses, 2-D copies, waits on one stream."""
 
     def start(self) -> None:
         """Get ready for the first lease (zero the device state; the simulator starts its thread)."""

@@ -65,7 +65,10 @@ class _Rings:
         self.res_ids = self.res_hdr[:, 1]
         self.res_hdr32 = self.res_hdr.view(np.uint32)  # [s, 0] len, [s, 1] flags (x86: little-endian)
         self.req_data = np.frombuffer(q._req_data, np.uint8).reshape(cap, sb)
-        self.res_data = np.frombuffer(q._res_data, np.uint8).reshape(cap, sb)
+        if q.config.result_memory == "device":  # in VRAM: rows copied into the staging buffer when read
+            self.res_data = q._res_data.rows(cap, sb)
+        else:
+            self.res_data = np.frombuffer(q._res_data, np.uint8).reshape(cap, sb)
         self.taken = np.frombuffer(q._taken, np.uint64)  # GpuQueue._taken: msg_id last taken per slot
 
 
@@ -328,13 +331,7 @@ class Reservation:
             self._unlock()
             raise QueueClosed("queue is closed")
         if count:
-            rings = q._rings()
-            s0 = self.first & q._mask
-            hdr = rings.req_hdr
-            hdr[s0 : s0 + count, 0] = lens.astype(np.uint64) | _READY_WORD
-            hdr[s0 : s0 + count, 1] = np.arange(self.first, self.first + count, dtype=np.uint64)
-            q._head = head = self.first + count
-            doorbell[0] = head  # the doorbell, last
+            q._publish_locked(self.first, count, lens, 0)
         self._unlock()
         if count:
             q._after_batch()
@@ -378,6 +375,20 @@ class Reservation:
     def __repr__(self) -> str:
         state = "open" if self._open else "closed"
         return f"<Reservation msg_ids {self.first}..{self.first + self._n - 1} ({self._n}) {state}>"
+
+
+def _release_soon(q, rec: list) -> None:
+    """Free a held view's slots (record ``rec``) from a collector: never blocks, since it may run
+    inside a call that holds the consumer lock.  Without the lock the record waits in
+    ``q._dropped``, released under the lock by the next batch take, poll_completions, outstanding,
+    stats, or a producer waiting for room."""
+    if q._clock.acquire(blocking=False):
+        try:
+            q._release_view(rec)
+        finally:
+            q._clock.release()
+    else:
+        q._dropped.append(rec)
 
 
 class ResultView:
@@ -442,17 +453,8 @@ class ResultView:
     def __del__(self):
         if getattr(self, "_held", False):
             self._held = False
-            q = self._q
-            try:  # never block here: the collector may run inside a call that holds the consumer lock
-                if q._clock.acquire(blocking=False):
-                    try:
-                        q._release_view(self._rec)
-                    finally:
-                        q._clock.release()
-                else:
-                    # released under the lock by the next batch take, poll_completions, outstanding,
-                    # stats, or a producer waiting for room
-                    q._dropped.append(self._rec)
+            try:
+                _release_soon(self._q, self._rec)
             except Exception:  # noqa: BLE001 - interpreter teardown
                 return
             warnings.warn(
@@ -534,20 +536,10 @@ class BulkCalls:
         if n > self._cap:
             raise PayloadError(f"a batch of {n} messages exceeds capacity={self._cap} (the most one call can enqueue)")
         with self._plock:
-            seq = self._head
-            if self._doorbell is None:
-                raise QueueClosed("queue is closed")
-            if seq + n > self._limit:  # ring too full, or shut down (_limit = -1)
-                self._leases.check()  # a fault or hang: say so rather than QueueClosed, as enqueue does
-                if not self._accepting:
-                    raise QueueClosed("queue is shut down: enqueue is no longer accepted")
-                if n == 0:
-                    return seq
-                self._wait_for_room(seq, n, timeout)
+            seq = self._room_locked(n, timeout)
             if n == 0:
                 return seq
-            rings = self._rings()
-            ring, hdr = rings.req_data, rings.req_hdr
+            ring = self._rings().req_data
             segs = _segments(seq, n, self._cap)
             pos = 0
             for s0, i0, k in segs:  # the payloads first ...
@@ -557,15 +549,37 @@ class BulkCalls:
                     m = int(lens[i0 : i0 + k].sum(dtype=np.int64))
                     _scatter_packed(ring, s0, buf[pos : pos + m], lens[i0 : i0 + k])
                     pos += m
-            words = _READY_WORD | np.uint64(buf.shape[1]) if lens is None else lens.astype(np.uint64) | _READY_WORD
-            ids = np.arange(seq, seq + n, dtype=np.uint64)
-            for s0, i0, k in segs:  # ... then the headers ...
-                hdr[s0 : s0 + k, 0] = words if lens is None else words[i0 : i0 + k]
-                hdr[s0 : s0 + k, 1] = ids[i0 : i0 + k]
-            self._head = seq + n
-            self._doorbell[0] = seq + n  # ... then the doorbell, once
+            self._publish_locked(seq, n, lens, 0 if lens is not None else buf.shape[1])  # ... headers, doorbell
         self._after_batch()
         return seq
+
+    def _room_locked(self, n: int, timeout: float | None) -> int:
+        """The first msg_id of a batch of ``n`` (the producer lock is held), once its slots are free:
+        waits up to ``timeout`` (QueueFull naming how many were free).  Raises QueueClosed, and
+        KernelFault / PluginHung rather than QueueClosed after a fault or hang, as ``enqueue`` does."""
+        seq = self._head
+        if self._doorbell is None:
+            raise QueueClosed("queue is closed")
+        if seq + n > self._limit:  # ring too full, or shut down (_limit = -1)
+            self._leases.check()
+            if not self._accepting:
+                raise QueueClosed("queue is shut down: enqueue is no longer accepted")
+            if n:
+                self._wait_for_room(seq, n, timeout)
+        return seq
+
+    def _publish_locked(self, seq: int, n: int, lens, width: int, word=_READY_WORD) -> None:
+        """Publish msg_ids ``seq .. seq + n - 1``, their payloads in place (the producer lock is held):
+        the request headers, two strided stores per ring run (``len | word``: each of ``lens``, or
+        ``width`` for all when lens is None; the msg_ids), then **one** doorbell store."""
+        hdr = self._rings().req_hdr
+        words = word | np.uint64(width) if lens is None else lens.astype(np.uint64) | word
+        ids = np.arange(seq, seq + n, dtype=np.uint64)
+        for s0, i0, k in _segments(seq, n, self._cap):
+            hdr[s0 : s0 + k, 0] = words if lens is None else words[i0 : i0 + k]
+            hdr[s0 : s0 + k, 1] = ids[i0 : i0 + k]
+        self._head = seq + n
+        self._doorbell[0] = seq + n  # the doorbell, last
 
     def _wait_for_room(self, seq: int, n: int, timeout: float | None) -> None:
         """Wait (holding the producer lock) until msg_ids seq .. seq + n - 1 all have free slots."""
@@ -694,6 +708,11 @@ class BulkCalls:
         UnknownMessage, ResultTimeout, KernelStopped, ProtocolError / MessageFailed, QueueClosed, TypeError.
         Thread safety: any thread; the view may be released from another thread.
         """
+        if self.config.result_memory == "device":
+            raise ConfigError(
+                "view_results lends the result ring in host memory; with QueueConfig(result_memory='device') "
+                "the results are in VRAM: view_results_device lends them there (CuPy, torch), take_results copies"
+            )
         first, n, timeout = self._range_args(first, n, timeout, errors)
         if n == 0:
             raise ConfigError("n must be >= 1 for a result view")
@@ -764,7 +783,8 @@ class BulkCalls:
             shape = (0,) if mode == "packed" else (0, self._sb)
             return (out if out is not None else np.zeros(shape, np.uint8)), np.zeros(0, np.uint32)
         rings = self._rings()
-        if mode == "view":
+        view = mode == "view" or mode == "device"  # "device": view_results_device (device_arrays.py)
+        if view:
             n = min(n, self._cap - (first & self._mask))
         ids = np.arange(first, first + n, dtype=np.uint64)
         segs = _segments(first, n, self._cap)
@@ -777,7 +797,7 @@ class BulkCalls:
                     raise QueueClosed("queue is closed")
                 if self._dropped:
                     self._release_dropped()
-                self._check_takeable(first, n, ids, segs, rings, mode == "view")
+                self._check_takeable(first, n, ids, segs, rings, view)
                 # the last is usually done last: one look at it before the whole range
                 if rings.res_ids[last_slot] == last and _first_missing(rings, ids, segs) < 0:
                     return self._take_locked(first, n, mode, out, errors, ids)
@@ -836,13 +856,17 @@ class BulkCalls:
         """Take msg_ids first .. first + n - 1, all done and takeable (the consumer lock is held)."""
         rings = self._rings()
         segs = _segments(first, n, self._cap)
-        lens, bad, flags = _decode(rings.res_hdr32, segs, mode == "view")
+        lend = mode == "view" or mode == "device"
+        lens, bad, flags = _decode(rings.res_hdr32, segs, lend)
         flagged = flags is not None and bool(bad.any())
-        if mode == "view" and not (flagged and errors == "raise"):
+        if lend and not (flagged and errors == "raise"):
             s0 = segs[0][0]
-            data = rings.res_data[s0 : s0 + n].view()
-            data.flags.writeable = False
-            view = ResultView(self, first, data, lens, flags)
+            if mode == "device":  # the result ring in VRAM, lent as a DeviceArray (device_arrays.py)
+                view = self._device_view(first, s0, n, lens, flags)
+            else:
+                data = rings.res_data[s0 : s0 + n].view()
+                data.flags.writeable = False
+                view = ResultView(self, first, data, lens, flags)
             # Held: marked taken (try_dequeue_result, wait_result, poll and outstanding pass them
             # by), and the first's msg_id word cleared, since try_dequeue_result takes the tail
             # without looking at its mark (only a view's first can become the tail while held).

@@ -203,6 +203,27 @@ class Stream(_Resource):
         check(_driver().cuStreamSynchronize(self.handle), "cuStreamSynchronize")
 
 
+class Event(_Resource):
+    """A ``CU_EVENT_DISABLE_TIMING`` event: ``record`` it on a stream, then ``synchronize`` waits for
+    that stream's work up to the record, and nothing else (never the whole context, which would wait
+    behind the persistent kernel)."""
+
+    def __init__(self, ctx: Context):
+        d = _driver()
+        ctx.make_current()
+        self.ctx = ctx
+        self.handle = check(d.cuEventCreate(int(d.CUevent_flags.CU_EVENT_DISABLE_TIMING)), "cuEventCreate")
+        self._finalizer = _finalizer(self, ctx, "cuEventDestroy", self.handle)
+
+    def record(self, stream_handle: int) -> None:
+        """``cuEventRecord`` on the stream with handle ``stream_handle`` (an int; 1 = legacy default)."""
+        check(_driver().cuEventRecord(self.handle, stream_handle), "cuEventRecord")
+
+    def synchronize(self) -> None:
+        """Block until the work recorded before the event is done.  Raises CudaError."""
+        check(_driver().cuEventSynchronize(self.handle), "cuEventSynchronize")
+
+
 class MappedHostBuffer(_Resource):
     """``nbytes`` of page-locked host memory mapped into the device's address space.
 
@@ -334,6 +355,37 @@ def copy_dtoh_async(dst_host_ptr: int, src: int, nbytes: int, stream: Stream) ->
     check(_driver().cuMemcpyDtoHAsync(dst_host_ptr, src, nbytes, stream.handle), "cuMemcpyDtoHAsync")
 
 
+def copy_2d_async(
+    dst: int, dst_pitch: int, src: int, src_pitch: int, width: int, height: int, stream_handle: int
+) -> None:
+    """``cuMemcpy2DAsync``: ``height`` rows of ``width`` bytes from ``src`` (rows ``src_pitch`` bytes
+    apart) to ``dst`` (rows ``dst_pitch`` apart), on the stream with handle ``stream_handle``.  Both
+    addresses are unified (device memory, pinned host memory, managed memory: the driver tells them
+    apart).  Raises CudaError."""
+    d = _driver()
+    unified = d.CUmemorytype.CU_MEMORYTYPE_UNIFIED
+    c = d.CUDA_MEMCPY2D()
+    c.srcMemoryType, c.srcDevice, c.srcPitch = unified, src, src_pitch
+    c.dstMemoryType, c.dstDevice, c.dstPitch = unified, dst, dst_pitch
+    c.WidthInBytes, c.Height = width, height
+    check(d.cuMemcpy2DAsync(c, stream_handle), "cuMemcpy2DAsync")
+
+
+def stream_synchronize(stream_handle: int) -> None:
+    """``cuStreamSynchronize`` of a stream given by its handle (an int): waits for that stream only."""
+    check(_driver().cuStreamSynchronize(stream_handle), "cuStreamSynchronize")
+
+
+def pointer_memory_type(ptr: int) -> str:
+    """What ``ptr`` points at (``cuPointerGetAttribute(MEMORY_TYPE)``): "device", "host", "array" or
+    "unified".  Raises CudaError (e.g. for an address the driver does not know)."""
+    d = _driver()
+    kind = check(
+        d.cuPointerGetAttribute(d.CUpointer_attribute.CU_POINTER_ATTRIBUTE_MEMORY_TYPE, ptr), "cuPointerGetAttribute"
+    )
+    return {1: "host", 2: "device", 3: "array", 4: "unified"}.get(int(kind), str(kind))
+
+
 def memset_async(ptr: int, value: int, nbytes: int, stream: Stream) -> None:
     """``cuMemsetD8Async``: fill ``nbytes`` bytes of device memory with ``value``."""
     check(_driver().cuMemsetD8Async(ptr, value, nbytes, stream.handle), "cuMemsetD8Async")
@@ -344,10 +396,12 @@ __all__ = [
     "CudaError",
     "DeviceBuffer",
     "DeviceInfo",
+    "Event",
     "LaunchArgs",
     "MappedHostBuffer",
     "Module",
     "Stream",
+    "copy_2d_async",
     "copy_dtoh_async",
     "copy_htod_async",
     "device_count",
@@ -357,5 +411,7 @@ __all__ = [
     "max_active_blocks",
     "mem_get_info",
     "memset_async",
+    "pointer_memory_type",
     "primary_context",
+    "stream_synchronize",
 ]

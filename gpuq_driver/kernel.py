@@ -2,10 +2,11 @@
 
 A ``PersistentKernel`` owns every driver resource of one queue: the mapped pinned block that holds
 the control lines, the request and result rings (layout.HostLayout), the VRAM slot ring, the
-device state, the plugin's parameters (params.py), the stream and the module.  Everything is
-allocated and every function handle is taken *before* the first cooperative launch; nothing is
-freed while a lease may still run, and nothing at all at interpreter exit (``abandon``): another
-thread may still be reading it.
+result ring in VRAM with ``result_memory="device"`` and the streams and event of the device-array
+calls (device_arrays.CudaMemory), the device state, the plugin's parameters (params.py), the
+stream and the module.  Everything is allocated and every function handle is taken *before* the
+first cooperative launch; nothing is freed while a lease may still run, and nothing at all at
+interpreter exit (``abandon``): another thread may still be reading it.
 
 It implements the backend contract, backend.Backend, as sim.SimulatedKernel does (so GpuQueue
 runs unchanged on either); the contract's members are documented there.
@@ -20,6 +21,7 @@ import weakref
 
 from . import driver
 from .compiler import CompileOptions, compile_cubin
+from .device_arrays import CudaMemory, DeviceMemory
 from .errors import ConfigError, CudaError, GpuqError, kernel_fault
 from .layout import (
     KERNEL_EXITED,
@@ -57,6 +59,7 @@ class PersistentKernel:
     threads: int
     warps: int
     plugin: Plugin
+    dmem: DeviceMemory
 
     def __init__(self, config):
         # One persistent queue kernel per device per process: while one runs, another queue's
@@ -118,6 +121,11 @@ class PersistentKernel:
         self.host = driver.MappedHostBuffer(self.ctx, self.layout.nbytes)
         self.vram = driver.DeviceBuffer(self.ctx, self.layout.vram_bytes)
         self.dev_state = driver.DeviceBuffer(self.ctx, ctypes.sizeof(DevState))
+        # result_memory="device": the result payload ring in VRAM (its headers stay in the mapped block)
+        self.res_vram = None
+        if config.result_memory == "device":
+            self.res_vram = driver.DeviceBuffer(self.ctx, config.capacity * config.slot_bytes)
+        self.dmem = CudaMemory(self.ctx, config.device, self.vram.ptr, self.res_vram.ptr if self.res_vram else 0)
         self.mem = self.host.view
         self._check_layout(probe_fn)
         # The plugin's parameters: their own VRAM buffer, and gpuq_params_g pointing at it.
@@ -131,7 +139,7 @@ class PersistentKernel:
             req_hdr=base + off["req_hdr"],
             req_data=base + off["req_data"],
             res_hdr=base + off["res_hdr"],
-            res_data=base + off["res_data"],
+            res_data=self.res_vram.ptr if self.res_vram is not None else base + off["res_data"],
             warp_counters=base + off["warp_counters"],
             vram_slots=self.vram.ptr,
             dev=self.dev_state.ptr,
@@ -147,7 +155,9 @@ class PersistentKernel:
         self.doorbell = self.layout.view(self.mem, "ctrl_host", "Q")[:1]
         self._launched = False
         self._stop_wait_s = [5.0]  # how long close() waits for the kernel to stop (0 after a hang)
-        resources = [self.stream, self.host, self.vram, self.dev_state, self.module]
+        resources = [self.stream, self.host, self.vram, self.dev_state, self.module, *self.dmem.resources]
+        if self.res_vram is not None:
+            resources.append(self.res_vram)
         if self.params_buf is not None:
             resources.append(self.params_buf)
         self._finalizer = weakref.finalize(self, _release, self.doorbell, self.stream, resources, self._stop_wait_s)

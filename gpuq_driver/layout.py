@@ -16,6 +16,7 @@ from .errors import ConfigError, check_int
 LAYOUT_VERSION = 5
 
 EMPTY, READY, INFLIGHT, DONE = 0, 1, 2, 3
+REQ_IN_VRAM = 0x10  # request flags: READY | this = the payload is already in the VRAM slot (enqueue_device)
 RUN, STOP_DRAIN, STOP_ABORT, STOP_LEAVE = 0, 1, 2, 3
 KERNEL_NOT_STARTED, KERNEL_RUNNING, KERNEL_EXITED, KERNEL_PARKED = 0, 1, 2, 3
 ERR_NONE, ERR_BAD_MSG_ID, ERR_BAD_LEN, ERR_BAD_RESULT = 0, 1, 2, 3

@@ -30,6 +30,7 @@ import numpy as np
 
 from .backend import Backend
 from .bulk import BulkCalls
+from .device_arrays import DeviceCalls, StagedBytes
 from .errors import (
     ConfigError,
     GpuqError,
@@ -145,6 +146,13 @@ class QueueConfig:
                         "One read per message", has the figures).  False, and for longer messages:
                         the doorbell first, then the slot (two round trips).  The batch calls never
                         add the check (their messages are served in ranges, after the doorbell).
+    result_memory:      where the result payloads live: "host" (default: mapped pinned memory, read
+                        in place by the host calls and ``view_results``) or "device" (VRAM, allocated
+                        before the first launch: ``view_results_device`` lends them to CuPy / torch
+                        with no copy; the host calls copy them out with cuMemcpy2DAsync on the
+                        queue's own stream, which costs a CUDA call and a wait per take;
+                        ``view_results`` is refused).  The result headers stay in mapped memory
+                        either way (device_arrays.py, docs/design.md "Device arrays").
     """
 
     capacity: int = 1024
@@ -163,6 +171,7 @@ class QueueConfig:
     backend: str = "cuda"
     params: bytes = b""
     one_read: bool = True
+    result_memory: str = "host"
 
     def __post_init__(self):
         def check(name, lo, hi):
@@ -203,6 +212,8 @@ class QueueConfig:
         check("device", 0, 1023)
         if self.backend not in ("cuda", "sim"):
             raise ConfigError(f"backend={self.backend!r} must be 'cuda' or 'sim'")
+        if self.result_memory not in ("host", "device"):
+            raise ConfigError(f"result_memory={self.result_memory!r} must be 'host' or 'device'")
         resolve(self.plugin, SIM_NEEDS_TWIN if self.backend == "sim" else None)
         object.__setattr__(self, "params", check_params(self.params))
 
@@ -261,7 +272,7 @@ class QueueStats:
     spec_retries: int = 0
 
 
-class GpuQueue(BulkCalls):
+class GpuQueue(BulkCalls, DeviceCalls):
     """A ring of ``capacity`` slots served by one persistent cooperative kernel.
 
     Thread safety: any number of producer threads may call ``enqueue`` and any number of consumer
@@ -271,7 +282,8 @@ class GpuQueue(BulkCalls):
     CompileError, CudaError, GpuqError (the kernel did not start).
 
     Batch calls, many messages per Python call (``enqueue_many``, ``reserve``/``commit``,
-    ``take_results``, ``view_results``, ``take_ready``, ``free_slots``), are in bulk.py (BulkCalls).
+    ``take_results``, ``view_results``, ``take_ready``, ``free_slots``), are in bulk.py (BulkCalls);
+    device arrays in and out (``enqueue_device``, ``view_results_device``) in device_arrays.py.
 
     The kernel runs in leases of ``config.lease_ms`` (lease.py), so the rest of the process may
     use the GPU while a queue lives; ``pause()`` parks it for longer stretches.  At interpreter
@@ -308,6 +320,8 @@ class GpuQueue(BulkCalls):
         self._res_hdr = lay.view(mem, "res_hdr", "Q")
         self._req_data = lay.view(mem, "req_data")
         self._res_data = lay.view(mem, "res_data")
+        if config.result_memory == "device":  # results in VRAM; this region stages the host's copies
+            self._res_data = StagedBytes(kernel.dmem, self._res_data)
         self._counters = np.frombuffer(lay.view(mem, "warp_counters"), dtype=np.uint64)
         for hdr in (self._req_hdr, self._res_hdr):
             np.frombuffer(hdr, dtype=np.uint64)[1::2] = NO_MSG

@@ -30,6 +30,9 @@ import threading
 import time
 import warnings
 
+import numpy as np
+
+from .device_arrays import DeviceMemory, SimMemory
 from .errors import KernelFault, kernel_fault
 from .layout import (
     CHECK_BYTES,
@@ -40,10 +43,12 @@ from .layout import (
     ERR_BAD_LEN,
     ERR_BAD_MSG_ID,
     ERR_BAD_RESULT,
+    HEADER_BYTES,
     KERNEL_EXITED,
     KERNEL_PARKED,
     KERNEL_RUNNING,
     REQ_CHECKED,
+    REQ_IN_VRAM,
     STOP_ABORT,
     STOP_DRAIN,
     CtrlDev,
@@ -70,6 +75,7 @@ class SimulatedKernel:
     threads: int
     warps: int
     plugin: Plugin
+    dmem: DeviceMemory
 
     def __init__(self, config):
         self.plugin = resolve(config.plugin, SIM_NEEDS_TWIN)
@@ -80,6 +86,11 @@ class SimulatedKernel:
         self.mem = memoryview(bytearray(self.layout.nbytes))
         self.ctrl = CtrlDev.from_buffer(self.mem, self.layout.offsets["ctrl_dev"])
         self.doorbell = self.layout.view(self.mem, "ctrl_host", "Q")[:1]
+        # "VRAM": the slot ring (enqueue_device writes payloads there) and, with
+        # result_memory="device", the result ring; host arrays standing in for device memory
+        self.vram = np.zeros(self.layout.vram_bytes, np.uint8)
+        self.res_vram = np.zeros(self.layout.sizes["res_data"], np.uint8) if config.result_memory == "device" else None
+        self.dmem = SimMemory(self.vram, self.res_vram)
         self.delay_s = 0.0  # tests may slow the simulated device down
         self.tear_rate = 0.0  # tests: the share of one-reads that come back torn (a 16-byte chunk garbled)
         self._rng = random.Random(0)
@@ -178,6 +189,9 @@ class SimulatedKernel:
         doorbell, ctrl = self.doorbell, self.ctrl
         req_hdr, res_hdr = lay.view(mem, "req_hdr", "Q"), lay.view(mem, "res_hdr", "Q")
         req_data, res_data = lay.view(mem, "req_data"), lay.view(mem, "res_data")
+        if self.res_vram is not None:  # result_memory="device"
+            res_data = memoryview(self.res_vram)
+        vram, pitch = memoryview(self.vram), HEADER_BYTES + sb  # the VRAM slots: payload 16 B into each
         counter = lay.view(mem, "warp_counters", "Q")
         process, params = self.plugin.run_twin, self.params
         ctrl.warps = 1
@@ -210,15 +224,22 @@ class SimulatedKernel:
             if self.delay_s:
                 time.sleep(self.delay_s)
             slot = slot_of(seq, cap)
-            n, mid, code = req_hdr[2 * slot] & 0xFFFFFFFF, req_hdr[2 * slot + 1], 0
-            payload = req_data[slot * sb : slot * sb + n] if one is None else one
+            word, mid, code = req_hdr[2 * slot], req_hdr[2 * slot + 1], 0
+            n = word & 0xFFFFFFFF
             if mid != seq:
                 code = ERR_BAD_MSG_ID
             elif n > sb:
                 code, n = ERR_BAD_LEN, sb
             failed = None  # the plugin's failure code (plugins.Fail), as GPUQ_FAIL(code) on the device
             try:
-                out = b"" if code else process(payload, seq, params, sb)
+                if code:
+                    out = b""
+                elif one is not None:  # served from the front warp's one read
+                    out = process(one, seq, params, sb)
+                elif (word >> 32) & REQ_IN_VRAM:  # enqueue_device: the payload is in the VRAM slot already
+                    out = process(vram[slot * pitch + HEADER_BYTES : slot * pitch + HEADER_BYTES + n], seq, params, sb)
+                else:
+                    out = process(req_data[slot * sb : slot * sb + n], seq, params, sb)
             except Fail as exc:
                 out, failed = b"", exc.code
             if len(out) > sb:  # the plugin broke its contract: nothing is written past the slot

@@ -31,6 +31,7 @@ def test_constants_match_the_header():
         "GPUQ_READY": layout.READY,
         "GPUQ_INFLIGHT": layout.INFLIGHT,
         "GPUQ_DONE": layout.DONE,
+        "GPUQ_REQ_IN_VRAM": layout.REQ_IN_VRAM,
         "GPUQ_RUN": layout.RUN,
         "GPUQ_STOP_DRAIN": layout.STOP_DRAIN,
         "GPUQ_STOP_ABORT": layout.STOP_ABORT,
