@@ -67,7 +67,10 @@ def main() -> int:
     args = ap.parse_args()
     for b in (1024, 4096, 16384, 65536):
         e, t = host_costs(args.size, b)
-        print(f"host  size={args.size} batch={b}: enqueue_many {e:.1f} ns/msg, take_results(out=) {t:.1f} ns/msg", flush=True)
+        print(
+            f"host  size={args.size} batch={b}: enqueue_many {e:.1f} ns/msg, take_results(out=) {t:.1f} ns/msg",
+            flush=True,
+        )
     for tpb, blocks in ((64, None), (256, None), (1024, None)):
         r = kernel_rate(args.size, 1 << 18, tpb, blocks)
         print(f"kernel size={args.size} tpb={tpb} blocks={blocks}: {r / 1e6:.1f} M msg/s (262144 at once)", flush=True)
