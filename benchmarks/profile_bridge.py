@@ -144,7 +144,8 @@ def main() -> int:
         t = Timers()
         t.wrap(cons.client, "xreadgroup", "redis: XREADGROUP (round trip + parse)")
         t.wrap(cons, "_complete", "redis: completion script (round trip)")
-        t.wrap(consumer_mod, "_entry", "framing: frame -> Entry")
+        parse = "_entries" if hasattr(consumer_mod, "_entries") else "_entry"  # older code: one call a frame
+        t.wrap(consumer_mod, parse, "framing: frame -> Entry")
         if args.mode == "track_a":
             res = BatchProcessor(slot_bytes=sb, max_batch=8192, backend="numpy")
             worker = StreamWorker(cons, res)
