@@ -62,6 +62,7 @@ E2E_PATHS = {  # every byte of every result checked in each
     "copy": "enqueue_many + take_results(out=):",
     "view": "enqueue_many + view_results:",
     "inplace_full": "reserve/commit + view_results:",
+    "device": "enqueue_device + view_results_device (CuPy):",
 }
 
 
@@ -135,6 +136,55 @@ def run_copy(q: GpuQueue, size: int, batch: int, seconds: float, depth: int = 4,
                     done += len(v)
         else:
             check(*q.take_results(first, batch, timeout=30, out=out), src)
+
+    def step():
+        if len(inflight) == depth:
+            recv()
+        return send()
+
+    return timed_loop(step, recv, inflight, batch, seconds, warmup=2 * depth) | {"mismatches": state["bad"]}
+
+
+def run_device(q: GpuQueue, cp, size: int, batch: int, seconds: float, depth: int = 4) -> dict:
+    """enqueue_device of CuPy arrays [B, size] (each message stamped with its msg_id on the GPU) ->
+    view_results_device -> every byte compared on the GPU (cupy.array_equal) -> release, B per
+    call; a queue with result_memory="device": no payload byte crosses PCIe, only the headers."""
+    depth = max(1, min(depth, q.config.capacity // batch))
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        srcs = [cp.asarray(random_bytes((batch, size), size * 31 + k)) for k in range(depth)]
+        ids = cp.arange(batch, dtype=cp.uint64)
+    inflight: deque = deque()
+    state = {"next": q.stats().enqueued, "bad": 0, "k": 0}
+    stamp = size >= 8
+
+    def send():
+        src = srcs[state["k"] % depth]
+        state["k"] += 1
+        first = state["next"]
+        with stream:
+            if stamp:
+                src[:, :8].view(cp.uint64)[:, 0] = ids + cp.uint64(first)
+            got = q.enqueue_device(src, stream=stream.ptr, timeout=30)
+        assert got == first, f"enqueue_device returned {got}, expected {first}: another producer?"
+        state["next"] = first + batch
+        inflight.append((first, src))
+        return batch
+
+    def recv():
+        first, src = inflight.popleft()
+        done = 0
+        while done < batch:  # a view never crosses the ring's end
+            v = q.view_results_device(first + done, batch - done, timeout=30)
+            k = len(v)
+            with stream:
+                got = cp.asarray(v.data)
+                ok = bool(cp.array_equal(got[:, :size], src[done : done + k])) and bool((v.lengths == size).all())
+            del got
+            v.release(stream=stream.ptr)
+            if not ok:
+                state["bad"] += k
+            done += k
 
     def step():
         if len(inflight) == depth:
@@ -493,6 +543,16 @@ def main() -> int:
 
     if "e2e64" in parts:
         rows = results["e2e64"] = []
+        cp = None
+        if not sim:
+            try:
+                import cupy as cp
+
+                cp.array_equal(cp.zeros((2, 8), cp.uint8), cp.zeros((2, 8), cp.uint8))  # load its kernels first
+                (cp.zeros(4, cp.uint64) + cp.uint64(1)).sum()
+            except ImportError as exc:
+                cp = None
+                results["notes"].append(f"device arrays: skipped ({exc})")
         for tpb in [int(x) for x in args.tpb.split(",")] if not sim else [None]:
             e2e_batches = [b for b in (batches if sim else [1024, 4096, 16384, 65536])]
             with open_queue(args.backend, 64, max_cap, tpb) as q:
@@ -502,6 +562,8 @@ def main() -> int:
                         continue
                     for path, label in E2E_PATHS.items():
                         t = 2 * seconds if not sim else seconds
+                        if path == "device":
+                            continue  # below, on a queue with its results in VRAM
                         if path == "inplace_full":
                             r = run_inplace(q, 64, b, t, full=True, depth=args.depth)
                         else:
@@ -510,6 +572,21 @@ def main() -> int:
                         rows.append(r)
                         print(
                             f"e2e 64 B, one thread, {label:38s} batch {b:6d}, {st.warps:4d} warps: "
+                            f"{r['msg_per_s'] / 1e6:8.2f} M msg/s, mismatches {r['mismatches']}",
+                            flush=True,
+                        )
+
+        if cp is not None:  # the device-array path: a queue whose results stay in VRAM
+            for tpb in [int(x) for x in args.tpb.split(",")]:
+                cfg = QueueConfig(capacity=max_cap, slot_bytes=64, threads_per_block=tpb, result_memory="device")
+                with GpuQueue(cfg) as q:
+                    st = q.stats()
+                    for b in [4096, 16384, 65536]:
+                        r = run_device(q, cp, 64, b, 2 * seconds, depth=args.depth)
+                        r.update(path="device", size=64, batch=b, threads_per_block=tpb, warps=st.warps)
+                        rows.append(r)
+                        print(
+                            f"e2e 64 B, one thread, {E2E_PATHS['device']:38s} batch {b:6d}, {st.warps:4d} warps: "
                             f"{r['msg_per_s'] / 1e6:8.2f} M msg/s, mismatches {r['mismatches']}",
                             flush=True,
                         )
@@ -643,6 +720,14 @@ def plot(results: dict, path: Path) -> None:
             pts = sorted((r["batch"], r["msg_per_s"]) for r in sweep if r["size"] == size and r["path"] == p)
             if len(pts) > 1:
                 axes[2].plot([b for b, _ in pts], [m for _, m in pts], marker=".", label=f"{p} {size} B")
+    for p in E2E_PATHS:  # 64 B end to end, every byte checked (best grid per batch)
+        best: dict = {}
+        for r in results.get("e2e64", []):
+            if r["path"] == p and r["msg_per_s"] > best.get(r["batch"], 0):
+                best[r["batch"]] = r["msg_per_s"]
+        if best:
+            xs = sorted(best)
+            axes[2].plot(xs, [best[x] for x in xs], marker="s", linewidth=2, label=f"e2e 64 B {p}")
     axes[2].set_xscale("log", base=2)
     axes[2].set_yscale("log")
     axes[2].set_xlabel("batch size, messages per call")

@@ -3,8 +3,14 @@
 
 For each payload size (64 B, 512 B, 4 KB by default):
   track_a        producers -> Redis stream -> StreamWorker + BatchProcessor (H2D, one launch, D2H per
-                 batch) -> result stream; plain entries (frame 1) and frame entries (--frame)
+                 batch) -> result stream; plain entries (frame 1) and frame entries (--frame: messages
+                 per entry, a comma list runs each; labels track_a_framed<F>)
   bridge         producers -> Redis stream -> GpuBridge -> GpuQueue (persistent kernel) -> result stream
+Both Redis paths read --batch messages per XREADGROUP (batch // frame entries): Track A runs each
+read as one launch, the bridge as one batch of enqueue_many into a queue of 2 x --batch slots (two
+batches in flight).  Each run prints the frame and batch it used, and the consumer's host CPU per
+message (its main thread; on --backend sim the simulator thread's CPU, which is not the GPU's, is
+reported apart and left out).
   queue          GpuQueue alone from one Python thread: enqueue + take, pipelined
 Three phases per path and size, one consumer process (it owns the GPU; this process never touches CUDA):
   unloaded   one message at a time, send -> result read back (XREAD BLOCK), --pings times
@@ -19,7 +25,9 @@ The consumer runs in a spawned process (it owns the GPU); this process never tou
 Writes <out>/bench_redis.json and <out>/bench_redis.png and prints a table.
 
     PYTHONPATH=. python benchmarks/bench_redis.py --out benchmarks/results            # GPU
-    PYTHONPATH=. python benchmarks/bench_redis.py --cpu --messages 20000              # dry run, no GPU
+    PYTHONPATH=. python benchmarks/bench_redis.py --backend sim --messages 20000      # dry run, no GPU
+    # issue 9's must-show (bridge beside Track A, 64 B framed), ~1 minute on the H200 host:
+    PYTHONPATH=. python benchmarks/bench_redis.py --sizes 64 --frame 32,128 --modes track_a_framed,bridge_framed,queue
 """
 
 from __future__ import annotations
@@ -86,30 +94,40 @@ def producer_main(url, n, first_seq, size, frame, rate, ready, go, done):
     done.put(prod.sent_entries)
 
 
-def consumer_main(url, mode, size, frame, backend, ready, stop, done):
+def read_shape(size: int, frame: int, batch: int) -> tuple[int, int]:
+    """(entries per XREADGROUP, queue capacity): about ``batch`` messages (at most 4 MB of payload)
+    a read; the bridge's ring holds two reads (a power of two)."""
+    count = max(1, min(batch // frame, (4 << 20) // (size * frame)))
+    return count, 1 << (2 * count * frame - 1).bit_length()
+
+
+def consumer_main(url, mode, size, frame, batch, backend, ready, stop, done):
     """The GPU side, in its own process: StreamWorker + BatchProcessor or GpuBridge + GpuQueue."""
     from gpuq_driver import GpuQueue, QueueConfig
     from gpuq_driver.streams import BatchProcessor, GpuBridge, StreamConsumer, StreamWorker
 
     client = connect(url)
-    # about 4096 messages (and at most 4 MB of payload) per XREADGROUP
-    count = max(1, min(4096 // frame, (4 << 20) // (size * frame)))
+    count, capacity = read_shape(size, frame, batch)
     cons = StreamConsumer(
         client, STREAM, GROUP, f"bench-{os.getpid()}", count=count, block_ms=20, result_maxlen=10_000_000
     )
     sb = slot_for(size)
     if mode == "track_a":
-        res = BatchProcessor(slot_bytes=sb, max_batch=8192, backend=backend)
+        res = BatchProcessor(slot_bytes=sb, max_batch=max(8192, count * frame), backend=backend)
         worker = StreamWorker(cons, res)
     else:
-        res = GpuQueue(QueueConfig(capacity=4096, slot_bytes=sb, backend=backend))
+        res = GpuQueue(QueueConfig(capacity=capacity, slot_bytes=sb, backend=backend))
         worker = GpuBridge(cons, res)
+    sim = getattr(getattr(res, "_kernel", None), "_thread", None)  # the simulator's thread (--backend sim)
     ready.put(True)
+    cpu = time.thread_time()
     try:
         stats = worker.run(stop=stop)
+        cpu = time.thread_time() - cpu
+        sim_cpu = time.clock_gettime(time.pthread_getcpuclockid(sim.ident)) if sim is not None else None
     finally:
         res.close()
-    done.put(vars(stats))
+    done.put({**vars(stats), "host_cpu_s": cpu, "sim_cpu_s": sim_cpu})
 
 
 def queue_alone(size: int, n: int, backend: str, load: float, out) -> None:
@@ -208,11 +226,11 @@ def _flow(ctx, url, client, last, n, size, frame, producers, rate):
     return last, (n / (t_end - start_at) if got >= n else float("nan")), lat, got
 
 
-def redis_run(ctx, url, mode, size, frame, n, producers, pings, load, backend) -> dict:
+def redis_run(ctx, url, mode, size, frame, batch, n, producers, pings, load, backend) -> dict:
     client = connect(url, socket_timeout_s=30)
     client.flushall()
     ready, stop, done = ctx.Queue(), ctx.Event(), ctx.Queue()
-    consumer = ctx.Process(target=consumer_main, args=(url, mode, size, frame, backend, ready, stop, done))
+    consumer = ctx.Process(target=consumer_main, args=(url, mode, size, frame, batch, backend, ready, stop, done))
     consumer.start()
     ready.get(timeout=120)
     pad = b"\xab" * (size - HDR.size)
@@ -242,10 +260,15 @@ def redis_run(ctx, url, mode, size, frame, n, producers, pings, load, backend) -
     stats = done.get(timeout=60)
     consumer.join(30)
     keep = ("xadd", "xreadgroup", "evalsha", "xread", "xautoclaim")
+    count, capacity = read_shape(size, frame, batch)
     return {
         "mode": mode,
         "size": size,
         "frame": frame,
+        "entries_per_read": count,
+        "messages_per_read": count * frame,
+        "queue_capacity": capacity if mode == "bridge" else None,
+        "host_us_per_msg": stats["host_cpu_s"] / max(1, stats["messages"]) * 1e6,
         "messages": n,
         "received": got,
         "msg_per_s": rate,
@@ -305,14 +328,18 @@ def main() -> int:
         "--max-mb", type=int, default=1024, help="fewer messages for large payloads: at most this many MB a run"
     )
     ap.add_argument("--producers", type=int, default=4)
-    ap.add_argument("--frame", type=int, default=32, help="messages per entry for the framed runs")
+    ap.add_argument("--frame", default="32", help="messages per entry for the framed runs (a comma list runs each)")
+    ap.add_argument("--batch", type=int, default=4096, help="messages per XREADGROUP (batch // frame entries)")
     ap.add_argument("--sizes", default="64,512,4096")
     ap.add_argument("--pings", type=int, default=300)
     ap.add_argument("--load", type=float, default=0.5, help="paced phase: this fraction of the saturated rate")
     ap.add_argument("--modes", default="track_a,track_a_framed,bridge,bridge_framed,queue")
-    ap.add_argument("--cpu", action="store_true", help="no GPU: BatchProcessor numpy, GpuQueue sim (dry run)")
+    ap.add_argument("--backend", choices=["cuda", "sim"], default="cuda", help="sim: no GPU, a dry run")
+    ap.add_argument("--cpu", action="store_true", help="the same as --backend sim")
     ap.add_argument("--replot", metavar="JSON", help="only redraw the plot of an earlier run's JSON")
     args = ap.parse_args()
+    cpu = args.cpu or args.backend == "sim"  # Track A on BatchProcessor's numpy backend, the queue on the simulator
+    frames_ = [int(f) for f in str(args.frame).split(",")]
     if args.replot:
         plot(json.loads(Path(args.replot).read_text()), Path(args.replot).with_suffix(".png"))
         return 0
@@ -322,7 +349,7 @@ def main() -> int:
     server = None if args.redis_url else RedisServer()
     url = args.redis_url or server.url
     version = connect(url).info("server")["redis_version"]
-    env = {"device": "CPU dry run"} if args.cpu else _device_env()
+    env = {"device": "CPU dry run"} if cpu else _device_env()
     device = env["device"]
     env.update(
         {
@@ -333,7 +360,8 @@ def main() -> int:
             "producers": args.producers,
             "messages": args.messages,
             "load": args.load,
-            "frame": args.frame,
+            "frame": frames_,
+            "batch": args.batch,
         }
     )
     print(
@@ -344,23 +372,25 @@ def main() -> int:
     try:
         for size in [int(s) for s in args.sizes.split(",")]:
             n = max(1000, min(args.messages, (args.max_mb << 20) // size))
-            for mode in modes:
-                label = mode
+            runs_here = [(m, f) for m in modes for f in (frames_ if m.endswith("_framed") else [1])]
+            for mode, frame in runs_here:
+                label = mode + (str(frame) if mode.endswith("_framed") and len(frames_) > 1 else "")
                 if mode == "queue":
                     q = ctx.Queue()
-                    p = ctx.Process(target=queue_alone, args=(size, n, "sim" if args.cpu else "cuda", args.load, q))
+                    p = ctx.Process(target=queue_alone, args=(size, n, "sim" if cpu else "cuda", args.load, q))
                     p.start()
                     r = {"mode": "queue", "size": size, "frame": None, "messages": n, **q.get(timeout=300)}
                     p.join(30)
                 else:
-                    base, framed = mode.removesuffix("_framed"), mode.endswith("_framed")
-                    backend = ("numpy" if base == "track_a" else "sim") if args.cpu else "cuda"
+                    base = mode.removesuffix("_framed")
+                    backend = ("numpy" if base == "track_a" else "sim") if cpu else "cuda"
                     r = redis_run(
                         ctx,
                         url,
                         base,
                         size,
-                        args.frame if framed else 1,
+                        frame,
+                        args.batch,
                         n,
                         args.producers,
                         args.pings,
@@ -369,6 +399,20 @@ def main() -> int:
                     )
                 r["label"] = label
                 runs.append(r)
+                if "entries_per_read" in r:
+                    w = r["worker"]
+                    sim_cpu = (
+                        f"; simulator thread {w['sim_cpu_s'] / max(1, w['messages']) * 1e6:.2f} µs/msg (not counted)"
+                        if w.get("sim_cpu_s") is not None
+                        else ""
+                    )
+                    print(
+                        f"{label:15s} {size:5d} B  frame {frame} messages/entry, {r['entries_per_read']} entries "
+                        f"({r['messages_per_read']} messages) per XREADGROUP"
+                        + (f", queue capacity {r['queue_capacity']}" if r["queue_capacity"] else "")
+                        + f"; consumer host CPU {r['host_us_per_msg']:.2f} µs/msg{sim_cpu}",
+                        flush=True,
+                    )
                 pc = r["paced"]
                 print(
                     f"{label:15s} {size:5d} B  {r['msg_per_s']:>11,.0f} msg/s  at {pc.get('msg_per_s', 0):>9,.0f} msg/s: p50 "

@@ -10,6 +10,8 @@
 # over the 10-minute limit of one device call: split them, e.g. STEPS="tests latency probe", then
 # STEPS="share soak" (the soak alone near the limit: keep it in a call of its own if share is slow).
 #     OUT=/tmp/out STEPS="tests latency" bash benchmarks/gpu_session.sh
+# Issue 9's bridge figure (bridge beside Track A, 64 B framed; ~2 minutes with the smoke run):
+#     STEPS="redis" REDIS_BENCH_ARGS="--sizes 64 --frame 32,128 --modes track_a_framed,bridge_framed,queue --messages 1000000" bash benchmarks/gpu_session.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if ls .whl/*.whl >/dev/null 2>&1; then

@@ -46,3 +46,29 @@ def test_stress_one_read_dry_run_on_the_simulator(tmp_path):
     res = json.loads((tmp_path / "stress_one_read.json").read_text())
     assert res["messages"] == res["processed"] == 1998 and res["wrong"] == 0 and not res["errors"]
     assert res["spec_retries"] >= 0 and "torn or stale reads retried" in r.stdout
+
+
+def test_bench_redis_dry_run_puts_the_bridge_beside_track_a(tmp_path, redis_client):
+    """bench_redis.py --backend sim at 64 B framed: Track A and the bridge in one run, every message
+    back, the frame and batch used printed and recorded."""
+    from gpuq_driver.streams.server import client_url
+
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    args = ["--backend", "sim", "--sizes", "64", "--frame", "32", "--batch", "256", "--messages", "3000"]
+    args += ["--modes", "track_a_framed,bridge_framed", "--pings", "5", "--producers", "1"]
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_redis.py"), "--out", str(tmp_path), *args],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**env, "REDIS_URL": client_url(redis_client)},
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((tmp_path / "bench_redis.json").read_text())
+    assert [run["label"] for run in res["runs"]] == ["track_a_framed", "bridge_framed"]
+    for run in res["runs"]:
+        assert run["received"] == run["messages"] == 3000 and run["msg_per_s"] > 0, run
+        assert (run["frame"], run["entries_per_read"], run["messages_per_read"]) == (32, 8, 256), run
+        assert run["worker"]["failed"] == 0 and run["host_us_per_msg"] > 0
+    assert res["runs"][1]["queue_capacity"] == 512
+    assert "frame 32 messages/entry, 8 entries (256 messages) per XREADGROUP, queue capacity 512" in r.stdout

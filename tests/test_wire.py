@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from gpuq_driver.streams import decode_frame, encode_frame
-from gpuq_driver.streams.wire import FAILED
+from gpuq_driver.streams.wire import FAILED, join_frame
 
 
 def test_frame_round_trip():
@@ -43,3 +43,21 @@ def test_frame_round_trip():
 def test_decode_frame_rejects_corrupted_frames(frame, why):
     with pytest.raises(ValueError, match=why):
         decode_frame(frame)
+
+
+def test_join_frames_is_join_frame_for_each_entry():
+    """The bridge's vectorised result frames: empty frames, FAILED items and empty items in place."""
+    from gpuq_driver.streams.wire import join_frames
+
+    counts = [3, 0, 2, 1, 0]
+    lens = np.array([2, FAILED, 1, 0, 3, 2], np.uint32)
+    data = np.frombuffer(b"abcdefgh", np.uint8)
+    expected = [
+        join_frame(lens[0:3], b"abc"),
+        join_frame(lens[3:3], b""),
+        join_frame(lens[3:5], b"def"),
+        join_frame(lens[5:6], b"gh"),
+        join_frame(lens[6:], b""),
+    ]
+    assert join_frames(counts, lens, data) == expected
+    assert join_frames([], np.zeros(0, np.uint32), b"") == []

@@ -45,6 +45,24 @@ def join_frame(lens: np.ndarray, data) -> bytes:
     return b"".join((_COUNT.pack(len(lens)), np.asarray(lens, "<u4").tobytes(), data))
 
 
+def join_frames(counts, lens: np.ndarray, data) -> list[bytes]:
+    """Many frames at once: frame j holds the next ``counts[j]`` lengths of ``lens`` (uint32,
+    FAILED for no item) and their bytes, taken in order from ``data`` (every item's bytes back to
+    back).  The headers are made in a few NumPy calls for all the frames, not a few per frame."""
+    counts = np.asarray(counts, np.int64)
+    lens = np.asarray(lens, "<u4")
+    msg_ends = np.cumsum(counts)
+    sizes = np.where(lens == FAILED, 0, lens)
+    byte_ends = np.concatenate(([0], np.cumsum(sizes, dtype=np.int64)))[msg_ends].tolist()
+    headers = np.insert(lens, msg_ends - counts, counts.astype("<u4")).tobytes()  # n, then its lengths
+    header_ends = (4 * (msg_ends + np.arange(1, len(counts) + 1))).tolist()
+    data, out, h, b = memoryview(data).cast("B"), [], 0, 0
+    for h1, b1 in zip(header_ends, byte_ends):
+        out.append(b"".join((headers[h:h1], data[b:b1])))
+        h, b = h1, b1
+    return out
+
+
 def split_frame(frame) -> tuple[np.ndarray, memoryview]:
     """One frame -> (lengths as uint32 array, FAILED for a missing item; the items' bytes back
     to back, a memoryview into ``frame``).  Raises ValueError if the lengths do not add up."""
