@@ -92,7 +92,9 @@ class QueueConfig:
                         ``backend="sim"`` the plugin needs a Python twin.
     blocks:             blocks of the persistent grid; None (default) = one per SM.  Must fit a
                         cooperative launch: <= occupancy × SM count.
-    threads_per_block:  a multiple of 32, 32 .. 1024 (default 64: two worker warps per block).
+    threads_per_block:  a multiple of 32, 32 .. 1024 (default 64: two worker warps per block).  The
+                        queue kernel needs more than 64 registers a thread, so 1,024-thread blocks
+                        do not fit an SM (ConfigError at construction, naming it); 256 is measured.
     enqueue_timeout_s:  how long ``enqueue`` waits for a free slot before QueueFull (default 1.0 s;
                         ``math.inf`` waits until a slot frees or the queue shuts down).
     shutdown_timeout_s: how long ``shutdown`` (and ``pause``) wait for the kernel (default 10.0 s).

@@ -23,7 +23,14 @@ def test_default_grid_is_one_block_per_sm(gpu):
 
 def test_grid_beyond_cooperative_limit_is_refused(gpu):
     with pytest.raises(ConfigError, match=r"blocks=65535: a cooperative launch .* fits at most"):
-        GpuQueue(QueueConfig(capacity=16, slot_bytes=16, blocks=65535, threads_per_block=1024))
+        GpuQueue(QueueConfig(capacity=16, slot_bytes=16, blocks=65535, threads_per_block=256))
+
+
+def test_a_block_too_large_for_the_kernel_is_refused_by_name(gpu):
+    """Since layout 5 the kernel needs more than 64 registers a thread: 1,024-thread blocks no
+    longer fit an SM, and the error says so rather than failing the launch."""
+    with pytest.raises(ConfigError, match=r"threads_per_block=1024: not even one block of the queue kernel fits"):
+        GpuQueue(QueueConfig(capacity=16, slot_bytes=16, threads_per_block=1024))
 
 
 def test_second_queue_on_the_same_device_is_refused(gpu):
