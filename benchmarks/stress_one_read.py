@@ -41,7 +41,7 @@ def main() -> int:
     pool[:8] = [b"", b"a", bytes(15), bytes(16), bytes(17), bytes(63), bytes(64), bytes(65)]
     per = args.messages // args.producers
     wrong, errors = [0] * args.producers, []
-    cfg = QueueConfig(capacity=4096, slot_bytes=args.max_bytes, backend=args.backend)
+    cfg = QueueConfig(capacity=4096, slot_bytes=args.max_bytes, backend=args.backend, one_read=True)
     with GpuQueue(cfg) as q:
 
         def producer(t: int) -> None:

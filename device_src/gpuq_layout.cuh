@@ -211,10 +211,12 @@ struct GpuqKernelArgs {
   uint32_t slot_bytes;      // multiple of 16
   uint32_t front_backoff_ns;
   uint32_t idle_backoff_ns;
+  uint32_t one_read;        // 1: the front warp's polls read the slot too ("One read"); 0: the doorbell alone
+  uint32_t pad;
 };
 
 static_assert(sizeof(GpuqSlotHeader) == 16, "GpuqSlotHeader must be 16 bytes");
 static_assert(sizeof(GpuqCtrlHost) == 128, "GpuqCtrlHost must be 128 bytes");
 static_assert(sizeof(GpuqCtrlDev) == 128, "GpuqCtrlDev must be 128 bytes");
 static_assert(sizeof(GpuqDevState) == 256, "GpuqDevState must be 256 bytes");
-static_assert(sizeof(GpuqKernelArgs) == 104, "GpuqKernelArgs must be 104 bytes");
+static_assert(sizeof(GpuqKernelArgs) == 112, "GpuqKernelArgs must be 112 bytes");

@@ -171,14 +171,15 @@ __device__ uint64_t wait_for(const GpuqKernelArgs& p, uint64_t s, uint32_t lane,
     act = __shfl_sync(kFullMask, act, 0);
     if (act == 2u) return __shfl_sync(kFullMask, ret, 0);
     const bool leaving = act == 1u;
-    // One round trip: the slot's header and first 64 bytes (lanes 1 .. 5) beside the doorbell
-    // (lane 0).  The last read of a lease reads the doorbell alone: what it shows is all it serves.
+    // One round trip: the slot's header and first 64 bytes (lanes 1 .. 5, where the queue uses the
+    // one read: reading them costs ~0.4 us a poll) beside the doorbell (lane 0).  The last read of
+    // a lease reads the doorbell alone: what it shows is all it serves.
     uint4 v = make_uint4(0u, 0u, 0u, 0u);
     uint64_t db = 0;
 #ifdef GPUQ_TRACE
     const unsigned long long t_issue = clock64();
 #endif
-    if (!leaving) {
+    if (!leaving && p.one_read != 0u) {
       if (lane == kHdrLane) v = __ldcv(shdr);
 #if defined(GPUQ_POLL_DATA32)  // diagnostics (probe_poll.py): 32 bytes only; L2-cached loads
       else if (lane >= kDataLane && lane < kDataLane + 2u) v = __ldcv(sdata + (lane - kDataLane));
@@ -571,6 +572,7 @@ extern "C" __global__ void gpuq_layout_probe(uint64_t* out) {
       sizeof(GpuqDevState), sizeof(GpuqKernelArgs), GPUQ_OFFSETOF(GpuqKernelArgs, warp_totals),
       GPUQ_OFFSETOF(GpuqKernelArgs, lease_ns), GPUQ_OFFSETOF(GpuqKernelArgs, capacity), GPUQ_OFFSETOF(GpuqKernelArgs, slot_bytes),
       GPUQ_OFFSETOF(GpuqKernelArgs, front_backoff_ns), GPUQ_OFFSETOF(GpuqKernelArgs, idle_backoff_ns),
+      GPUQ_OFFSETOF(GpuqKernelArgs, one_read),
   };
   for (unsigned i = 0; i < sizeof(v) / sizeof(v[0]); ++i) out[i] = v[i];
 }

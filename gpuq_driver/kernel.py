@@ -149,6 +149,7 @@ class PersistentKernel:
             slot_bytes=config.slot_bytes,
             front_backoff_ns=config.front_backoff_ns,
             idle_backoff_ns=config.idle_backoff_ns,
+            one_read=int(config.one_read),
         )
         self._args = driver.LaunchArgs([self.args])
         self.ctrl = CtrlDev.from_buffer(self.mem, off["ctrl_dev"])

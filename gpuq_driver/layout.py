@@ -104,7 +104,10 @@ class KernelArgs(ctypes.Structure):
             "warp_totals",
             "lease_ns",
         )
-    ] + [(name, ctypes.c_uint32) for name in ("capacity", "slot_bytes", "front_backoff_ns", "idle_backoff_ns")]
+    ] + [
+        (name, ctypes.c_uint32)
+        for name in ("capacity", "slot_bytes", "front_backoff_ns", "idle_backoff_ns", "one_read", "pad")
+    ]
 
 
 def _off(struct, name: str) -> int:
@@ -140,6 +143,7 @@ def expected_probe() -> list[int]:
         _off(KernelArgs, "slot_bytes"),
         _off(KernelArgs, "front_backoff_ns"),
         _off(KernelArgs, "idle_backoff_ns"),
+        _off(KernelArgs, "one_read"),
     ]
 
 

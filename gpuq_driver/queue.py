@@ -141,13 +141,15 @@ class QueueConfig:
                         (ConfigError there if it exceeds the free VRAM) and freed at ``close()``;
                         the device code reads it with ``gpuq_params()`` /
                         ``gpuq_params_bytes()``, the twin as its ``params`` argument (params.py).
-    one_read:           True (default): ``enqueue`` puts a 24-bit check of a message of at most 64
-                        bytes in its header (~0.1 µs), so that the front warp, polling, reads the
-                        doorbell and the slot in one PCIe round trip and serves the message at once
-                        if the check holds (a torn or stale read is read again; docs/design.md,
-                        "One read per message", has the figures).  False, and for longer messages:
-                        the doorbell first, then the slot (two round trips).  The batch calls never
-                        add the check (their messages are served in ranges, after the doorbell).
+    one_read:           False (default): the front warp polls the doorbell, then reads the slot (two
+                        PCIe round trips).  True: ``enqueue`` puts a 24-bit check of a message of at
+                        most 64 bytes in its header (~0.1 µs) and the front warp's polls read the
+                        slot beside the doorbell, serving a message whose check holds at once (a
+                        torn or stale read is read again): on the H200, 64 B round trip p50 5.1
+                        vs 5.8 µs, but one thread's enqueue rate fell from 1.09 M to 0.41 M msg/s
+                        (the polls contend with the host's writes to the same lines), so it is an
+                        option, not the default (docs/design.md, "One read per message").  The
+                        batch calls never add the check (their messages are served in ranges).
     result_memory:      where the result payloads live: "host" (default: mapped pinned memory, read
                         in place by the host calls and ``view_results``) or "device" (VRAM, allocated
                         before the first launch: ``view_results_device`` lends them to CuPy / torch
@@ -172,7 +174,7 @@ class QueueConfig:
     device: int = 0
     backend: str = "cuda"
     params: bytes = b""
-    one_read: bool = True
+    one_read: bool = False
     result_memory: str = "host"
 
     def __post_init__(self):

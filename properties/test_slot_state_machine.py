@@ -38,7 +38,12 @@ def make_machine(backend: str):
             super().__init__()
             self.q = GpuQueue(
                 QueueConfig(
-                    capacity=CAPACITY, slot_bytes=SLOT_BYTES, backend=backend, lease_ms=LEASE_MS, linger_ms=LINGER_MS
+                    capacity=CAPACITY,
+                    slot_bytes=SLOT_BYTES,
+                    backend=backend,
+                    lease_ms=LEASE_MS,
+                    linger_ms=LINGER_MS,
+                    one_read=True,  # the one read's protocol too (gpuq_layout.cuh)
                 )
             )
             self.model = RingModel(CAPACITY, SLOT_BYTES)

@@ -52,7 +52,7 @@ def payloads(n: int, max_bytes: int, seed: int) -> list[bytes]:
 
 def test_served_from_the_slot_alone(make_queue):
     """Messages of at most 64 bytes (the one read's window) need no doorbell at all."""
-    q = make_queue(capacity=256, slot_bytes=1024, linger_ms=1000.0)
+    q = make_queue(capacity=256, slot_bytes=1024, linger_ms=1000.0, one_read=True)
     freeze(q)
     sent = payloads(300, 64, 1)
     for p in sent:
@@ -82,7 +82,7 @@ def test_otherwise_the_doorbell_is_needed(make_queue, one_read, size):
 def test_a_slot_whose_check_fails_is_read_again_and_never_served(make_queue, monkeypatch):
     """A stale or torn read looks like a header whose check does not hold over the bytes read: the
     device must count it, read again, and serve the message only once the doorbell shows it."""
-    q = make_queue(capacity=64, slot_bytes=256, linger_ms=1000.0)
+    q = make_queue(capacity=64, slot_bytes=256, linger_ms=1000.0, one_read=True)
     freeze(q)
     monkeypatch.setattr(queue_module, "crc32", lambda data, seed: zlib.crc32(data, seed) ^ 0x100)
     payload = bytes(range(48))
@@ -103,7 +103,9 @@ def test_torn_reads_are_caught_on_the_simulator():
     check (counted, read again) and every result is still right."""
     import gpuq_driver
 
-    q = gpuq_driver.GpuQueue(gpuq_driver.QueueConfig(backend="sim", capacity=128, slot_bytes=512, linger_ms=1000.0))
+    q = gpuq_driver.GpuQueue(
+        gpuq_driver.QueueConfig(backend="sim", capacity=128, slot_bytes=512, linger_ms=1000.0, one_read=True)
+    )
     try:
         q._kernel.tear_rate = 0.5
         freeze(q)
@@ -122,7 +124,7 @@ def test_torn_reads_are_caught_on_the_simulator():
 @pytest.mark.parametrize("one_read", [True, False])
 def test_many_producers_mixed_sizes(make_queue, backend, one_read):
     """Many producers, sizes across the 16- and 64-byte lines: every result right, each exactly
-    once (the torn-read stress; benchmarks/bench_one_read.py runs 10 M)."""
+    once (the torn-read stress; benchmarks/stress_one_read.py runs 10 M)."""
     import threading
 
     n_threads, per = 4, 2000 if backend == "cuda" else 300
