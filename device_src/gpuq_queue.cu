@@ -316,6 +316,21 @@ __device__ __forceinline__ uint32_t check_request(const GpuqKernelArgs& p, const
   return code;
 }
 
+// The plugin on a staged message, then INFLIGHT -> DONE: the warp's result writes are ordered
+// before lane 0's release (the warp barrier orders them, the system-scope release is cumulative);
+// header, then msg_id last.
+__device__ __forceinline__ void finish_one(const GpuqKernelArgs& p, uint64_t s, uint32_t slot, uint8_t* vslot,
+                                           uint32_t len, uint32_t code, uint32_t lane) {
+  run_plugin(p, s, slot, vslot, len, code, lane);
+  if (lane == 0) GPUQ_TRACE_AT(3);
+  __syncwarp();
+  if (lane == 0) {
+    store_release<kSys>(&p.res_hdr[slot].msg_id, s);
+    trace_out(p, s);
+    reinterpret_cast<GpuqSlotHeader*>(vslot)->flags = GPUQ_DONE;
+  }
+}
+
 // One message, the whole warp.  `cand`: lane 0's `sr` holds the front warp's read of slot s (with
 // the doorbell); served from it if the check holds.  Returns false if it did not and the doorbell
 // has not shown s yet (`publish` == 0 or <= s): the caller waits for s again.
@@ -355,14 +370,7 @@ __device__ bool process_one(const GpuqKernelArgs& p, uint64_t s, uint32_t lane, 
         atomicAdd(reinterpret_cast<unsigned long long*>(&p.dev->spec_reads), 1ull);
       }
       if (lane * 16u < n) *reinterpret_cast<uint4*>(vin + lane * 16u) = chunk;  // n == len (slot_candidate)
-      run_plugin(p, s, slot, vslot, len, GPUQ_ERR_NONE, lane);
-      if (lane == 0) GPUQ_TRACE_AT(3);
-      __syncwarp();
-      if (lane == 0) {
-        store_release<kSys>(&p.res_hdr[slot].msg_id, s);
-        trace_out(p, s);
-        reinterpret_cast<GpuqSlotHeader*>(vslot)->flags = GPUQ_DONE;
-      }
+      finish_one(p, s, slot, vslot, len, GPUQ_ERR_NONE, lane);
       return true;
     }
     if (lane == 0) atomicAdd(reinterpret_cast<unsigned long long*>(&p.dev->spec_retries), 1ull);  // torn or stale
@@ -392,17 +400,7 @@ __device__ bool process_one(const GpuqKernelArgs& p, uint64_t s, uint32_t lane, 
     if (first < len) *reinterpret_cast<uint4*>(vin + first) = chunk;
     stage_rest(src, vin, 512u, len, lane);
   }
-  run_plugin(p, s, slot, vslot, len, code, lane);
-  if (lane == 0) GPUQ_TRACE_AT(3);
-
-  // INFLIGHT -> DONE: the warp's result writes are ordered before lane 0's release (the warp
-  // barrier orders them, the system-scope release is cumulative); header, then msg_id last.
-  __syncwarp();
-  if (lane == 0) {
-    store_release<kSys>(&p.res_hdr[slot].msg_id, s);
-    trace_out(p, s);
-    reinterpret_cast<GpuqSlotHeader*>(vslot)->flags = GPUQ_DONE;
-  }
+  finish_one(p, s, slot, vslot, len, code, lane);
   return true;
 }
 
