@@ -306,7 +306,9 @@ def stream_handle(stream) -> int:
                 break
         if handle is None and type(stream).__name__ == "CUstream":
             handle = int(stream)
-    if handle is None or handle < 0:
+    if handle is not None and handle < 0:
+        raise ConfigError(f"stream={handle} is not a stream handle: an int >= 0 (1 = legacy default, 2 = per-thread)")
+    if handle is None:
         raise ConfigError(
             f"stream must be an int stream handle (>= 0), a cupy.cuda.Stream, a torch.cuda.Stream or None, "
             f"not {type(stream).__name__}"

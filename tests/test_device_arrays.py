@@ -481,3 +481,13 @@ def test_a_device_array_refuses_new_exports_after_close():
     with pytest.raises(QueueClosed, match="queue is closed"):
         v.data  # noqa: B018
     assert d.__dlpack_device__() == (1, 0) and "DeviceArray" in repr(d)
+
+
+def test_a_negative_stream_handle_is_named_with_its_value(dq):
+    """stream=-1 is an int: the error must not say 'not int'; it names the value and the limit."""
+    with pytest.raises(ConfigError, match=r"stream=-1 is not a stream handle: an int >= 0") as e:
+        dq.enqueue_device(rows(1, 4), stream=-1)
+    assert "not int" not in str(e.value)
+    with pytest.raises(ConfigError, match=r"stream must be an int stream handle .* not str"):
+        dq.enqueue_device(rows(1, 4), stream="default")
+    assert dq.stats().enqueued == 0
