@@ -239,7 +239,8 @@ class QueueStats:
 
     enqueued:  messages accepted by ``enqueue``, ``enqueue_many`` and ``commit`` (the doorbell value).
     processed: results the device has published (sum of its per-warp counters, read in place).
-    taken:     results removed by ``try_dequeue_result``, the batch takes and released result views.
+    taken:     results removed by ``try_dequeue_result``, the batch takes and released result views
+               (a DeviceResultView once its exported arrays are gone too: ``freed``).
     pending:   enqueued - processed: READY or INFLIGHT on the device.
     occupied:  enqueued - taken: slots not EMPTY (the ring is full at ``capacity``).
     capacity, slot_bytes, blocks, threads_per_block, warps: the running geometry.

@@ -491,3 +491,13 @@ def test_a_negative_stream_handle_is_named_with_its_value(dq):
     with pytest.raises(ConfigError, match=r"stream must be an int stream handle .* not str"):
         dq.enqueue_device(rows(1, 4), stream="default")
     assert dq.stats().enqueued == 0
+
+
+def test_stats_count_a_device_view_taken_once_its_exports_are_gone(dq):
+    """QueueStats.taken counts a released view_results_device view only once it is freed (docs)."""
+    v = dq.view_results_device(dq.enqueue_device(rows(2, 4)), 2)
+    kept = np.asarray(v.data)
+    v.release()
+    assert not v.freed and dq.stats().taken == 0 and dq.stats().occupied == 2
+    del kept
+    assert v.freed and dq.stats().taken == 2 and dq.stats().occupied == 0
