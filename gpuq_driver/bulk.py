@@ -51,6 +51,7 @@ from .payload import byte_view, byte_views, lengths_array
 
 _READY_WORD = np.uint64(READY << 32)
 _MASK_COPY_MAX = 2048  # packed payloads up to this long are scattered with one masked NumPy copy
+_VIEW_CALLS = {"view": "view_results", "device": "view_results_device"}  # the call of each lending mode
 
 
 class _Rings:
@@ -391,6 +392,18 @@ def _release_soon(q, rec: list) -> None:
         q._dropped.append(rec)
 
 
+class _Record(list):
+    """``[first, n]`` of a result view held, as the queue keeps it (the queue keeps this, not the
+    view, so that a dropped view is seen); ``call`` made the view, ``exported`` is set once a
+    released DeviceResultView's slots wait for its exported arrays (QueueFull says so)."""
+
+    __slots__ = ("call", "exported")
+
+    def __init__(self, first: int, n: int, call: str):
+        super().__init__((first, n))
+        self.call, self.exported = call, False
+
+
 class ResultView:
     """Results lent in place by :meth:`BulkCalls.view_results`: read them, then ``release()``.
 
@@ -413,7 +426,7 @@ class ResultView:
         self._q, self.first, self._data, self.lengths, self.flags = q, first, data, lengths, flags
         self._n = len(lengths)
         self._held = True
-        self._rec = [first, self._n]  # the queue keeps this record, not the view: a dropped view is seen
+        self._rec = _Record(first, self._n, "view_results")
 
     def __len__(self) -> int:
         return self._n
@@ -589,11 +602,21 @@ class BulkCalls:
             waited = self.config.enqueue_timeout_s if timeout is None else timeout
             raise QueueFull(self._room_message(seq, n, waited)) from None
 
+    def _held_why(self) -> str:
+        """What holds the oldest slot while a result view is held (the first view starts there)."""
+        rec = self._views[0]
+        if rec.exported:
+            return (
+                f"is held by arrays exported from a released {rec.call} view (CuPy or torch arrays, DLPack "
+                "capsules, the DeviceArray itself): its slots free once they are all gone"
+            )
+        return f"is held by a result view ({rec.call}): release() it"
+
     def _room_message(self, seq: int, n: int, timeout: float) -> str:
         free = max(0, self._limit - seq)
         t = self._tail
         if self._views:
-            why = "is held by a result view (view_results): release() it"
+            why = self._held_why()
         elif self._res_hdr is not None and self._res_hdr[((t & self._mask) << 1) | 1] == t:
             why = f"has its result waiting: take it (take_results({t}, ...)); slots free in msg_id order"
         elif self._leases.paused:
@@ -713,9 +736,7 @@ class BulkCalls:
                 "view_results lends the result ring in host memory; with QueueConfig(result_memory='device') "
                 "the results are in VRAM: view_results_device lends them there (CuPy, torch), take_results copies"
             )
-        first, n, timeout = self._range_args(first, n, timeout, errors)
-        if n == 0:
-            raise ConfigError("n must be >= 1 for a result view")
+        first, n, timeout = self._range_args(first, n, timeout, errors, lo=1)
         return self._take_range(first, n, timeout, "view", None, errors)
 
     def take_ready(self, max_items: int | None = None, *, packed: bool = False, errors="raise"):
@@ -761,12 +782,15 @@ class BulkCalls:
         empty = np.zeros((0,) if packed else (0, self._sb), np.uint8)
         return start, empty, np.zeros(0, np.uint32)
 
-    def _range_args(self, first, n, timeout, errors):
+    def _range_args(self, first, n, timeout, errors, lo: int = 0):
+        """Checked (first, n, timeout) of a range call; ``lo``: the least n (1 for a view)."""
         self._slot(first)  # TypeError unless an int
         first = int(first)
         if first < 0:
             raise UnknownMessage(f"msg_id {first} was never issued")
-        n = check_int("n", n, 0, self._cap)
+        n = check_int("n", n, lo, self._cap)
+        if n and first + n > NO_MSG:  # msg_ids are uint64: such a range was never issued (nor can be)
+            raise UnknownMessage(f"msg_id {first} was never issued (msg_ids are below 2**64; the next is {self._head})")
         try:
             timeout = float("inf") if timeout is None else check_seconds("timeout", timeout)
         except ConfigError as exc:
@@ -797,7 +821,7 @@ class BulkCalls:
                     raise QueueClosed("queue is closed")
                 if self._dropped:
                     self._release_dropped()
-                self._check_takeable(first, n, ids, segs, rings, view)
+                self._check_takeable(first, n, ids, segs, rings, _VIEW_CALLS.get(mode))
                 # the last is usually done last: one look at it before the whole range
                 if rings.res_ids[last_slot] == last and _first_missing(rings, ids, segs) < 0:
                     return self._take_locked(first, n, mode, out, errors, ids)
@@ -826,8 +850,9 @@ class BulkCalls:
                     time.sleep(pause)
                     pause = min(1e-3, pause * 2 or 1e-6)
 
-    def _check_takeable(self, first: int, n: int, ids, segs, rings, view: bool) -> None:
-        """Every msg_id of the range is issued, not taken and not held (the consumer lock is held)."""
+    def _check_takeable(self, first: int, n: int, ids, segs, rings, view: str | None) -> None:
+        """Every msg_id of the range is issued, not taken and not held (the consumer lock is held).
+        view: the call that lends them (``view_results``, ``view_results_device``), None for a take."""
         head, tail = self._head, self._tail
         views = self._views
         if first + n > head:
@@ -841,7 +866,7 @@ class BulkCalls:
             oldest = self._oldest_free()
             if first != oldest:
                 raise ConfigError(
-                    f"view_results must start at msg_id {oldest}, the oldest result not taken or held (slots "
+                    f"{view} must start at msg_id {oldest}, the oldest result not taken or held (slots "
                     f"free in msg_id order), not {first}; take_results copies a range anywhere"
                 )
         if not self._taken_ahead and not views:

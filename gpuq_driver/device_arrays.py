@@ -46,7 +46,7 @@ import weakref
 import numpy as np
 
 from .bulk import ResultView, _release_soon, _segments
-from .errors import ConfigError, PayloadError, PayloadTypeError, check_seconds
+from .errors import ConfigError, PayloadError, PayloadTypeError, QueueClosed, check_seconds
 from .layout import HEADER_BYTES, READY, REQ_IN_VRAM
 from .payload import lengths_array
 
@@ -167,15 +167,24 @@ class DeviceArray:
     which exposes ``__array_interface__`` (numpy) instead of ``__cuda_array_interface__``.
     Writable (the slots are yours until released; the queue never reads them back).  While this
     object or a DLPack capsule of it lives, the view's slots are not reused (module docstring).
+    owner: the GpuQueue whose memory it is (None: no owner to check); once it is closed the memory
+    is freed, and the array interfaces and ``__dlpack__`` raise QueueClosed instead of handing out
+    a dangling pointer (arrays exported before then are invalid: do not use them).
     """
 
-    __slots__ = ("ptr", "shape", "strides", "device", "__weakref__")
+    __slots__ = ("ptr", "shape", "strides", "device", "_owner", "__weakref__")
 
-    def __init__(self, ptr: int, rows: int, slot_bytes: int, device: tuple[int, int]):
+    def __init__(self, ptr: int, rows: int, slot_bytes: int, device: tuple[int, int], owner=None):
         self.ptr, self.shape, self.strides, self.device = ptr, (rows, slot_bytes), (slot_bytes, 1), device
+        self._owner = owner
 
     def _interface(self) -> dict:
+        self._check_open()
         return {"version": 3, "shape": self.shape, "typestr": "|u1", "data": (self.ptr, False), "strides": self.strides}
+
+    def _check_open(self) -> None:
+        if self._owner is not None and self._owner._res_hdr is None:
+            raise QueueClosed("queue is closed: the memory of this DeviceArray is freed, it cannot be exported")
 
     @property
     def __cuda_array_interface__(self) -> dict:
@@ -201,8 +210,10 @@ class DeviceArray:
 
         stream: the consumer's stream (an int, or None); accepted and not waited on: the data were
         complete before this array existed (module docstring).  copy=True and a ``dl_device`` other
-        than ``__dlpack_device__()`` raise BufferError (this array is never copied or moved).
+        than ``__dlpack_device__()`` raise BufferError (this array is never copied or moved);
+        QueueClosed once its queue is closed.
         """
+        self._check_open()
         if stream is not None and (isinstance(stream, bool) or not isinstance(stream, int)):
             raise TypeError(f"stream must be an int or None, not {type(stream).__name__}")
         if copy:
@@ -234,6 +245,7 @@ class DeviceResultView(ResultView):
 
     def __init__(self, q, first: int, data: DeviceArray, lengths: np.ndarray, flags: np.ndarray):
         super().__init__(q, first, data, lengths, flags)
+        self._rec.call = "view_results_device"
         # the slots free when the array is collected: the view dropped it, and no export holds it
         self._fin = weakref.finalize(data, _release_soon, q, self._rec)
         self._fin.atexit = False
@@ -254,6 +266,7 @@ class DeviceResultView(ResultView):
         if stream is not None and q._res_hdr is not None:
             q._kernel.dmem.sync_stream(stream_handle(stream))
         self._held = False
+        self._rec.exported = True  # from now on only exports hold the slots (QueueFull says so)
         self._data = None  # its last reference but the exports': the finalizer frees the slots now
         if q._dropped:  # the finalizer found the consumer lock busy: free them here, waiting for it
             with q._clock:
@@ -262,6 +275,7 @@ class DeviceResultView(ResultView):
     def __del__(self):
         if getattr(self, "_held", False):
             self._held = False  # the array goes with the view (unless exported): its finalizer frees
+            self._rec.exported = True
             warnings.warn(
                 f"a DeviceResultView of msg_ids {self.first}..{self.first + self._n - 1} was dropped unreleased: "
                 "released (its slots free once every exported array is gone)",
@@ -292,7 +306,9 @@ def stream_handle(stream) -> int:
                 break
         if handle is None and type(stream).__name__ == "CUstream":
             handle = int(stream)
-    if handle is None or handle < 0:
+    if handle is not None and handle < 0:
+        raise ConfigError(f"stream={handle} is not a stream handle: an int >= 0 (1 = legacy default, 2 = per-thread)")
+    if handle is None:
         raise ConfigError(
             f"stream must be an int stream handle (>= 0), a cupy.cuda.Stream, a torch.cuda.Stream or None, "
             f"not {type(stream).__name__}"
@@ -471,24 +487,28 @@ def import_array(array, dmem, sb: int, lengths, stream) -> _Source:
     except Exception as exc:  # noqa: BLE001 - whatever the producer raises
         raise PayloadTypeError(f"array's {iface_name} cannot be read: {exc}") from None
     if iface is not None:
-        if iface.get("mask") is not None:
+        try:  # a producer's dict: "shape", "typestr" and "data" (ptr, read_only) are required
+            mask, typestr, shape = iface.get("mask"), str(iface["typestr"]), tuple(iface["shape"])
+            strides, cai_stream, ptr = iface.get("strides"), iface.get("stream"), int(iface["data"][0])
+        except Exception as exc:  # noqa: BLE001 - whatever a malformed dict makes fail
+            raise PayloadTypeError(
+                f"array's {iface_name} is malformed ({type(exc).__name__}: {exc}): it needs 'shape', 'typestr' "
+                "and 'data' = (pointer, read_only)"
+            ) from None
+        if mask is not None:
             raise PayloadTypeError(f"array's {iface_name} has a mask; masked arrays are not supported")
-        typestr = str(iface.get("typestr", ""))
-        n, size, pitch = _check_shape(
-            iface_name, tuple(iface["shape"]), iface.get("strides"), typestr[1:] == "u1", typestr, sb, lengths
-        )
-        cai_stream = iface.get("stream")
+        n, size, pitch = _check_shape(iface_name, shape, strides, typestr[1:] == "u1", typestr, sb, lengths)
         use = explicit if explicit is not None else cai_stream if cai_stream else dmem.in_stream
-        return _Source(int(iface["data"][0]), n, size, pitch, use)
+        return _Source(ptr, n, size, pitch, use)
     if hasattr(array, "__dlpack__") and hasattr(array, "__dlpack_device__"):
-        dev_type, dev_id = (int(x) for x in array.__dlpack_device__())
+        dev_type, dev_id = _ask(array, "__dlpack_device__", lambda: tuple(int(x) for x in array.__dlpack_device__()))
         want = (KDL_CPU,) if sim else (KDL_CUDA, KDL_CUDA_MANAGED)
         if dev_type not in want:
             _refuse_memory(array, _DEVICE_NAMES.get(dev_type, f"device type {dev_type}"), sim)
         if not sim and dev_id != dmem.dl_device[1]:
             raise PayloadError(f"array is on CUDA device {dev_id}; the queue runs on device {dmem.dl_device[1]}")
         use = explicit if explicit is not None else dmem.in_stream
-        capsule = array.__dlpack__() if sim else array.__dlpack__(stream=use or 1)
+        capsule = _ask(array, "__dlpack__", lambda: array.__dlpack__() if sim else array.__dlpack__(stream=use or 1))
         if not _valid(capsule, _NAME):
             raise PayloadTypeError("array.__dlpack__() did not return an unused 'dltensor' capsule")
         address = _pointer(capsule, _NAME)
@@ -510,6 +530,17 @@ def import_array(array, dmem, sb: int, lengths, stream) -> _Source:
         return src
     _refuse_memory(array, None, sim)
     raise AssertionError  # not reached
+
+
+def _ask(array, what: str, call):
+    """``call()``, the producer's DLPack method ``what``; whatever it raises (numpy's BufferError for a
+    read-only array, torch's RuntimeError for a tensor that requires grad) as a PayloadTypeError."""
+    try:
+        return call()
+    except Exception as exc:  # noqa: BLE001 - whatever the producer raises
+        raise PayloadTypeError(
+            f"array's {what}() failed: {type(exc).__name__}: {exc} ({type(array).__name__})"
+        ) from exc
 
 
 def _refuse_memory(array, where: str | None, sim: bool) -> None:
@@ -591,7 +622,7 @@ class DeviceCalls:
     def _device_view(self, first: int, slot: int, n: int, lengths, flags) -> DeviceResultView:
         """The view of held msg_ids ``first ..`` from slot ``slot`` (bulk._take_locked, "device" mode)."""
         dmem = self._kernel.dmem
-        array = DeviceArray(dmem.results + slot * self._sb, n, self._sb, dmem.dl_device)
+        array = DeviceArray(dmem.results + slot * self._sb, n, self._sb, dmem.dl_device, self)
         return DeviceResultView(self, first, array, lengths, flags)
 
     def view_results_device(self, first: int, n: int, timeout: float | None = 1.0, *, errors="raise"):
@@ -614,7 +645,5 @@ class DeviceCalls:
                 "view_results_device lends results in VRAM: it needs QueueConfig(result_memory='device'); this "
                 "queue's result_memory is 'host' (view_results lends them in host memory)"
             )
-        first, n, timeout = self._range_args(first, n, timeout, errors)
-        if n == 0:
-            raise ConfigError("n must be >= 1 for a result view")
+        first, n, timeout = self._range_args(first, n, timeout, errors, lo=1)
         return self._take_range(first, n, timeout, "device", None, errors)

@@ -40,6 +40,29 @@ _live: dict[int, weakref.ref[PersistentKernel]] = {}
 """device ordinal -> the queue kernel running there in this process (at most one, see __init__)."""
 
 
+def grid_blocks(blocks: int | None, threads: int, per_sm, sm_count: int, device_name: str) -> int:
+    """The queue kernel's grid: ``blocks`` (None = one per SM), checked against a cooperative
+    launch's limit, ``per_sm(threads)`` blocks (the kernel's occupancy) × ``sm_count``.  Raises
+    ConfigError naming the field and the limit: a block of ``threads`` that does not fit an SM at
+    all (the kernel's registers a thread) names the largest threads_per_block that does."""
+    fit = per_sm(threads)
+    if fit == 0:
+        largest = next((t for t in range(threads - 32, 0, -32) if per_sm(t) > 0), 0)
+        raise ConfigError(
+            f"threads_per_block={threads}: not even one block of the queue kernel fits on an SM of {device_name} "
+            f"(it needs more registers a thread than {threads}-thread blocks leave); "
+            + (f"threads_per_block <= {largest} fits" if largest else "no block size fits")
+        )
+    limit = fit * sm_count
+    chosen = blocks if blocks is not None else min(sm_count, limit)
+    if chosen > limit:
+        raise ConfigError(
+            f"blocks={chosen}: a cooperative launch of {threads}-thread blocks fits at most "
+            f"{limit} blocks on {device_name} ({fit} per SM x {sm_count} SMs)"
+        )
+    return chosen
+
+
 class PersistentKernel:
     """``gpuq_persistent``, launched lease after lease, serving a ring of ``capacity`` × ``slot_bytes`` slots.
 
@@ -99,19 +122,13 @@ class PersistentKernel:
         self._fn = self.module.function("gpuq_persistent")
         probe_fn = self.module.function("gpuq_layout_probe")
 
-        per_sm = driver.max_active_blocks(self._fn, config.threads_per_block)
-        limit = per_sm * info.sm_count
-        if limit == 0:
-            raise ConfigError(
-                f"threads_per_block={config.threads_per_block}: not even one block of the queue "
-                f"kernel fits on an SM of {info.name}"
-            )
-        self.blocks = config.blocks if config.blocks is not None else min(info.sm_count, limit)
-        if self.blocks > limit:
-            raise ConfigError(
-                f"blocks={self.blocks}: a cooperative launch of {config.threads_per_block}-thread blocks fits at most "
-                f"{limit} blocks on {info.name} ({per_sm} per SM x {info.sm_count} SMs)"
-            )
+        self.blocks = grid_blocks(
+            config.blocks,
+            config.threads_per_block,
+            lambda t: driver.max_active_blocks(self._fn, t),
+            info.sm_count,
+            info.name,
+        )
         self.threads = config.threads_per_block
         self.warps = self.blocks * self.threads // 32
         self.layout = HostLayout(config.capacity, config.slot_bytes, self.warps)

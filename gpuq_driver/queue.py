@@ -94,7 +94,8 @@ class QueueConfig:
                         cooperative launch: <= occupancy × SM count.
     threads_per_block:  a multiple of 32, 32 .. 1024 (default 64: two worker warps per block).  The
                         queue kernel needs more than 64 registers a thread, so 1,024-thread blocks
-                        do not fit an SM (ConfigError at construction, naming it); 256 is measured.
+                        do not fit an SM (GpuQueue raises ConfigError on the GPU, naming the
+                        largest block that fits; the simulator ignores it); 256 is measured.
     enqueue_timeout_s:  how long ``enqueue`` waits for a free slot before QueueFull (default 1.0 s;
                         ``math.inf`` waits until a slot frees or the queue shuts down).
     shutdown_timeout_s: how long ``shutdown`` (and ``pause``) wait for the kernel (default 10.0 s).
@@ -146,8 +147,9 @@ class QueueConfig:
                         most 64 bytes in its header (~0.1 µs) and the front warp's polls read the
                         slot beside the doorbell, serving a message whose check holds at once (a
                         torn or stale read is read again): on the H200, 64 B round trip p50 5.1
-                        vs 5.8 µs, but one thread's enqueue rate fell from 1.09 M to 0.41 M msg/s
-                        (the polls contend with the host's writes to the same lines), so it is an
+                        vs 5.8 µs, but one thread's enqueue rate fell to 0.85-0.89 M from 1.22-1.25
+                        M msg/s (0.41 vs 1.09 M in one run: the polls contend with the host's
+                        writes to the same lines), so it is an
                         option, not the default (docs/design.md, "One read per message").  The
                         batch calls never add the check (their messages are served in ranges).
     result_memory:      where the result payloads live: "host" (default: mapped pinned memory, read
@@ -237,7 +239,8 @@ class QueueStats:
 
     enqueued:  messages accepted by ``enqueue``, ``enqueue_many`` and ``commit`` (the doorbell value).
     processed: results the device has published (sum of its per-warp counters, read in place).
-    taken:     results removed by ``try_dequeue_result``, the batch takes and released result views.
+    taken:     results removed by ``try_dequeue_result``, the batch takes and released result views
+               (a DeviceResultView once its exported arrays are gone too: ``freed``).
     pending:   enqueued - processed: READY or INFLIGHT on the device.
     occupied:  enqueued - taken: slots not EMPTY (the ring is full at ``capacity``).
     capacity, slot_bytes, blocks, threads_per_block, warps: the running geometry.
@@ -486,7 +489,7 @@ class GpuQueue(BulkCalls, DeviceCalls):
         t = self._tail
         done = self._res_hdr is not None and self._res_hdr[((t & self._mask) << 1) | 1] == t
         if self._views:  # bulk.py: the tail's result is lent to a ResultView
-            why = "is held by a result view (view_results): release() it"
+            why = self._held_why()
         elif self._leases.paused and not done:
             why = "is not processed yet: the queue is paused, resume() lets the kernel process it"
         elif done:

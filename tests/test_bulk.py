@@ -735,3 +735,26 @@ def test_a_batch_take_with_plugin_failures_raises_message_failed_naming_each(mak
     data, lens = q.take_results(first, 5, timeout=10, errors="mark")
     assert list(lens) == [4, FAILED, 4, FAILED, 4]
     assert q.stats().occupied == 0 and q.wait_result(q.enqueue(b"\x02\x02"), timeout=10) == b"\x02\x02"
+
+
+def test_range_calls_refuse_msg_ids_past_uint64_as_never_issued(make_queue):
+    """msg_ids are uint64: a range reaching past 2**64 was never issued (UnknownMessage, as for any
+    msg_id not issued yet), not an OverflowError from NumPy; nothing queued is disturbed."""
+    q = make_queue(capacity=8, slot_bytes=16)
+    kept = q.enqueue(b"kept")
+    for first, n in ((2**64, 1), (2**70, 1), (2**64 - 1, 2)):
+        with pytest.raises(UnknownMessage, match=f"msg_id {first} was never issued"):
+            q.take_results(first, n, timeout=0)
+        with pytest.raises(UnknownMessage, match=f"msg_id {first} was never issued"):
+            q.view_results(first, n, timeout=0)
+    assert q.wait_result(kept, timeout=10) == b"kept"
+
+
+def test_a_view_of_more_than_capacity_names_its_own_range(make_queue):
+    q = make_queue(capacity=8, slot_bytes=16)
+    with pytest.raises(ConfigError, match="n=9 is out of range: 1 <= n <= 8"):
+        q.view_results(0, 9)
+    with pytest.raises(ConfigError, match="n=0 is out of range: 1 <= n <= 8"):
+        q.view_results(0, 0)
+    with pytest.raises(ConfigError, match="n=9 is out of range: 0 <= n <= 8"):
+        q.take_results(0, 9)

@@ -79,3 +79,26 @@ def test_the_queue_and_the_batch_path_share_one_geometry_rule(field, bad):
     with pytest.raises(ConfigError) as batch_error:
         BatchProcessor(**{field: bad}, backend="numpy")
     assert str(queue_error.value) == str(batch_error.value) and field in str(queue_error.value)
+
+
+# -- the grid against the kernel's occupancy (kernel.grid_blocks; the GPU's numbers faked here) -----
+
+
+def fake_occupancy(max_threads: int, per_sm_at_32: int = 16):
+    """Blocks of t threads one SM holds for a kernel whose registers allow ``max_threads`` a block."""
+    return lambda t: 0 if t > max_threads else max(1, per_sm_at_32 * 32 // t)
+
+
+def test_a_block_too_large_names_the_largest_that_fits():
+    """1,024-thread blocks do not fit the queue kernel (more than 64 registers a thread): the error
+    names threads_per_block and the largest block that does fit, not only 'not even one'."""
+    from gpuq_driver.kernel import grid_blocks
+
+    with pytest.raises(ConfigError, match=r"threads_per_block=1024: .* threads_per_block <= 896 fits"):
+        grid_blocks(None, 1024, fake_occupancy(896), 132, "H200")
+    with pytest.raises(ConfigError, match=r"threads_per_block=960: .* threads_per_block <= 896 fits"):
+        grid_blocks(None, 960, fake_occupancy(896), 132, "H200")
+    assert grid_blocks(None, 256, fake_occupancy(896), 132, "H200") == 132  # one block per SM
+    assert grid_blocks(7, 256, fake_occupancy(896), 132, "H200") == 7
+    with pytest.raises(ConfigError, match=r"blocks=65535: .* fits at most 264 blocks on H200 \(2 per SM x 132 SMs\)"):
+        grid_blocks(65535, 256, fake_occupancy(896), 132, "H200")

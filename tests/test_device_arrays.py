@@ -28,6 +28,7 @@ from gpuq_driver import (
     GpuQueue,
     PayloadError,
     PayloadTypeError,
+    QueueClosed,
     QueueConfig,
     QueueFull,
     device_arrays,
@@ -219,7 +220,7 @@ def test_exports_hold_the_slots_after_release(dq):
     assert v.released and not v.freed and dq.free_slots() == 0
     with pytest.raises(GpuqError, match="released"):
         v.data  # noqa: B018
-    with pytest.raises(QueueFull, match="held by a result view"):
+    with pytest.raises(QueueFull, match="held by arrays exported from a released view_results_device view"):
         dq.enqueue(b"x", timeout=0.01)
     del exported
     gc.collect()
@@ -394,3 +395,109 @@ def test_device_arrays_on_the_gpu(gpu, lib):
                 f"{lib} {via}: no copy out",
             } <= names
         assert f"{lib}: values while held, freed once the export is gone" in names
+
+
+# -- defects found by a new user's trial -----------------------------------------------------------
+
+
+class Raises:
+    """A producer whose DLPack export fails (as numpy's does for a read-only array, torch's for a
+    tensor that requires grad)."""
+
+    def __init__(self, where: str):
+        self.where = where
+
+    def __dlpack__(self, **kw):
+        if self.where == "dlpack":
+            raise BufferError("cannot export this one")
+        return np.zeros((2, 4), np.uint8).__dlpack__(**kw)
+
+    def __dlpack_device__(self):
+        if self.where == "device":
+            raise RuntimeError("no device for you")
+        return (1, 0)
+
+
+class Interface:
+    """An object with a hand-made (malformed) __array_interface__."""
+
+    def __init__(self, iface):
+        self.__array_interface__ = iface
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (DLPackOnly(np.frombuffer(bytes(32), np.uint8).reshape(2, 16)), "__dlpack__\\(\\) failed: BufferError"),
+        (Raises("dlpack"), "__dlpack__\\(\\) failed: BufferError: cannot export this one"),
+        (Raises("device"), "__dlpack_device__\\(\\) failed: RuntimeError: no device for you"),
+        (Interface({"shape": (2, 4), "typestr": "|u1", "version": 3}), "__array_interface__ is malformed"),
+        (Interface({"shape": (2, 4), "typestr": "|u1", "data": None}), "__array_interface__ is malformed"),
+        (Interface("not a dict"), "__array_interface__ is malformed"),
+    ],
+)
+def test_a_producer_that_fails_or_lies_is_a_payload_type_error(dq, bad, match):
+    kept = dq.enqueue_many(rows(2, 16, seed=9))
+    with pytest.raises(PayloadTypeError, match=match):
+        dq.enqueue_device(bad)
+    assert dq.stats().enqueued == 2
+    data, _ = dq.take_results(kept, 2)
+    assert np.array_equal(data[:, :16], rows(2, 16, seed=9))
+
+
+def test_queue_full_and_view_order_name_the_device_view_and_its_exports(dq):
+    """A held device view is named by its own call; once released with an export alive, QueueFull
+    says the exports hold the slots (release() would do nothing), not 'release() it'."""
+    first = dq.enqueue_device(rows(CAP, 16))
+    v = dq.view_results_device(first, 2)
+    with pytest.raises(ConfigError, match="view_results_device must start at msg_id 2"):
+        dq.view_results_device(first + 3, 1)
+    rest = dq.view_results_device(first + 2, CAP - 2)
+    rest.release()
+    with pytest.raises(QueueFull, match=r"held by a result view \(view_results_device\): release\(\) it"):
+        dq.enqueue(b"x", timeout=0)
+    exported = np.asarray(v.data)
+    v.release()
+    for call in (lambda: dq.enqueue(b"x", timeout=0), lambda: dq.enqueue_device(rows(1, 16), timeout=0)):
+        with pytest.raises(QueueFull, match="held by arrays exported from a released view_results_device view") as e:
+            call()
+        assert "release() it" not in str(e.value)
+    del exported
+    assert v.freed and dq.free_slots() == CAP
+
+
+def test_a_device_array_refuses_new_exports_after_close():
+    """After close() the (V)RAM behind a DeviceArray is freed: a new export of it would be a
+    dangling pointer, so the array interface and __dlpack__ raise QueueClosed, as ``v.data`` does."""
+    q = GpuQueue(QueueConfig(backend="sim", capacity=CAP, slot_bytes=SB, result_memory="device"))
+    v = q.view_results_device(q.enqueue_device(rows(2, 16)), 2)
+    d = v.data
+    assert np.asarray(d).shape == (2, SB)  # while open: fine
+    q.close()
+    with pytest.raises(QueueClosed, match="queue is closed"):
+        np.asarray(d)
+    with pytest.raises(QueueClosed, match="queue is closed"):
+        d.__dlpack__()
+    with pytest.raises(QueueClosed, match="queue is closed"):
+        v.data  # noqa: B018
+    assert d.__dlpack_device__() == (1, 0) and "DeviceArray" in repr(d)
+
+
+def test_a_negative_stream_handle_is_named_with_its_value(dq):
+    """stream=-1 is an int: the error must not say 'not int'; it names the value and the limit."""
+    with pytest.raises(ConfigError, match=r"stream=-1 is not a stream handle: an int >= 0") as e:
+        dq.enqueue_device(rows(1, 4), stream=-1)
+    assert "not int" not in str(e.value)
+    with pytest.raises(ConfigError, match=r"stream must be an int stream handle .* not str"):
+        dq.enqueue_device(rows(1, 4), stream="default")
+    assert dq.stats().enqueued == 0
+
+
+def test_stats_count_a_device_view_taken_once_its_exports_are_gone(dq):
+    """QueueStats.taken counts a released view_results_device view only once it is freed (docs)."""
+    v = dq.view_results_device(dq.enqueue_device(rows(2, 4)), 2)
+    kept = np.asarray(v.data)
+    v.release()
+    assert not v.freed and dq.stats().taken == 0 and dq.stats().occupied == 2
+    del kept
+    assert v.freed and dq.stats().taken == 2 and dq.stats().occupied == 0
