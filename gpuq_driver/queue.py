@@ -95,7 +95,7 @@ class QueueConfig:
     threads_per_block:  a multiple of 32, 32 .. 1024 (default 64: two worker warps per block).  The
                         queue kernel needs more than 64 registers a thread, so 1,024-thread blocks
                         do not fit an SM (GpuQueue raises ConfigError on the GPU, naming the
-                        largest block that fits; the simulator ignores it); 256 is measured.
+                        largest block that fits; the simulator ignores it); on the H200 up to 640 fit.
     enqueue_timeout_s:  how long ``enqueue`` waits for a free slot before QueueFull (default 1.0 s;
                         ``math.inf`` waits until a slot frees or the queue shuts down).
     shutdown_timeout_s: how long ``shutdown`` (and ``pause``) wait for the kernel (default 10.0 s).
