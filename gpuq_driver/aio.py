@@ -118,6 +118,20 @@ class AsyncQueue:
                 n = len(payloads) if lengths is None else len(lengths)
                 await self._room(n, deadline, timeout, True)
 
+    async def enqueue_device(self, array, lengths=None, stream=None, timeout: float | None = None) -> int:
+        """``queue.enqueue_device`` with a full ring awaited, not slept on (all or nothing, as
+        there).  The call itself still waits, on the loop's thread, for its own device-to-device
+        copy (one ``cuEventSynchronize`` of that copy: microseconds for rows already in VRAM).
+        Raises as ``GpuQueue.enqueue_device``."""
+        self._check_open()
+        q = self.queue
+        deadline = self._deadline(q.config.enqueue_timeout_s if timeout is None else timeout)
+        while True:
+            try:
+                return q.enqueue_device(array, lengths, stream=stream, timeout=0)
+            except QueueFull:
+                await self._room(len(array) if lengths is None else len(lengths), deadline, timeout, True)
+
     async def result(self, msg_id: int, timeout: float | None = None) -> bytes:
         """Await ``msg_id``'s result and take it (``wait_result``'s async twin).  timeout: seconds,
         None (default) = as long as the kernel runs.  On timeout or cancellation the result stays
@@ -166,6 +180,11 @@ class AsyncQueue:
     async def view_results(self, first: int, n: int, timeout: float | None = None, **kwargs):
         """``queue.view_results(first, n, **kwargs)`` once all are done, awaited.  Raises as there."""
         return await self._range(self.queue.view_results, True, first, n, timeout, kwargs)
+
+    async def view_results_device(self, first: int, n: int, timeout: float | None = None, **kwargs):
+        """``queue.view_results_device(first, n, **kwargs)`` once all are done, awaited (a
+        DeviceResultView; ``result_memory="device"``).  Raises as there."""
+        return await self._range(self.queue.view_results_device, True, first, n, timeout, kwargs)
 
     async def completions(self, errors: str = "raise"):
         """An async iterator of ``(msg_id, result)`` for every message of the queue as it

@@ -349,3 +349,37 @@ def test_the_loop_thread_does_not_spin_while_idle(make_queue):
         assert idle_share < 0.01
 
     run(main())
+
+
+def test_device_arrays_through_asyncio_on_the_simulator():
+    """enqueue_device and view_results_device awaited (the simulator's "device" arrays are numpy):
+    more rows than the ring holds wait for room without blocking the loop, every result is right."""
+    import gpuq_driver
+
+    q = gpuq_driver.GpuQueue(gpuq_driver.QueueConfig(backend="sim", capacity=16, slot_bytes=32, result_memory="device"))
+    rows = np.random.default_rng(3).integers(0, 256, (3, 12, 32), dtype=np.uint8)
+
+    async def main():
+        async with AsyncQueue(q) as aq:
+            got = []
+
+            async def consume(first, n):
+                done = 0
+                while done < n:
+                    v = await aq.view_results_device(first + done, n - done, timeout=10)
+                    got.append(np.asarray(v.data)[:, :32].copy())
+                    done += len(v)
+                    v.release()
+                    del v
+
+            tasks = []
+            for batch in rows:  # 3 x 12 rows into 16 slots: the later batches await room
+                first = await aq.enqueue_device(batch, timeout=10)
+                tasks.append(asyncio.create_task(consume(first, len(batch))))
+            await asyncio.gather(*tasks)
+            return np.concatenate(got)
+
+    try:
+        assert np.array_equal(run(main()), rows.reshape(-1, 32))
+    finally:
+        q.close()
