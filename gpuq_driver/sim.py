@@ -214,8 +214,8 @@ class SimulatedKernel:
             if stop == STOP_ABORT or (seq >= head and (stop == STOP_DRAIN or final is not None)):
                 break
             one = None
-            if seq >= head and final is None and stop == 0:
-                one = self._one_read(seq, req_hdr, req_data)  # the front warp's read of the slot
+            if final is None and stop == 0:  # the front warp's read of the slot, beside the doorbell's
+                one = self._one_read(seq, req_hdr, req_data)
             if seq >= head and one is None:
                 idle += 1
                 time.sleep(0 if idle < 100 else min(1e-3, 1e-6 * idle))

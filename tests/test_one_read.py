@@ -98,6 +98,24 @@ def test_a_slot_whose_check_fails_is_read_again_and_never_served(make_queue, mon
     assert q.stats().spec_reads == 0
 
 
+def test_the_simulator_serves_checked_messages_from_the_one_read():
+    """As the device's front warp does with the slot it read beside the doorbell: checked messages
+    (one_read, <= 64 bytes) are served from that read, except those a lease's last read (the
+    doorbell alone) covers; longer ones never are."""
+    import gpuq_driver
+
+    q = gpuq_driver.GpuQueue(gpuq_driver.QueueConfig(backend="sim", capacity=64, slot_bytes=128, one_read=True))
+    try:
+        sent = payloads(60, 128, 4)
+        for p in sent:
+            assert q.wait_result(q.enqueue(p), timeout=10) == p
+        q.shutdown()
+        st = q.stats()
+        assert 0 < st.spec_reads <= sum(len(p) <= 64 for p in sent) and st.spec_retries == 0
+    finally:
+        q.close()
+
+
 def test_torn_reads_are_caught_on_the_simulator():
     """The simulator garbles a 16-byte chunk of half its slot reads: every one is caught by the
     check (counted, read again) and every result is still right."""
