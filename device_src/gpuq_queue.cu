@@ -181,13 +181,7 @@ __device__ uint64_t wait_for(const GpuqKernelArgs& p, uint64_t s, uint32_t lane,
 #endif
     if (!leaving && p.one_read != 0u) {
       if (lane == kHdrLane) v = __ldcv(shdr);
-#if defined(GPUQ_POLL_DATA32)  // diagnostics (probe_poll.py): 32 bytes only; L2-cached loads
-      else if (lane >= kDataLane && lane < kDataLane + 2u) v = __ldcv(sdata + (lane - kDataLane));
-#elif defined(GPUQ_POLL_DATA_CG)
-      else if (lane >= kDataLane && lane < kDataLane + chunks) v = __ldcg(sdata + (lane - kDataLane));
-#else
       else if (lane >= kDataLane && lane < kDataLane + chunks) v = __ldcv(sdata + (lane - kDataLane));
-#endif
     }
     if (lane == 0) db = load_acquire<kSys>(&p.ctrl_host->doorbell);
     const uint4 hdr = shfl4(v, kHdrLane);

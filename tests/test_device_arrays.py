@@ -35,6 +35,8 @@ from gpuq_driver import (
 )
 from gpuq_driver.device_arrays import DeviceArray, import_array
 
+from .device_arrays_child import DLPackOnly  # the child's own (importing it runs nothing)
+
 CHILD = Path(__file__).with_name("device_arrays_child.py")
 CAP, SB = 8, 32
 
@@ -49,19 +51,6 @@ def dq():
 
 def rows(n: int, size: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (n, size), dtype=np.uint8)
-
-
-class DLPackOnly:
-    """Hides an array's interfaces but DLPack."""
-
-    def __init__(self, a):
-        self._a = a
-
-    def __dlpack__(self, **kw):
-        return self._a.__dlpack__(**kw)
-
-    def __dlpack_device__(self):
-        return self._a.__dlpack_device__()
 
 
 def take_all(q, first: int, n: int) -> np.ndarray:
