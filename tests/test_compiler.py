@@ -27,8 +27,9 @@ def test_every_source_compiles_to_cubin(source, arch, plugin, monkeypatch):
     assert cubin[:4] == b"\x7fELF" and len(cubin) > 1000
 
 
-def test_kernel_sources_are_the_three_translation_units():
-    assert [p.name for p in compiler.kernel_sources()] == ["gpuq_batch.cu", "gpuq_bench.cu", "gpuq_queue.cu"]
+def test_kernel_sources_are_the_four_translation_units():
+    names = [p.name for p in compiler.kernel_sources()]
+    assert names == ["gpuq_batch.cu", "gpuq_bench.cu", "gpuq_pcie_probe.cu", "gpuq_queue.cu"]
     assert {"echo", "crc32c"} <= set(compiler.plugins())
 
 
