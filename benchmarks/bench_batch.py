@@ -18,6 +18,8 @@ Parts (--parts, comma-separated; all by default):
                         round the ring) -> commit -> view_results -> compare the stamps of every
                         result and every byte of every 64th -> release (no copy in either direction;
                         the issue's "4 KB with reserve/commit and in-place results": >= 40 GB/s);
+               inplace2t  inplace, with view_results -> check -> release in a second thread (the
+                        producer's reserve/fill/commit and the consumer's checks overlap);
                inplace_full  the same, but the producer writes whole messages and every byte of
                         every result is compared (the host's memory bandwidth joins the figure);
              beside, for the same bytes: cuMemcpyHtoDAsync + cuMemcpyDtoHAsync + sync (the PCIe
@@ -43,6 +45,7 @@ import asyncio
 import json
 import os
 import platform
+import queue
 import sys
 import threading
 import time
@@ -194,17 +197,25 @@ def run_device(q: GpuQueue, cp, size: int, batch: int, seconds: float, depth: in
     return timed_loop(step, recv, inflight, batch, seconds, warmup=2 * depth) | {"mismatches": state["bad"]}
 
 
-def run_inplace(q: GpuQueue, size: int, batch: int, seconds: float, full: bool, depth: int = 4) -> dict:
-    """reserve -> fill in place -> commit -> view_results -> check -> release, B per call."""
+def run_inplace(
+    q: GpuQueue, size: int, batch: int, seconds: float, full: bool, depth: int = 4, consumer_thread: bool = False
+) -> dict:
+    """reserve -> fill in place -> commit -> view_results -> check -> release, B per call; all in this
+    thread, or (consumer_thread) view_results -> check -> release in a second thread while this one
+    reserves, fills and commits (numpy releases the GIL in its loops)."""
     cap, sb = q.config.capacity, q.config.slot_bytes
     depth = max(1, min(depth, cap // batch))
     pattern = random_bytes((cap, size), size)
     filled = np.zeros(cap, bool)
-    inflight: deque = deque()
+    inflight = _Handoff(depth) if consumer_thread else deque()
     state = {"bad": 0}
     stamp = size >= 8
 
+    times: dict = {"send": [], "wait": [], "check": []}  # host seconds per batch call, by step
+    clock = time.perf_counter
+
     def send():
+        t0 = clock()
         r = q.reserve(batch, timeout=30)
         n, first = len(r), r.first
         slots = np.arange(first, first + n) & (cap - 1)
@@ -215,12 +226,15 @@ def run_inplace(q: GpuQueue, size: int, batch: int, seconds: float, full: bool, 
         if stamp:
             rows[:, :8].view(np.uint64)[:, 0] = np.arange(first, first + n, dtype=np.uint64)
         r.commit(size)
+        times["send"].append(clock() - t0)
         inflight.append((first, n, slots))
         return n
 
-    def recv():
-        first, n, slots = inflight.popleft()
+    def recv(item=None):
+        first, n, slots = inflight.popleft() if item is None else item
+        t0 = clock()
         with q.view_results(first, n, timeout=30) as v:
+            t1 = clock()
             assert len(v) == n
             data = v.data
             ok = (v.lengths == size).all()
@@ -233,6 +247,8 @@ def run_inplace(q: GpuQueue, size: int, batch: int, seconds: float, full: bool, 
             ok = ok and np.array_equal(data[::step, lo:size], pattern[slots[::step], lo:size])
             if not ok:
                 state["bad"] += n
+        times["wait"].append(t1 - t0)
+        times["check"].append(clock() - t1)
 
     def step():
         if len(inflight) == depth:
@@ -248,7 +264,57 @@ def run_inplace(q: GpuQueue, size: int, batch: int, seconds: float, full: bool, 
         filled[slots] = True
         q.take_results(r.first, len(r), timeout=30, out=np.empty((len(r), sb), np.uint8))
         done += len(r)
-    return timed_loop(step, recv, inflight, batch, seconds, warmup=2 * depth) | {"mismatches": state["bad"]}
+    if consumer_thread:
+        out = threaded_loop(send, recv, inflight, depth, seconds)
+    else:
+        out = timed_loop(step, recv, inflight, batch, seconds, warmup=2 * depth)
+    out["mismatches"] = state["bad"]
+    # median host time per batch in reserve..commit, waiting inside view_results, checking + release:
+    # where the wait is ~0 the host is the limit
+    return out | {f"host_{k}_ms": float(np.median(v)) * 1e3 for k, v in times.items() if v}
+
+
+class _Handoff:
+    """The producer's deque for threaded_loop: ``append`` blocks while ``depth`` batches wait."""
+
+    def __init__(self, depth: int):
+        self.q: queue.Queue = queue.Queue(maxsize=depth)
+
+    def append(self, item) -> None:
+        self.q.put(item)
+
+
+def threaded_loop(send, recv, hand: _Handoff, depth: int, seconds: float) -> dict:
+    """send() in this thread (appending to ``hand``), recv(item) in a consumer thread, up to ``depth``
+    batches between them; timed from after a warm-up until the consumer has checked the last batch."""
+    errors: list = []
+
+    def consume():
+        while (item := hand.q.get()) is not None:
+            try:
+                recv(item)
+            except BaseException as exc:  # noqa: BLE001 - reported by the producer
+                errors.append(exc)
+            finally:
+                hand.q.task_done()
+        hand.q.task_done()
+
+    consumer = threading.Thread(target=consume, name="bench-consumer", daemon=True)
+    consumer.start()
+    for _ in range(2 * depth):
+        send()
+    hand.q.join()
+    count = 0
+    t0 = time.perf_counter()
+    end = t0 + seconds
+    while time.perf_counter() < end and not errors:
+        count += send()
+    hand.q.put(None)
+    consumer.join()
+    dt = time.perf_counter() - t0
+    if errors:
+        raise errors[0]
+    return {"messages": count, "seconds": dt, "msg_per_s": count / dt, "consumer_thread": True}
 
 
 def timed_loop(step, recv, inflight, batch: int, seconds: float, warmup: int) -> dict:
@@ -527,6 +593,15 @@ def main() -> int:
     ap.add_argument("--sizes", default=None, help="message sizes in bytes, comma-separated")
     ap.add_argument("--batches", default=None, help="batch sizes, comma-separated")
     ap.add_argument("--tpb", default="64,256", help="threads_per_block of the e2e64 runs")
+    ap.add_argument(
+        "--inplace2t",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the sweep also runs inplace with a second thread taking the results (path inplace2t; default on)",
+    )
+    ap.add_argument(
+        "--sweep-tpb", default="64", help="threads_per_block of the sweep's queues, comma-separated (one pass each)"
+    )
     ap.add_argument("--ring-mib", type=int, default=256, help="request ring size per queue, MiB")
     ap.add_argument("--depth", type=int, default=4, help="batches in flight (the ring permitting)")
     args = ap.parse_args()
@@ -614,26 +689,37 @@ def main() -> int:
                             continue
                         r.update(path=name, size=size, batch=b, gb_per_s=r["msg_per_s"] * size / 1e9)
                         base.append(r)
-            with open_queue(args.backend, size, cap) as q:
-                for b in usable:
-                    for mode in ("copy", "inplace"):
-                        if mode == "copy":
-                            r = run_copy(q, size, b, seconds, depth=args.depth)
-                        else:
-                            r = run_inplace(q, size, b, seconds, full=False, depth=args.depth)
-                        r.update(path=mode, size=size, batch=b, gb_per_s=r["msg_per_s"] * size / 1e9)
+            for tpb in map(int, args.sweep_tpb.split(",")):
+                with open_queue(args.backend, size, cap, tpb) as q:
+                    here = {"size": size, "threads_per_block": tpb}
+                    for b in usable:
+                        for mode in ("copy", "inplace", "inplace2t") if args.inplace2t else ("copy", "inplace"):
+                            if mode == "copy":
+                                r = run_copy(q, size, b, seconds, depth=args.depth)
+                            else:
+                                two = mode == "inplace2t"
+                                r = run_inplace(q, size, b, seconds, full=False, depth=args.depth, consumer_thread=two)
+                            r.update(here, path=mode, batch=b, gb_per_s=r["msg_per_s"] * size / 1e9)
+                            sweep.append(r)
+                    if usable:
+                        best = max(
+                            (r for r in sweep if r.items() >= here.items() and r["path"] == "inplace"),
+                            key=lambda r: r["msg_per_s"],
+                        )
+                        r = run_inplace(q, size, best["batch"], seconds, full=True, depth=args.depth)
+                        r.update(here, path="inplace_full", batch=best["batch"], gb_per_s=r["msg_per_s"] * size / 1e9)
                         sweep.append(r)
-                if usable:
-                    best = max(
-                        (r for r in sweep if r["size"] == size and r["path"] == "inplace"), key=lambda r: r["msg_per_s"]
-                    )
-                    r = run_inplace(q, size, best["batch"], seconds, full=True, depth=args.depth)
-                    r.update(path="inplace_full", size=size, batch=best["batch"], gb_per_s=r["msg_per_s"] * size / 1e9)
-                    sweep.append(r)
             for r in [x for x in sweep + base if x["size"] == size]:
+                tpb = f" tpb {r['threads_per_block']:4d}" if "threads_per_block" in r else " " * 9
                 print(
-                    f"{r['path']:15s} {size:6d} B x {r['batch']:6d}: {r['msg_per_s'] / 1e6:9.3f} M msg/s "
-                    f"{r['gb_per_s']:7.2f} GB/s each way, mismatches {r['mismatches']}",
+                    f"{r['path']:15s} {size:6d} B x {r['batch']:6d}{tpb}: {r['msg_per_s'] / 1e6:9.3f} M msg/s "
+                    f"{r['gb_per_s']:7.2f} GB/s each way, mismatches {r['mismatches']}"
+                    + (
+                        f"; host per batch: send {r['host_send_ms']:.2f} ms, wait {r['host_wait_ms']:.2f} ms, "
+                        f"check {r['host_check_ms']:.2f} ms"
+                        if "host_send_ms" in r
+                        else ""
+                    ),
                     flush=True,
                 )
 
@@ -677,12 +763,14 @@ def summary(results: dict) -> None:
                 f"best 64 B end to end, one Python thread, {label} {best['msg_per_s'] / 1e6:.2f} M msg/s at "
                 f"batch {best['batch']} ({best['warps']} warps), every byte checked; target 50 M"
             )
-    four = [r for r in results.get("sweep", []) if r["size"] == 4096 and r["path"] == "inplace"]
-    if four:
-        best = max(four, key=lambda r: r["gb_per_s"])
-        print(
-            f"best 4 KB reserve/commit + in-place results: {best['gb_per_s']:.1f} GB/s each way at batch {best['batch']}, target 40"
-        )
+    for path, how in (("inplace", "one thread"), ("inplace2t", "results taken by a second thread")):
+        four = [r for r in results.get("sweep", []) if r["size"] == 4096 and r["path"] == path]
+        if four:
+            best = max(four, key=lambda r: r["gb_per_s"])
+            print(
+                f"best 4 KB reserve/commit + in-place results ({how}): {best['gb_per_s']:.1f} GB/s each way at batch "
+                f"{best['batch']} (threads_per_block {best.get('threads_per_block', 64)}), target 40"
+            )
     for note in results.get("notes", []):
         print("note:", note)
 
@@ -695,7 +783,7 @@ def plot(results: dict, path: Path) -> None:
     rows = sweep + base
     paths = [
         p
-        for p in ("copy", "inplace", "inplace_full", "memcpy", "batchprocessor", "cupy")
+        for p in ("copy", "inplace", "inplace2t", "inplace_full", "memcpy", "batchprocessor", "cupy")
         if any(r["path"] == p for r in rows)
     ]
     fig, axes = plt.subplots(1, 3, figsize=(18, 5.5))
@@ -716,8 +804,12 @@ def plot(results: dict, path: Path) -> None:
     axes[0].set_yscale("log")
     axes[1].set_yscale("log")
     for size in sorted({r["size"] for r in sweep}):
-        for p in ("copy", "inplace"):
-            pts = sorted((r["batch"], r["msg_per_s"]) for r in sweep if r["size"] == size and r["path"] == p)
+        for p in ("copy", "inplace", "inplace2t"):
+            per_batch: dict = {}  # the best grid at each batch size
+            for r in sweep:
+                if r["size"] == size and r["path"] == p:
+                    per_batch[r["batch"]] = max(per_batch.get(r["batch"], 0.0), r["msg_per_s"])
+            pts = sorted(per_batch.items())
             if len(pts) > 1:
                 axes[2].plot([b for b, _ in pts], [m for _, m in pts], marker=".", label=f"{p} {size} B")
     for p in E2E_PATHS:  # 64 B end to end, every byte checked (best grid per batch)

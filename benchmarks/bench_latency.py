@@ -223,9 +223,10 @@ def store_costs(ctx, pingpong, s) -> dict:
     return out
 
 
-def queue_round_trip(size: int, iters: int, **cfg) -> dict:
+def round_trip_samples(size: int, iters: int, warmup: int = 1000, **cfg) -> tuple:
     """One message at a time: enqueue, spin until the result is readable (its header's msg_id
-    word), then take it.  Returns p50/p99 of enqueue -> readable and of enqueue -> taken."""
+    word), then take it.  Returns (enqueue -> readable ns, enqueue -> taken ns, wrong results,
+    the queue's stats) after ``warmup`` messages."""
     slot = max(64, size)
     payloads = [np.random.default_rng(i).integers(0, 256, size, dtype=np.uint8).tobytes() for i in range(16)]
     with GpuQueue(QueueConfig(capacity=1024, slot_bytes=slot, **cfg)) as q:
@@ -235,7 +236,7 @@ def queue_round_trip(size: int, iters: int, **cfg) -> dict:
         clock = time.perf_counter_ns
         readable = np.empty(iters, dtype=np.int64)
         taken = np.empty(iters, dtype=np.int64)
-        for i in range(iters + 1000):
+        for i in range(iters + warmup):
             p = payloads[i & 15]
             t = clock()
             mid = enqueue(p)
@@ -246,10 +247,15 @@ def queue_round_trip(size: int, iters: int, **cfg) -> dict:
             r = take(mid)
             t2 = clock()
             bad += r != p
-            if i >= 1000:
-                readable[i - 1000] = t1 - t
-                taken[i - 1000] = t2 - t
+            if i >= warmup:
+                readable[i - warmup] = t1 - t
+                taken[i - warmup] = t2 - t
+        q.shutdown()  # the lease ends: the device's one-read counters are exact
         stats = q.stats()
+    return readable, taken, int(bad), stats
+
+
+def summarise(size: int, readable, taken, bad: int, stats: list, cfg: dict) -> dict:
     out = pct(readable)
     tk = pct(taken)
     out.update(cfg)
@@ -257,17 +263,45 @@ def queue_round_trip(size: int, iters: int, **cfg) -> dict:
         taken_p50_us=tk["p50_us"],
         taken_p99_us=tk["p99_us"],
         mismatches=int(bad),
-        spec_reads=stats.spec_reads,
-        spec_retries=stats.spec_retries,
-        blocks=stats.blocks,
-        threads_per_block=stats.threads_per_block,
+        spec_reads=sum(st.spec_reads for st in stats),
+        spec_retries=sum(st.spec_retries for st in stats),
+        blocks=stats[0].blocks,
+        threads_per_block=stats[0].threads_per_block,
     )
     print(
         f"  round trip {size} B {cfg}: readable p50 {out['p50_us']:.2f} us, p99 {out['p99_us']:.2f} us; "
-        f"taken p50 {tk['p50_us']:.2f} us, p99 {tk['p99_us']:.2f} us",
+        f"taken p50 {tk['p50_us']:.2f} us, p99 {tk['p99_us']:.2f} us; served from the one read "
+        f"{out['spec_reads']}, read again {out['spec_retries']}",
         flush=True,
     )
     return out
+
+
+def queue_round_trip(size: int, iters: int, **cfg) -> dict:
+    """p50/p99 of enqueue -> readable and of enqueue -> taken, one queue (round_trip_samples)."""
+    readable, taken, bad, stats = round_trip_samples(size, iters, **cfg)
+    return summarise(size, readable, taken, bad, [stats], cfg)
+
+
+def round_trips_interleaved(size: int, iters: int, cfgs: dict, blocks: int = 4) -> dict:
+    """``queue_round_trip`` for each of ``cfgs`` (name -> QueueConfig fields), ``iters`` each, taken
+    in ``blocks`` rounds that visit every configuration in turn, so that the host's drift (its
+    clock and load change over a run by up to ~1.5 us on the H200 hosts) falls on all alike."""
+    acc = {name: ([], [], 0, []) for name in cfgs}
+    for _ in range(blocks):
+        for name, cfg in cfgs.items():
+            r, t, bad, st = round_trip_samples(size, iters // blocks, warmup=300, **cfg)
+            rs, ts, b0, sts = acc[name]
+            rs.append(r)
+            ts.append(t)
+            sts.append(st)
+            acc[name] = (rs, ts, b0 + bad, sts)
+    return {
+        name: summarise(
+            size, np.concatenate(rs), np.concatenate(ts), bad, sts, {**cfgs[name], "blocks_of_runs": blocks}
+        )
+        for name, (rs, ts, bad, sts) in acc.items()
+    }
 
 
 def after_idle(iters: int, idle_s: float, **cfg) -> dict:
@@ -465,16 +499,22 @@ def main() -> int:
     floors, results["store_costs"] = floors_and_baselines(ctx, info, args.iters)
     lat.update(floors)
     queue_round_trip(64, args.iters // 2)  # warm-up (the first queue measured ran slower in early runs)
-    for size in (64, 512, 4096):  # the one read (issue 11: one_read=True) beside the default, in turn
-        lat[f"gpuq_round_trip_{size}B"] = queue_round_trip(size, args.iters)
-        lat[f"gpuq_round_trip_{size}B_one_read"] = queue_round_trip(size, args.iters, one_read=True)
+    never = {"lease_ms": math.inf}  # the kernel never leaves: the behaviour before leases, side by side
+    for size in (64, 512, 4096):  # the one read (issue 11: one_read=True) beside the default, interleaved
+        cfgs = {"": {}, "_one_read": {"one_read": True}}
+        if size == 64:  # and the lease's share of the tail: 10 ms and never leaving
+            cfgs.update(
+                _one_read_lease_10ms={"one_read": True, "lease_ms": 10.0},
+                _one_read_never_leaves={"one_read": True, **never},
+            )
+        for name, r in round_trips_interleaved(size, args.iters, cfgs).items():
+            lat[f"gpuq_round_trip_{size}B{name}"] = r
     for name, cfg in (
         ("1_block_1_warp", {"blocks": 1, "threads_per_block": 32}),
         ("8_blocks_4_warps", {"blocks": 8, "threads_per_block": 128}),
     ):
         lat[f"gpuq_round_trip_64B_{name}"] = queue_round_trip(64, args.iters // 2, **cfg)
     lat["gpuq_round_trip_64B_again"] = queue_round_trip(64, args.iters)  # the same version twice: the spread
-    never = {"lease_ms": math.inf}  # the kernel never leaves: the behaviour before leases, side by side
     lat["gpuq_round_trip_64B_never_leaves"] = queue_round_trip(64, args.iters, **never)
     lat["gpuq_first_after_5ms_idle_64B"] = after_idle(args.iters // 40, 0.005)
     lat["gpuq_first_after_50ms_idle_64B"] = after_idle(args.iters // 100, 0.05)

@@ -13,6 +13,7 @@ Prints one line per case; writes nothing.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gpuq_driver import GpuQueue, QueueConfig  # noqa: E402
+from gpuq_driver import GpuQueue, QueueConfig, compiler, kernel  # noqa: E402
 
 
 def kernel_rate(size: int, n: int, tpb: int, blocks: int | None) -> float:
@@ -64,16 +65,29 @@ def host_costs(size: int, batch: int, reps: int = 50) -> tuple[float, float]:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--n", type=int, default=1 << 18, help="messages drained at once (a power of two)")
+    ap.add_argument("--tpb", default="64,256,1024", help="threads_per_block of the kernel cases, comma-separated")
+    ap.add_argument("--kernel-only", action="store_true", help="skip the host cases")
+    ap.add_argument(
+        "--cases", default="", help="kernels to build for the kernel cases: macros joined by '+', comma-separated"
+    )
     args = ap.parse_args()
-    for b in (1024, 4096, 16384, 65536):
+    for b in () if args.kernel_only else (1024, 4096, 16384, 65536):
         e, t = host_costs(args.size, b)
         print(
             f"host  size={args.size} batch={b}: enqueue_many {e:.1f} ns/msg, take_results(out=) {t:.1f} ns/msg",
             flush=True,
         )
-    for tpb, blocks in ((64, None), (256, None), (1024, None)):
-        r = kernel_rate(args.size, 1 << 18, tpb, blocks)
-        print(f"kernel size={args.size} tpb={tpb} blocks={blocks}: {r / 1e6:.1f} M msg/s (262144 at once)", flush=True)
+    for case in args.cases.split(","):
+        defines = tuple(case.split("+")) if case else ()
+        kernel.CompileOptions = functools.partial(compiler.CompileOptions, defines=defines)
+        for tpb in map(int, args.tpb.split(",")):
+            r = kernel_rate(args.size, args.n, tpb, None)
+            print(
+                f"kernel {defines or 'default'} size={args.size} tpb={tpb}: {r / 1e6:.2f} M msg/s, "
+                f"{r * args.size / 1e9:.1f} GB/s each way ({args.n} at once)",
+                flush=True,
+            )
     return 0
 
 

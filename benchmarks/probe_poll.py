@@ -25,7 +25,7 @@ import bench_latency  # noqa: E402
 from gpuq_driver import compiler, kernel  # noqa: E402
 
 
-def trace(size: int, iters: int, one_read: bool, defines=()) -> None:
+def trace(size: int, iters: int, one_read: bool, defines=(), **cfg) -> None:
     """Per-stage SM cycles of the serving warp (a GPUQ_TRACE build): poll issued -> returned ->
     payload in hand -> plugin done -> result released, and the polls each message took."""
     import numpy as np
@@ -35,7 +35,7 @@ def trace(size: int, iters: int, one_read: bool, defines=()) -> None:
     kernel.CompileOptions = functools.partial(compiler.CompileOptions, defines=("GPUQ_TRACE", *defines))
     payload = bytes(range(size % 256)) * (size // 256) + bytes(range(size % 256))
     rows = []
-    with GpuQueue(QueueConfig(capacity=1024, slot_bytes=max(64, size), one_read=one_read)) as q:
+    with GpuQueue(QueueConfig(capacity=1024, slot_bytes=max(64, size), one_read=one_read, **cfg)) as q:
         pad, res_ids, mask = q._kernel.ctrl.pad, q._res_hdr, q._mask
         for i in range(iters):
             mid = q.enqueue(payload)
@@ -47,13 +47,14 @@ def trace(size: int, iters: int, one_read: bool, defines=()) -> None:
             q.try_dequeue_result(mid)
             if pad[5] == mid and i >= iters // 10:
                 t = [int(pad[k]) for k in range(5)]
-                rows.append([t[1] - t[0], t[2] - t[1], t[3] - t[2], t[4] - t[3], int(pad[6])])
+                rows.append([t[1] - t[0], t[2] - t[1], t[3] - t[2], t[4] - t[3], int(pad[6]), int(pad[7])])
     a = np.array(rows)
     med = np.median(a, axis=0)
+    ghz = float(np.median(a[:, :4].sum(axis=1) / np.maximum(a[:, 5], 1)))  # SM cycles per globaltimer ns
     print(
-        f"trace {size} B one_read={one_read} {defines} ({len(a)} msgs), median SM cycles: poll RT {med[0]:.0f}, "
+        f"trace {size} B one_read={one_read} {defines} {cfg} ({len(a)} msgs), median SM cycles: poll RT {med[0]:.0f}, "
         f"to payload {med[1]:.0f}, plugin {med[2]:.0f}, release {med[3]:.0f}; polls/msg median {med[4]:.0f}, "
-        f"mean {a[:, 4].mean():.1f}",
+        f"mean {a[:, 4].mean():.1f}; SM clock ~{ghz:.2f} GHz (poll issue -> release {med[5]:.0f} ns)",
         flush=True,
     )
 
@@ -68,6 +69,7 @@ def main() -> int:
         help="comma-separated kernels to build: macros joined by '+', empty = the default kernel",
     )
     ap.add_argument("--trace", action="store_true", help="per-stage cycles from a GPUQ_TRACE build instead")
+    ap.add_argument("--lease", type=float, default=1.0, help="lease_ms of the queues (inf: never leave)")
     args = ap.parse_args()
     bench_latency.queue_round_trip(64, args.iters // 2)  # warm-up
     if args.trace:
@@ -77,7 +79,7 @@ def main() -> int:
         for defines in [tuple(c.split("+")) if c else () for c in args.cases.split(",")]:
             for size in map(int, args.sizes.split(",")):
                 for one_read in (True, False):
-                    trace(size, args.iters, one_read, defines)
+                    trace(size, args.iters, one_read, defines, lease_ms=args.lease)
         return 0
     cases = [tuple(c.split("+")) if c else () for c in args.cases.split(",")]
     for defines in cases:
@@ -85,7 +87,8 @@ def main() -> int:
         for size in map(int, args.sizes.split(",")):
             for one_read in (True, False):
                 print(f"{defines or 'default'}:", end="")
-                bench_latency.queue_round_trip(size, args.iters, one_read=one_read)
+                r = bench_latency.queue_round_trip(size, args.iters, one_read=one_read, lease_ms=args.lease)
+                print(f"    served from the one read {r['spec_reads']}, retried {r['spec_retries']}", flush=True)
     return 0
 
 

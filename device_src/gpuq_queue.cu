@@ -145,16 +145,37 @@ __device__ uint64_t wait_for(const GpuqKernelArgs& p, uint64_t s, uint32_t lane,
   const uint32_t chunks = p.slot_bytes / 16u < 4u ? p.slot_bytes / 16u : 4u;
   ns = 32u;
   for (uint32_t polls = 0;; ++polls) {
-    // The lease is over: one front warp (the first to see it, atomicExch on dev->leaving) says so
-    // (leases_leaving, then a full system fence) and reads the doorbell one last time; what that
-    // read shows is served in this lease, nothing after it (the device half of the leaving
-    // handshake, gpuq_layout.cuh).  A warp that becomes front after it (its claim is that final
-    // head) must not read again: it waits for the final head and stop.  Every lease reads the
-    // doorbell at least once before it may leave (its first front skips the time check once).
-    uint32_t act = 0u;  // 0: poll, 1: the lease's last read (the doorbell alone), 2: return ret
+    // One round trip: the slot's header and first 64 bytes (lanes 1 .. 5, where the queue uses the
+    // one read: reading them costs ~0.4 us a poll) beside the doorbell (lane 0).  The lease's VRAM
+    // flag and the clock are read first, so that their latency hides under the round trip.
+    uint32_t lv = 0u;
+    uint64_t now = 0;
     if (lane == 0) {
-      const bool over = !(first && polls == 0u) && globaltimer_ns() - lease_start >= p.lease_ns;
-      if (over || volatile_load(&dev->leaving) != 0u) {
+      lv = volatile_load(&dev->leaving);
+      now = globaltimer_ns();
+    }
+    uint4 v = make_uint4(0u, 0u, 0u, 0u);
+    uint64_t db = 0;
+#ifdef GPUQ_TRACE
+    const unsigned long long t_issue = clock64();
+    const uint64_t g_issue = now;
+#endif
+    if (p.one_read != 0u) {
+      if (lane == kHdrLane) v = __ldcv(shdr);
+      else if (lane >= kDataLane && lane < kDataLane + chunks) v = __ldcv(sdata + (lane - kDataLane));
+    }
+    if (lane == 0) db = load_acquire<kSys>(&p.ctrl_host->doorbell);
+    // The lease is over: one front warp (the first to see it, atomicExch on dev->leaving) says so
+    // (leases_leaving, then a full system fence) and reads the doorbell one last time (alone: the
+    // poll above is dropped); what that read shows is served in this lease, nothing after it (the
+    // device half of the leaving handshake, gpuq_layout.cuh).  A warp that becomes front after it
+    // (its claim is that final head) must not read again: it waits for the final head and stop.
+    // Every lease reads the doorbell at least once before it may leave (its first front skips the
+    // time check once).
+    uint32_t act = 0u;  // 0: the poll, 1: the lease's last read, 2: return ret
+    if (lane == 0) {
+      const bool over = !(first && polls == 0u) && now - lease_start >= p.lease_ns;
+      if (over || lv != 0u) {
         if (atomicExch(&dev->leaving, 1u) != 0u) {
           uint32_t st;
           while ((st = load_acquire<kGpu>(&dev->stop)) == GPUQ_RUN) {
@@ -164,6 +185,7 @@ __device__ uint64_t wait_for(const GpuqKernelArgs& p, uint64_t s, uint32_t lane,
         } else {
           *reinterpret_cast<volatile uint64_t*>(&p.ctrl_dev->leases_leaving) = dev->leases + 1u;
           cuda::atomic_thread_fence(cuda::memory_order_seq_cst, kSys);
+          db = load_acquire<kSys>(&p.ctrl_host->doorbell);
           act = 1u;
         }
       }
@@ -171,19 +193,6 @@ __device__ uint64_t wait_for(const GpuqKernelArgs& p, uint64_t s, uint32_t lane,
     act = __shfl_sync(kFullMask, act, 0);
     if (act == 2u) return __shfl_sync(kFullMask, ret, 0);
     const bool leaving = act == 1u;
-    // One round trip: the slot's header and first 64 bytes (lanes 1 .. 5, where the queue uses the
-    // one read: reading them costs ~0.4 us a poll) beside the doorbell (lane 0).  The last read of
-    // a lease reads the doorbell alone: what it shows is all it serves.
-    uint4 v = make_uint4(0u, 0u, 0u, 0u);
-    uint64_t db = 0;
-#ifdef GPUQ_TRACE
-    const unsigned long long t_issue = clock64();
-#endif
-    if (!leaving && p.one_read != 0u) {
-      if (lane == kHdrLane) v = __ldcv(shdr);
-      else if (lane >= kDataLane && lane < kDataLane + chunks) v = __ldcv(sdata + (lane - kDataLane));
-    }
-    if (lane == 0) db = load_acquire<kSys>(&p.ctrl_host->doorbell);
     const uint4 hdr = shfl4(v, kHdrLane);
     uint32_t decide = 0u;  // 0: poll again, 1: return ret
     bool c = false;
@@ -212,7 +221,7 @@ __device__ uint64_t wait_for(const GpuqKernelArgs& p, uint64_t s, uint32_t lane,
     }
     if (__shfl_sync(kFullMask, decide, 0) != 0u) {
 #ifdef GPUQ_TRACE
-      if (lane == 0) { gpuq_trace_g[0] = t_issue; GPUQ_TRACE_AT(1); gpuq_trace_g[6] = polls; }
+      if (lane == 0) { gpuq_trace_g[0] = t_issue; GPUQ_TRACE_AT(1); gpuq_trace_g[6] = polls; gpuq_trace_g[7] = g_issue; }
 #endif
       cand = __shfl_sync(kFullMask, c ? 1u : 0u, 0) != 0u;
       mine = v;
@@ -221,41 +230,63 @@ __device__ uint64_t wait_for(const GpuqKernelArgs& p, uint64_t s, uint32_t lane,
   }
 }
 
+// The CRC tables of the one read's check (gpuq_crc.cuh, 16 KB), copied into shared memory by each
+// block at the start of a lease.
+__shared__ uint32_t crc_smem[16][256];
+
 // zlib.crc32(bytes[0 : n], seed) for n <= 64, computed by every lane alike (the warp stays
-// converged) by slicing-by-16, then by 4, then byte by byte (zlib's tables in shared memory,
-// gpuq_crc.cuh).  Lane j < 16 holds the window's little-endian word j in `word`; the words are
-// broadcast by shuffles.  ~300 SM cycles for 64 bytes (a bitwise carry-less shift measured ~2,000).
-__device__ uint32_t warp_crc32(const uint32_t (*t)[256], uint32_t word, uint32_t n, uint32_t seed) {
-  uint32_t c = ~seed, k = 0;
-  for (; 4u * k + 16u <= n; k += 4u) {
-    const uint32_t a = __shfl_sync(kFullMask, word, k) ^ c, b = __shfl_sync(kFullMask, word, k + 1u);
-    const uint32_t d = __shfl_sync(kFullMask, word, k + 2u), e = __shfl_sync(kFullMask, word, k + 3u);
-    c = t[15][a & 0xFFu] ^ t[14][(a >> 8) & 0xFFu] ^ t[13][(a >> 16) & 0xFFu] ^ t[12][a >> 24] ^
-        t[11][b & 0xFFu] ^ t[10][(b >> 8) & 0xFFu] ^ t[9][(b >> 16) & 0xFFu] ^ t[8][b >> 24] ^
-        t[7][d & 0xFFu] ^ t[6][(d >> 8) & 0xFFu] ^ t[5][(d >> 16) & 0xFFu] ^ t[4][d >> 24] ^
-        t[3][e & 0xFFu] ^ t[2][(e >> 8) & 0xFFu] ^ t[1][(e >> 16) & 0xFFu] ^ t[0][e >> 24];
+// converged) by slicing-by-16 over zlib's tables in shared memory (gpuq_crc.cuh).  Lane j < 16
+// holds the window's little-endian word j in `word`.  Of the 16 lookups per 16-byte block only
+// the 4 of its first word depend on the running CRC: lanes 0 .. 3 do the other 12 of block `lane`
+// up front, side by side, so the dependent chain is 4 lookups a block (then words, then bytes).
+__device__ __forceinline__ uint32_t warp_crc32(uint32_t word, uint32_t n, uint32_t seed) {
+  const uint32_t(*t)[256] = crc_smem;
+  const uint32_t lane = threadIdx.x & 31u;
+  const uint32_t q1 = __shfl_sync(kFullMask, word, (4u * lane + 1u) & 15u);
+  const uint32_t q2 = __shfl_sync(kFullMask, word, (4u * lane + 2u) & 15u);
+  const uint32_t q3 = __shfl_sync(kFullMask, word, (4u * lane + 3u) & 15u);
+  const uint32_t x = t[11][q1 & 0xFFu] ^ t[10][(q1 >> 8) & 0xFFu] ^ t[9][(q1 >> 16) & 0xFFu] ^ t[8][q1 >> 24] ^
+                     t[7][q2 & 0xFFu] ^ t[6][(q2 >> 8) & 0xFFu] ^ t[5][(q2 >> 16) & 0xFFu] ^ t[4][q2 >> 24] ^
+                     t[3][q3 & 0xFFu] ^ t[2][(q3 >> 8) & 0xFFu] ^ t[1][(q3 >> 16) & 0xFFu] ^ t[0][q3 >> 24];
+  const uint32_t blocks = n >> 4, words = (n >> 2) & 3u;
+  uint32_t c = ~seed;
+#pragma unroll
+  for (uint32_t b = 0; b < 4u; ++b) {
+    const uint32_t wb = __shfl_sync(kFullMask, word, 4u * b), xb = __shfl_sync(kFullMask, x, b);
+    if (b < blocks) {
+      const uint32_t a = wb ^ c;
+      c = t[15][a & 0xFFu] ^ t[14][(a >> 8) & 0xFFu] ^ t[13][(a >> 16) & 0xFFu] ^ t[12][a >> 24] ^ xb;
+    }
   }
-  for (; 4u * k + 4u <= n; ++k) {
-    const uint32_t a = __shfl_sync(kFullMask, word, k) ^ c;
-    c = t[3][a & 0xFFu] ^ t[2][(a >> 8) & 0xFFu] ^ t[1][(a >> 16) & 0xFFu] ^ t[0][a >> 24];
+  uint32_t tw[4];
+#pragma unroll
+  for (uint32_t k = 0; k < 4u; ++k) tw[k] = __shfl_sync(kFullMask, word, (4u * blocks + k) & 15u);
+#pragma unroll
+  for (uint32_t k = 0; k < 3u; ++k) {
+    if (k < words) {
+      const uint32_t a = tw[k] ^ c;
+      c = t[3][a & 0xFFu] ^ t[2][(a >> 8) & 0xFFu] ^ t[1][(a >> 16) & 0xFFu] ^ t[0][a >> 24];
+    }
   }
-  const uint32_t last = __shfl_sync(kFullMask, word, k & 15u);
+  const uint32_t last = words == 0u ? tw[0] : words == 1u ? tw[1] : words == 2u ? tw[2] : tw[3];
   for (uint32_t i = 0; i < (n & 3u); ++i) c = t[0][(c ^ (last >> (8u * i))) & 0xFFu] ^ (c >> 8);
   return ~c;
 }
 
 // The rest of a payload, bytes [from, len), into its VRAM slot: four 16-byte loads in flight per
-// lane (2 KB per round trip).  `from` is a multiple of 16.
+// lane (2 KB per round trip; eight measured 1 % faster at 4 KB for 3 more registers a thread,
+// benchmarks/NOTES.md).  `from` is a multiple of 16.
 __device__ __forceinline__ void stage_rest(const uint8_t* src, uint8_t* vin, uint32_t from, uint32_t len,
                                            uint32_t lane) {
-  for (uint32_t base = from + lane * 16u; base < len; base += 4u * 512u) {
-    uint4 v[4];
+  constexpr uint32_t kDepth = 4u;
+  for (uint32_t base = from + lane * 16u; base < len; base += kDepth * 512u) {
+    uint4 v[kDepth];
 #pragma unroll
-    for (uint32_t k = 0; k < 4u; ++k) {
+    for (uint32_t k = 0; k < kDepth; ++k) {
       if (base + k * 512u < len) v[k] = __ldcv(reinterpret_cast<const uint4*>(src + base + k * 512u));
     }
 #pragma unroll
-    for (uint32_t k = 0; k < 4u; ++k) {
+    for (uint32_t k = 0; k < kDepth; ++k) {
       if (base + k * 512u < len) *reinterpret_cast<uint4*>(vin + base + k * 512u) = v[k];
     }
   }
@@ -295,6 +326,7 @@ __device__ __forceinline__ void trace_out(const GpuqKernelArgs& p, uint64_t s) {
   volatile uint64_t* out = p.ctrl_dev->pad;
   for (int i = 0; i < 5; ++i) out[i] = gpuq_trace_g[i];
   out[6] = gpuq_trace_g[6];
+  out[7] = globaltimer_ns() - gpuq_trace_g[7];  // ns from the poll's issue to the release: the SM clock
   out[5] = s;
 #endif
 }
@@ -325,11 +357,11 @@ __device__ __forceinline__ void finish_one(const GpuqKernelArgs& p, uint64_t s, 
   }
 }
 
-// One message, the whole warp.  `cand`: lane 0's `sr` holds the front warp's read of slot s (with
-// the doorbell); served from it if the check holds.  Returns false if it did not and the doorbell
-// has not shown s yet (`publish` == 0 or <= s): the caller waits for s again.
+// One message, the whole warp.  `cand`: `mine` (lanes 1 .. 5) holds the front warp's read of slot s
+// (with the doorbell); served from it if the check holds.  Returns false if it did not and the
+// doorbell has not shown s yet (`publish` == 0 or <= s): the caller waits for s again.
 __device__ bool process_one(const GpuqKernelArgs& p, uint64_t s, uint32_t lane, uint64_t publish, uint4 mine,
-                            bool cand, const uint32_t (*crc_tables)[256]) {
+                            bool cand) {
   const uint32_t slot = static_cast<uint32_t>(s & (p.capacity - 1u));
   const uint8_t* src = p.req_data + static_cast<size_t>(slot) * p.slot_bytes;
   uint8_t* vslot = p.vram_slots + static_cast<size_t>(slot) * (16u + p.slot_bytes);
@@ -348,7 +380,7 @@ __device__ bool process_one(const GpuqKernelArgs& p, uint64_t s, uint32_t lane, 
 #ifdef GPUQ_SPEC_NO_CHECK  // a diagnostic only (probe_poll.py): what the check costs; not a valid protocol
     if (true) {
 #else
-    const uint32_t crc = warp_crc32(crc_tables, word, n, static_cast<uint32_t>(s));
+    const uint32_t crc = warp_crc32(word, n, static_cast<uint32_t>(s));
     if (((crc ^ len) & GPUQ_CHECK_MASK) == (hdr.y >> GPUQ_CHECK_SHIFT)) {
 #endif
       // Served from the one read: the header (msg_id, len) and the first n bytes are the host's.
@@ -406,7 +438,10 @@ __device__ void process_range(const GpuqKernelArgs& p, uint64_t s0, uint32_t m, 
   const uint32_t slot = static_cast<uint32_t>(s & (p.capacity - 1u));
   const uint8_t* src = p.req_data + static_cast<size_t>(slot) * p.slot_bytes;
   uint8_t* vslot = p.vram_slots + static_cast<size_t>(slot) * (16u + p.slot_bytes);
-  const uint32_t chunks = p.slot_bytes / 16u < 4u ? p.slot_bytes / 16u : 4u;
+  // The first 64 bytes of each message come with the headers where slots are at most 512 bytes (a
+  // message of <= 64 bytes is then staged from this read alone); in larger slots the payloads are
+  // staged whole, from byte 0 (4 KB: 37.5 -> 40.5 GB/s each way, benchmarks/NOTES.md).
+  const uint32_t chunks = p.slot_bytes > 512u ? 0u : p.slot_bytes / 16u < 4u ? p.slot_bytes / 16u : 4u;
   uint4 hdr = make_uint4(0u, 0u, 0u, 0u), d[4];
   if (lane < m) {
     hdr = __ldcv(reinterpret_cast<const uint4*>(p.req_hdr + slot));
@@ -432,7 +467,11 @@ __device__ void process_range(const GpuqKernelArgs& p, uint64_t s0, uint32_t m, 
     const uint32_t code_j = __shfl_sync(kFullMask, code, j);
     const bool in_vram_j = __shfl_sync(kFullMask, in_vram ? 1u : 0u, j) != 0u;
     uint8_t* vslot_j = p.vram_slots + static_cast<size_t>(slot_j) * (16u + p.slot_bytes);
-    if (!in_vram_j) stage_rest(p.req_data + static_cast<size_t>(slot_j) * p.slot_bytes, vslot_j + 16, 64u, len_j, lane);
+    // The rest from byte 0 again, not 64: whole 512-byte runs, aligned as the slot is (the first 64
+    // bytes are read twice; runs from byte 64 split their first and last lines: 4 KB 36.3 -> 38.4
+    // GB/s each way, benchmarks/NOTES.md).
+    if (!in_vram_j && len_j > 16u * chunks)
+      stage_rest(p.req_data + static_cast<size_t>(slot_j) * p.slot_bytes, vslot_j + 16, 0u, len_j, lane);
     run_plugin(p, sj, slot_j, vslot_j, len_j, code_j, lane);
   }
   // INFLIGHT -> DONE for all m: every lane's fence after the warp barrier orders the whole
@@ -479,10 +518,9 @@ extern "C" __global__ void gpuq_persistent(const GpuqKernelArgs p) {
     p.ctrl_dev->warps = warps;
   }
   // The CRC tables of the one read's check (gpuq_crc.cuh, 16 KB), in shared memory.
-  __shared__ uint32_t crc_tables[16][256];
   {
     const uint4* src = reinterpret_cast<const uint4*>(&kCrcTables[0][0]);
-    uint4* dst = reinterpret_cast<uint4*>(&crc_tables[0][0]);
+    uint4* dst = reinterpret_cast<uint4*>(&crc_smem[0][0]);
     for (uint32_t i = threadIdx.x; i < 16u * 256u / 4u; i += blockDim.x) dst[i] = src[i];
   }
   __syncthreads();
@@ -523,7 +561,7 @@ extern "C" __global__ void gpuq_persistent(const GpuqKernelArgs p) {
     if (range != 0u) {
       process_range(p, s, range, lane);
       done = range;
-    } else if (process_one(p, s, lane, publish, mine, cand, crc_tables)) {
+    } else if (process_one(p, s, lane, publish, mine, cand)) {
       done = 1u;
     }
     if (done == 0u) continue;  // a torn or stale slot read: wait for s again

@@ -579,7 +579,12 @@ class GpuQueue(BulkCalls, DeviceCalls):
         ProtocolError if the device flagged this slot as broken: either way the result is taken and
         its slot freed.  QueueClosed after ``close()``.
         """
-        slot = self._slot(msg_id)
+        if msg_id is True or msg_id is False:  # self._slot, inlined (this call is on the round trip)
+            raise TypeError("msg_id must be an int, not bool")
+        try:
+            slot = msg_id & self._mask
+        except TypeError:
+            raise TypeError(f"msg_id must be an int, not {type(msg_id).__name__}") from None
         with self._clock:
             hdr = self._res_hdr
             if hdr is None:

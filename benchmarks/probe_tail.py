@@ -1,0 +1,77 @@
+#!/usr/bin/env python3
+"""Where the 64 B round trip's tail comes from (issue 11 diagnostic): one message at a time, as
+bench_latency.queue_round_trip, noting for each whether a lease began while it was in flight
+(GpuqCtrlDev.leases_begun moved).  Prints, per lease_ms and one_read: p50/p99 of all round trips,
+p99 of those with no lease change, the share that met a lease change and their median.
+
+    PYTHONPATH=. python benchmarks/probe_tail.py --iters 5000
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from gpuq_driver import GpuQueue, QueueConfig  # noqa: E402
+
+
+def run(iters: int, flow_ms: float | None = None, **cfg) -> None:
+    payloads = [np.random.default_rng(i).integers(0, 256, 64, dtype=np.uint8).tobytes() for i in range(16)]
+    with GpuQueue(QueueConfig(capacity=1024, slot_bytes=64, **cfg)) as q:
+        if flow_ms is not None:  # the lease keeper's look while messages flow (lease.Leases._flow_period)
+            q._leases._flow_period = flow_ms / 1e3
+        res_ids, mask, begun, clock = q._res_hdr, q._mask, q._begun, time.perf_counter_ns
+        lat = np.empty(iters, np.int64)
+        moved = np.zeros(iters, bool)
+        bad = 0
+        warm = min(1000, iters // 5)
+        for i in range(iters + warm):
+            p = payloads[i & 15]
+            b0 = begun[0]
+            t = clock()
+            mid = q.enqueue(p)
+            idx = ((mid & mask) << 1) | 1
+            while res_ids[idx] != mid:
+                pass
+            t1 = clock()
+            bad += q.try_dequeue_result(mid) != p
+            if i >= warm:
+                lat[i - warm] = t1 - t
+                moved[i - warm] = begun[0] != b0
+    us = lat / 1e3
+    calm = us[~moved]
+    hit = us[moved]
+    print(
+        f"{cfg} keeper look {q._leases._flow_period * 1e3:g} ms: p50 {np.percentile(us, 50):.2f} p99 {np.percentile(us, 99):.2f} us; no lease change: p99 "
+        f"{(np.percentile(calm, 99) if calm.size else math.nan):.2f}; lease changed in {moved.mean() * 100:.2f} % (median "
+        f"{(np.median(hit) if hit.size else math.nan):.2f} us); bad {bad}",
+        flush=True,
+    )
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--iters", type=int, default=5000)
+    ap.add_argument("--leases", default="1,10,inf", help="lease_ms values, comma-separated")
+    ap.add_argument(
+        "--flow-ms", default="", help="keeper look periods while messages flow to try (ms), comma-separated"
+    )
+    args = ap.parse_args()
+    run(args.iters // 2)  # warm-up
+    flows = [float(f) for f in args.flow_ms.split(",") if f] or [None]
+    for lease in args.leases.split(","):
+        for flow in flows:
+            for one_read in (True, False):
+                run(args.iters, flow, lease_ms=float(lease), one_read=one_read)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
