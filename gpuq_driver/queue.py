@@ -146,12 +146,13 @@ class QueueConfig:
                         PCIe round trips).  True: ``enqueue`` puts a 24-bit check of a message of at
                         most 64 bytes in its header (~0.1 µs) and the front warp's polls read the
                         slot beside the doorbell, serving a message whose check holds at once (a
-                        torn or stale read is read again): on the H200, 64 B round trip p50 5.1
-                        vs 5.8 µs, but one thread's enqueue rate fell to 0.85-0.89 M from 1.22-1.25
-                        M msg/s (0.41 vs 1.09 M in one run: the polls contend with the host's
-                        writes to the same lines), so it is an
-                        option, not the default (docs/design.md, "One read per message").  The
-                        batch calls never add the check (their messages are served in ranges).
+                        torn or stale read is read again): on the H200, 64 B round trip p50 4.55
+                        vs 5.34 µs (configurations interleaved in one run), but one thread's enqueue
+                        rate fell to 0.84 M from 1.07 M msg/s (0.85-0.89 M vs 1.22-1.25 M in an
+                        earlier run: the polls contend with the host's writes to the same lines),
+                        so it is an option, not the default (docs/design.md, "One read per
+                        message").  The batch calls never add the check (their messages are served
+                        in ranges).
     result_memory:      where the result payloads live: "host" (default: mapped pinned memory, read
                         in place by the host calls and ``view_results``) or "device" (VRAM, allocated
                         before the first launch: ``view_results_device`` lends them to CuPy / torch
