@@ -286,31 +286,51 @@ class _Handoff:
 
 def threaded_loop(send, recv, hand: _Handoff, depth: int, seconds: float) -> dict:
     """send() in this thread (appending to ``hand``), recv(item) in a consumer thread, up to ``depth``
-    batches between them; timed from after a warm-up until the consumer has checked the last batch."""
+    batches between them; timed from after a warm-up until the consumer has checked the last batch.
+
+    The first error of either side is raised here once the consumer has stopped: after an error the
+    producer sends no more and the consumer passes the batches left over unchecked (a batch whose
+    check failed may never be taken, so the producer may first wait out its reserve timeout)."""
     errors: list = []
+    stop = threading.Event()
 
     def consume():
         while (item := hand.q.get()) is not None:
             try:
-                recv(item)
+                if not stop.is_set():
+                    recv(item)
             except BaseException as exc:  # noqa: BLE001 - reported by the producer
                 errors.append(exc)
+                stop.set()
             finally:
                 hand.q.task_done()
         hand.q.task_done()
 
     consumer = threading.Thread(target=consume, name="bench-consumer", daemon=True)
     consumer.start()
-    for _ in range(2 * depth):
-        send()
-    hand.q.join()
+
+    def finish():
+        hand.q.put(None)  # the consumer passes what is left (unchecked after an error), then ends
+        consumer.join()
+
     count = 0
-    t0 = time.perf_counter()
-    end = t0 + seconds
-    while time.perf_counter() < end and not errors:
-        count += send()
-    hand.q.put(None)
-    consumer.join()
+    try:
+        for _ in range(2 * depth):
+            if stop.is_set():
+                break
+            send()
+        hand.q.join()
+        t0 = time.perf_counter()
+        end = t0 + seconds
+        while time.perf_counter() < end and not stop.is_set():
+            count += send()
+    except BaseException:
+        stop.set()
+        finish()
+        if errors:  # the consumer's error came first (a QueueFull of this thread's, say, is its context)
+            raise errors[0]  # noqa: B904
+        raise
+    finish()
     dt = time.perf_counter() - t0
     if errors:
         raise errors[0]
@@ -668,6 +688,10 @@ def main() -> int:
 
     if "sweep" in parts:
         sweep = results["sweep"] = []
+        sweep_tpbs = [int(x) for x in args.sweep_tpb.split(",")]
+        if sim and len(sweep_tpbs) > 1:  # the simulator runs one warp whatever threads_per_block says
+            sweep_tpbs = sweep_tpbs[:1]
+            results["notes"].append("sweep: one pass, not one per --sweep-tpb value (the simulator runs one warp)")
         base = results["baselines"] = []
         for size in sizes:
             cap = ring_capacity(size, args.ring_mib if not sim else 1, max_cap)
@@ -689,9 +713,9 @@ def main() -> int:
                             continue
                         r.update(path=name, size=size, batch=b, gb_per_s=r["msg_per_s"] * size / 1e9)
                         base.append(r)
-            for tpb in map(int, args.sweep_tpb.split(",")):
+            for tpb in sweep_tpbs:
                 with open_queue(args.backend, size, cap, tpb) as q:
-                    here = {"size": size, "threads_per_block": tpb}
+                    here = {"size": size, "threads_per_block": q.stats().threads_per_block}  # as run
                     for b in usable:
                         for mode in ("copy", "inplace", "inplace2t") if args.inplace2t else ("copy", "inplace"):
                             if mode == "copy":
