@@ -283,14 +283,14 @@ def queue_round_trip(size: int, iters: int, **cfg) -> dict:
     return summarise(size, readable, taken, bad, [stats], cfg)
 
 
-def round_trips_interleaved(size: int, iters: int, cfgs: dict, blocks: int = 4) -> dict:
+def round_trips_interleaved(size: int, iters: int, cfgs: dict, blocks: int = 4, warmup: int = 300) -> dict:
     """``queue_round_trip`` for each of ``cfgs`` (name -> QueueConfig fields), ``iters`` each, taken
     in ``blocks`` rounds that visit every configuration in turn, so that the host's drift (its
     clock and load change over a run by up to ~1.5 us on the H200 hosts) falls on all alike."""
     acc = {name: ([], [], 0, []) for name in cfgs}
     for _ in range(blocks):
         for name, cfg in cfgs.items():
-            r, t, bad, st = round_trip_samples(size, iters // blocks, warmup=300, **cfg)
+            r, t, bad, st = round_trip_samples(size, max(1, iters // blocks), warmup=warmup, **cfg)
             rs, ts, b0, sts = acc[name]
             rs.append(r)
             ts.append(t)
@@ -445,6 +445,36 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def sim_dry_run(out: Path) -> int:
+    """The queue parts on the CPU simulator, briefly (their figures mean nothing): the script's own
+    check where there is no GPU.  Writes <out>/bench_latency.json; 1 if any result was wrong."""
+    global GpuQueue
+    real = GpuQueue
+    GpuQueue = lambda cfg: real(QueueConfig(**{**cfg.__dict__, "backend": "sim"}))  # noqa: E731
+    sys.setswitchinterval(1e-4)  # the spinning host thread hands the GIL to the simulator's sooner
+    lat: dict = {"gpuq_round_trip_64B_1_block_1_warp": queue_round_trip(64, 200, blocks=1, threads_per_block=32)}
+    cfgs = {"": {}, "_one_read": {"one_read": True}, "_one_read_never_leaves": {"one_read": True, "lease_ms": math.inf}}
+    for name, r in round_trips_interleaved(64, 40, cfgs, warmup=10).items():
+        lat[f"gpuq_round_trip_64B{name}"] = r
+    lat["gpuq_first_after_5ms_idle_64B"] = after_idle(5, 0.005)
+    lat["gpuq_first_after_50ms_idle_64B"] = after_idle(3, 0.05)
+    lat["gpuq_first_after_5ms_idle_64B_parked"] = after_idle(3, 0.005, linger_ms=0.0)
+    results = {
+        "env": {"device": "sim", "python": platform.python_version(), "numpy": np.__version__},
+        "latency": lat,
+        "pause_resume": pause_resume(5),
+        "enqueue_throughput": enqueue_throughput(3000),
+        "sustained_one_thread": sustained_one_thread(3000),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_latency.json").write_text(json.dumps(results, indent=2))
+    plot(results, out / "bench_latency.png")
+    bad = sum(v.get("mismatches", 0) for v in lat.values())
+    bad += results["enqueue_throughput"]["mismatches"] + results["sustained_one_thread"]["mismatches"]
+    print(f"simulator dry run: {out / 'bench_latency.json'}, mismatches {bad}", flush=True)
+    return 1 if bad else 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description="GpuQueue latency and throughput vs launch-per-message")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
@@ -453,20 +483,7 @@ def main() -> int:
     ap.add_argument("--sim", action="store_true", help="dry run of the queue parts on the CPU simulator")
     args = ap.parse_args()
     if args.sim:  # checks the script itself where there is no GPU; its figures mean nothing
-        global GpuQueue
-        real = GpuQueue
-        GpuQueue = lambda cfg: real(QueueConfig(**{**cfg.__dict__, "backend": "sim"}))  # noqa: E731
-        for _name, cfg in (("1_block_1_warp", {"blocks": 1, "threads_per_block": 32}),):
-            queue_round_trip(64, 200, **cfg)
-        print(
-            enqueue_throughput(3000),
-            sustained_one_thread(3000),
-            after_idle(5, 0.005),
-            after_idle(3, 0.05),
-            after_idle(3, 0.005, linger_ms=0.0),
-            pause_resume(5),
-        )
-        return 0
+        return sim_dry_run(Path(args.out))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
