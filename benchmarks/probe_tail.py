@@ -5,6 +5,9 @@ bench_latency.queue_round_trip, noting for each whether a lease began while it w
 p99 of those with no lease change, the share that met a lease change and their median.
 
     PYTHONPATH=. python benchmarks/probe_tail.py --iters 5000
+    PYTHONPATH=. python benchmarks/probe_tail.py --sim --iters 200   # the script's check on the CPU simulator
+
+Exits 1 if any result came back wrong.
 """
 
 from __future__ import annotations
@@ -22,9 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from gpuq_driver import GpuQueue, QueueConfig  # noqa: E402
 
 
-def run(iters: int, flow_ms: float | None = None, **cfg) -> None:
+def run(iters: int, flow_ms: float | None = None, backend: str = "cuda", **cfg) -> int:
+    """Prints one line; returns the number of wrong results."""
     payloads = [np.random.default_rng(i).integers(0, 256, 64, dtype=np.uint8).tobytes() for i in range(16)]
-    with GpuQueue(QueueConfig(capacity=1024, slot_bytes=64, **cfg)) as q:
+    with GpuQueue(QueueConfig(capacity=1024, slot_bytes=64, backend=backend, **cfg)) as q:
         if flow_ms is not None:  # the lease keeper's look while messages flow (lease.Leases._flow_period)
             q._leases._flow_period = flow_ms / 1e3
         res_ids, mask, begun, clock = q._res_hdr, q._mask, q._begun, time.perf_counter_ns
@@ -54,6 +58,7 @@ def run(iters: int, flow_ms: float | None = None, **cfg) -> None:
         f"{(np.median(hit) if hit.size else math.nan):.2f} us); bad {bad}",
         flush=True,
     )
+    return int(bad)
 
 
 def main() -> int:
@@ -63,14 +68,22 @@ def main() -> int:
     ap.add_argument(
         "--flow-ms", default="", help="keeper look periods while messages flow to try (ms), comma-separated"
     )
+    ap.add_argument(
+        "--sim", action="store_true", help="the CPU simulator (checks the script; its figures mean nothing)"
+    )
     args = ap.parse_args()
-    run(args.iters // 2)  # warm-up
+    if args.iters < 2:
+        ap.error("--iters must be at least 2")
+    backend = "sim" if args.sim else "cuda"
+    if args.sim:
+        sys.setswitchinterval(1e-4)  # the spinning host thread hands the GIL to the simulator's sooner
+    bad = run(args.iters // 2, backend=backend)  # warm-up
     flows = [float(f) for f in args.flow_ms.split(",") if f] or [None]
     for lease in args.leases.split(","):
         for flow in flows:
             for one_read in (True, False):
-                run(args.iters, flow, lease_ms=float(lease), one_read=one_read)
-    return 0
+                bad += run(args.iters, flow, backend=backend, lease_ms=float(lease), one_read=one_read)
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

@@ -72,3 +72,38 @@ def test_bench_redis_dry_run_puts_the_bridge_beside_track_a(tmp_path, redis_clie
         assert run["worker"]["failed"] == 0 and run["host_us_per_msg"] > 0
     assert res["runs"][1]["queue_capacity"] == 512
     assert "frame 32 messages/entry, 8 entries (256 messages) per XREADGROUP, queue capacity 512" in r.stdout
+
+
+def test_bench_latency_dry_run_on_the_simulator(tmp_path):
+    """bench_latency.py --sim runs the queue parts, the interleaved configurations (one_read among
+    them) included, checks every result and writes its JSON to --out."""
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_latency.py"), "--sim", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    res = json.loads((tmp_path / "bench_latency.json").read_text())
+    lat = res["latency"]
+    for name in ("", "_one_read", "_one_read_never_leaves"):
+        row = lat[f"gpuq_round_trip_64B{name}"]
+        assert row["n"] == 40 and row["blocks_of_runs"] == 4 and row["mismatches"] == 0, (name, row)
+    assert lat["gpuq_round_trip_64B_one_read"]["one_read"] is True
+    assert res["enqueue_throughput"]["mismatches"] == 0 and res["sustained_one_thread"]["mismatches"] == 0
+    assert "mismatches 0" in r.stdout
+
+
+def test_probe_tail_on_the_simulator(tmp_path):
+    """probe_tail.py --sim: every lease_ms x one_read case prints its line, even with few round trips;
+    --iters below 2 is refused with a usage error, not a traceback."""
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "probe_tail.py"), "--sim"]
+    r = subprocess.run([*cmd, "--iters", "3"], capture_output=True, text=True, timeout=240, env=env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    lines = [ln for ln in r.stdout.splitlines() if "keeper look" in ln]
+    assert len(lines) == 1 + 3 * 2 and all(ln.endswith("bad 0") for ln in lines), r.stdout
+    r = subprocess.run([*cmd, "--iters", "1"], capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 2 and "--iters must be at least 2" in r.stderr, r.stderr[-2000:]
