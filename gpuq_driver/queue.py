@@ -20,6 +20,7 @@ import array
 import atexit
 import contextlib
 import math
+import numbers
 import threading
 import time
 import weakref
@@ -76,6 +77,15 @@ from .sim import SIM_NEEDS_TWIN
 MAX_CAPACITY = 1 << 22
 MAX_RING_BYTES = 1 << 32
 MIN_LEASE_MS, MAX_LEASE_MS = 0.05, 3_600_000.0  # 50 µs .. 1 hour (or math.inf: never leave)
+
+
+def _msg_id_int(msg_id) -> int:
+    """``msg_id`` as an int (a numpy integer's value); TypeError for a bool (numpy's too: np.True_
+    would otherwise be msg_id 1) and for anything not an integer (float, str, array)."""
+    if isinstance(msg_id, numbers.Integral) and not isinstance(msg_id, bool):
+        return int(msg_id)
+    name = "bool" if isinstance(msg_id, (bool, np.bool_)) else type(msg_id).__name__
+    raise TypeError(f"msg_id must be an int, not {name}")
 
 
 @dataclass(frozen=True)
@@ -565,12 +575,9 @@ class GpuQueue(BulkCalls, DeviceCalls):
 
     def _slot(self, msg_id) -> int:
         """The slot of ``msg_id``; TypeError unless it is an int (numpy integers too, not bool)."""
-        if msg_id is True or msg_id is False:
-            raise TypeError("msg_id must be an int, not bool")
-        try:
-            return msg_id & self._mask
-        except TypeError:
-            raise TypeError(f"msg_id must be an int, not {type(msg_id).__name__}") from None
+        if type(msg_id) is not int:
+            msg_id = _msg_id_int(msg_id)
+        return msg_id & self._mask
 
     def try_dequeue_result(self, msg_id: int) -> bytes | None:
         """The result of ``msg_id`` as bytes (and its slot freed), or None if not done yet.
@@ -578,14 +585,12 @@ class GpuQueue(BulkCalls, DeviceCalls):
         None also for a msg_id already taken or never issued.  Raises MessageFailed (``.msg_id``,
         ``.code``) if the plugin failed the message (GPUQ_FAIL(code) / plugins.Fail(code)), and
         ProtocolError if the device flagged this slot as broken: either way the result is taken and
-        its slot freed.  QueueClosed after ``close()``.
+        its slot freed.  TypeError if msg_id is not an int (numpy integers are; bools, numpy's too,
+        are not).  QueueClosed after ``close()``.
         """
-        if msg_id is True or msg_id is False:  # self._slot, inlined (this call is on the round trip)
-            raise TypeError("msg_id must be an int, not bool")
-        try:
-            slot = msg_id & self._mask
-        except TypeError:
-            raise TypeError(f"msg_id must be an int, not {type(msg_id).__name__}") from None
+        if type(msg_id) is not int:  # self._slot, inlined (this call is on the round trip)
+            msg_id = _msg_id_int(msg_id)
+        slot = msg_id & self._mask
         with self._clock:
             hdr = self._res_hdr
             if hdr is None:

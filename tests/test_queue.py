@@ -364,6 +364,27 @@ def test_wait_result_errors_are_the_library_s_and_the_builtins(make_queue):
         q.enqueue(b"late")
 
 
+def test_msg_id_types(make_queue):
+    """numpy integers are msg_ids; numpy's bool is not (np.True_ took msg_id 1), nor a 0-d array,
+    a float or a str; ids never issued (negative, 2**64 and above) are None / UnknownMessage."""
+    from gpuq_driver import UnknownMessage
+
+    q = make_queue(capacity=8, slot_bytes=16)
+    for i in range(3):
+        q.enqueue(bytes([i]))
+    assert q.wait_result(2, timeout=10) == b"\x02"
+    for bad in (np.True_, np.False_, np.array(1), np.array([1]), 1.0, np.float32(1), "1", None):
+        for call in (q.try_dequeue_result, q.wait_result):
+            with pytest.raises(TypeError, match="msg_id must be an int, not"):
+                call(bad)
+    for never in (-1, 2**64, 2**64 + 1, np.int64(-7), np.uint64(2**64 - 1)):
+        assert q.try_dequeue_result(never) is None
+        with pytest.raises(UnknownMessage):
+            q.wait_result(never, timeout=0)
+    assert q.try_dequeue_result(np.uint64(0)) == b"\x00" and q.wait_result(np.int32(1)) == b"\x01"
+    assert q.outstanding() == []
+
+
 def test_closed_queue_as_context_manager_and_bool_msg_ids(make_queue):
     """Fresh trial: `with q:` on a closed queue went on silently; wait_result(True) took msg_id 1;
     wait_result's timeout error did not say that None is allowed."""
