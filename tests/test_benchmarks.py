@@ -12,16 +12,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def run_script(name: str, *args: str, timeout: float = 240, **env_extra: str) -> subprocess.CompletedProcess:
+    """benchmarks/<name> with ``args`` in a child Python (the project on its PYTHONPATH); its output
+    captured as text."""
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", **env_extra}
+    cmd = [sys.executable, str(ROOT / "benchmarks" / name), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
 def test_bench_plugins_dry_run_on_the_simulator(tmp_path):
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     args = ["--backend", "sim", "--messages", "300", "--iters", "30", "--sizes", "16,48", "--scores", "8"]
-    r = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_plugins.py"), "--out", str(tmp_path), *args],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env=env,
-    )
+    r = run_script("bench_plugins.py", "--out", str(tmp_path), *args)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads((tmp_path / "bench_plugins.json").read_text())
     assert sorted(res["sizes"]) == ["16", "48"] and res["n"] == 8
@@ -33,15 +34,8 @@ def test_bench_plugins_dry_run_on_the_simulator(tmp_path):
 
 
 def test_stress_one_read_dry_run_on_the_simulator(tmp_path):
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     args = ["--backend", "sim", "--messages", "2000", "--producers", "3", "--max-bytes", "256"]
-    r = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "stress_one_read.py"), "--out", str(tmp_path), *args],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env=env,
-    )
+    r = run_script("stress_one_read.py", "--out", str(tmp_path), *args)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     res = json.loads((tmp_path / "stress_one_read.json").read_text())
     assert res["messages"] == res["processed"] == 1998 and res["wrong"] == 0 and not res["errors"]
@@ -53,16 +47,9 @@ def test_bench_redis_dry_run_puts_the_bridge_beside_track_a(tmp_path, redis_clie
     back, the frame and batch used printed and recorded."""
     from gpuq_driver.streams.server import client_url
 
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     args = ["--backend", "sim", "--sizes", "64", "--frame", "32", "--batch", "256", "--messages", "3000"]
     args += ["--modes", "track_a_framed,bridge_framed", "--pings", "5", "--producers", "1"]
-    r = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_redis.py"), "--out", str(tmp_path), *args],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env={**env, "REDIS_URL": client_url(redis_client)},
-    )
+    r = run_script("bench_redis.py", "--out", str(tmp_path), *args, REDIS_URL=client_url(redis_client))
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads((tmp_path / "bench_redis.json").read_text())
     assert [run["label"] for run in res["runs"]] == ["track_a_framed", "bridge_framed"]
@@ -77,14 +64,7 @@ def test_bench_redis_dry_run_puts_the_bridge_beside_track_a(tmp_path, redis_clie
 def test_bench_latency_dry_run_on_the_simulator(tmp_path):
     """bench_latency.py --sim runs the queue parts, the interleaved configurations (one_read among
     them) included, checks every result and writes its JSON to --out."""
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    r = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_latency.py"), "--sim", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env=env,
-    )
+    r = run_script("bench_latency.py", "--sim", "--out", str(tmp_path))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     res = json.loads((tmp_path / "bench_latency.json").read_text())
     lat = res["latency"]
@@ -99,11 +79,9 @@ def test_bench_latency_dry_run_on_the_simulator(tmp_path):
 def test_probe_tail_on_the_simulator(tmp_path):
     """probe_tail.py --sim: every lease_ms x one_read case prints its line, even with few round trips;
     --iters below 2 is refused with a usage error, not a traceback."""
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "probe_tail.py"), "--sim"]
-    r = subprocess.run([*cmd, "--iters", "3"], capture_output=True, text=True, timeout=240, env=env)
+    r = run_script("probe_tail.py", "--sim", "--iters", "3")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     lines = [ln for ln in r.stdout.splitlines() if "keeper look" in ln]
     assert len(lines) == 1 + 3 * 2 and all(ln.endswith("bad 0") for ln in lines), r.stdout
-    r = subprocess.run([*cmd, "--iters", "1"], capture_output=True, text=True, timeout=60, env=env)
+    r = run_script("probe_tail.py", "--sim", "--iters", "1", timeout=60)
     assert r.returncode == 2 and "--iters must be at least 2" in r.stderr, r.stderr[-2000:]
