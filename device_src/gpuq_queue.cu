@@ -84,9 +84,10 @@ __device__ unsigned long long gpuq_trace_g[8];
 #endif
 
 // The lanes of the front warp's poll (one round trip): lane 0 the doorbell, lane 1 slot s's
-// header, lanes 2 .. 5 its first 64 payload bytes (one coalesced 64-byte read; four loads of one
-// line from a single thread measured 2.6 us slower per poll on the H200, benchmarks/NOTES.md).
-constexpr uint32_t kHdrLane = 1u, kDataLane = 2u;
+// header, lanes 16 .. 31 its first 64 payload bytes, one 32-bit word each (one coalesced 64-byte
+// read; four loads of one line from a single thread measured 2.6 us slower per poll on the H200,
+// benchmarks/NOTES.md), so that each lane checks its own word (warp_crc32) and stages it.
+constexpr uint32_t kHdrLane = 1u, kWordLane = 16u;
 
 // The header lane 1 read may be message s's, checked by the host, and the whole payload was read
 // with it (at most 64 bytes: a longer one waits for the doorbell, since reading its rest after the
@@ -141,11 +142,18 @@ __device__ uint64_t wait_for(const GpuqKernelArgs& p, uint64_t s, uint32_t lane,
   }
   const uint32_t slot = static_cast<uint32_t>(s & (p.capacity - 1u));
   const uint4* shdr = reinterpret_cast<const uint4*>(p.req_hdr + slot);
-  const uint4* sdata = reinterpret_cast<const uint4*>(p.req_data + static_cast<size_t>(slot) * p.slot_bytes);
-  const uint32_t chunks = p.slot_bytes / 16u < 4u ? p.slot_bytes / 16u : 4u;
+  const uint32_t* sword = reinterpret_cast<const uint32_t*>(p.req_data + static_cast<size_t>(slot) * p.slot_bytes);
+  const uint32_t words = p.slot_bytes / 4u < 16u ? p.slot_bytes / 4u : 16u;
+#ifdef GPUQ_PREFETCH_VSLOT  // experiment: the VRAM slot's first lines into L1 while the poll waits
+  if (lane < 2u) {
+    const uint8_t* vs = p.vram_slots + static_cast<size_t>(slot) * (16u + p.slot_bytes);
+    const uint32_t span = 16u + (p.slot_bytes < 64u ? p.slot_bytes : 64u);
+    asm volatile("prefetch.global.L1 [%0];" ::"l"(vs + lane * (span - 1u)));
+  }
+#endif
   ns = 32u;
   for (uint32_t polls = 0;; ++polls) {
-    // One round trip: the slot's header and first 64 bytes (lanes 1 .. 5, where the queue uses the
+    // One round trip: the slot's header and first 64 bytes (lanes 1, 16 .. 31, where the queue uses the
     // one read: reading them costs ~0.4 us a poll) beside the doorbell (lane 0).  The lease's VRAM
     // flag and the clock are read first, so that their latency hides under the round trip.
     uint32_t lv = 0u;
@@ -162,7 +170,7 @@ __device__ uint64_t wait_for(const GpuqKernelArgs& p, uint64_t s, uint32_t lane,
 #endif
     if (p.one_read != 0u) {
       if (lane == kHdrLane) v = __ldcv(shdr);
-      else if (lane >= kDataLane && lane < kDataLane + chunks) v = __ldcv(sdata + (lane - kDataLane));
+      else if (lane >= kWordLane && lane - kWordLane < words) v.x = __ldcv(sword + (lane - kWordLane));
     }
     if (lane == 0) db = load_acquire<kSys>(&p.ctrl_host->doorbell);
     // The lease is over: one front warp (the first to see it, atomicExch on dev->leaving) says so
@@ -230,47 +238,31 @@ __device__ uint64_t wait_for(const GpuqKernelArgs& p, uint64_t s, uint32_t lane,
   }
 }
 
-// The CRC tables of the one read's check (gpuq_crc.cuh, 16 KB), copied into shared memory by each
-// block at the start of a lease.
-__shared__ uint32_t crc_smem[16][256];
+// The CRC table of the one read's check (gpuq_crc.cuh, 8 KB), copied into shared memory by each
+// block at the start of a lease of a queue that uses the one read.
+__shared__ uint32_t crc_smem[2048];
 
-// zlib.crc32(bytes[0 : n], seed) for n <= 64, computed by every lane alike (the warp stays
-// converged) by slicing-by-16 over zlib's tables in shared memory (gpuq_crc.cuh).  Lane j < 16
-// holds the window's little-endian word j in `word`.  Of the 16 lookups per 16-byte block only
-// the 4 of its first word depend on the running CRC: lanes 0 .. 3 do the other 12 of block `lane`
-// up front, side by side, so the dependent chain is 4 lookups a block (then words, then bytes).
-__device__ __forceinline__ uint32_t warp_crc32(uint32_t word, uint32_t n, uint32_t seed) {
-  const uint32_t(*t)[256] = crc_smem;
-  const uint32_t lane = threadIdx.x & 31u;
-  const uint32_t q1 = __shfl_sync(kFullMask, word, (4u * lane + 1u) & 15u);
-  const uint32_t q2 = __shfl_sync(kFullMask, word, (4u * lane + 2u) & 15u);
-  const uint32_t q3 = __shfl_sync(kFullMask, word, (4u * lane + 3u) & 15u);
-  const uint32_t x = t[11][q1 & 0xFFu] ^ t[10][(q1 >> 8) & 0xFFu] ^ t[9][(q1 >> 16) & 0xFFu] ^ t[8][q1 >> 24] ^
-                     t[7][q2 & 0xFFu] ^ t[6][(q2 >> 8) & 0xFFu] ^ t[5][(q2 >> 16) & 0xFFu] ^ t[4][q2 >> 24] ^
-                     t[3][q3 & 0xFFu] ^ t[2][(q3 >> 8) & 0xFFu] ^ t[1][(q3 >> 16) & 0xFFu] ^ t[0][q3 >> 24];
-  const uint32_t blocks = n >> 4, words = (n >> 2) & 3u;
-  uint32_t c = ~seed;
+// zlib.crc32(bytes[0 : n], seed) for n <= 64, in the lanes kWordLane .. 31 (the others return
+// garbage).  Lane kWordLane + k holds the little-endian word k of the bytes in `word` (k >= 16:
+// none).  The CRC register is linear in the message's bits, so each lane looks up the part of
+// each of its 8 nibbles, at its distance from the end (gpuq_crc.cuh), side by side, and the
+// half-warp XORs them (4 shuffles); the initial register ~seed acts as if XORed into the first 4
+// bytes, and for n < 4 what of it was not shifted out stays.  Python model: tests/test_layout.py.
+__device__ __forceinline__ uint32_t warp_crc32(uint32_t word, uint32_t k, uint32_t n, uint32_t seed) {
+  const uint32_t c0 = ~seed;
+  if (k == 0u) word ^= n >= 4u ? c0 : c0 & ((1u << (8u * n)) - 1u);
+  uint32_t acc = 0u;
 #pragma unroll
-  for (uint32_t b = 0; b < 4u; ++b) {
-    const uint32_t wb = __shfl_sync(kFullMask, word, 4u * b), xb = __shfl_sync(kFullMask, x, b);
-    if (b < blocks) {
-      const uint32_t a = wb ^ c;
-      c = t[15][a & 0xFFu] ^ t[14][(a >> 8) & 0xFFu] ^ t[13][(a >> 16) & 0xFFu] ^ t[12][a >> 24] ^ xb;
-    }
+  for (uint32_t q = 0; q < 8u; ++q) {
+    const uint32_t j = 4u * k + (q >> 1);  // the nibble's byte
+    if (j < n) acc ^= crc_smem[((n - 1u - j) * 2u + (q & 1u)) * 16u + ((word >> (4u * q)) & 15u)];
   }
-  uint32_t tw[4];
-#pragma unroll
-  for (uint32_t k = 0; k < 4u; ++k) tw[k] = __shfl_sync(kFullMask, word, (4u * blocks + k) & 15u);
-#pragma unroll
-  for (uint32_t k = 0; k < 3u; ++k) {
-    if (k < words) {
-      const uint32_t a = tw[k] ^ c;
-      c = t[3][a & 0xFFu] ^ t[2][(a >> 8) & 0xFFu] ^ t[1][(a >> 16) & 0xFFu] ^ t[0][a >> 24];
-    }
-  }
-  const uint32_t last = words == 0u ? tw[0] : words == 1u ? tw[1] : words == 2u ? tw[2] : tw[3];
-  for (uint32_t i = 0; i < (n & 3u); ++i) c = t[0][(c ^ (last >> (8u * i))) & 0xFFu] ^ (c >> 8);
-  return ~c;
+  acc ^= __shfl_xor_sync(kFullMask, acc, 8);
+  acc ^= __shfl_xor_sync(kFullMask, acc, 4);
+  acc ^= __shfl_xor_sync(kFullMask, acc, 2);
+  acc ^= __shfl_xor_sync(kFullMask, acc, 1);
+  if (n < 4u) acc ^= c0 >> (8u * n);
+  return ~acc;
 }
 
 // The rest of a payload, bytes [from, len), into its VRAM slot: four 16-byte loads in flight per
@@ -357,7 +349,7 @@ __device__ __forceinline__ void finish_one(const GpuqKernelArgs& p, uint64_t s, 
   }
 }
 
-// One message, the whole warp.  `cand`: `mine` (lanes 1 .. 5) holds the front warp's read of slot s
+// One message, the whole warp.  `cand`: `mine` (lanes 1, 16 .. 31) holds the front warp's read of slot s
 // (with the doorbell); served from it if the check holds.  Returns false if it did not and the
 // doorbell has not shown s yet (`publish` == 0 or <= s): the caller waits for s again.
 __device__ bool process_one(const GpuqKernelArgs& p, uint64_t s, uint32_t lane, uint64_t publish, uint4 mine,
@@ -369,19 +361,16 @@ __device__ bool process_one(const GpuqKernelArgs& p, uint64_t s, uint32_t lane, 
   const uint64_t shown = __shfl_sync(kFullMask, publish, 0);  // the doorbell's head, if this warp read it
 
   if (cand) {
-    // Validate the one read (wait_for: lane 1 the header, lanes 2 .. 5 the first 64 bytes).
-    const uint4 hdr = shfl4(mine, kHdrLane);
-    const uint4 q = shfl4(mine, kDataLane + ((lane >> 2) & 3u));  // lane j < 16: word j of the 64 bytes
-    const uint32_t wi = lane & 3u;
-    const uint32_t word = wi == 0u ? q.x : wi == 1u ? q.y : wi == 2u ? q.z : q.w;
-    const uint4 chunk = shfl4(mine, kDataLane + (lane & 3u));  // lanes 0 .. 3: 16-byte chunk `lane`
-    const uint32_t len = hdr.x;
-    const uint32_t n = len < GPUQ_CHECK_BYTES ? len : GPUQ_CHECK_BYTES;
+    // Validate the one read (wait_for: lane 1 the header, lanes 16 .. 31 the first 64 bytes).
+    const uint32_t len = __shfl_sync(kFullMask, mine.x, kHdrLane);  // <= 64 (slot_candidate)
+    const uint32_t flags = __shfl_sync(kFullMask, mine.y, kHdrLane);
+    const uint32_t k = lane >= kWordLane ? lane - kWordLane : 16u;  // the word this lane holds
 #ifdef GPUQ_SPEC_NO_CHECK  // a diagnostic only (probe_poll.py): what the check costs; not a valid protocol
     if (true) {
 #else
-    const uint32_t crc = warp_crc32(word, n, static_cast<uint32_t>(s));
-    if (((crc ^ len) & GPUQ_CHECK_MASK) == (hdr.y >> GPUQ_CHECK_SHIFT)) {
+    const uint32_t crc = warp_crc32(mine.x, k, len, static_cast<uint32_t>(s));
+    const uint32_t ok = ((crc ^ len) & GPUQ_CHECK_MASK) == (flags >> GPUQ_CHECK_SHIFT) ? 1u : 0u;
+    if (__shfl_sync(kFullMask, ok, kWordLane) != 0u) {
 #endif
       // Served from the one read: the header (msg_id, len) and the first n bytes are the host's.
       if (lane == 0) {
@@ -395,7 +384,7 @@ __device__ bool process_one(const GpuqKernelArgs& p, uint64_t s, uint32_t lane, 
         }
         atomicAdd(reinterpret_cast<unsigned long long*>(&p.dev->spec_reads), 1ull);
       }
-      if (lane * 16u < n) *reinterpret_cast<uint4*>(vin + lane * 16u) = chunk;  // n == len (slot_candidate)
+      if (4u * k < len) *reinterpret_cast<uint32_t*>(vin + 4u * k) = mine.x;
       finish_one(p, s, slot, vslot, len, GPUQ_ERR_NONE, lane);
       return true;
     }
@@ -517,13 +506,13 @@ extern "C" __global__ void gpuq_persistent(const GpuqKernelArgs p) {
     p.ctrl_dev->layout_version = GPUQ_LAYOUT_VERSION;
     p.ctrl_dev->warps = warps;
   }
-  // The CRC tables of the one read's check (gpuq_crc.cuh, 16 KB), in shared memory.
-  {
-    const uint4* src = reinterpret_cast<const uint4*>(&kCrcTables[0][0]);
-    uint4* dst = reinterpret_cast<uint4*>(&crc_smem[0][0]);
-    for (uint32_t i = threadIdx.x; i < 16u * 256u / 4u; i += blockDim.x) dst[i] = src[i];
+  // The CRC table of the one read's check (gpuq_crc.cuh, 8 KB), in shared memory.
+  if (p.one_read != 0u) {
+    const uint4* src = reinterpret_cast<const uint4*>(kCrcNibbles);
+    uint4* dst = reinterpret_cast<uint4*>(crc_smem);
+    for (uint32_t i = threadIdx.x; i < 2048u / 4u; i += blockDim.x) dst[i] = src[i];
+    __syncthreads();
   }
-  __syncthreads();
   uint64_t processed = p.warp_totals[warp];  // carried over from the previous lease
   uint64_t next = 0, end = 0;  // lane 0: this warp's claimed msg_ids [next, end), served in order
   for (;;) {

@@ -49,6 +49,7 @@ from .errors import (
     check_seconds,
 )
 from .layout import (
+    CHECK_BITS,
     DONE,
     DOORBELL_STOP_SHIFT,
     ERR_MASK,
@@ -456,13 +457,13 @@ class GpuQueue(BulkCalls, DeviceCalls):
                 self._wait_for_slot(seq, timeout)
             slot = seq & self._mask
             off = slot * self._sb
-            hdr = self._req_hdr
             self._req_data[off : off + n] = payload
-            if n <= 64 and self._one_read:  # the slot check (layout.slot_check, inlined: ~0.1 µs)
-                hdr[slot << 1] = n | self._checked | ((crc32(payload, seq & 0xFFFFFFFF) ^ n) & 0xFFFFFF) << 40
+            hdr, slot = self._req_hdr, slot << 1
+            if n <= 64 and self._one_read:  # the slot check (layout.slot_check, inlined; crc32 masks seq)
+                hdr[slot] = n | self._checked | (crc32(payload, seq) ^ n) << 40 & CHECK_BITS
             else:
-                hdr[slot << 1] = n | self._ready
-            hdr[(slot << 1) | 1] = seq
+                hdr[slot] = n | self._ready
+            hdr[slot | 1] = seq
             self._head = seq = seq + 1
             self._doorbell[0] = seq  # the doorbell, last
         # The lock's release is a full fence (x86 locked instruction): the doorbell store is
@@ -606,10 +607,12 @@ class GpuQueue(BulkCalls, DeviceCalls):
             data = self._res_data[off : off + (len_flags & 0xFFFFFFFF)].tobytes()
             # Commit with single stores, so an interrupt leaves either nothing or everything done.
             if msg_id == t:  # in order: the tail moves past it and past later ones taken early
-                nxt, taken, mask, head = t + 1, self._taken, self._mask, self._head
-                while nxt < head and taken[nxt & mask] == nxt:
-                    nxt += 1
-                self._taken_ahead -= nxt - t - 1
+                nxt = t + 1
+                if self._taken_ahead:
+                    taken, mask, head = self._taken, self._mask, self._head
+                    while nxt < head and taken[nxt & mask] == nxt:
+                        nxt += 1
+                    self._taken_ahead -= nxt - t - 1
                 self._tail = nxt
                 if self._accepting:
                     self._limit = nxt + self._cap

@@ -146,24 +146,23 @@ def test_crc_header_is_generated_from_layout():
 
 
 def _warp_crc(data: bytes, seed: int) -> int:
-    """gpuq_queue.cu's warp_crc32 in Python: slicing-by-16 over the little-endian words, then by 4,
-    then byte by byte (the device reads words 0 .. 15 of the 64-byte window)."""
-    tables, n = layout.crc_tables(), len(data)
-    w = unpack("<16I", data + bytes(64 - n))
-    c, k = ~seed & 0xFFFFFFFF, 0
-    while 4 * k + 16 <= n:
-        x, c = (w[k] ^ c, w[k + 1], w[k + 2], w[k + 3]), 0
-        for j in range(4):
-            for i in range(4):
-                c ^= tables[15 - 4 * j - i][(x[j] >> (8 * i)) & 0xFF]
-        k += 4
-    while 4 * k + 4 <= n:
-        a = w[k] ^ c
-        c = tables[3][a & 0xFF] ^ tables[2][(a >> 8) & 0xFF] ^ tables[1][(a >> 16) & 0xFF] ^ tables[0][a >> 24]
-        k += 1
-    for i in range(n & 3):
-        c = tables[0][(c ^ (w[k] >> (8 * i))) & 0xFF] ^ (c >> 8)
-    return ~c & 0xFFFFFFFF
+    """gpuq_queue.cu's warp_crc32 in Python: lane k (0 .. 15) holds the little-endian word k of the
+    64-byte window (the initial register ~seed XORed into word 0's first min(n, 4) bytes) and looks
+    up each of its nibbles that lies in the message at its distance from the end; the lanes' parts
+    are XORed, and for n < 4 what the initial register did not shift out is added."""
+    table, n = layout.crc_nibble_tables(), len(data)
+    words = list(unpack("<16I", data + bytes(64 - n)))
+    c0 = ~seed & 0xFFFFFFFF
+    words[0] ^= c0 if n >= 4 else c0 & ((1 << (8 * n)) - 1)
+    acc = 0
+    for k, word in enumerate(words):
+        for q in range(8):
+            j = 4 * k + q // 2
+            if j < n:
+                acc ^= table[((n - 1 - j) * 2 + (q & 1)) * 16 + ((word >> (4 * q)) & 15)]
+    if n < 4:
+        acc ^= c0 >> (8 * n)
+    return ~acc & 0xFFFFFFFF
 
 
 @pytest.mark.parametrize("n", list(range(65)))
