@@ -144,13 +144,6 @@ __device__ uint64_t wait_for(const GpuqKernelArgs& p, uint64_t s, uint32_t lane,
   const uint4* shdr = reinterpret_cast<const uint4*>(p.req_hdr + slot);
   const uint32_t* sword = reinterpret_cast<const uint32_t*>(p.req_data + static_cast<size_t>(slot) * p.slot_bytes);
   const uint32_t words = p.slot_bytes / 4u < 16u ? p.slot_bytes / 4u : 16u;
-#ifdef GPUQ_PREFETCH_VSLOT  // experiment: the VRAM slot's first lines into L1 while the poll waits
-  if (lane < 2u) {
-    const uint8_t* vs = p.vram_slots + static_cast<size_t>(slot) * (16u + p.slot_bytes);
-    const uint32_t span = 16u + (p.slot_bytes < 64u ? p.slot_bytes : 64u);
-    asm volatile("prefetch.global.L1 [%0];" ::"l"(vs + lane * (span - 1u)));
-  }
-#endif
   ns = 32u;
   for (uint32_t polls = 0;; ++polls) {
     // One round trip: the slot's header and first 64 bytes (lanes 1, 16 .. 31, where the queue uses the
@@ -251,12 +244,17 @@ __shared__ uint32_t crc_smem[2048];
 __device__ __forceinline__ uint32_t warp_crc32(uint32_t word, uint32_t k, uint32_t n, uint32_t seed) {
   const uint32_t c0 = ~seed;
   if (k == 0u) word ^= n >= 4u ? c0 : c0 & ((1u << (8u * n)) - 1u);
-  uint32_t acc = 0u;
+  // Branch-free, so that the 8 loads issue back to back: every lane looks up (in bounds: & 2047),
+  // and keeps what belongs to a byte of the message.
+  uint32_t part[8];
 #pragma unroll
   for (uint32_t q = 0; q < 8u; ++q) {
     const uint32_t j = 4u * k + (q >> 1);  // the nibble's byte
-    if (j < n) acc ^= crc_smem[((n - 1u - j) * 2u + (q & 1u)) * 16u + ((word >> (4u * q)) & 15u)];
+    part[q] = crc_smem[(((n - 1u - j) * 2u + (q & 1u)) * 16u + ((word >> (4u * q)) & 15u)) & 2047u];
   }
+  uint32_t acc = 0u;
+#pragma unroll
+  for (uint32_t q = 0; q < 8u; ++q) acc ^= 4u * k + (q >> 1) < n ? part[q] : 0u;
   acc ^= __shfl_xor_sync(kFullMask, acc, 8);
   acc ^= __shfl_xor_sync(kFullMask, acc, 4);
   acc ^= __shfl_xor_sync(kFullMask, acc, 2);
