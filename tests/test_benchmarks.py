@@ -85,3 +85,20 @@ def test_probe_tail_on_the_simulator(tmp_path):
     assert len(lines) == 1 + 3 * 2 and all(ln.endswith("bad 0") for ln in lines), r.stdout
     r = run_script("probe_tail.py", "--sim", "--iters", "1", timeout=60)
     assert r.returncode == 2 and "--iters must be at least 2" in r.stderr, r.stderr[-2000:]
+
+
+def test_host_steps_dry_run_on_the_simulator(tmp_path):
+    """host_steps.py --sim: every step of enqueue and try_dequeue_result timed, the whole calls
+    timed on a ring, every result taken back right."""
+    args = ["--sim", "--number", "2000", "--repeat", "2", "--messages", "3000", "--capacity", "4096"]
+    r = run_script("host_steps.py", "--out", str(tmp_path), *args)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    res = json.loads((tmp_path / "host_steps.json").read_text())
+    assert res["wrong"] == 0 and res["env"]["device"] == "CPU simulator"
+    assert {"producer lock", "payload copy (64 B)", "slot check (one_read)", "doorbell store (mapped)"} <= set(
+        res["enqueue_steps_ns"]
+    )
+    assert {"consumer lock", "result copy out (64 B)"} <= set(res["take_steps_ns"])
+    assert all(v >= 0 for v in [*res["enqueue_steps_ns"].values(), *res["take_steps_ns"].values()])
+    assert res["calls_ns"]["enqueue call"] > 0 and res["calls_ns"]["try_dequeue_result call"] > 0
+    assert "wrong results: 0" in r.stdout
