@@ -5,9 +5,9 @@
 
 Each step is a statement copied from gpuq_driver/queue.py, run in a loop with ``timeit`` (best of
 ``--repeat``, the empty loop subtracted).  A step runs on one slot, so its lines stay in the CPU's
-cache; the whole calls go round a ring of ``--capacity`` slots with the kernel paused (enqueue) or
-on results already done (take), so their lines are cold as in a real run: the difference is
-what the memory costs.  Prints a table; writes host_steps.json and host_steps.png to --out.
+cache; the whole calls go round a ring of ``--capacity`` slots, the kernel serving the messages
+as they come (enqueue) or on results already done (take), so their lines are cold and the GPU
+reads them as in a real run: the difference is what the memory costs.  Prints a table; writes host_steps.json and host_steps.png to --out.
 
     PYTHONPATH=. python benchmarks/host_steps.py            # on the GPU (mapped pinned memory)
     PYTHONPATH=. python benchmarks/host_steps.py --sim      # on the CPU simulator (its own memory)
@@ -38,7 +38,7 @@ from gpuq_driver.layout import CHECK_BITS  # noqa: E402
 # (name, statement): enqueue's steps in its order (queue.py, GpuQueue.enqueue)
 ENQUEUE_STEPS = [
     ("checks: timeout, type, size", "timeout is not None; type(p) is not bytes; n = len(p); n > sb"),
-    ("producer lock", "with plock: pass"),
+    ("producer lock", "plock.acquire(); plock.release()"),
     ("slot and offset", "seq = q._head; seq >= q._limit; slot = seq & q._mask; off = slot * q._sb"),
     ("payload copy (64 B)", "data[off : off + n] = p"),
     ("slot check (one_read)", "w = n | checked | (crc32(p, seq) ^ n) << 40 & CHECK_BITS"),
@@ -49,7 +49,7 @@ ENQUEUE_STEPS = [
 # try_dequeue_result's steps (queue.py)
 TAKE_STEPS = [
     ("msg_id check, slot", "type(m) is not int; slot = m & mask"),
-    ("consumer lock", "with clock: pass"),
+    ("consumer lock", "clock.acquire(); clock.release()"),
     ("header: 2 loads", "rh[(slot << 1) | 1] != m; lf = rh[slot << 1]"),
     ("result copy out (64 B)", "res[off : off + (lf & 0xFFFFFFFF)].tobytes()"),
     ("tail bookkeeping", "t = q._tail; q._tail = t; q._accepting and 1; q._cap + t"),
@@ -69,34 +69,30 @@ def time_steps(steps: list, ns: dict, number: int, repeat: int) -> dict:
 
 
 def whole_calls(q: GpuQueue, n: int, repeat: int) -> tuple[dict, int]:
-    """ns per enqueue (kernel paused: no GPU traffic) and per try_dequeue_result (results done,
-    kernel paused), best of ``repeat`` rounds of n messages each; and the wrong results."""
+    """ns per enqueue (the kernel serving them as they come) and per try_dequeue_result (on
+    results already done), best of ``repeat`` rounds of n messages each; and the wrong results."""
     payloads = [bytes([i % 251]) * 64 for i in range(256)]
     enq, take = q.enqueue, q.try_dequeue_result
     best_e = best_t = float("inf")
     bad = 0
     for _ in range(repeat):
-        q.pause()
         first = q._head
         t0 = time.perf_counter()
         for i in range(n):
             enq(payloads[i & 255])
         best_e = min(best_e, (time.perf_counter() - t0) / n)
-        q.resume()
         last = first + n - 1
         deadline = time.monotonic() + 30
         while q._res_hdr[((last & q._mask) << 1) | 1] != last:
             if time.monotonic() > deadline:
                 raise RuntimeError("the results did not come back within 30 s")
             time.sleep(1e-3)
-        q.pause()
         got = []
         t0 = time.perf_counter()
         for m in range(first, first + n):
             got.append(take(m))
         best_t = min(best_t, (time.perf_counter() - t0) / n)
         bad += sum(r != payloads[(m - first) & 255] for m, r in zip(range(first, first + n), got))
-        q.resume()
     return {"enqueue call": best_e * 1e9, "try_dequeue_result call": best_t * 1e9}, bad
 
 
