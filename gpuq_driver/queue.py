@@ -155,13 +155,14 @@ class QueueConfig:
                         ``gpuq_params_bytes()``, the twin as its ``params`` argument (params.py).
     one_read:           False (default): the front warp polls the doorbell, then reads the slot (two
                         PCIe round trips).  True: ``enqueue`` puts a 24-bit check of a message of at
-                        most 64 bytes in its header (~0.1 µs) and the front warp's polls read the
-                        slot beside the doorbell, serving a message whose check holds at once (a
-                        torn or stale read is read again): on the H200, 64 B round trip p50 4.55
-                        vs 5.34 µs (configurations interleaved in one run), but one thread's enqueue
-                        rate fell to 0.84 M from 1.07 M msg/s (0.85-0.89 M vs 1.22-1.25 M in an
-                        earlier run: the polls contend with the host's writes to the same lines),
-                        so it is an option, not the default (docs/design.md, "One read per
+                        most 64 bytes in its header (a CRC: 0.2-0.5 µs of host time on the H200
+                        machines) and the front warp's polls read the slot beside the doorbell,
+                        serving a message whose check holds at once (a torn or stale read is read
+                        again): on the H200, 64 B round trip p50 4.55-4.83 vs 5.36-5.49 µs
+                        (configurations interleaved in one run), but one thread's enqueue rate is
+                        lower (0.41-0.49 M vs 0.57-0.72 M msg/s, medians of interleaved rounds: the
+                        check, and the polls contend with the host's writes to the same lines), so
+                        it is an option, not the default (docs/design.md, "One read per
                         message").  The batch calls never add the check (their messages are served
                         in ranges).
     result_memory:      where the result payloads live: "host" (default: mapped pinned memory, read
