@@ -534,7 +534,9 @@ class GpuQueue(BulkCalls, DeviceCalls):
         """
         if max_items is not None:
             max_items = check_int("max_items", max_items, 0)
-        with self._clock:
+        clock = self._clock  # acquire/release, not ``with``: 0.2 µs less (benchmarks/host_steps.py)
+        clock.acquire()
+        try:
             if self._res_hdr is None:
                 raise QueueClosed("queue is closed")
             if self._dropped:
@@ -548,6 +550,8 @@ class GpuQueue(BulkCalls, DeviceCalls):
                     out.append(seq)
                 seq += 1
             self._polled = seq
+        finally:
+            clock.release()
         if not out:
             self._keep_serving()
         return out
