@@ -102,3 +102,35 @@ def test_host_steps_dry_run_on_the_simulator(tmp_path):
     assert all(v >= 0 for v in [*res["enqueue_steps_ns"].values(), *res["take_steps_ns"].values()])
     assert res["calls_ns"]["enqueue call"] > 0 and res["calls_ns"]["try_dequeue_result call"] > 0
     assert "wrong results: 0" in r.stdout
+
+
+def _benchmark_module(name: str):
+    """benchmarks/<name>.py imported as a module (its folder on sys.path only while it loads)."""
+    import importlib
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
+def test_bench_latency_dry_run_counts_the_one_read_enqueue_mismatches(tmp_path, monkeypatch):
+    """sim_dry_run exits 1 when the one_read enqueue throughput run took a wrong result (the parts
+    stubbed: only the verdict is under test)."""
+    bl = _benchmark_module("bench_latency")
+    row = {"mismatches": 0, "n": 1}
+    monkeypatch.setattr(bl, "GpuQueue", bl.GpuQueue)  # sim_dry_run swaps it for the simulator's
+    monkeypatch.setattr(sys, "setswitchinterval", lambda s: None)
+    monkeypatch.setattr(bl, "queue_round_trip", lambda *a, **k: dict(row))
+    monkeypatch.setattr(bl, "round_trips_interleaved", lambda size, iters, cfgs, **k: {c: dict(row) for c in cfgs})
+    monkeypatch.setattr(bl, "after_idle", lambda *a, **k: dict(row))
+    monkeypatch.setattr(bl, "pause_resume", lambda *a, **k: {})
+    monkeypatch.setattr(bl, "sustained_one_thread", lambda *a, **k: dict(row))
+    monkeypatch.setattr(bl, "plot", lambda *a, **k: None)
+    monkeypatch.setattr(
+        bl,
+        "enqueue_throughput_interleaved",
+        lambda n, cfgs, rounds=4: {c: {"mismatches": int(c == "_one_read")} for c in cfgs},
+    )
+    assert bl.sim_dry_run(tmp_path) == 1
