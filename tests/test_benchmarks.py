@@ -134,3 +134,36 @@ def test_bench_latency_dry_run_counts_the_one_read_enqueue_mismatches(tmp_path, 
         lambda n, cfgs, rounds=4: {c: {"mismatches": int(c == "_one_read")} for c in cfgs},
     )
     assert bl.sim_dry_run(tmp_path) == 1
+
+
+def test_host_steps_plot_sums_the_steps_as_the_table_does(monkeypatch, tmp_path):
+    """host_steps.py's plot: the "sum of the steps" bar leaves out the "(mapped)" re-measurements of
+    steps already counted, as the printed table does."""
+    hs = _benchmark_module("host_steps")
+    bars = []
+
+    class Ax:
+        def barh(self, names, vals, color=None):
+            bars.append(dict(zip(names, vals)))
+
+        def __getattr__(self, name):
+            return lambda *a, **k: None
+
+    class Fig:
+        def __getattr__(self, name):
+            return lambda *a, **k: None
+
+    class Plt:
+        def subplots(self, *a, **k):
+            return Fig(), [Ax(), Ax()]
+
+    monkeypatch.setattr(hs, "pyplot", lambda *a: Plt())
+    enq = {"producer lock": 100.0, "header: 2 stores": 50.0, "header: 2 stores (mapped)": 60.0}
+    res = {
+        "env": {"device": "test", "python": "3"},
+        "enqueue_steps_ns": enq,
+        "take_steps_ns": {"consumer lock": 10.0},
+        "calls_ns": {"enqueue call": 500.0, "try_dequeue_result call": 100.0},
+    }
+    hs.plot(res, tmp_path / "host_steps.png")
+    assert [b["sum of the steps"] for b in bars] == [150.0, 10.0]
