@@ -405,7 +405,8 @@ def enqueue_throughput_interleaved(n: int, cfgs: dict, rounds: int = 4) -> dict:
     ``rounds`` rounds of n / rounds messages each, the configurations taking turns, every round into
     a ring of the power of two >= n slots (as one run of n: the same cold memory).  The host's speed
     drifts within one session (benchmarks/NOTES.md), so configurations compared run side by side.
-    Returns name -> the round with the median rate, plus every round's rate, the best, the total
+    Returns name -> the round with the median rate (of an even number, the upper middle one), with
+    every round's rate, the best, and the totals over all rounds of messages, processed,
     mismatches and launches."""
     cap = 1 << max(10, (n - 1).bit_length())
     runs: dict = {name: [] for name in cfgs}
@@ -421,6 +422,7 @@ def enqueue_throughput_interleaved(n: int, cfgs: dict, rounds: int = 4) -> dict:
             "messages": sum(r["messages"] for r in rs),
             "rounds_msg_per_s": rates,
             "best_msg_per_s": max(rates),
+            "processed": sum(r["processed"] for r in rs),
             "mismatches": sum(r["mismatches"] for r in rs),
             "launches": sum(r["launches"] for r in rs),
         }
@@ -608,7 +610,10 @@ def main() -> int:
         f"pause(): p50 {pr['pause']['p50_us']:.1f} us, p99 {pr['pause']['p99_us']:.1f} us; "
         f"resume(): p50 {pr['resume']['p50_us']:.1f} us"
     )
-    return 0
+    bad = sum(v.get("mismatches", 0) for v in lat.values())
+    bad += sum(v["mismatches"] for k, v in results.items() if k.startswith(("enqueue_throughput", "sustained")))
+    print(f"wrong results, all parts: {bad}")
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

@@ -145,13 +145,14 @@ def test_crc_header_is_generated_from_layout():
     )
 
 
-def _warp_crc(data: bytes, seed: int) -> int:
+def _warp_crc(data: bytes, seed: int, after: bytes = bytes(64)) -> int:
     """gpuq_queue.cu's warp_crc32 in Python: lane k (0 .. 15) holds the little-endian word k of the
     64-byte window (the initial register ~seed XORed into word 0's first min(n, 4) bytes) and looks
     up each of its nibbles that lies in the message at its distance from the end; the lanes' parts
-    are XORed, and for n < 4 what the initial register did not shift out is added."""
+    are XORed, and for n < 4 what the initial register did not shift out is added.  ``after``: what
+    the 64-byte window holds past the message (the slot's older bytes; the device reads them too)."""
     table, n = layout.crc_nibble_tables(), len(data)
-    words = list(unpack("<16I", data + bytes(64 - n)))
+    words = list(unpack("<16I", data + after[: 64 - n]))
     c0 = ~seed & 0xFFFFFFFF
     words[0] ^= c0 if n >= 4 else c0 & ((1 << (8 * n)) - 1)
     acc = 0
@@ -171,7 +172,7 @@ def test_the_devices_crc_is_zlibs(n):
     for _ in range(10):
         data = rng.bytes(n)
         seed = int(rng.integers(0, 2**32))
-        assert _warp_crc(data, seed) == zlib.crc32(data, seed)
+        assert _warp_crc(data, seed) == _warp_crc(data, seed, rng.bytes(64)) == zlib.crc32(data, seed)
 
 
 def test_slot_check_binds_msg_id_len_and_the_first_64_bytes():
