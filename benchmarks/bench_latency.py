@@ -554,8 +554,9 @@ def main() -> int:
     never = {"lease_ms": math.inf}  # the kernel never leaves: the behaviour before leases, side by side
     for size in (64, 512, 4096):  # the one read (issue 11: one_read=True) beside the default, interleaved
         cfgs = {"": {}, "_one_read": {"one_read": True}}
-        if size == 64:  # and the lease's share of the tail: 10 ms and never leaving
+        if size == 64:  # without its scout, and the lease's share of the tail: 10 ms and never leaving
             cfgs.update(
+                _one_read_no_scout={"one_read": True, "scouts": 0},
                 _one_read_lease_10ms={"one_read": True, "lease_ms": 10.0},
                 _one_read_never_leaves={"one_read": True, **never},
             )
@@ -572,7 +573,12 @@ def main() -> int:
     lat["gpuq_first_after_50ms_idle_64B"] = after_idle(args.iters // 100, 0.05)
     lat["gpuq_first_after_5ms_idle_64B_parked"] = after_idle(args.iters // 40, 0.005, linger_ms=0.0)
     results["pause_resume"] = pause_resume(200)
-    enq_cfgs = {"": {}, "_never_leaves": never, "_one_read": {"one_read": True}}
+    enq_cfgs = {
+        "": {},
+        "_never_leaves": never,
+        "_one_read": {"one_read": True},
+        "_one_read_no_scout": {"one_read": True, "scouts": 0},
+    }
     for name, r in enqueue_throughput_interleaved(args.enqueue_messages, enq_cfgs).items():
         results[f"enqueue_throughput{name}"] = r
     results["sustained_one_thread"] = sustained_one_thread(args.enqueue_messages // 2)

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from plotting import pyplot  # noqa: E402
 
 from gpuq_driver import GpuQueue, QueueConfig, device_info  # noqa: E402
-from gpuq_driver.layout import CHECK_BITS  # noqa: E402
+from gpuq_driver.layout import CHECK_LOW  # noqa: E402
 
 # (name, statement): enqueue's steps in its order (queue.py, GpuQueue.enqueue)
 ENQUEUE_STEPS = [
@@ -41,8 +41,8 @@ ENQUEUE_STEPS = [
     ("producer lock", "plock.acquire(); plock.release()"),
     ("slot and offset", "seq = q._head; seq >= q._limit; slot = seq & q._mask; off = slot * q._sb"),
     ("payload copy (64 B)", "data[off : off + n] = p"),
-    ("slot check (one_read)", "w = n | checked | (crc32(p, seq) ^ n) << 40 & CHECK_BITS"),
-    ("header: 2 stores", "hdr[slot2] = w; hdr[slot2 | 1] = seq"),
+    ("slot check (one_read)", "f = (crc32(p, seq ^ n << 24) | 0xFF) ^ CHECK_LOW"),
+    ("header: 3 stores", "h32[slot2 << 1] = n; h32[slot2 << 1 | 1] = f; hdr[slot2 | 1] = seq"),
     ("doorbell store", "db[0] = seq"),
     ("lease look", "begun[0] == leases.launches"),
 ]
@@ -155,15 +155,15 @@ def main() -> int:
             "clock": q._clock,
             "data": q._req_data,
             "off": slot * q._sb,
-            "checked": q._checked,
             "crc32": crc32,
-            "CHECK_BITS": CHECK_BITS,
+            "CHECK_LOW": CHECK_LOW,
             "seq": q._head,
             "slot": slot,
             "slot2": 0,
             "hdr": memoryview(bytearray(16)).cast("Q"),  # a scratch header (the mapped one: below)
+            "h32": memoryview(bytearray(16)).cast("I"),
             "db": memoryview(bytearray(8)).cast("Q"),  # a scratch doorbell
-            "w": 0,
+            "f": 0,
             "begun": q._begun,
             "leases": q._leases,
             "m": 0,
@@ -178,10 +178,11 @@ def main() -> int:
         # the header and doorbell stores once more, into the live mapped memory: the header of a
         # message already served gets its own words again, the doorbell its value
         done = q._head - 1
-        live = {"hdr": q._req_hdr, "db": q._doorbell, "slot2": (done & q._mask) << 1, "seq": done}
-        live["w"] = q._req_hdr[live["slot2"]]
+        slot2 = (done & q._mask) << 1
+        live = {"hdr": q._req_hdr, "h32": q._req_hdr32, "db": q._doorbell, "slot2": slot2, "seq": done}
+        live["n"], live["f"] = q._req_hdr32[slot2 << 1], q._req_hdr32[slot2 << 1 | 1]
         mapped = [
-            ("header: 2 stores (mapped)", "hdr[slot2] = w; hdr[slot2 | 1] = seq"),
+            ("header: 3 stores (mapped)", "h32[slot2 << 1] = n; h32[slot2 << 1 | 1] = f; hdr[slot2 | 1] = seq"),
             ("doorbell store (mapped)", "db[0] = db[0]"),
         ]
         enq_steps.update(time_steps(mapped, live, args.number, args.repeat))

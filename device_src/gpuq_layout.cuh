@@ -91,7 +91,7 @@ using cuda::std::uint8_t;
 #include <cstdint>
 #endif
 
-#define GPUQ_LAYOUT_VERSION 5u  // 5: the slot check in req_hdr.flags; spec_reads / spec_retries
+#define GPUQ_LAYOUT_VERSION 6u  // 6: scouts (GpuqDevState.front .. poll_per, GpuqKernelArgs.scouts)
 
 // Slot states (GpuqSlotHeader.flags, low byte).
 #define GPUQ_EMPTY 0u
@@ -191,7 +191,12 @@ struct __align__(128) GpuqDevState {
   uint32_t pad2;
   uint64_t spec_reads;   // GpuqCtrlDev.spec_reads, counted here (atomicAdd)
   uint64_t spec_retries;
-  uint64_t pad1[8];
+  // Scouts ("One read": warps that poll the head slot beside the front warp, staggered in time).
+  uint64_t front;     // msg_id + 1 of the message the front warp polls for (0: none this lease)
+  uint64_t grab;      // 1 + the last such message taken (atomicMax), by its front or a scout
+  uint64_t poll_t;    // %globaltimer (ns) at the front's latest poll
+  uint64_t poll_per;  // ns between the front's last two polls
+  uint64_t pad1[4];
 };
 
 // The persistent kernel's single argument (passed by value).
@@ -212,7 +217,7 @@ struct GpuqKernelArgs {
   uint32_t front_backoff_ns;
   uint32_t idle_backoff_ns;
   uint32_t one_read;        // 1: the front warp's polls read the slot too ("One read"); 0: the doorbell alone
-  uint32_t pad;
+  uint32_t scouts;          // with one_read: the grid's last `scouts` warps are scouts (0: none)
 };
 
 static_assert(sizeof(GpuqSlotHeader) == 16, "GpuqSlotHeader must be 16 bytes");

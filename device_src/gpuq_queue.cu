@@ -102,14 +102,35 @@ __device__ __forceinline__ uint4 shfl4(uint4 v, uint32_t src) {
                     __shfl_sync(kFullMask, v.z, src), __shfl_sync(kFullMask, v.w, src));
 }
 
-// The whole warp: wait until msg_id s (claimed by this warp) is published.  Returns s, or
-// GPUQ_NO_MSG to exit (the same in every lane).  Lane 0 runs the protocol; the other lanes join the
-// front warp's polls.  When this warp was the front, lane 0's `publish` is set to the head it read
-// from the doorbell (process_one publishes it to the other warps while its own reads are in
-// flight), and `cand` (every lane) says whether `mine` (lanes 1 .. 5) holds a read of slot s to
-// validate ("One read", gpuq_layout.cuh): then s may be returned before the doorbell shows it.
-__device__ uint64_t wait_for(const GpuqKernelArgs& p, uint64_t s, uint32_t lane, uint64_t& publish, uint4& mine,
-                             bool& cand) {
+// Scouts (GpuqKernelArgs.scouts, one_read only; docs/design.md, "Scouts").  The front warp's polls
+// come back to back, one round trip apart, so a new message waits half a round trip on average for
+// the next one to leave; K scout warps poll the same slot (not the doorbell) at fixed phases between
+// the front's polls, so that it waits a (K + 1)-th of that.  Whoever sees the message first serves
+// it, after a bid: the front announces the msg_id it polls for (GpuqDevState.front), and the front
+// and the scouts bid for that message with atomicMax on GpuqDevState.grab.  Fronts follow one
+// another in msg_id order, and each bids before the head passes its message (its own release of
+// the head, or the winning scout's, comes after the bid), so the bids for announced messages come
+// in msg_id order and the first bid for s (the one that returns <= s) wins s; a warp that bids
+// late, or sees grab > s, has lost.  A message that no front announced is never bid for.
+// Returns the previous value of grab.
+__device__ __forceinline__ uint64_t bid(GpuqDevState* dev, uint64_t s) {
+  return atomicMax(reinterpret_cast<unsigned long long*>(&dev->grab), static_cast<unsigned long long>(s + 1u));
+}
+
+// wait_for's return when a scout took the message this warp waited for: its claim is spent.
+constexpr uint64_t kLost = GPUQ_NO_MSG - 1u;
+
+// The whole warp: wait until msg_id s (claimed by this warp) is published.  Returns s, kLost (a
+// scout served s) or GPUQ_NO_MSG to exit (the same in every lane).  Lane 0 runs the protocol; the
+// other lanes join the front warp's polls.  When this warp was the front, lane 0's `publish` is set
+// to the head it read from the doorbell (process_one publishes it to the other warps while its own
+// reads are in flight), `cand` (every lane) says whether `mine` (lanes 1, 16 .. 31) holds a read of
+// slot s to validate ("One read", gpuq_layout.cuh): then s may be returned before the doorbell
+// shows it, and with scouts lane 0's `gold` is what its bid for s returned (process_one serves s
+// only if it is <= s; 0 when there was no bid).  `own`: this warp won s already (its read of s was
+// torn): it polls again without bidding.
+__device__ uint64_t wait_for(const GpuqKernelArgs& p, uint64_t s, uint32_t lane, bool own, uint64_t& publish,
+                             uint4& mine, bool& cand, uint64_t& gold) {
   GpuqDevState* dev = p.dev;
   uint32_t ns = 32u;
   uint64_t ret = 0;
@@ -133,12 +154,15 @@ __device__ uint64_t wait_for(const GpuqKernelArgs& p, uint64_t s, uint32_t lane,
   // Front warp: only it advances dev->head, so it polls the host alone until its message (or a
   // stop) arrives: one round trip per poll for the doorbell and slot s.  Fronts follow one another
   // through head's release/acquire, so begun and lease_start are seen in order.
+  const bool scouted = p.scouts != 0u && !own;  // scouts may take s: bid before serving or leaving it
+  bool need_bid = scouted;  // lane 0: not bid yet (a bid returns gold: this warp has s if gold <= s)
   bool first = false;
-  uint64_t lease_start = 0;
+  uint64_t lease_start = 0, prev_t = 0;
   if (lane == 0) {
     first = volatile_load(&dev->begun) == 0u;
     if (first) announce_lease(p);
     lease_start = volatile_load(&dev->lease_start);
+    if (p.scouts != 0u) *reinterpret_cast<volatile uint64_t*>(&dev->front) = s + 1u;
   }
   const uint32_t slot = static_cast<uint32_t>(s & (p.capacity - 1u));
   const uint4* shdr = reinterpret_cast<const uint4*>(p.req_hdr + slot);
@@ -148,11 +172,13 @@ __device__ uint64_t wait_for(const GpuqKernelArgs& p, uint64_t s, uint32_t lane,
   for (uint32_t polls = 0;; ++polls) {
     // One round trip: the slot's header and first 64 bytes (lanes 1, 16 .. 31, where the queue uses the
     // one read: reading them costs ~0.4 us a poll) beside the doorbell (lane 0).  The lease's VRAM
-    // flag and the clock are read first, so that their latency hides under the round trip.
+    // flag, the bids (with scouts) and the clock are read first, so that their latency hides under
+    // the round trip.
     uint32_t lv = 0u;
-    uint64_t now = 0;
+    uint64_t now = 0, g = 0;
     if (lane == 0) {
       lv = volatile_load(&dev->leaving);
+      if (scouted) g = volatile_load(&dev->grab);
       now = globaltimer_ns();
     }
     uint4 v = make_uint4(0u, 0u, 0u, 0u);
@@ -165,19 +191,35 @@ __device__ uint64_t wait_for(const GpuqKernelArgs& p, uint64_t s, uint32_t lane,
       if (lane == kHdrLane) v = __ldcv(shdr);
       else if (lane >= kWordLane && lane - kWordLane < words) v.x = __ldcv(sword + (lane - kWordLane));
     }
-    if (lane == 0) db = load_acquire<kSys>(&p.ctrl_host->doorbell);
+    if (lane == 0) {
+      if (p.scouts != 0u) {  // the scouts keep their phase from these (scout_loop)
+        if (prev_t != 0u) *reinterpret_cast<volatile uint64_t*>(&dev->poll_per) = now - prev_t;
+        *reinterpret_cast<volatile uint64_t*>(&dev->poll_t) = now;
+        prev_t = now;
+      }
+      db = load_acquire<kSys>(&p.ctrl_host->doorbell);
+    }
     // The lease is over: one front warp (the first to see it, atomicExch on dev->leaving) says so
     // (leases_leaving, then a full system fence) and reads the doorbell one last time (alone: the
     // poll above is dropped); what that read shows is served in this lease, nothing after it (the
     // device half of the leaving handshake, gpuq_layout.cuh).  A warp that becomes front after it
     // (its claim is that final head) must not read again: it waits for the final head and stop.
     // Every lease reads the doorbell at least once before it may leave (its first front skips the
-    // time check once).
+    // time check once).  A scout that took s ends the wait at once (kLost).
     uint32_t act = 0u;  // 0: the poll, 1: the lease's last read, 2: return ret
     if (lane == 0) {
       const bool over = !(first && polls == 0u) && now - lease_start >= p.lease_ns;
-      if (over || lv != 0u) {
-        if (atomicExch(&dev->leaving, 1u) != 0u) {
+      if (g > s) {
+        ret = kLost;
+        act = 2u;
+      } else if (over || lv != 0u) {
+        // With scouts, a front whose message a scout took is still polling until it learns so, and
+        // such a stale front must not act for the lease: bid first (bid()).
+        if (need_bid) { gold = bid(dev, s); need_bid = false; }
+        if (gold > s) {
+          ret = kLost;
+          act = 2u;
+        } else if (atomicExch(&dev->leaving, 1u) != 0u) {
           uint32_t st;
           while ((st = load_acquire<kGpu>(&dev->stop)) == GPUQ_RUN) {
           }
@@ -201,18 +243,24 @@ __device__ uint64_t wait_for(const GpuqKernelArgs& p, uint64_t s, uint32_t lane,
       const uint64_t hh = db & GPUQ_DOORBELL_HEAD_MASK;
       const uint32_t hstop = static_cast<uint32_t>(db >> GPUQ_DOORBELL_STOP_SHIFT);
       decide = 1u;
-      if (hstop == GPUQ_STOP_ABORT) {  // no new head: only messages already handed out finish
-        store_release<kGpu>(&dev->stop, hstop);
-        ret = GPUQ_NO_MSG;
-      } else if (hstop != GPUQ_RUN || leaving) {  // DRAIN, or the last read of a lease: this head is final
-        publish_head(dev, hh);
-        store_release<kGpu>(&dev->stop, hstop != GPUQ_RUN ? hstop : GPUQ_STOP_LEAVE);
-        ret = s < hh ? s : GPUQ_NO_MSG;
+      if (hstop != GPUQ_RUN || leaving) {  // a stop, or the last read of a lease: bid first (above)
+        if (need_bid) { gold = bid(dev, s); need_bid = false; }
+        if (gold > s) {
+          ret = kLost;
+        } else if (hstop == GPUQ_STOP_ABORT) {  // no new head: only messages already handed out finish
+          store_release<kGpu>(&dev->stop, hstop);
+          ret = GPUQ_NO_MSG;
+        } else {  // DRAIN, or the last read of a lease: this head is final
+          publish_head(dev, hh);
+          store_release<kGpu>(&dev->stop, hstop != GPUQ_RUN ? hstop : GPUQ_STOP_LEAVE);
+          ret = s < hh ? s : GPUQ_NO_MSG;
+        }
       } else {
         c = slot_candidate(p, hdr, s);
         if (s < hh || c) {
-          publish = hh;  // published by process_one (s + 1 at least, once a slot read holds)
+          publish = hh;  // published by process_one once it may serve s (s + 1 at least, once a slot read holds)
           ret = s;
+          if (need_bid) gold = bid(dev, s);  // its latency hides under the check or the slot's read
         } else {
           decide = 0u;
           // Spin while traffic is recent (a poll is one PCIe round trip, ~1 us); back off once idle.
@@ -347,57 +395,67 @@ __device__ __forceinline__ void finish_one(const GpuqKernelArgs& p, uint64_t s, 
   }
 }
 
-// One message, the whole warp.  `cand`: `mine` (lanes 1, 16 .. 31) holds the front warp's read of slot s
-// (with the doorbell); served from it if the check holds.  Returns false if it did not and the
-// doorbell has not shown s yet (`publish` == 0 or <= s): the caller waits for s again.
-__device__ bool process_one(const GpuqKernelArgs& p, uint64_t s, uint32_t lane, uint64_t publish, uint4 mine,
-                            bool cand) {
+// Whether the one read of message s holds (every lane): lane 1 holds the header (its msg_id is s and
+// it is a candidate: slot_candidate), lanes 16 .. 31 the first 64 bytes; the check is recomputed over
+// the `len` bytes read, seeded with s ^ len << 24 (gpuq_layout.cuh, "One read").
+__device__ __forceinline__ bool read_holds(const uint4& mine, uint64_t s, uint32_t lane) {
+  const uint32_t len = __shfl_sync(kFullMask, mine.x, kHdrLane);  // <= 64 (slot_candidate)
+  const uint32_t flags = __shfl_sync(kFullMask, mine.y, kHdrLane);
+  const uint32_t k = lane >= kWordLane ? lane - kWordLane : 16u;  // the word this lane holds
+#ifdef GPUQ_SPEC_NO_CHECK  // a diagnostic only (probe_poll.py): what the check costs; not a valid protocol
+  (void)len; (void)flags; (void)k; (void)s;
+  return true;
+#else
+  const uint32_t crc = warp_crc32(mine.x, k, len, static_cast<uint32_t>(s) ^ (len << 24));
+  const uint32_t ok = (crc >> GPUQ_CHECK_SHIFT) == (flags >> GPUQ_CHECK_SHIFT) ? 1u : 0u;
+  return __shfl_sync(kFullMask, ok, kWordLane) != 0u;
+#endif
+}
+
+// Serve s from a one read that holds (the header's msg_id and len and the first len bytes are the
+// host's).  The head the doorbell showed (`shown`), if it covers more than s, is released (its slots'
+// writes come with the doorbell's acquire); else s + 1 (relaxed without scouts: slot s is this
+// warp's; released with them, so that the bids stay in msg_id order, bid()).
+__device__ __forceinline__ void serve_read(const GpuqKernelArgs& p, uint64_t s, uint32_t lane, const uint4& mine,
+                                           uint64_t shown) {
+  const uint32_t slot = static_cast<uint32_t>(s & (p.capacity - 1u));
+  uint8_t* vslot = p.vram_slots + static_cast<size_t>(slot) * (16u + p.slot_bytes);
+  const uint32_t len = __shfl_sync(kFullMask, mine.x, kHdrLane);
+  const uint32_t k = lane >= kWordLane ? lane - kWordLane : 16u;
+  if (lane == 0) {
+    GPUQ_TRACE_AT(2);
+    if (shown > s + 1u) {
+      publish_head(p.dev, shown);
+    } else if (p.scouts != 0u) {
+      publish_head(p.dev, s + 1u);
+    } else {
+      cuda::atomic_ref<uint64_t, kGpu>(p.dev->head).fetch_max(s + 1u, cuda::memory_order_relaxed);
+    }
+    atomicAdd(reinterpret_cast<unsigned long long*>(&p.dev->spec_reads), 1ull);
+  }
+  if (4u * k < len) *reinterpret_cast<uint32_t*>(vslot + 16 + 4u * k) = mine.x;
+  finish_one(p, s, slot, vslot, len, GPUQ_ERR_NONE, lane);
+}
+
+// Serve s from the slot (the doorbell or the VRAM head has shown it, so its writes are visible): one
+// PCIe round trip for the header and the first 512 payload bytes: lane 0 reads the header while
+// every lane reads its 16 bytes of the slot (speculatively: the length is not known yet).  A front
+// publishes the head it read (`publish`, 0: none) once these reads are issued; `won` (lane 0) says
+// whether this warp may serve s (its bid, if any, returned <= s): false returns false.
+__device__ __forceinline__ bool serve_slot(const GpuqKernelArgs& p, uint64_t s, uint32_t lane, uint64_t publish,
+                                           bool won) {
   const uint32_t slot = static_cast<uint32_t>(s & (p.capacity - 1u));
   const uint8_t* src = p.req_data + static_cast<size_t>(slot) * p.slot_bytes;
   uint8_t* vslot = p.vram_slots + static_cast<size_t>(slot) * (16u + p.slot_bytes);
   uint8_t* vin = vslot + 16;
-  const uint64_t shown = __shfl_sync(kFullMask, publish, 0);  // the doorbell's head, if this warp read it
-
-  if (cand) {
-    // Validate the one read (wait_for: lane 1 the header, lanes 16 .. 31 the first 64 bytes).
-    const uint32_t len = __shfl_sync(kFullMask, mine.x, kHdrLane);  // <= 64 (slot_candidate)
-    const uint32_t flags = __shfl_sync(kFullMask, mine.y, kHdrLane);
-    const uint32_t k = lane >= kWordLane ? lane - kWordLane : 16u;  // the word this lane holds
-#ifdef GPUQ_SPEC_NO_CHECK  // a diagnostic only (probe_poll.py): what the check costs; not a valid protocol
-    if (true) {
-#else
-    const uint32_t crc = warp_crc32(mine.x, k, len, static_cast<uint32_t>(s));
-    const uint32_t ok = ((crc ^ len) & GPUQ_CHECK_MASK) == (flags >> GPUQ_CHECK_SHIFT) ? 1u : 0u;
-    if (__shfl_sync(kFullMask, ok, kWordLane) != 0u) {
-#endif
-      // Served from the one read: the header (msg_id, len) and the first n bytes are the host's.
-      if (lane == 0) {
-        GPUQ_TRACE_AT(2);
-        // The head the doorbell showed, if it covers more than s, is released (its slots' writes
-        // come with the doorbell's acquire); s + 1 alone needs no release (slot s is this warp's).
-        if (shown > s + 1u) {
-          publish_head(p.dev, shown);
-        } else {
-          cuda::atomic_ref<uint64_t, kGpu>(p.dev->head).fetch_max(s + 1u, cuda::memory_order_relaxed);
-        }
-        atomicAdd(reinterpret_cast<unsigned long long*>(&p.dev->spec_reads), 1ull);
-      }
-      if (4u * k < len) *reinterpret_cast<uint32_t*>(vin + 4u * k) = mine.x;
-      finish_one(p, s, slot, vslot, len, GPUQ_ERR_NONE, lane);
-      return true;
-    }
-    if (lane == 0) atomicAdd(reinterpret_cast<unsigned long long*>(&p.dev->spec_retries), 1ull);  // torn or stale
-    if (shown <= s) return false;  // the doorbell has not shown s: wait for it (or the slot) again
-  }
-
-  // The doorbell (or the VRAM head) has shown s: one PCIe round trip for the header and the first
-  // 512 payload bytes: lane 0 reads the header while every lane reads its 16 bytes of the slot
-  // (speculatively: the length is not known yet).
   const uint32_t first = lane * 16u;
   uint4 hdr = make_uint4(0u, 0u, 0u, 0u), chunk = make_uint4(0u, 0u, 0u, 0u);
   if (lane == 0) hdr = __ldcv(reinterpret_cast<const uint4*>(p.req_hdr + slot));
   if (first < p.slot_bytes) chunk = __ldcv(reinterpret_cast<const uint4*>(src + first));
-  // The front warp hands over to the next warp now: the release waits for these reads anyway.
+  // A front that lost its bid publishes nothing (it may read the doorbell after the lease's last
+  // read, bid()).  The front warp hands over to the next warp now: the release waits for these
+  // reads anyway.
+  if (__shfl_sync(kFullMask, won ? 1u : 0u, 0) == 0u) return false;  // a scout has s
   if (lane == 0 && publish != 0) publish_head(p.dev, publish);
   uint32_t len = 0, code = GPUQ_ERR_NONE;
   if (lane == 0) code = check_request(p, hdr, s, len);
@@ -415,6 +473,124 @@ __device__ bool process_one(const GpuqKernelArgs& p, uint64_t s, uint32_t lane, 
   }
   finish_one(p, s, slot, vslot, len, code, lane);
   return true;
+}
+
+// process_one's outcomes.
+constexpr uint32_t kRetry = 0u, kServed = 1u, kGone = 2u;  // kGone: a scout won s (this warp's claim is spent)
+
+// One message, the whole warp.  `cand`: `mine` (lanes 1, 16 .. 31) holds the front warp's read of
+// slot s (with the doorbell); served from it if the check holds.  `gold` (lane 0): what this warp's
+// bid for s returned (0: no bid).  Returns kRetry if the read did not hold and the doorbell has not
+// shown s yet (`publish` == 0 or <= s): the caller waits for s again (and owns it).
+__device__ uint32_t process_one(const GpuqKernelArgs& p, uint64_t s, uint32_t lane, uint64_t publish, uint4 mine,
+                                bool cand, uint64_t gold) {
+  const uint64_t shown = __shfl_sync(kFullMask, publish, 0);  // the doorbell's head, if this warp read it
+  const bool won = gold <= s;  // lane 0's (a bid's latency hides under the check or the slot's read)
+  if (cand) {
+    const bool ok = read_holds(mine, s, lane);
+    if (__shfl_sync(kFullMask, won ? 1u : 0u, 0) == 0u) return kGone;  // publishes nothing (serve_slot)
+    if (ok) {
+      serve_read(p, s, lane, mine, shown);
+      return kServed;
+    }
+    if (lane == 0) atomicAdd(reinterpret_cast<unsigned long long*>(&p.dev->spec_retries), 1ull);  // torn or stale
+    if (shown <= s) return kRetry;  // the doorbell has not shown s: wait for it (or the slot) again
+  }
+  return serve_slot(p, s, lane, publish, won) ? kServed : kGone;
+}
+
+// A scout (the grid's last GpuqKernelArgs.scouts warps, one_read only; see bid()).  Scout j of K
+// polls the slot of the message the front announced, not the doorbell, (j + 1) / (K + 1) of the
+// front's period after the front's latest poll (GpuqDevState.poll_t, poll_per: its phase), while
+// the front polls and that message is not taken.  It bids for a candidate at once (the bid's
+// latency hides under the check) and serves the message if it wins: from its read if that holds,
+// else as the message's front (below).  It leaves when the lease does (stop).  `processed`: this warp's count (warp_counters[warp]).
+__device__ void scout_loop(const GpuqKernelArgs& p, uint32_t lane, uint32_t warp, uint32_t j, uint64_t& processed) {
+  GpuqDevState* dev = p.dev;
+  const uint32_t words = p.slot_bytes / 4u < 16u ? p.slot_bytes / 4u : 16u;
+  uint32_t ns = 32u;
+  for (;;) {
+    uint32_t act = 0u;  // 0: look again, 1: poll slot s, 2: leave
+    uint64_t s = 0;
+#ifdef GPUQ_TRACE
+    unsigned long long t_issue = 0;
+    uint64_t g_issue = 0;
+#endif
+    if (lane == 0) {
+      const uint64_t f = volatile_load(&dev->front);
+      const uint64_t g = volatile_load(&dev->grab);
+      const uint64_t t = volatile_load(&dev->poll_t);
+      const uint64_t per = volatile_load(&dev->poll_per);
+      if (load_acquire<kGpu>(&dev->stop) != GPUQ_RUN) {
+        act = 2u;
+      } else if (f > g && per != 0u && per < (1u << 20)) {  // announced, not taken; the front's period is known
+        const uint64_t now = globaltimer_ns();
+        if (now - t < 4u * per) {  // the front is polling (not asleep, not gone)
+          // The next phase point of this scout at or after now, or one that passed less than
+          // half a gap ago (its round trip may run a little longer than the front's period).
+          const uint64_t gap = per / (p.scouts + 1u);
+#ifdef GPUQ_SCOUT_PHASE16  // a diagnostic (probe_poll.py): the first scout's phase, in 16ths of the period
+          uint64_t at = t + per * GPUQ_SCOUT_PHASE16 / 16u + gap * j;
+#else
+          uint64_t at = t + gap * (j + 1u);
+#endif
+          if (at + gap / 2u < now) at += ((now - at - gap / 2u) / per + 1u) * per;
+          while (globaltimer_ns() < at) {
+          }
+          s = f - 1u;
+          act = 1u;
+          ns = 32u;
+        }
+      }
+      if (act == 0u) backoff(ns, 256u);
+    }
+    act = __shfl_sync(kFullMask, act, 0);
+    if (act == 2u) break;
+    if (act == 0u) continue;
+    s = __shfl_sync(kFullMask, s, 0);
+    const uint32_t slot = static_cast<uint32_t>(s & (p.capacity - 1u));
+    uint4 v = make_uint4(0u, 0u, 0u, 0u);
+#ifdef GPUQ_TRACE
+    if (lane == 0) { t_issue = clock64(); g_issue = globaltimer_ns(); }
+#endif
+    if (lane == kHdrLane) {
+      v = __ldcv(reinterpret_cast<const uint4*>(p.req_hdr + slot));
+    } else if (lane >= kWordLane && lane - kWordLane < words) {
+      v.x = __ldcv(reinterpret_cast<const uint32_t*>(p.req_data + static_cast<size_t>(slot) * p.slot_bytes) +
+                   (lane - kWordLane));
+    }
+    uint4 hdr = shfl4(v, kHdrLane);
+    if (!slot_candidate(p, hdr, s)) continue;
+    uint64_t gold = 0;
+    if (lane == 0) gold = bid(dev, s);
+    bool holds = read_holds(v, s, lane);
+    if (__shfl_sync(kFullMask, gold <= s ? 1u : 0u, 0) == 0u) continue;  // the front (or a scout) has s
+#ifdef GPUQ_TRACE
+    if (lane == 0) { gpuq_trace_g[0] = t_issue; GPUQ_TRACE_AT(1); gpuq_trace_g[6] = (1ull << 32) | j; gpuq_trace_g[7] = g_issue; }
+#endif
+    if (holds) {
+      serve_read(p, s, lane, v, 0u);  // publishes s + 1 only: a scout never publishes the doorbell's head
+    } else {
+      // This scout owns s, and the read did not hold (torn or stale): the front has given s up
+      // (wait_for: kLost), so the scout waits for s as its front, with the lease's duties (the
+      // time check, the last read), until s is served or the lease ends first (NO_MSG: s is at or
+      // above the lease's final head, so the next lease claims it again).
+      if (lane == 0) atomicAdd(reinterpret_cast<unsigned long long*>(&dev->spec_retries), 1ull);
+      uint32_t r = kRetry;
+      while (r == kRetry) {
+        uint64_t publish = 0, none = 0;
+        bool cand = false;
+        uint4 mine = make_uint4(0u, 0u, 0u, 0u);
+        const uint64_t w = wait_for(p, s, lane, true, publish, mine, cand, none);
+        __syncwarp();  // orders lane 0's acquire before every lane's reads of the slot
+        if (w == GPUQ_NO_MSG) break;
+        r = process_one(p, s, lane, publish, mine, cand, 0u);
+      }
+      if (r != kServed) continue;
+    }
+    ++processed;
+    if (lane == 0) *reinterpret_cast<volatile uint64_t*>(p.warp_counters + warp) = processed;
+  }
 }
 
 // A range of m (2 .. 32) published messages s0 .. s0 + m - 1 claimed by this warp (a backlog):
@@ -479,6 +655,9 @@ __device__ void end_lease(const GpuqKernelArgs& p) {
   const uint32_t stop = dev->stop;
   const uint64_t ended = dev->leases + 1u;
   dev->claim = dev->head;
+  dev->grab = dev->head;  // scouts: nothing at or above the head is taken (bid())
+  dev->front = 0u;
+  dev->poll_per = 0u;
   dev->stop = GPUQ_RUN;
   dev->leaving = 0u;
   dev->exited = 0u;
@@ -512,50 +691,60 @@ extern "C" __global__ void gpuq_persistent(const GpuqKernelArgs p) {
     __syncthreads();
   }
   uint64_t processed = p.warp_totals[warp];  // carried over from the previous lease
-  uint64_t next = 0, end = 0;  // lane 0: this warp's claimed msg_ids [next, end), served in order
-  for (;;) {
-    uint64_t s = 0, publish = 0;
-    uint32_t range = 0;
-    bool cand = false;
-    uint4 mine = make_uint4(0u, 0u, 0u, 0u);
-    if (lane == 0) {
-      GpuqDevState* dev = p.dev;
-      const uint64_t h = load_acquire<kGpu>(&dev->head);
-      if (next == end) {
-        // Claim one msg_id, or a range when a backlog waits: about the backlog's share per warp
-        // (at most 32), so that an idle queue's messages go one per warp as before.
-        const uint64_t c = volatile_load(&dev->claim);
-        const uint64_t share = h > c ? (h - c) / warps : 0u;
-        const uint64_t want = share < 1u ? 1u : share > 32u ? 32u : share;
-        next = atomicAdd(reinterpret_cast<unsigned long long*>(&dev->claim), static_cast<unsigned long long>(want));
-        end = next + want;
+  if (p.scouts != 0u && warp >= warps - p.scouts) {
+    scout_loop(p, lane, warp, warp - (warps - p.scouts), processed);
+  } else {
+    uint64_t next = 0, end = 0;  // lane 0: this warp's claimed msg_ids [next, end), served in order
+    bool owned = false;          // lane 0: this warp won its bid for `next` (its read of it was torn)
+    for (;;) {
+      uint64_t s = 0, publish = 0, gold = 0;
+      uint32_t range = 0;
+      bool cand = false;
+      uint4 mine = make_uint4(0u, 0u, 0u, 0u);
+      if (lane == 0) {
+        GpuqDevState* dev = p.dev;
+        const uint64_t h = load_acquire<kGpu>(&dev->head);
+        if (next == end) {
+          // Claim one msg_id, or a range when a backlog waits: about the backlog's share per warp
+          // (at most 32), so that an idle queue's messages go one per warp as before.
+          const uint64_t c = volatile_load(&dev->claim);
+          const uint64_t share = h > c ? (h - c) / warps : 0u;
+          const uint64_t want = share < 1u ? 1u : share > 32u ? 32u : share;
+          next = atomicAdd(reinterpret_cast<unsigned long long*>(&dev->claim), static_cast<unsigned long long>(want));
+          end = next + want;
+        }
+        const uint64_t ready = (h < end ? h : end);
+        if (ready >= next + 2u && load_acquire<kGpu>(&dev->stop) != GPUQ_STOP_ABORT) {
+          s = next;
+          range = static_cast<uint32_t>(ready - next);
+        }
       }
-      const uint64_t ready = (h < end ? h : end);
-      if (ready >= next + 2u && load_acquire<kGpu>(&dev->stop) != GPUQ_STOP_ABORT) {
-        s = next;
-        range = static_cast<uint32_t>(ready - next);
+      range = __shfl_sync(kFullMask, range, 0);
+      if (range != 0u) {
+        s = __shfl_sync(kFullMask, s, 0);
+      } else {
+        s = wait_for(p, __shfl_sync(kFullMask, next, 0), lane, owned, publish, mine, cand, gold);
       }
-    }
-    range = __shfl_sync(kFullMask, range, 0);
-    if (range != 0u) {
-      s = __shfl_sync(kFullMask, s, 0);
-    } else {
-      s = wait_for(p, __shfl_sync(kFullMask, next, 0), lane, publish, mine, cand);
-    }
-    __syncwarp();  // orders lane 0's acquire before every lane's reads of the slots
-    if (s == GPUQ_NO_MSG) break;
-    uint32_t done = 0;
-    if (range != 0u) {
-      process_range(p, s, range, lane);
-      done = range;
-    } else if (process_one(p, s, lane, publish, mine, cand)) {
-      done = 1u;
-    }
-    if (done == 0u) continue;  // a torn or stale slot read: wait for s again
-    processed += done;
-    if (lane == 0) {
-      next += done;
-      *reinterpret_cast<volatile uint64_t*>(p.warp_counters + warp) = processed;
+      __syncwarp();  // orders lane 0's acquire before every lane's reads of the slots
+      if (s == GPUQ_NO_MSG) break;
+      uint32_t done = 1u, served = 0u;
+      if (range != 0u) {
+        process_range(p, s, range, lane);
+        done = served = range;
+      } else if (s != kLost) {
+        const uint32_t r = process_one(p, s, lane, publish, mine, cand, gold);
+        if (r == kRetry) {  // a torn or stale slot read: wait for s again (won, if there was a bid)
+          owned = true;
+          continue;
+        }
+        served = r == kServed ? 1u : 0u;
+      }
+      processed += served;  // kLost, kGone: a scout served `next`; the claim is spent
+      if (lane == 0) {
+        next += done;
+        owned = false;
+        *reinterpret_cast<volatile uint64_t*>(p.warp_counters + warp) = processed;
+      }
     }
   }
   if (lane == 0) {
@@ -589,7 +778,7 @@ extern "C" __global__ void gpuq_layout_probe(uint64_t* out) {
       sizeof(GpuqDevState), sizeof(GpuqKernelArgs), GPUQ_OFFSETOF(GpuqKernelArgs, warp_totals),
       GPUQ_OFFSETOF(GpuqKernelArgs, lease_ns), GPUQ_OFFSETOF(GpuqKernelArgs, capacity), GPUQ_OFFSETOF(GpuqKernelArgs, slot_bytes),
       GPUQ_OFFSETOF(GpuqKernelArgs, front_backoff_ns), GPUQ_OFFSETOF(GpuqKernelArgs, idle_backoff_ns),
-      GPUQ_OFFSETOF(GpuqKernelArgs, one_read),
+      GPUQ_OFFSETOF(GpuqKernelArgs, one_read), GPUQ_OFFSETOF(GpuqKernelArgs, scouts),
   };
   for (unsigned i = 0; i < sizeof(v) / sizeof(v[0]); ++i) out[i] = v[i];
 }

@@ -167,6 +167,7 @@ class PersistentKernel:
             front_backoff_ns=config.front_backoff_ns,
             idle_backoff_ns=config.idle_backoff_ns,
             one_read=int(config.one_read),
+            scouts=min(config.scouts, self.warps - 1) if config.one_read else 0,
         )
         self._args = driver.LaunchArgs([self.args])
         self.ctrl = CtrlDev.from_buffer(self.mem, off["ctrl_dev"])

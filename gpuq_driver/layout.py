@@ -13,7 +13,7 @@ import zlib
 
 from .errors import ConfigError, check_int
 
-LAYOUT_VERSION = 5
+LAYOUT_VERSION = 6
 
 EMPTY, READY, INFLIGHT, DONE = 0, 1, 2, 3
 REQ_IN_VRAM = 0x10  # request flags: READY | this = the payload is already in the VRAM slot (enqueue_device)
@@ -32,7 +32,6 @@ DOORBELL_HEAD_MASK = (1 << DOORBELL_STOP_SHIFT) - 1
 # A request's flags (req_hdr): READY | REQ_CHECKED | check << CHECK_SHIFT (gpuq_layout.cuh, "One read")
 REQ_CHECKED = 0x20  # the header carries the slot check: the front warp may serve it from one read
 CHECK_SHIFT, CHECK_MASK = 8, 0xFFFFFF
-CHECK_BITS = CHECK_MASK << (32 + CHECK_SHIFT)  # the check's bits in a request header's first word
 CHECK_BYTES = 64  # the check covers the payload's first min(len, 64) bytes
 CRC_POLY = 0xEDB88320  # zlib's CRC-32 (reflected)
 
@@ -83,7 +82,11 @@ class DevState(ctypes.Structure):
         ("pad2", ctypes.c_uint32),
         ("spec_reads", ctypes.c_uint64),
         ("spec_retries", ctypes.c_uint64),
-        ("pad1", ctypes.c_uint64 * 8),
+        ("front", ctypes.c_uint64),
+        ("grab", ctypes.c_uint64),
+        ("poll_t", ctypes.c_uint64),
+        ("poll_per", ctypes.c_uint64),
+        ("pad1", ctypes.c_uint64 * 4),
     ]
 
 
@@ -107,7 +110,7 @@ class KernelArgs(ctypes.Structure):
         )
     ] + [
         (name, ctypes.c_uint32)
-        for name in ("capacity", "slot_bytes", "front_backoff_ns", "idle_backoff_ns", "one_read", "pad")
+        for name in ("capacity", "slot_bytes", "front_backoff_ns", "idle_backoff_ns", "one_read", "scouts")
     ]
 
 
@@ -145,6 +148,7 @@ def expected_probe() -> list[int]:
         _off(KernelArgs, "front_backoff_ns"),
         _off(KernelArgs, "idle_backoff_ns"),
         _off(KernelArgs, "one_read"),
+        _off(KernelArgs, "scouts"),
     ]
 
 
@@ -158,13 +162,20 @@ def request_stop(doorbell, mode: int) -> None:
 
 
 def slot_check(payload, msg_id: int, n: int) -> int:
-    """The 24-bit check of a request (gpuq_layout.cuh, "One read"): the low 24 bits of
-    ``zlib.crc32(payload[:min(n, 64)], msg_id mod 2**32) ^ n``, for a payload of ``n`` bytes
-    (``enqueue`` adds it to messages of at most 64 bytes, the only ones served from one read).
-    Binds the header (msg_id, len) to the bytes the front warp reads with it, so a torn or stale
-    read fails it.  ``payload`` is bytes-like; ~0.2 µs on the H200 machines (zlib's crc32 of 64 bytes
-    alone: 221 ns, benchmarks/NOTES.md, sixth session)."""
-    return (zlib.crc32(payload if n <= CHECK_BYTES else payload[:CHECK_BYTES], msg_id & 0xFFFFFFFF) ^ n) & CHECK_MASK
+    """The 24-bit check of a request (gpuq_layout.cuh, "One read"): the top 24 bits of
+    ``zlib.crc32(payload[:min(n, 64)], seed)`` with ``seed = (msg_id ^ n << 24) mod 2**32``, for a
+    payload of ``n`` bytes (``enqueue`` adds it to messages of at most 64 bytes, the only ones
+    served from one read).  Binds the header (msg_id and len, through the seed) to the bytes the
+    front warp reads with it, so a torn or stale read fails it.  ``payload`` is bytes-like.  The
+    top bits, so that ``enqueue`` makes the flags word in two small-int operations:
+    ``(crc | 0xFF) ^ CHECK_LOW`` (~0.2 µs less than placing the low bits, host_steps.py); zlib's
+    crc32 of 64 bytes alone costs ~0.2 µs on the H200 machines (benchmarks/NOTES.md)."""
+    seed = (msg_id ^ n << 24) & 0xFFFFFFFF
+    return zlib.crc32(payload if n <= CHECK_BYTES else payload[:CHECK_BYTES], seed) >> CHECK_SHIFT
+
+
+# A checked request's flags word is (crc | 0xFF) ^ CHECK_LOW = check << CHECK_SHIFT | READY | REQ_CHECKED
+CHECK_LOW = 0xFF ^ (READY | REQ_CHECKED)
 
 
 def request_word(n: int, check: int | None) -> int:

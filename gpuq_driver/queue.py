@@ -49,7 +49,7 @@ from .errors import (
     check_seconds,
 )
 from .layout import (
-    CHECK_BITS,
+    CHECK_LOW,
     DONE,
     DOORBELL_STOP_SHIFT,
     ERR_MASK,
@@ -61,7 +61,6 @@ from .layout import (
     KERNEL_RUNNING,
     NO_MSG,
     READY,
-    REQ_CHECKED,
     RESULT_FAILED,
     STOP_ABORT,
     STOP_DRAIN,
@@ -78,6 +77,7 @@ from .sim import SIM_NEEDS_TWIN
 MAX_CAPACITY = 1 << 22
 MAX_RING_BYTES = 1 << 32
 MIN_LEASE_MS, MAX_LEASE_MS = 0.05, 3_600_000.0  # 50 µs .. 1 hour (or math.inf: never leave)
+MAX_SCOUTS = 4  # QueueConfig.scouts: more only add PCIe reads of one line (docs/design.md, "Scouts")
 
 
 def _msg_id_int(msg_id) -> int:
@@ -165,6 +165,12 @@ class QueueConfig:
                         it is an option, not the default (docs/design.md, "One read per
                         message").  The batch calls never add the check (their messages are served
                         in ranges).
+    scouts:             with ``one_read``: how many of the grid's warps are scouts, 0 .. 4 (default
+                        1; the kernel takes at most its warps - 1; ignored without ``one_read``).
+                        A scout polls the slot the front warp waits for, staggered between the
+                        front's polls, so that a new message waits for the next of 1 + ``scouts``
+                        polls instead of the front's next one; the first to see it serves it (a bid
+                        in VRAM decides; docs/design.md, "Scouts").  Scouts serve no other message.
     result_memory:      where the result payloads live: "host" (default: mapped pinned memory, read
                         in place by the host calls and ``view_results``) or "device" (VRAM, allocated
                         before the first launch: ``view_results_device`` lends them to CuPy / torch
@@ -190,6 +196,7 @@ class QueueConfig:
     backend: str = "cuda"
     params: bytes = b""
     one_read: bool = False
+    scouts: int = 1
     result_memory: str = "host"
 
     def __post_init__(self):
@@ -228,6 +235,7 @@ class QueueConfig:
         )
         check("front_backoff_ns", 0, 1_000_000)
         check("idle_backoff_ns", 0, 1_000_000)
+        check("scouts", 0, MAX_SCOUTS)
         check("device", 0, 1023)
         if self.backend not in ("cuda", "sim"):
             raise ConfigError(f"backend={self.backend!r} must be 'cuda' or 'sim'")
@@ -337,6 +345,7 @@ class GpuQueue(BulkCalls, DeviceCalls):
         self._cap, self._mask, self._sb = cap, cap - 1, sb
         self._doorbell = kernel.doorbell  # GpuqCtrlHost.doorbell: head | stop << 56
         self._req_hdr = lay.view(mem, "req_hdr", "Q")  # [2s] len|flags<<32, [2s+1] msg_id
+        self._req_hdr32 = lay.view(mem, "req_hdr", "I")  # [4s] len, [4s+1] flags (the slot check's stores)
         self._res_hdr = lay.view(mem, "res_hdr", "Q")
         self._req_data = lay.view(mem, "req_data")
         self._res_data = lay.view(mem, "res_data")
@@ -346,7 +355,6 @@ class GpuQueue(BulkCalls, DeviceCalls):
         for hdr in (self._req_hdr, self._res_hdr):
             np.frombuffer(hdr, dtype=np.uint64)[1::2] = NO_MSG
         self._ready = READY << 32
-        self._checked = (READY | REQ_CHECKED) << 32
         self._one_read = config.one_read
         # producer state (under _plock) and consumer state (under _clock)
         self._plock, self._clock = threading.Lock(), threading.Lock()
@@ -462,8 +470,10 @@ class GpuQueue(BulkCalls, DeviceCalls):
             off = slot * self._sb
             self._req_data[off : off + n] = payload
             hdr, slot = self._req_hdr, slot << 1
-            if n <= 64 and self._one_read:  # the slot check (layout.slot_check, inlined; crc32 masks seq)
-                hdr[slot] = n | self._checked | (crc32(payload, seq) ^ n) << 40 & CHECK_BITS
+            if n <= 64 and self._one_read:  # the slot check (layout.slot_check, inlined; crc32 masks its seed)
+                h32 = self._req_hdr32
+                h32[slot << 1] = n
+                h32[slot << 1 | 1] = (crc32(payload, seq ^ n << 24) | 0xFF) ^ CHECK_LOW
             else:
                 hdr[slot] = n | self._ready
             hdr[slot | 1] = seq
@@ -857,7 +867,7 @@ class GpuQueue(BulkCalls, DeviceCalls):
         """Drop every view of the shared memory (callers hold both locks): later calls raise QueueClosed."""
         self._accepting = False
         self._limit = -1
-        self._res_hdr = self._req_hdr = self._res_data = self._req_data = self._doorbell = None
+        self._res_hdr = self._req_hdr = self._req_hdr32 = self._res_data = self._req_data = self._doorbell = None
         self._counters = np.zeros(1, np.uint64)
 
     def _abandon(self) -> None:

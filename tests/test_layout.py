@@ -178,7 +178,7 @@ def test_the_devices_crc_is_zlibs(n):
 def test_slot_check_binds_msg_id_len_and_the_first_64_bytes():
     data = bytes(range(200))
     c = layout.slot_check(data, 7, 200)
-    assert c == (zlib.crc32(data[:64], 7) ^ 200) & 0xFFFFFF
+    assert c == zlib.crc32(data[:64], 7 ^ 200 << 24) >> 8
     assert layout.slot_check(data, 8, 200) != c  # another msg_id
     assert layout.slot_check(data, 7, 199) != c  # another len
     assert layout.slot_check(data[:63] + b"x" + data[64:], 7, 200) != c  # a byte inside the window
@@ -187,3 +187,14 @@ def test_slot_check_binds_msg_id_len_and_the_first_64_bytes():
     assert word & 0xFFFFFFFF == 200 and (word >> 32) & 0xF == layout.READY
     assert (word >> 32) & layout.REQ_CHECKED and (word >> 40) == c
     assert layout.request_word(5, None) == 5 | layout.READY << 32
+
+
+def test_enqueue_makes_the_flags_word_of_slot_check():
+    """enqueue's inlined flags word ((crc | 0xFF) ^ CHECK_LOW) is request_word's, for every length
+    of the window and seeds past 32 bits (crc32 masks its seed)."""
+    rng = np.random.default_rng(3)
+    for n in range(65):
+        data, seq = rng.bytes(n), int(rng.integers(0, 1 << 62)) * 3 + n
+        flags = (zlib.crc32(data, seq ^ n << 24) | 0xFF) ^ layout.CHECK_LOW
+        assert n | flags << 32 == layout.request_word(n, layout.slot_check(data, seq, n))
+        assert flags & 0xFF == layout.READY | layout.REQ_CHECKED
