@@ -414,8 +414,9 @@ __device__ __forceinline__ bool read_holds(const uint4& mine, uint64_t s, uint32
 
 // Serve s from a one read that holds (the header's msg_id and len and the first len bytes are the
 // host's).  The head the doorbell showed (`shown`), if it covers more than s, is released (its slots'
-// writes come with the doorbell's acquire); else s + 1 (relaxed without scouts: slot s is this
-// warp's; released with them, so that the bids stay in msg_id order, bid()).
+// writes come with the doorbell's acquire); else s + 1, relaxed: slot s is this warp's, and with
+// scouts this warp's bid for s has returned before this store issues (bid()).  A release here
+// measured ~600 SM cycles more per message (benchmarks/NOTES.md).
 __device__ __forceinline__ void serve_read(const GpuqKernelArgs& p, uint64_t s, uint32_t lane, const uint4& mine,
                                            uint64_t shown) {
   const uint32_t slot = static_cast<uint32_t>(s & (p.capacity - 1u));
@@ -426,8 +427,6 @@ __device__ __forceinline__ void serve_read(const GpuqKernelArgs& p, uint64_t s, 
     GPUQ_TRACE_AT(2);
     if (shown > s + 1u) {
       publish_head(p.dev, shown);
-    } else if (p.scouts != 0u) {
-      publish_head(p.dev, s + 1u);
     } else {
       cuda::atomic_ref<uint64_t, kGpu>(p.dev->head).fetch_max(s + 1u, cuda::memory_order_relaxed);
     }
