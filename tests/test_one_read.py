@@ -50,9 +50,11 @@ def payloads(n: int, max_bytes: int, seed: int) -> list[bytes]:
     return [rng.bytes(int(k)) for k in sizes[:n]]
 
 
-def test_served_from_the_slot_alone(make_queue):
-    """Messages of at most 64 bytes (the one read's window) need no doorbell at all."""
-    q = make_queue(capacity=256, slot_bytes=1024, linger_ms=1000.0, one_read=True)
+@pytest.mark.parametrize("scouts", [0, 1])
+def test_served_from_the_slot_alone(make_queue, scouts):
+    """Messages of at most 64 bytes (the one read's window) need no doorbell at all, whether the
+    front warp or a scout (QueueConfig.scouts) reads them first."""
+    q = make_queue(capacity=256, slot_bytes=1024, linger_ms=1000.0, one_read=True, scouts=scouts)
     freeze(q)
     sent = payloads(300, 64, 1)
     for p in sent:
@@ -81,10 +83,12 @@ def test_otherwise_the_doorbell_is_needed(make_queue, one_read, size):
     assert q.stats().spec_reads == 0
 
 
-def test_a_slot_whose_check_fails_is_read_again_and_never_served(make_queue, monkeypatch):
+@pytest.mark.parametrize("scouts", [0, 1, 2])
+def test_a_slot_whose_check_fails_is_read_again_and_never_served(make_queue, monkeypatch, scouts):
     """A stale or torn read looks like a header whose check does not hold over the bytes read: the
-    device must count it, read again, and serve the message only once the doorbell shows it."""
-    q = make_queue(capacity=64, slot_bytes=256, linger_ms=1000.0, one_read=True)
+    device must count it, read again, and serve the message only once the doorbell shows it (a
+    scout that won the message waits for it as its front, and leases still end meanwhile)."""
+    q = make_queue(capacity=64, slot_bytes=256, linger_ms=1000.0, one_read=True, scouts=scouts)
     freeze(q)
     monkeypatch.setattr(queue_module, "crc32", lambda data, seed: zlib.crc32(data, seed) ^ 0x100)
     payload = bytes(range(48))
@@ -141,14 +145,14 @@ def test_torn_reads_are_caught_on_the_simulator():
         q.close()
 
 
-@pytest.mark.parametrize("one_read", [True, False])
-def test_many_producers_mixed_sizes(make_queue, backend, one_read):
+@pytest.mark.parametrize("one_read, scouts", [(True, 0), (True, 1), (True, 2), (False, 0)])
+def test_many_producers_mixed_sizes(make_queue, backend, one_read, scouts):
     """Many producers, sizes across the 16- and 64-byte lines: every result right, each exactly
     once (the torn-read stress; benchmarks/stress_one_read.py runs 10 M)."""
     import threading
 
     n_threads, per = 4, 2000 if backend == "cuda" else 300
-    q = make_queue(capacity=1024, slot_bytes=512, one_read=one_read)
+    q = make_queue(capacity=1024, slot_bytes=512, one_read=one_read, scouts=scouts)
     errors: list = []
 
     def producer(t):

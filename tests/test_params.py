@@ -133,7 +133,7 @@ def test_configs_with_params_hash_and_compare_by_content_and_repr_by_size():
     assert a == b and hash(a) == hash(b) and len({a, b}) == 1
     assert a != QueueConfig(plugin="score", params=np.zeros((4, 4), np.float32))
     assert "params=<64 bytes>" in repr(a) and "\\x00" not in repr(a)
-    assert repr(QueueConfig()).endswith("params=b'', one_read=False, scouts=1, result_memory='host')") and repr(
+    assert repr(QueueConfig()).endswith("params=b'', one_read=False, scouts=0, result_memory='host')") and repr(
         QueueConfig()
     ).startswith("QueueConfig(capacity=1024, slot_bytes=512, plugin='echo',")
     assert "params=<1,048,576 bytes>" in repr(QueueConfig(params=bytes(1 << 20)))
