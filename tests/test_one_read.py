@@ -152,7 +152,10 @@ def test_many_producers_mixed_sizes(make_queue, backend, one_read, scouts):
     import threading
 
     n_threads, per = 4, 2000 if backend == "cuda" else 300
-    q = make_queue(capacity=1024, slot_bytes=512, one_read=one_read, scouts=scouts)
+    # a ring that holds every message: a producer holds its window untaken while it enqueues, so
+    # in a smaller ring the others could lap it by a whole ring meanwhile (a GIL-starved thread)
+    # and its next enqueue would wait for its own result (QueueFull); stress_one_read.py wraps
+    q = make_queue(capacity=8192, slot_bytes=512, one_read=one_read, scouts=scouts)
     errors: list = []
 
     def producer(t):
