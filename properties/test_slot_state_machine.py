@@ -44,6 +44,7 @@ def make_machine(backend: str):
                     lease_ms=LEASE_MS,
                     linger_ms=LINGER_MS,
                     one_read=True,  # the one read's protocol too (gpuq_layout.cuh)
+                    scouts=1,  # and a scout beside the front warp (bids; ignored by the simulator)
                 )
             )
             self.model = RingModel(CAPACITY, SLOT_BYTES)
