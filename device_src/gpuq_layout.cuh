@@ -72,14 +72,19 @@
 // first 64 payload bytes.  Nothing orders those reads with respect to one another, nor makes one
 // read a snapshot, so the slot's bytes may be torn (part new, part the previous message's) or
 // stale.  The host therefore puts a check in the header's flags: READY | GPUQ_REQ_CHECKED |
-// check << 8, with check = the low 24 bits of zlib.crc32(payload[0 : min(len, 64)], msg_id mod
-// 2^32) ^ len.  The warp serves the message from that read only if the header's msg_id is its
-// own and the check holds over what it read (msg_id and len bind the header, the CRC the bytes);
+// check << 8, with check = the top 24 bits of zlib.crc32(payload[0 : min(len, 64)], (msg_id ^
+// len << 24) mod 2^32).  The warp serves the message from that read only if the header's msg_id is
+// its own and the check holds over what it read (msg_id and len bind the header, the CRC the bytes);
 // only messages of at most 64 bytes are served this way (the rest of a longer one would need a
 // system-scope acquire fence after the check, which costs more than the round trip it saves).
 // Anything else, torn, stale, longer or unchecked, is read again
 // (GpuqDevState.spec_retries) or waits for the doorbell, which stays the source of truth for the
 // head, stop requests and the lease handshakes.
+//
+// Scouts (GpuqKernelArgs.scouts; docs/design.md, "Scouts").  With the one read, the grid's last
+// `scouts` warps poll the slot the front announced (GpuqDevState.front) between the front's polls
+// (its phase: poll_t, poll_per); the front and the scouts bid for that message (atomicMax on
+// GpuqDevState.grab) and only the first bid serves it (gpuq_queue.cu, bid()).
 #pragma once
 
 #ifdef __CUDACC_RTC__

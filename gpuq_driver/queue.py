@@ -158,9 +158,9 @@ class QueueConfig:
                         most 64 bytes in its header (a CRC: 0.2-0.5 µs of host time on the H200
                         machines) and the front warp's polls read the slot beside the doorbell,
                         serving a message whose check holds at once (a torn or stale read is read
-                        again): on the H200, 64 B round trip p50 4.55-4.83 vs 5.36-5.49 µs
+                        again): on the H200, 64 B round trip p50 4.4-4.8 vs 5.4-5.7 µs
                         (configurations interleaved in one run), but one thread's enqueue rate is
-                        lower (0.41-0.49 M vs 0.57-0.72 M msg/s, medians of interleaved rounds: the
+                        lower (0.41-0.82 M vs 0.57-1.28 M msg/s, medians of interleaved rounds: the
                         check, and the polls contend with the host's writes to the same lines), so
                         it is an option, not the default (docs/design.md, "One read per
                         message").  The batch calls never add the check (their messages are served
