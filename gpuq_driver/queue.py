@@ -166,7 +166,8 @@ class QueueConfig:
                         message").  The batch calls never add the check (their messages are served
                         in ranges).
     scouts:             with ``one_read``: how many of the grid's warps are scouts, 0 (default) .. 4
-                        (the kernel takes at most its warps - 1; ignored without ``one_read``).  A
+                        (the kernel takes at most its warps - 1; ignored without ``one_read`` and
+                        by the simulator).  A
                         scout polls the slot the front warp waits for, between the front's polls,
                         so that a new message waits for the next of 1 + ``scouts`` polls instead of
                         the front's next one; the first to see it serves it (a bid in VRAM decides;

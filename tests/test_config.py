@@ -32,6 +32,8 @@ def test_defaults_are_valid():
         ({"shutdown_timeout_s": "5"}, "shutdown_timeout_s='5' must be a number of seconds"),
         ({"front_backoff_ns": 2_000_000}, "front_backoff_ns=2000000 is out of range: 0 <= front_backoff_ns <= 1000000"),
         ({"idle_backoff_ns": -5}, "idle_backoff_ns=-5 is out of range"),
+        ({"one_read": True, "scouts": 5}, "scouts=5 is out of range: 0 <= scouts <= 4"),
+        ({"scouts": "1"}, "scouts must be an int, not str"),
         ({"device": -1}, "device=-1 is out of range"),
         ({"plugin": "../etc/passwd"}, "plugin='../etc/passwd' must be a plugin name"),
         ({"backend": "opencl"}, "backend='opencl' must be 'cuda' or 'sim'"),
