@@ -3,12 +3,15 @@ process_one, scout_loop; docs/design.md, "Scouts"), on a model of the warps, not
 
 Worker warps claim msg_ids in order; the one whose claim is the head is the front: it announces
 its message, polls (the doorbell, its slot and the bids word), and serves what it finds; scout
-warps poll the announced slot and bid for it; leases end (the front that sees the time up makes
-the last doorbell read and publishes the final head), and the last warp out resets the claims and
-the bids to the head.  Hypothesis interleaves every warp's steps with the host's (write a slot,
-ring the doorbell), tears reads at will, and ends leases at any time.  A poll reads its values at
-one moment and acts on them later, as a PCIe round trip does, so stale fronts (a scout took their
-message while their poll was in flight) are part of the search.  Checked after every step:
+warps poll the announced slot (after a wait for their phase) and bid for it; leases end (the
+front that sees the time up makes the last doorbell read and publishes the final head), and the
+last warp out resets the claims and the bids to the head.  Hypothesis interleaves every warp's
+steps with the host's (write a slot, short or long, ring the doorbell), tears reads (bytes or
+header) at will, and ends leases at any time.  A front's poll reads the bids,
+the leaving flag and the clock first, the doorbell and its slot a step later (at the host, a PCIe
+round trip after), and acts on them a step after that, so stale fronts (a scout took their
+message while their poll was in flight, and their doorbell read may come after another front's
+last read of the lease) are part of the search.  Checked after every step:
 no message is served twice, none before the host wrote it, and at every lease end exactly the
 messages below the head were served; and at the end, every message rung is served.  The model is
 sequentially consistent: it checks the
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -45,6 +49,7 @@ class BidsModel(RuleBasedStateMachine):
     def __init__(self):
         super().__init__()
         self.written = 0  # slots 0 .. written - 1 hold their messages (header last)
+        self.long: set[int] = set()  # messages over 64 bytes (or unchecked): never served from a read
         self.doorbell = 0  # the host rings after writing
         self.head = self.claim = self.grab = self.front = 0
         self.stop = "run"
@@ -56,8 +61,10 @@ class BidsModel(RuleBasedStateMachine):
 
     # -- the host ---------------------------------------------------------------------------
     @precondition(lambda self: self.written < 12)
-    @rule()
-    def host_writes_a_slot(self):
+    @rule(long=st.booleans())
+    def host_writes_a_slot(self, long=False):
+        if long:
+            self.long.add(self.written)
         self.written += 1
 
     @precondition(lambda self: self.doorbell < self.written)
@@ -81,15 +88,18 @@ class BidsModel(RuleBasedStateMachine):
         assert self.served[s] == 1, f"msg {s} served twice"
         self.head = max(self.head, publish)
 
-    def poll_slot(self, s: int, torn: bool) -> bool:
-        """A read of slot s whose check holds (the header is s's and nothing is torn)."""
-        return s < self.written and not torn
+    def read_slot(self, s: int, torn: int) -> tuple[bool, bool]:
+        """A read of slot s: (holds, candidate).  A candidate's header is s's, checked and at most
+        64 bytes long (slot_candidate); it holds if its bytes are not torn either (read_holds).
+        torn: 0 none, 1 the bytes, 2 the header (stale or torn: not a candidate)."""
+        candidate = s < self.written and s not in self.long and torn != 2
+        return candidate and torn == 0, candidate
 
     def exited(self) -> bool:
         return all(w.state == "exit" for w in self.warps)
 
     # -- one step of warp i ------------------------------------------------------------------
-    @rule(i=st.integers(0, WORKERS + SCOUTS - 1), torn=st.booleans())
+    @rule(i=st.integers(0, WORKERS + SCOUTS - 1), torn=st.integers(0, 2))
     def step(self, i, torn):
         w = self.warps[i]
         if w.state == "exit":
@@ -99,14 +109,16 @@ class BidsModel(RuleBasedStateMachine):
         else:
             self.worker_step(w, torn)
 
-    def scout_step(self, w: Warp, torn: bool):
+    def scout_step(self, w: Warp, torn: int):
         if w.state == "look":
             if self.stop != "run":
                 w.state = "exit"
             elif self.front > self.grab:  # announced and not taken
                 w.s = self.front - 1
-                w.snap = self.poll_slot(w.s, torn), w.s < self.written  # holds, candidate
-                w.state = "scout_polled"
+                w.state = "scout_read"  # it waits for its phase: the lease may end meanwhile
+        elif w.state == "scout_read":  # the slot's read (no stop check after the look, as in scout_loop)
+            w.snap = self.read_slot(w.s, torn)
+            w.state = "scout_polled"
         elif w.state == "scout_polled":
             holds, candidate = w.snap
             w.state = "look"
@@ -121,7 +133,7 @@ class BidsModel(RuleBasedStateMachine):
         else:
             self.worker_step(w, torn)
 
-    def worker_step(self, w: Warp, torn: bool):
+    def worker_step(self, w: Warp, torn: int):
         if w.state == "claim":
             w.s, w.own = self.claim, False
             self.claim += 1
@@ -135,14 +147,11 @@ class BidsModel(RuleBasedStateMachine):
                 self.front = w.s + 1
                 w.need_bid, w.gold = not w.own, 0
                 w.state = "poll"
-        elif w.state == "poll":  # issue: these values come back one round trip later
-            w.snap = (
-                self.grab if w.need_bid else 0,
-                self.leaving,
-                self.doorbell,
-                self.poll_slot(w.s, torn),
-                w.s < self.written,
-            )
+        elif w.state == "poll":  # issue: the VRAM words and the clock, read before the round trip
+            w.snap = (self.grab if w.need_bid else 0, self.leaving, self.over)
+            w.state = "in_flight"
+        elif w.state == "in_flight":  # the doorbell and the slot, read at the host later (PCIe)
+            w.snap += (self.doorbell, *self.read_slot(w.s, torn))
             w.state = "decide"
         elif w.state == "decide":
             self.decide(w)
@@ -164,11 +173,11 @@ class BidsModel(RuleBasedStateMachine):
             self.after_wait(w, w.s if w.s < hh else None)
 
     def decide(self, w: Warp):
-        g, lv, db, holds, candidate = w.snap
+        g, lv, over, db, holds, candidate = w.snap
         if g > w.s:
             self.after_wait(w, LOST)
             return
-        if self.over or lv:
+        if over or lv:
             if w.need_bid:
                 w.gold, w.need_bid = self.bid(w.s), False
             if w.gold > w.s:
@@ -239,7 +248,7 @@ class BidsModel(RuleBasedStateMachine):
             if self.exited():
                 self.last_warp_out_ends_the_lease()
             for w in self.warps:
-                self.step(self.warps.index(w), False)
+                self.step(self.warps.index(w), 0)
         raise AssertionError(f"stuck: {self.written} written, served {sorted(self.served)}, head {self.head}")
 
     @invariant()
@@ -250,3 +259,41 @@ class BidsModel(RuleBasedStateMachine):
 
 TestBids = BidsModel.TestCase
 TestBids.settings = settings(max_examples=300, stateful_step_count=120, deadline=None)
+
+
+@pytest.mark.parametrize("stale_read", [0, 2])  # its slot read: a candidate, or a torn header (two reads)
+def test_a_front_that_lost_publishes_nothing(stale_read):
+    """The rule Hypothesis rarely reaches by itself: a stale front (a scout took its message while
+    its poll was in flight) whose doorbell read returns after another front's last read of the
+    lease must not publish that doorbell's head (gpuq_queue.cu, serve_slot / process_one: kGone
+    before any publish).  Were it to, the head would pass the lease's final head, and messages
+    whose warps had already left on the stop would be below the head yet never served."""
+    m = BidsModel()
+    front, nxt, third, scout = 0, 1, 2, WORKERS
+
+    def steps(i, k=1, torn=0):
+        for _ in range(k):
+            m.step(i, torn)
+
+    m.host_writes_a_slot()  # message 0, not rung yet
+    for i in (front, nxt, third):
+        steps(i)  # claims 0, 1, 2
+    steps(front, 2)  # front for 0; its poll issues (bids 0, the lease's time not up)
+    steps(scout, 3)  # look, read slot 0 (it holds), bid: the scout serves 0, head 1
+    assert m.served[0] == 1 and m.head == 1
+    steps(nxt)  # front for 1
+    m.lease_time_is_up()
+    steps(nxt, 4)  # poll, doorbell 0, bids and wins 1, leads the lease's end: final head 1
+    assert m.stop == "leave" and m.head == 1
+    steps(third)  # message 2's warp leaves on the stop
+    m.host_writes_a_slot()
+    m.host_writes_a_slot()
+    for _ in range(3):
+        m.host_rings()  # after the lease's last read
+    steps(front, 2, stale_read)  # the stale front's doorbell read returns 3; it bids, loses: publishes nothing
+    assert m.head == 1
+    for i in range(len(m.warps)):
+        steps(i, 2)
+    assert m.exited()
+    m.last_warp_out_ends_the_lease()  # exactly message 0 served, below the head 1
+    m.teardown()  # the next lease serves 1 and 2

@@ -183,3 +183,26 @@ def test_many_producers_mixed_sizes(make_queue, backend, one_read, scouts):
     assert st.processed == n_threads * per
     if not one_read:
         assert st.spec_reads == 0 and st.spec_retries == 0
+
+
+def test_enqueue_writes_request_words_header():
+    """enqueue's inlined header stores (len, then the flags word (crc | 0xFF) ^ CHECK_LOW, then
+    msg_id) give the word layout.request_word makes from layout.slot_check, for every length of
+    the check's window, and READY alone past it (the real enqueue, not a copy of its expression)."""
+    import gpuq_driver
+    from gpuq_driver import layout
+
+    q = gpuq_driver.GpuQueue(gpuq_driver.QueueConfig(backend="sim", capacity=256, slot_bytes=128, one_read=True))
+    try:
+        freeze(q)  # nothing is served: the headers stay as the host wrote them
+        rng = np.random.default_rng(5)
+        for n in [*range(65), 65, 100, 128]:
+            p = rng.bytes(n)
+            msg_id = q.enqueue(p)
+            slot = msg_id & 255
+            check = layout.slot_check(p, msg_id, n) if n <= 64 else None
+            assert q._req_hdr[2 * slot] == layout.request_word(n, check), n
+            assert q._req_hdr[2 * slot + 1] == msg_id
+    finally:
+        thaw(q)  # also after a failure: close() drains
+        q.close()
