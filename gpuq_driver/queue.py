@@ -158,7 +158,7 @@ class QueueConfig:
                         most 64 bytes in its header (a CRC: 0.2-0.5 µs of host time on the H200
                         machines) and the front warp's polls read the slot beside the doorbell,
                         serving a message whose check holds at once (a torn or stale read is read
-                        again): on the H200, 64 B round trip p50 4.4-4.8 vs 5.4-5.7 µs
+                        again): on the H200, 64 B round trip p50 4.4-5.3 vs 5.4-6.4 µs
                         (configurations interleaved in one run), but one thread's enqueue rate is
                         lower (0.41-0.82 M vs 0.57-1.28 M msg/s, medians of interleaved rounds: the
                         check, and the polls contend with the host's writes to the same lines), so
@@ -171,11 +171,12 @@ class QueueConfig:
                         scout polls the slot the front warp waits for, between the front's polls,
                         so that a new message waits for the next of 1 + ``scouts`` polls instead of
                         the front's next one; the first to see it serves it (a bid in VRAM decides;
-                        docs/design.md, "Scouts").  Measured on the H200 (three lent machines): one
-                        scout, 64 B round trip p50 0.12-0.51 µs lower; but reads of the same lines in
-                        flight together slow each poll (~0.45 µs), so 512 B and 4 KB messages came
-                        back 1.3 and 1.9 µs later, and two or three scouts were slower than none:
-                        an option for queues of small messages, off by default.
+                        docs/design.md, "Scouts").  Measured on the H200: one scout, 64 B round trip
+                        p50 0.12-0.51 µs lower on three lent machines, 0.18 µs higher on a fourth;
+                        reads of the same lines in flight together slow each poll (~0.45 µs), so a
+                        512 B message came back 1.3 µs later than with the one read alone (4 KB:
+                        1.9 µs later than with two reads), and two or three scouts were slower
+                        than none: an option for queues of small messages, off by default.
     result_memory:      where the result payloads live: "host" (default: mapped pinned memory, read
                         in place by the host calls and ``view_results``) or "device" (VRAM, allocated
                         before the first launch: ``view_results_device`` lends them to CuPy / torch

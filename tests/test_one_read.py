@@ -65,7 +65,7 @@ def test_served_from_the_slot_alone(make_queue, scouts):
     q.shutdown()  # the lease ends: the device's counters are exact
     st = q.stats()
     # each served once from a read that held; a read made while the host wrote the slot is torn
-    # and read again (rare: ~1 in 10,000 reads with a scout, benchmarks/NOTES.md)
+    # and read again (rare: 0.1-0.6 in 10,000 one-reads with a scout, benchmarks/NOTES.md)
     assert st.spec_reads == len(sent) and st.spec_retries <= len(sent) // 20
 
 
