@@ -167,12 +167,12 @@ class QueueConfig:
                         in ranges).
     scouts:             with ``one_read``: how many of the grid's warps are scouts, 0 (default) .. 4
                         (the kernel takes at most its warps - 1; ignored without ``one_read`` and
-                        by the simulator).  A
-                        scout polls the slot the front warp waits for, between the front's polls,
-                        so that a new message waits for the next of 1 + ``scouts`` polls instead of
-                        the front's next one; the first to see it serves it (a bid in VRAM decides;
-                        docs/design.md, "Scouts").  Measured on the H200: one scout, 64 B round trip
-                        p50 0.12-0.51 µs lower on three lent machines, 0.18 µs higher on a fourth;
+                        by the simulator).  A scout polls the slot the front warp waits for,
+                        between the front's polls, so that a new message waits for the next of
+                        1 + ``scouts`` polls instead of the front's next one; the first to see it
+                        serves it (a bid in VRAM decides; docs/design.md, "Scouts").  Measured on
+                        the H200: one scout, 64 B round trip p50 0.12-0.51 µs lower on three lent
+                        machines, 0.18 µs higher on a fourth;
                         reads of the same lines in flight together slow each poll (~0.45 µs), so a
                         512 B message came back 1.3 µs later than with the one read alone (4 KB:
                         1.9 µs later than with two reads), and two or three scouts were slower
