@@ -438,9 +438,9 @@ __device__ __forceinline__ void serve_read(const GpuqKernelArgs& p, uint64_t s, 
 
 // Serve s from the slot (the doorbell or the VRAM head has shown it, so its writes are visible): one
 // PCIe round trip for the header and the first 512 payload bytes: lane 0 reads the header while
-// every lane reads its 16 bytes of the slot (speculatively: the length is not known yet).  A front
-// publishes the head it read (`publish`, 0: none) once these reads are issued; `won` (lane 0) says
-// whether this warp may serve s (its bid, if any, returned <= s): false returns false.
+// every lane reads its 16 bytes of the slot (speculatively: the length is not known yet).  `won`
+// (lane 0) says whether this warp may serve s (its bid, if any, returned <= s): false returns false
+// and publishes nothing; else a front publishes the head it read (`publish`, 0: none).
 __device__ __forceinline__ bool serve_slot(const GpuqKernelArgs& p, uint64_t s, uint32_t lane, uint64_t publish,
                                            bool won) {
   const uint32_t slot = static_cast<uint32_t>(s & (p.capacity - 1u));
@@ -503,7 +503,8 @@ __device__ uint32_t process_one(const GpuqKernelArgs& p, uint64_t s, uint32_t la
 // front's period after the front's latest poll (GpuqDevState.poll_t, poll_per: its phase), while
 // the front polls and that message is not taken.  It bids for a candidate at once (the bid's
 // latency hides under the check) and serves the message if it wins: from its read if that holds,
-// else as the message's front (below).  It leaves when the lease does (stop).  `processed`: this warp's count (warp_counters[warp]).
+// else as the message's front (below).  It leaves when the lease does (stop).  `processed`: this
+// warp's count (warp_counters[warp]).
 __device__ void scout_loop(const GpuqKernelArgs& p, uint32_t lane, uint32_t warp, uint32_t j, uint64_t& processed) {
   GpuqDevState* dev = p.dev;
   const uint32_t words = p.slot_bytes / 4u < 16u ? p.slot_bytes / 4u : 16u;
