@@ -163,7 +163,7 @@ struct __align__(128) GpuqCtrlHost {
 };
 
 // Device-written control line (128 B): state RUNNING and leases_begun by the first front warp
-// of each lease, leases_leaving by its front warp when its time is up, PARKED/EXITED and
+// of each lease, leases_leaving by its front warp when its time is up, PARKED/EXITED and, last,
 // leases_ended (and leases_leaving again) by its last warp to leave; error fields by the
 // first warp to see a broken slot (VRAM CAS first).
 struct __align__(128) GpuqCtrlDev {

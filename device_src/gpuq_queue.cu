@@ -649,7 +649,9 @@ __device__ void process_range(const GpuqKernelArgs& p, uint64_t s0, uint32_t m, 
 
 // The last warp out of a lease: every other warp has left, so it alone resets the device state for
 // the next lease (claims abandoned at or above the head are handed out again), then reports the
-// end: leases_ended, and state PARKED (on time) or EXITED (the host asked to stop).
+// end: state PARKED (on time) or EXITED (the host asked to stop), and, last, leases_ended, so that
+// a host that reads leases_ended before state never sees every lease ended beside RUNNING
+// (GpuQueue.stats).
 __device__ void end_lease(const GpuqKernelArgs& p) {
   GpuqDevState* dev = p.dev;
   const uint32_t stop = dev->stop;
@@ -667,10 +669,10 @@ __device__ void end_lease(const GpuqKernelArgs& p) {
   *reinterpret_cast<volatile uint64_t*>(&p.ctrl_dev->spec_reads) = dev->spec_reads;
   *reinterpret_cast<volatile uint64_t*>(&p.ctrl_dev->spec_retries) = dev->spec_retries;
   *reinterpret_cast<volatile uint64_t*>(&p.ctrl_dev->leases_leaving) = ended;  // also after DRAIN/ABORT
-  *reinterpret_cast<volatile uint64_t*>(&p.ctrl_dev->leases_ended) = ended;
-  __threadfence_system();
   const bool host_stop = stop == GPUQ_STOP_DRAIN || stop == GPUQ_STOP_ABORT;
   store_release<kSys>(&p.ctrl_dev->state, host_stop ? GPUQ_KERNEL_EXITED : GPUQ_KERNEL_PARKED);
+  __threadfence_system();
+  *reinterpret_cast<volatile uint64_t*>(&p.ctrl_dev->leases_ended) = ended;
 }
 
 }  // namespace

@@ -726,7 +726,10 @@ class GpuQueue(BulkCalls, DeviceCalls):
             taken = self._tail + self._taken_ahead  # read before head: occupied is never negative
             processed = int(self._counters.sum())
             launches = leases.launches  # once, before what the device wrote: exits <= launches
-            state, exits = k.ctrl.state, int(leases.ended[0])
+            # leases_ended before state: a lease's last warp writes its state, then leases_ended
+            # (end_lease), so a snapshot that counts every lease ended also sees its final state
+            exits = int(leases.ended[0])
+            state = k.ctrl.state
         head = self._head
         failure = leases.failure
         if failure is not None:

@@ -253,8 +253,8 @@ class SimulatedKernel:
             counter[0] = seq
         self._claim = seq
         ctrl.leases_leaving = ctrl.leases_ended + 1
-        ctrl.leases_ended += 1
         ctrl.state = KERNEL_EXITED if stop in (STOP_DRAIN, STOP_ABORT) else KERNEL_PARKED
+        ctrl.leases_ended += 1  # last, after the state, as end_lease (gpuq_queue.cu)
 
     def _one_read(self, seq: int, req_hdr, req_data):
         """The front warp's one read of slot ``seq`` (gpuq_layout.cuh, "One read"): its payload if

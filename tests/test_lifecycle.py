@@ -34,6 +34,50 @@ def parked(q) -> bool:
     return q.stats().launches == s.launches
 
 
+def test_stats_never_reports_running_once_every_lease_has_ended():
+    """A lease's last warp writes the kernel state, then leases_ended (end_lease, and the simulator
+    the same), and stats() reads leases_ended first: so a snapshot that counts every launched lease
+    as ended also sees the final state.  Here the lease ends between stats()'s two reads of the
+    device's words (whichever comes first): the state machine test caught stats() saying "running"
+    with every lease ended on the GPU (2 of 15 runs) while it read the state first."""
+    q = GpuQueue(QueueConfig(capacity=16, slot_bytes=32, lease_ms=1.0, linger_ms=0, backend="sim"))
+    try:
+        assert q.wait_result(q.enqueue(b"x"), timeout=5) == b"x"
+        assert wait_for(lambda: parked(q)), q.stats()
+        real_ctrl, real_ended, launches = q._kernel.ctrl, q._leases.ended, q._leases.launches
+        # the device mid-way through a lease's end: still RUNNING, not yet ended
+        real_ctrl.state, real_ended[0] = 1, launches - 1
+
+        def end_the_lease():  # end_lease's order: state, then leases_ended
+            real_ctrl.state, real_ended[0] = 3, launches
+
+        class Ctrl:
+            def __getattr__(self, name):
+                return getattr(real_ctrl, name)
+
+            @property
+            def state(self):
+                v = real_ctrl.state
+                end_the_lease()
+                return v
+
+        class Ended:
+            def __getitem__(self, i):
+                v = real_ended[i]
+                end_the_lease()
+                return v
+
+        q._kernel.ctrl, q._leases.ended = Ctrl(), Ended()
+        try:
+            s = q.stats()
+        finally:
+            q._kernel.ctrl, q._leases.ended = real_ctrl, real_ended
+        assert not (s.kernel == "running" and s.exits == s.launches), s
+        assert q.stats().kernel == "parked"
+    finally:
+        q.close()
+
+
 def test_an_idle_queue_parks_and_the_next_message_relaunches(make_queue):
     q = make_queue(capacity=16, slot_bytes=32, lease_ms=1.0, linger_ms=0)
     assert q.wait_result(q.enqueue(b"first")) == b"first"
