@@ -27,6 +27,7 @@ from __future__ import annotations
 import threading
 import time
 import warnings
+import weakref
 
 import numpy as np
 
@@ -347,6 +348,7 @@ class Reservation:
         self._open = False
         q = self._q
         q._reserved = 0
+        q._reservation = None
         q._plock = self._real
         self._real.release()
 
@@ -488,6 +490,9 @@ class BulkCalls:
     _views: list | None = None  # [first, n] of each ResultView held, in msg_id order (a chain from the tail)
     _dropped: list | tuple = ()  # records of views dropped unreleased while the consumer lock was busy
     _reserved = 0  # slots claimed by an open Reservation
+    _reservation = (
+        None  # weakref to that open Reservation (close() cancels its thread's own; a dropped one cancels itself)
+    )
 
     def _rings(self) -> _Rings:
         rings = self._rings_cache
@@ -502,6 +507,15 @@ class BulkCalls:
         relaunch handshake, as ``enqueue`` does it (lease.py)."""
         if self._begun[0] == self._leases.launches:
             self._leases.after_publish()
+
+    def _cancel_own_reservation(self) -> None:
+        """close() from the thread that holds an open reservation: cancel it (nothing of it is
+        published), so that close() can take the producer lock and free everything; else the
+        lock's GpuqError would leave the kernel running and the device busy for the process."""
+        lock, ref = self._plock, self._reservation
+        r = ref() if ref is not None else None
+        if type(lock) is _HeldLock and lock.owner == threading.get_ident() and r is not None:
+            r.cancel()
 
     def _real_plock(self):
         lock = self._plock
@@ -664,7 +678,7 @@ class BulkCalls:
                 self._wait_for_room(seq, k, timeout)
             s0 = seq & self._mask
             r = Reservation(self, real, seq, k, self._rings().req_data[s0 : s0 + k])
-            self._reserved = k
+            self._reserved, self._reservation = k, weakref.ref(r)
             self._plock = _HeldLock(real, threading.get_ident())
         except BaseException:
             real.release()

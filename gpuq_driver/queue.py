@@ -724,6 +724,10 @@ class GpuQueue(BulkCalls, DeviceCalls):
                 self._release_dropped()
             k, leases = self._kernel, self._leases
             taken = self._tail + self._taken_ahead  # read before head: occupied is never negative
+            # the one-read counters before processed: each is counted once its message is (the
+            # device copies them at a lease's end; the simulator after the result), so spec_reads
+            # <= processed in every snapshot
+            spec_reads, spec_retries = int(k.ctrl.spec_reads), int(k.ctrl.spec_retries)
             processed = int(self._counters.sum())
             launches = leases.launches  # once, before what the device wrote: exits <= launches
             # leases_ended before state: a lease's last warp writes its state, then leases_ended
@@ -760,8 +764,8 @@ class GpuQueue(BulkCalls, DeviceCalls):
             pauses=leases.pauses,
             backend=k.backend,
             fault=str(failure) if failure is not None else "",
-            spec_reads=int(k.ctrl.spec_reads),
-            spec_retries=int(k.ctrl.spec_retries),
+            spec_reads=spec_reads,
+            spec_retries=spec_retries,
         )
 
     # -- sharing the GPU -----------------------------------------------------------------------
@@ -852,7 +856,9 @@ class GpuQueue(BulkCalls, DeviceCalls):
     def close(self) -> None:
         """Shut down (draining) if needed, then free all GPU and pinned memory.  Idempotent.
 
-        Results not taken are gone after this; every later call raises QueueClosed.  Errors of
+        Results not taken are gone after this; every later call raises QueueClosed.  A reservation
+        the calling thread holds open is cancelled first (``shutdown`` raises GpuqError instead;
+        another thread's is waited for, as by ``shutdown``).  Errors of
         the shutdown (GpuqError, ProtocolError, and KernelFault / PluginHung found during it)
         propagate; the memory is freed all the same (or, if the kernel cannot be stopped,
         deliberately leaked and the device kept marked busy).  After a fault or hang found before
@@ -864,6 +870,7 @@ class GpuQueue(BulkCalls, DeviceCalls):
         """
         if self.closed:
             return
+        self._cancel_own_reservation()
         try:
             if self._leases.failure is None:
                 self.shutdown(drain=self._stop_mode != STOP_ABORT)

@@ -251,6 +251,8 @@ class SimulatedKernel:
             res_hdr[2 * slot + 1] = seq
             seq += 1
             counter[0] = seq
+            if one is not None:  # counted once processed (GpuQueue.stats reads it first)
+                ctrl.spec_reads += 1
         self._claim = seq
         ctrl.leases_leaving = ctrl.leases_ended + 1
         ctrl.state = KERNEL_EXITED if stop in (STOP_DRAIN, STOP_ABORT) else KERNEL_PARKED
@@ -274,5 +276,4 @@ class SimulatedKernel:
         if slot_check(head, seq, n) != (flags >> CHECK_SHIFT) & CHECK_MASK:
             self.ctrl.spec_retries += 1
             return None
-        self.ctrl.spec_reads += 1
         return bytes(head)  # the whole payload (n <= 64)

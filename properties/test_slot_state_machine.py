@@ -118,13 +118,15 @@ def make_machine(backend: str):
                 with pytest.raises(QueueFull):
                     self.q.reserve(n, timeout=0)
                 return
+            # every draw before the reservation: a draw may stop the example (Hypothesis's StopTest)
+            msgs = [data.draw(st.binary(max_size=SLOT_BYTES)) for _ in range(k)]
+            count = data.draw(st.integers(0, k))
+            commit = data.draw(st.booleans())
             r = self.q.reserve(n, timeout=0)
             assert (r.first, len(r)) == (self.model.next_id, k)
-            msgs = [data.draw(st.binary(max_size=SLOT_BYTES)) for _ in range(k)]
             for i, m in enumerate(msgs):
                 r.data[i, : len(m)] = np.frombuffer(m, np.uint8)
-            count = data.draw(st.integers(0, k))
-            if data.draw(st.booleans()):
+            if commit:
                 r.commit([len(m) for m in msgs[:count]], n=count)
             else:
                 r.cancel()

@@ -609,6 +609,21 @@ def test_shutdown_from_the_reserving_thread_raises_and_a_second_call_drains(make
     assert q.take_results(0, 2, timeout=1)[1].tolist() == [0, 0]
 
 
+def test_close_from_the_reserving_thread_cancels_the_reservation_and_frees_the_device(make_queue):
+    """close() (also ``with GpuQueue(...)`` left by an exception) from the thread that holds an open
+    reservation cancels it and frees everything: it used to raise the lock's GpuqError and leave the
+    kernel running, so the next queue on the device was refused ("already running"; the state
+    machine test met it when Hypothesis stopped an example inside a reservation)."""
+    q = make_queue(capacity=16, slot_bytes=16)
+    assert q.wait_result(q.enqueue(b"before"), 10) == b"before"
+    r = q.reserve(3)
+    r.data[:, :4] = np.frombuffer(b"lost", np.uint8)
+    q.close()
+    assert q.closed and q._kernel.closed and not r.open
+    q2 = make_queue(capacity=16, slot_bytes=16)  # the device is free again
+    assert q2.wait_result(q2.enqueue(b"after"), 10) == b"after"
+
+
 def test_shutdown_from_another_thread_waits_for_the_commit_and_drains_it(make_queue):
     q = make_queue(capacity=16, slot_bytes=16)
     r = q.reserve(3)
