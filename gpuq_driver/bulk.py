@@ -490,9 +490,8 @@ class BulkCalls:
     _views: list | None = None  # [first, n] of each ResultView held, in msg_id order (a chain from the tail)
     _dropped: list | tuple = ()  # records of views dropped unreleased while the consumer lock was busy
     _reserved = 0  # slots claimed by an open Reservation
-    _reservation = (
-        None  # weakref to that open Reservation (close() cancels its thread's own; a dropped one cancels itself)
-    )
+    # a weakref to that open Reservation: close() cancels its own thread's (a dropped one cancels itself)
+    _reservation = None
 
     def _rings(self) -> _Rings:
         rings = self._rings_cache

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from gpuq_driver import ConfigError, GpuqError, GpuQueue, QueueClosed, QueueConfig, QueueFull
-from gpuq_driver.layout import CtrlDev
+from gpuq_driver.layout import KERNEL_PARKED, KERNEL_RUNNING, CtrlDev
 from gpuq_driver.lease import Leases
 
 
@@ -46,10 +46,10 @@ def test_stats_never_reports_running_once_every_lease_has_ended():
         assert wait_for(lambda: parked(q)), q.stats()
         real_ctrl, real_ended, launches = q._kernel.ctrl, q._leases.ended, q._leases.launches
         # the device mid-way through a lease's end: still RUNNING, not yet ended
-        real_ctrl.state, real_ended[0] = 1, launches - 1
+        real_ctrl.state, real_ended[0] = KERNEL_RUNNING, launches - 1
 
         def end_the_lease():  # end_lease's order: state, then leases_ended
-            real_ctrl.state, real_ended[0] = 3, launches
+            real_ctrl.state, real_ended[0] = KERNEL_PARKED, launches
 
         class Ctrl:
             def __getattr__(self, name):
