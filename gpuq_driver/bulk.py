@@ -272,7 +272,8 @@ class Reservation:
     store); ``cancel()`` gives the slots back unpublished.  ``with q.reserve(n) as r:`` commits at
     the end of the block, or cancels if the block raised.  The reservation holds the queue's
     producer lock until then: other threads' enqueues wait, and the reserving thread's own
-    ``enqueue``/``enqueue_many``/``reserve``/``shutdown`` raise GpuqError.  Do not touch ``data``
+    ``enqueue``/``enqueue_many``/``reserve``/``shutdown`` raise GpuqError (its ``close()`` cancels
+    the reservation; a commit after that raises QueueClosed).  Do not touch ``data``
     after commit or cancel (the slots belong to the device, then to later messages), nor after the
     queue is closed (the memory is freed).
     """
