@@ -96,8 +96,8 @@ def vector_lease(self) -> None:
             time.sleep(0 if idle < 100 else min(1e-3, 1e-6 * idle))
     self._claim = seq
     ctrl.leases_leaving = ctrl.leases_ended + 1
-    ctrl.leases_ended += 1
     ctrl.state = KERNEL_EXITED if stop in (STOP_DRAIN, STOP_ABORT) else KERNEL_PARKED
+    ctrl.leases_ended += 1  # last, after the state, as the simulator and end_lease
 
 
 class Timers:

@@ -272,18 +272,20 @@ class Reservation:
     store); ``cancel()`` gives the slots back unpublished.  ``with q.reserve(n) as r:`` commits at
     the end of the block, or cancels if the block raised.  The reservation holds the queue's
     producer lock until then: other threads' enqueues wait, and the reserving thread's own
-    ``enqueue``/``enqueue_many``/``reserve``/``shutdown`` raise GpuqError.  Do not touch ``data``
+    ``enqueue``/``enqueue_many``/``reserve``/``shutdown`` raise GpuqError (its ``close()`` cancels
+    the reservation; a commit after that raises QueueClosed).  Do not touch ``data``
     after commit or cancel (the slots belong to the device, then to later messages), nor after the
     queue is closed (the memory is freed).
     """
 
-    __slots__ = ("_q", "_real", "first", "_data", "lengths", "_n", "_open", "__weakref__")
+    __slots__ = ("_q", "_real", "first", "_data", "lengths", "_n", "_open", "_closed_by_queue", "__weakref__")
 
     def __init__(self, q, real_lock, first: int, n: int, data: np.ndarray):
         self._q, self._real, self.first, self._n = q, real_lock, first, n
         self._data = data
         self.lengths = np.full(n, q._sb, np.uint32)
         self._open = True
+        self._closed_by_queue = False  # cancelled by the reserving thread's close()
 
     def __len__(self) -> int:
         return self._n
@@ -315,9 +317,12 @@ class Reservation:
 
         Raises GpuqError (already committed or cancelled), PayloadError / PayloadTypeError (bad
         lengths or n: the reservation stays open, fix and commit again, or cancel), QueueClosed
-        (the queue was abandoned at interpreter exit), CudaError as ``enqueue`` (the messages are
+        (the queue was closed, by this thread while the reservation was open, or abandoned at
+        interpreter exit: nothing is published), CudaError as ``enqueue`` (the messages are
         queued)."""
         if not self._open:
+            if self._closed_by_queue:
+                raise QueueClosed("queue is closed: close() cancelled this open reservation, nothing was published")
             raise GpuqError("the reservation is already committed or cancelled")
         q = self._q
         count = self._n if n is None else check_int("n", n, 0, self._n)
@@ -357,6 +362,8 @@ class Reservation:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if not self._open:
+            if exc_type is None and self._closed_by_queue:  # the block closed the queue: no commit
+                self.commit()  # raises QueueClosed
             return
         if exc_type is None:
             self.commit()
@@ -513,7 +520,8 @@ class BulkCalls:
         lock's GpuqError would leave the kernel running and the device busy for the process."""
         lock, ref = self._plock, self._reservation
         r = ref() if ref is not None else None
-        if type(lock) is _HeldLock and lock.owner == threading.get_ident() and r is not None:
+        if type(lock) is _HeldLock and lock.owner == threading.get_ident() and r is not None and r._open:
+            r._closed_by_queue = True
             r.cancel()
 
     def _real_plock(self):

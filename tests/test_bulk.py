@@ -624,6 +624,44 @@ def test_close_from_the_reserving_thread_cancels_the_reservation_and_frees_the_d
     assert q2.wait_result(q2.enqueue(b"after"), 10) == b"after"
 
 
+def test_a_reservation_cancelled_by_close_says_the_queue_is_closed(make_queue):
+    """After close() cancelled the calling thread's open reservation, its commit (also the commit
+    of a ``with q.reserve()`` block left without an exception) raises QueueClosed: the messages
+    written into it are not published, and the user never cancelled it."""
+    q = make_queue(capacity=16, slot_bytes=16)
+    r = q.reserve(2)
+    q.close()
+    with pytest.raises(QueueClosed, match="close"):
+        r.commit()
+    r.cancel()  # nothing, as after any cancel
+    with pytest.raises(GpuqError, match="committed or cancelled"):
+        _ = r.data
+    q2 = make_queue(capacity=16, slot_bytes=16)
+    with pytest.raises(QueueClosed, match="close"):
+        with q2.reserve(2) as r2:
+            r2.data[:, :1] = 1
+            q2.close()
+    q3 = make_queue(capacity=16, slot_bytes=16)
+    with q3.reserve(2) as r3:
+        r3.commit()
+        q3.close()  # committed before: the block ends quietly
+    with pytest.raises(GpuqError, match="already committed"):
+        r3.commit()
+
+
+def test_close_from_another_thread_waits_for_the_reservation_and_does_not_cancel_it(make_queue):
+    q = make_queue(capacity=16, slot_bytes=16)
+    r = q.reserve(3)
+    t = threading.Thread(target=q.close)
+    t.start()
+    time.sleep(0.05)
+    assert t.is_alive() and r.open and not q.closed  # waits: only the reserving thread's close cancels
+    r.data[:, :2] = np.frombuffer(b"ok", np.uint8)
+    assert r.commit(2) == 0
+    t.join(10)
+    assert not t.is_alive() and q.closed and q._kernel.closed
+
+
 def test_shutdown_from_another_thread_waits_for_the_commit_and_drains_it(make_queue):
     q = make_queue(capacity=16, slot_bytes=16)
     r = q.reserve(3)
