@@ -649,12 +649,19 @@ def test_a_reservation_cancelled_by_close_says_the_queue_is_closed(make_queue):
         r3.commit()
 
 
-def test_close_from_another_thread_waits_for_the_reservation_and_does_not_cancel_it(make_queue):
-    q = make_queue(capacity=16, slot_bytes=16)
+def reserve_then_call_from_another_thread(q, call):
+    """A reservation of 3 slots held by this thread, and ``call`` (q.close, q.shutdown) started in
+    another thread 50 ms ago: (the reservation, that thread)."""
     r = q.reserve(3)
-    t = threading.Thread(target=q.close)
+    t = threading.Thread(target=call)
     t.start()
     time.sleep(0.05)
+    return r, t
+
+
+def test_close_from_another_thread_waits_for_the_reservation_and_does_not_cancel_it(make_queue):
+    q = make_queue(capacity=16, slot_bytes=16)
+    r, t = reserve_then_call_from_another_thread(q, q.close)
     assert t.is_alive() and r.open and not q.closed  # waits: only the reserving thread's close cancels
     r.data[:, :2] = np.frombuffer(b"ok", np.uint8)
     assert r.commit(2) == 0
@@ -664,10 +671,7 @@ def test_close_from_another_thread_waits_for_the_reservation_and_does_not_cancel
 
 def test_shutdown_from_another_thread_waits_for_the_commit_and_drains_it(make_queue):
     q = make_queue(capacity=16, slot_bytes=16)
-    r = q.reserve(3)
-    t = threading.Thread(target=q.shutdown)
-    t.start()
-    time.sleep(0.05)
+    r, t = reserve_then_call_from_another_thread(q, q.shutdown)
     assert t.is_alive()
     r.data[:, :2] = np.frombuffer(b"ok", np.uint8)
     r.commit(2)
