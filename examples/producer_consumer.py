@@ -93,24 +93,37 @@ def run(argv: list[str] | None, progress, prog: str) -> int:
     received = 0
     pool_view = memoryview(pool)
     stop = threading.Event()  # set by Ctrl-C: the producer stops, the consumer takes what was sent
+    # Each thread says it is done with an Event, not with Thread.is_alive(): on CPython <= 3.12 a
+    # Ctrl-C that lands in Thread.join() can mark a thread that is still running as stopped, and
+    # the consumer then left one message in flight behind it (a CI run: "1 lost").
+    sent_all, taken_all = threading.Event(), threading.Event()
 
     def producer() -> None:
         k = len(offsets)
         clock = time.perf_counter_ns
-        for i in range(n):
-            if stop.is_set():
-                return
-            o, ln = int(offsets[i % k]), int(lengths[i % k])
-            t = clock()
-            sent_at[queue.enqueue(pool_view[o : o + ln], timeout=30)] = t
+        try:
+            for i in range(n):
+                if stop.is_set():
+                    return
+                o, ln = int(offsets[i % k]), int(lengths[i % k])
+                t = clock()
+                sent_at[queue.enqueue(pool_view[o : o + ln], timeout=30)] = t
+        finally:
+            sent_all.set()
 
     def consumer() -> None:
+        try:
+            take()
+        finally:
+            taken_all.set()
+
+    def take() -> None:
         nonlocal received
         k = len(offsets)
         clock = time.perf_counter_ns
         shown = 0.0
         while received < n:
-            if stop.is_set() and not threads[0].is_alive() and received >= queue.stats().enqueued:
+            if stop.is_set() and sent_all.is_set() and received >= queue.stats().enqueued:
                 return
             if progress is not None and time.monotonic() - shown > 0.1:
                 progress(received, n)
@@ -142,23 +155,22 @@ def run(argv: list[str] | None, progress, prog: str) -> int:
                 flush=True,
             )
 
-        def wait(thread: threading.Thread, timeout: float) -> None:
-            """Join ``thread`` (at most ``timeout`` s), printing a progress line about every second."""
+        def wait(done: threading.Event, timeout: float) -> None:
+            """Wait for ``done`` (at most ``timeout`` s), printing a progress line about every second."""
             end = time.perf_counter() + timeout
-            while thread.is_alive() and (left := end - time.perf_counter()) > 0:
-                thread.join(min(1.0, left))
-                if thread.is_alive():
+            while not done.is_set() and (left := end - time.perf_counter()) > 0:
+                if not done.wait(min(1.0, left)):
                     show()
 
         try:
             for t in reversed(threads):  # the consumer first: a producer alone could block on a full ring
                 t.start()
-            wait(threads[0], float("inf"))
-            wait(threads[1], 60)
+            wait(sent_all, float("inf"))
+            wait(taken_all, 60)
         except KeyboardInterrupt:  # Ctrl-C: stop sending, take what was sent, then report
             stop.set()
-            wait(threads[0], float("inf"))
-            wait(threads[1], 60)
+            wait(sent_all, float("inf"))
+            wait(taken_all, 60)
         show()  # a last progress line, however short the run was
         elapsed = time.perf_counter() - t0
         stats = queue.stats()
