@@ -278,7 +278,7 @@ class Reservation:
     queue is closed (the memory is freed).
     """
 
-    __slots__ = ("_q", "_real", "first", "_data", "lengths", "_n", "_open", "_closed_by_queue", "__weakref__")
+    __slots__ = ("_q", "_real", "first", "_data", "lengths", "_n", "_open", "_closed_by_queue", "_guard", "__weakref__")
 
     def __init__(self, q, real_lock, first: int, n: int, data: np.ndarray):
         self._q, self._real, self.first, self._n = q, real_lock, first, n
@@ -286,6 +286,9 @@ class Reservation:
         self.lengths = np.full(n, q._sb, np.uint32)
         self._open = True
         self._closed_by_queue = False  # cancelled by the reserving thread's close()
+        # commit and cancel in two threads: one of them ends the reservation, the other finds it
+        # ended (the producer lock is released once, never while the commit publishes)
+        self._guard = threading.Lock()
 
     def __len__(self) -> int:
         return self._n
@@ -319,7 +322,11 @@ class Reservation:
         lengths or n: the reservation stays open, fix and commit again, or cancel), QueueClosed
         (the queue was closed, by this thread while the reservation was open, or abandoned at
         interpreter exit: nothing is published), CudaError as ``enqueue`` (the messages are
-        queued)."""
+        queued).  A ``cancel()`` in another thread waits for a commit under way, then does nothing."""
+        with self._guard:
+            return self._commit(lengths, n)
+
+    def _commit(self, lengths, n) -> int:
         if not self._open:
             if self._closed_by_queue:
                 raise QueueClosed("queue is closed: close() cancelled this open reservation, nothing was published")
@@ -345,9 +352,15 @@ class Reservation:
         return self.first
 
     def cancel(self) -> None:
-        """Give the slots back unpublished (nothing is enqueued); nothing once committed or cancelled."""
-        if self._open:
-            self._unlock()
+        """Give the slots back unpublished (nothing is enqueued); nothing once committed or cancelled
+        (a commit under way in another thread is waited for)."""
+        self._cancel(False)
+
+    def _cancel(self, by_close: bool) -> None:
+        with self._guard:
+            if self._open:
+                self._closed_by_queue = by_close
+                self._unlock()
 
     def _unlock(self) -> None:
         self._open = False
@@ -521,8 +534,7 @@ class BulkCalls:
         lock, ref = self._plock, self._reservation
         r = ref() if ref is not None else None
         if type(lock) is _HeldLock and lock.owner == threading.get_ident() and r is not None and r._open:
-            r._closed_by_queue = True
-            r.cancel()
+            r._cancel(True)
 
     def _real_plock(self):
         lock = self._plock

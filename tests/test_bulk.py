@@ -682,6 +682,37 @@ def test_shutdown_from_another_thread_waits_for_the_commit_and_drains_it(make_qu
         q.reserve(1)
 
 
+def test_cancel_during_a_commit_in_another_thread_waits_and_does_nothing(make_queue):
+    """A review found that commit() and cancel() in two threads could both see the reservation
+    open: the producer lock was released twice, once while the commit was still publishing."""
+    q = make_queue(capacity=16, slot_bytes=16)
+    r = q.reserve(3)
+    r.data[:, :2] = np.frombuffer(b"ok", np.uint8)
+    publishing, go_on = threading.Event(), threading.Event()
+    publish = q._publish_locked
+
+    def slow_publish(*args):
+        publishing.set()
+        go_on.wait(10)
+        return publish(*args)
+
+    q._publish_locked = slow_publish
+    committed = []
+    t = threading.Thread(target=lambda: committed.append(r.commit(2)))
+    t.start()
+    assert publishing.wait(10)
+    c = threading.Thread(target=r.cancel)
+    c.start()
+    c.join(0.05)
+    assert c.is_alive()  # it waits for the commit under way
+    go_on.set()
+    t.join(10)
+    c.join(10)
+    assert committed == [0] and not r.open
+    assert results_as_bytes(*q.take_results(0, 3, timeout=10)) == [b"ok"] * 3
+    assert q.wait_result(q.enqueue(b"after", timeout=1), 10) == b"after"  # the producer lock works
+
+
 def test_a_dropped_open_reservation_is_cancelled(make_queue):
     q = make_queue(capacity=8, slot_bytes=16)
     with pytest.warns(ResourceWarning, match="dropped open"):
