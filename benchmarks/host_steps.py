@@ -38,7 +38,7 @@ from gpuq_driver.layout import CHECK_LOW  # noqa: E402
 # (name, statement): enqueue's steps in its order (queue.py, GpuQueue.enqueue)
 ENQUEUE_STEPS = [
     ("checks: timeout, type, size", "timeout is not None; type(p) is not bytes; n = len(p); n > sb"),
-    ("producer lock", "plock.acquire(); plock.release()"),
+    ("producer lock", "with plock: pass"),
     ("slot and offset", "seq = q._head; seq >= q._limit; slot = seq & q._mask; off = slot * q._sb"),
     ("payload copy (64 B)", "data[off : off + n] = p"),
     ("slot check (one_read)", "f = (crc32(p, seq ^ n << 24) | 0xFF) ^ CHECK_LOW"),
@@ -49,7 +49,7 @@ ENQUEUE_STEPS = [
 # try_dequeue_result's steps (queue.py)
 TAKE_STEPS = [
     ("msg_id check, slot", "type(m) is not int; slot = m & mask"),
-    ("consumer lock", "clock.acquire(); clock.release()"),
+    ("consumer lock", "with clock: pass"),
     ("header: 2 loads", "rh[(slot << 1) | 1] != m; lf = rh[slot << 1]"),
     ("result copy out (64 B)", "res[off : off + (lf & 0xFFFFFFFF)].tobytes()"),
     ("tail bookkeeping", "t = q._tail; q._tail = t; q._accepting and 1; q._cap + t"),

@@ -241,18 +241,33 @@ class _HeldLock:
     def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
         if threading.get_ident() == self.owner:
             if blocking and timeout < 0:
-                raise GpuqError(
-                    "this thread holds an open reservation (reserve()): commit() or cancel() it before "
-                    "enqueueing, reserving again or shutting down"
-                )
+                self.refuse_owner()
             return False
         return self.real.acquire(blocking, timeout)
+
+    def refuse_owner(self) -> None:
+        """GpuqError in the thread that holds the reservation (it would wait for itself)."""
+        if threading.get_ident() == self.owner:
+            raise GpuqError(
+                "this thread holds an open reservation (reserve()): commit() or cancel() it before "
+                "enqueueing, reserving again or shutting down"
+            )
 
     def release(self) -> None:
         self.real.release()
 
     def __enter__(self):
-        self.acquire()
+        self.refuse_owner()
+        # Not self.acquire(): CPython runs signal handlers after each call returns, so a
+        # KeyboardInterrupt could come with the lock taken and no ``with`` block yet to release it.
+        # C code (map, list.extend) takes it and notes it here first.
+        held: list = []
+        try:
+            held.extend(map(self.real.acquire, (True,)))
+        except BaseException:
+            if held:
+                self.real.release()
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
@@ -284,7 +299,7 @@ class Reservation:
         self._q, self._real, self.first, self._n = q, real_lock, first, n
         self._data = data
         self.lengths = np.full(n, q._sb, np.uint32)
-        self._open = True
+        self._open = False  # reserve() opens it last, with no call in between (see there)
         self._closed_by_queue = False  # cancelled by the reserving thread's close()
         # commit and cancel in two threads: one of them ends the reservation, the other finds it
         # ended (the producer lock is released once, never while the commit publishes)
@@ -683,9 +698,13 @@ class BulkCalls:
         n = check_int("n", n, 1)
         if timeout is not None:
             timeout = check_seconds("timeout", timeout)
-        self._plock.acquire()  # GpuqError from the _HeldLock if this thread holds a reservation
+        lock = self._plock
+        if type(lock) is _HeldLock:
+            lock.refuse_owner()  # GpuqError if this thread holds the reservation
         real = self._real_plock()
+        held: list = []  # the lock, once taken: noted by C code (see _HeldLock.__enter__), released on error
         try:
+            held.extend(map(real.acquire, (True,)))
             if self._doorbell is None:
                 raise QueueClosed("queue is closed")
             seq = self._head
@@ -696,11 +715,14 @@ class BulkCalls:
                     raise QueueClosed("queue is shut down: enqueue is no longer accepted")
                 self._wait_for_room(seq, k, timeout)
             s0 = seq & self._mask
-            r = Reservation(self, real, seq, k, self._rings().req_data[s0 : s0 + k])
-            self._reserved, self._reservation = k, weakref.ref(r)
-            self._plock = _HeldLock(real, threading.get_ident())
+            r = Reservation(self, real, seq, k, self._rings().req_data[s0 : s0 + k])  # not open: drops quietly
+            ref, stand_in = weakref.ref(r), _HeldLock(real, threading.get_ident())
+            # stores only from here (no call, so no KeyboardInterrupt): the reservation owns the lock
+            r._open = True
+            self._reserved, self._reservation, self._plock = k, ref, stand_in
         except BaseException:
-            real.release()
+            if held:
+                real.release()
             raise
         return r
 

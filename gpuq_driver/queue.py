@@ -466,9 +466,9 @@ class GpuQueue(BulkCalls, DeviceCalls):
         n = len(payload)
         if n > self._sb:
             raise PayloadError(f"payload is {n} bytes; slot_bytes is {self._sb} (the limit per message)")
-        plock = self._plock  # acquire/release, not ``with``: 0.2 µs less (benchmarks/host_steps.py)
-        plock.acquire()
-        try:
+        # ``with``, not acquire(); try: a KeyboardInterrupt raised as acquire() returns (CPython runs
+        # signal handlers after each call) would skip the finally and leave the lock held for good
+        with self._plock:
             seq = self._head
             if seq >= self._limit:  # ring full, or shut down (_limit = -1)
                 self._wait_for_slot(seq, timeout)
@@ -485,8 +485,6 @@ class GpuQueue(BulkCalls, DeviceCalls):
             hdr[slot | 1] = seq
             self._head = seq = seq + 1
             self._doorbell[0] = seq  # the doorbell, last
-        finally:
-            plock.release()
         # The lock's release is a full fence (x86 locked instruction): the doorbell store is
         # visible before these loads, the host half of the relaunch handshakes (lease.py).
         if self._begun[0] == self._leases.launches:
@@ -550,9 +548,7 @@ class GpuQueue(BulkCalls, DeviceCalls):
         """
         if max_items is not None:
             max_items = check_int("max_items", max_items, 0)
-        clock = self._clock  # acquire/release, not ``with``: 0.2 µs less (benchmarks/host_steps.py)
-        clock.acquire()
-        try:
+        with self._clock:  # not acquire(); try: (enqueue says why)
             if self._res_hdr is None:
                 raise QueueClosed("queue is closed")
             if self._dropped:
@@ -566,8 +562,6 @@ class GpuQueue(BulkCalls, DeviceCalls):
                     out.append(seq)
                 seq += 1
             self._polled = seq
-        finally:
-            clock.release()
         if not out:
             self._keep_serving()
         return out
@@ -617,9 +611,7 @@ class GpuQueue(BulkCalls, DeviceCalls):
         if type(msg_id) is not int:  # self._slot, inlined (this call is on the round trip)
             msg_id = _msg_id_int(msg_id)
         slot = msg_id & self._mask
-        clock = self._clock  # acquire/release, not ``with``: 0.2 µs less (benchmarks/host_steps.py)
-        clock.acquire()
-        try:
+        with self._clock:  # not acquire(); try: (enqueue says why)
             hdr = self._res_hdr
             if hdr is None:
                 raise QueueClosed("queue is closed")
@@ -646,8 +638,6 @@ class GpuQueue(BulkCalls, DeviceCalls):
             else:
                 self._taken[slot] = msg_id
                 self._taken_ahead += 1
-        finally:
-            clock.release()
         flags = len_flags >> 32
         if flags != DONE:  # DONE | protocol error << ERR_SHIFT | RESULT_FAILED | failure code << 16
             if flags & RESULT_FAILED:
@@ -676,15 +666,11 @@ class GpuQueue(BulkCalls, DeviceCalls):
             raise ConfigError(f"{exc}, or None (no limit)") from None
         idx = (self._slot(msg_id) << 1) | 1
         start = time.perf_counter()
-        clock = self._clock
-        clock.acquire()
-        try:  # spin on the result's msg_id word alone: ~50 ns a look
+        with self._clock:  # spin on the result's msg_id word alone: ~50 ns a look
             hdr = self._res_hdr
             for _ in range(1000 if hdr is not None else 0):
                 if hdr[idx] == msg_id:
                     break
-        finally:
-            clock.release()
         pause = 0.0
         while True:
             result = self.try_dequeue_result(msg_id)
