@@ -323,35 +323,49 @@ class Leases:
         """True while a launched lease is running or queued (the device has not ended them all)."""
         return self.ended[0] != self.launches
 
-    def pause(self, timeout: float) -> None:
+    def pause(self, timeout: float, noted: list | None = None) -> None:
         """Stop launching, then wait (up to ``timeout`` s) until no lease runs or is queued.
 
         Pauses nest: the kernel runs again after as many ``resume()`` calls.  Returns within
         ``2 × lease_ms`` plus the messages in flight.  Raises GpuqError on timeout (this pause
         is undone), QueueClosed once shutdown or close has begun, ConfigError where leases
         never end (``lease_ms=math.inf``), KernelFault / PluginHung once the kernel has failed
-        (also when that is found while it waits; the pause is undone).
+        (also when that is found while it waits; the pause is undone).  Anything else raised while
+        it waits (a KeyboardInterrupt) undoes the pause too.  ``noted``: a list that gets True
+        appended once the pause is in force and waited for, so that a caller interrupted as this
+        returns knows to undo it (GpuQueue.paused).
         """
         self.check()
         if not self._ahead:
             raise ConfigError("lease_ms=inf: the kernel never leaves, so pause() cannot park it")
-        with self._lock:
-            if self.stopping or self.closed:
-                raise QueueClosed("queue is shut down: there is nothing to pause")
-            self._depth += 1
-            if self._depth == 1:
-                self.pauses += 1
+        counted = False
+        try:
+            with self._lock:
+                if self.stopping or self.closed:
+                    raise QueueClosed("queue is shut down: there is nothing to pause")
+                self._depth += 1
+                counted = True  # a store, no call: no KeyboardInterrupt between the two
+                if self._depth == 1:
+                    self.pauses += 1
+            self._wait_parked(timeout)
+        except BaseException:
+            if counted:
+                self.resume()
+            raise
+        if noted is not None:
+            noted.append(True)  # C code: done before a KeyboardInterrupt can be raised after it
+
+    def _wait_parked(self, timeout: float) -> None:
+        """pause()'s wait (the caller undoes the pause if this raises)."""
         deadline = time.monotonic() + timeout
         while self._busy():
             if self.failure is not None:
-                self.resume()
                 self.check()
             if self.closed:
                 raise QueueClosed("queue was closed while pause() waited")
             if self.stopping:
                 raise QueueClosed("queue was shut down while pause() waited")
             if time.monotonic() > deadline:
-                self.resume()
                 raise GpuqError(
                     f"the persistent kernel did not leave within {timeout} s "
                     f"({self.launches} leases launched, {self.ended[0]} ended); not paused"

@@ -786,12 +786,17 @@ class GpuQueue(BulkCalls, DeviceCalls):
     @contextlib.contextmanager
     def paused(self, timeout: float | None = None):
         """``with q.paused(): ...`` runs the block with the kernel parked (``pause``), then undoes
-        that pause.  Blocks nest; if the pause fails (timeout), nothing is left paused."""
-        self.pause(timeout)
+        that pause.  Blocks nest; if the pause fails (timeout) or is interrupted (Ctrl-C while it
+        waits or as it returns), nothing is left paused."""
+        timeout = self.config.shutdown_timeout_s if timeout is None else check_seconds("timeout", timeout)
+        if self.closed:
+            raise QueueClosed("queue is closed")
+        in_force: list = []  # Leases.pause appends to it once the pause is in force
         try:
+            self._leases.pause(timeout, in_force)
             yield self
         finally:
-            if not self.closed:
+            if in_force and not self.closed:
                 self.resume()
 
     def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:

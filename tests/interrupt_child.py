@@ -10,6 +10,9 @@ KeyboardInterrupt both locks must be free within 2 s; then ``close()`` must retu
 PATTERN "reserve": the same, but a contending thread holds reservations (reserve, commit: other
 threads then wait behind bulk._HeldLock) and the main thread also calls enqueue_many and
 reserve/cancel; after each interrupt no reservation may be left open either.
+PATTERN "pause": ``with q.paused():`` while a slow message (0.2 s on the simulator) keeps the
+lease busy, interrupted after 0-0.3 s (in the wait, as it returns, or in the block); afterwards no
+pause may be left in force: a new message must be processed within 2 s.
 Prints LEAKED and exits 3 if a lock stayed held (a later call or close() would wait for ever) or
 a reservation open, else prints OK with the counts and exits 0.
 """
@@ -43,7 +46,38 @@ def locks_free(q) -> str | None:
     return None
 
 
+def pauses(rounds: int) -> int:
+    q = GpuQueue(QueueConfig(capacity=64, slot_bytes=64, backend="sim"))
+    rng = random.Random(os.getpid())
+    hits = 0
+    for i in range(rounds):
+        q._kernel.delay_s = 0.2
+        q.enqueue(b"slow")
+        time.sleep(0.02)
+        timer = threading.Timer(rng.uniform(0.0, 0.3), _thread.interrupt_main)
+        timer.start()
+        try:
+            with q.paused():
+                time.sleep(0.3)
+        except KeyboardInterrupt:
+            hits += 1
+        timer.join()
+        q._kernel.delay_s = 0.0
+        try:
+            for mid in q.outstanding():
+                q.wait_result(mid, timeout=2.0)
+        except ResultTimeout as exc:
+            print(f"LEAKED pause after round {i}: {exc}; kernel {q.stats().kernel}")
+            sys.stdout.flush()
+            os._exit(3)
+    q.close()
+    print(f"OK {rounds} rounds, {hits} interrupted")
+    return 0
+
+
 def main() -> int:
+    if PATTERN == "pause":
+        return pauses(INTERRUPTS)
     q = GpuQueue(QueueConfig(capacity=64, slot_bytes=64, backend="sim"))
     stop, fire, quiet = threading.Event(), threading.Event(), threading.Event()
     rng = random.Random(os.getpid())

@@ -37,3 +37,11 @@ def test_an_interrupt_beside_a_reservation_leaves_no_lock_held_and_no_reservatio
     before the fix."""
     code, out = run_child("reserve", "150")
     assert code == 0 and "OK 150 interrupts" in out, out[-2000:]
+
+
+def test_an_interrupted_pause_leaves_nothing_paused():
+    """``with q.paused():`` interrupted while pause() waited for the lease to leave left the pause
+    in force (Leases.pause undid itself only on its own timeout), so every later message waited
+    for a resume() nobody would call: wait_result raised ResultTimeout "the queue is paused"."""
+    code, out = run_child("pause", "12")
+    assert code == 0 and "OK 12 rounds" in out, out[-2000:]
