@@ -208,7 +208,13 @@ class PersistentKernel:
         Callable from any thread (it makes the context current there); ~10 µs of host time.
         The caller (lease.Leases) serialises launches.  Raises CudaError.
         """
-        driver.launch(self._fn, self.blocks, self.threads, self._args, self.stream, cooperative=True)
+        try:
+            driver.launch(self._fn, self.blocks, self.threads, self._args, self.stream, cooperative=True)
+        except CudaError:  # refused: nothing was queued
+            raise
+        except BaseException:  # a KeyboardInterrupt in or just after the call: it may be queued
+            self._launched = True  # so idle() asks the stream (lease.Leases settles the count)
+            raise
         self._launched = True
 
     def idle(self) -> bool:

@@ -101,6 +101,7 @@ class Leases:
         self.ended = words[_ENDED : _ENDED + 1]
         self.leaving = words[_LEAVING : _LEAVING + 1]
         self.launches = 0
+        self._unsure = False  # a launch was interrupted: ``launches`` may count one never queued
         self.pauses = 0  # times the kernel was asked to park (0 -> 1 pause in force)
         self._depth = 0  # pause() calls in force: nested and concurrent pauses count
         self.stopping = False  # shutdown asked for the last leases: no pause from now on
@@ -130,6 +131,8 @@ class Leases:
         or after ``close``.  Raises KernelFault if the launch fails because the CUDA context is lost
         (the queue is then stopped for good), CudaError if it fails otherwise.
         """
+        if self._unsure:
+            self._settle()
         with self._lock:
             if self.paused or self.closed or self._failing is not None or self._kernel.ctrl.state == KERNEL_EXITED:
                 return False
@@ -143,9 +146,12 @@ class Leases:
             self.launches = n + 1  # first: the device's ended count never passes it
             try:
                 self._kernel.launch()
-            except BaseException as exc:
+            except Exception as exc:  # the launch failed: nothing was queued
                 self.launches = n
                 failed = exc
+            except BaseException:  # a KeyboardInterrupt in or just after the call: queued or not?
+                self._unsure = True  # serving() settles it once the stream is idle
+                raise
             else:
                 failed = None
         if failed is not None:
@@ -321,7 +327,25 @@ class Leases:
 
     def serving(self) -> bool:
         """True while a launched lease is running or queued (the device has not ended them all)."""
+        if self._unsure:
+            self._settle()
         return self.ended[0] != self.launches
+
+    def _settle(self) -> None:
+        """After a launch interrupted with its outcome unknown (counted as launched): once the
+        stream is idle, nothing launched runs or waits, so the device's ended count is the number
+        of leases launched.  (Counted but never queued, the lease would have been waited for as
+        "not begun yet" for good: no producer, no keeper would launch again.)"""
+        with self._lock:
+            if not self._unsure:
+                return
+            try:
+                if not self._kernel.idle():
+                    return
+            except KernelFault:
+                return  # the watchdog and the waiters find it
+            self.launches = int(self.ended[0])
+            self._unsure = False
 
     def pause(self, timeout: float, noted: list | None = None) -> None:
         """Stop launching, then wait (up to ``timeout`` s) until no lease runs or is queued.

@@ -439,3 +439,39 @@ def test_a_pause_overtaken_by_shutdown_raises():
     with pytest.raises(QueueClosed, match="shut down while pause"):
         q.pause(timeout=5)
     q.close()
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_an_interrupted_launch_does_not_jam_the_queue(make_queue, when):
+    """A KeyboardInterrupt in a launch (Ctrl-C while a producer relaunches a parked queue) used to
+    undo the launch count whatever had happened: interrupted after the driver queued the lease,
+    the count stayed one behind the device's, so nobody launched again, messages waited for good
+    and close() timed out.  Interrupted before, the lease is not queued: counted as launched
+    until the stream is idle, it must not be waited for as "not begun yet" either."""
+    q = make_queue(capacity=16, slot_bytes=16, linger_ms=0.0)
+    assert q.wait_result(q.enqueue(b"warm"), 10) == b"warm"
+    deadline = time.monotonic() + 10
+    while q.stats().kernel != "parked":
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    kernel, launch = q._kernel, q._kernel.launch
+
+    def interrupted_launch():
+        kernel.launch = launch  # once
+        if when == "after":
+            launch()
+        raise KeyboardInterrupt
+
+    kernel.launch = interrupted_launch
+    with pytest.raises(KeyboardInterrupt):
+        q.enqueue(b"first")  # published, then the producer launches (interrupted)
+    assert q.wait_result(1, 10) == b"first"
+    leases = q._leases
+    deadline = time.monotonic() + 10
+    while leases.ended[0] != leases.begun[0] or not q._kernel.idle():  # the device's own counts: parked
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    assert q.wait_result(q.enqueue(b"next"), 10) == b"next"
+    started = time.monotonic()
+    q.close()
+    assert time.monotonic() - started < 5
