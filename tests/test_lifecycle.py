@@ -283,14 +283,20 @@ def test_a_producer_and_a_pauser_thread(make_queue, backend):
 
 
 def test_a_lingering_kernel_keeps_serving_then_parks(make_queue):
-    """After the last message the keeper keeps leases coming for linger_ms, then lets the kernel park."""
+    """After the last message the keeper keeps leases coming for linger_ms, then lets the kernel park.
+
+    One snapshot can fall in a gap between two leases: a keeper descheduled for longer than a
+    lease (a loaded machine) finds every lease it launched ended, the state "parked", and
+    launches the next one at its next look (1 of 12 runs under four busy processes on 2 CPUs).
+    So "still running" is a lease seen within 50 ms of the snapshot, well inside linger_ms."""
     q = make_queue(capacity=16, slot_bytes=32, lease_ms=1.0, linger_ms=400)
     assert q.wait_result(q.enqueue(b"x")) == b"x"
     before = q.stats().launches
     time.sleep(0.1)
     s = q.stats()
-    assert s.kernel == "running" and s.launches >= before + 5, s  # a lease per ~1 ms, from the keeper
+    assert s.launches >= before + 5, s  # a lease per ~1 ms, from the keeper
     assert s.launches - s.exits <= 2
+    assert s.kernel == "running" or wait_for(lambda: q.stats().kernel == "running", timeout=0.05), s
     assert wait_for(lambda: parked(q), timeout=10), q.stats()
     assert q.wait_result(q.enqueue(b"y")) == b"y"
 
