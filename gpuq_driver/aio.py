@@ -14,12 +14,12 @@ The event loop thread never spins or sleeps: it makes the same non-blocking call
 API (an enqueue is a few stores; a take a copy) and otherwise awaits futures.  One background
 *poller* thread per AsyncQueue watches the mapped result headers for what is awaited (one
 vectorised compare of every awaited msg_id per look) and wakes the awaiting loops with
-``loop.call_soon_threadsafe``; the result is then taken in the loop's thread, so a cancelled or
-timed-out await never loses it (it stays in the queue, takeable).  The poller looks back to back
-(yielding the GIL) for ``spin_s`` after the last progress, then sleeps with growing pauses up to
-``max_sleep_s`` while messages are outstanding and ``idle_sleep_s`` when none is (or the queue is
-paused); with nothing
-awaited at all it blocks on an event (no CPU).  An await registered from the loop wakes it at once.
+``loop.call_soon_threadsafe``; the awaiting task then takes the result itself, in the step that
+returns it, so a cancelled or timed-out await never loses it (it stays in the queue, takeable).
+The poller looks back to back (yielding the GIL) for ``spin_s`` after the last progress, then
+sleeps with growing pauses up to ``max_sleep_s`` while messages are outstanding and
+``idle_sleep_s`` when none is (or the queue is paused); with nothing awaited at all it blocks on an
+event (no CPU).  An await registered from the loop wakes it at once.
 """
 
 from __future__ import annotations
@@ -159,18 +159,31 @@ class AsyncQueue:
         self._start()
         try:
             if deadline is None:
-                return await fut
-            try:
-                return await asyncio.wait_for(fut, max(0.0, deadline - time.monotonic()))
-            except asyncio.TimeoutError:
-                why = " (the queue is paused: resume() lets the kernel process it)" if q._leases.paused else ""
-                raise ResultTimeout(f"no result for msg_id {msg_id} within {timeout} s{why}") from None
+                await fut
+            else:
+                try:
+                    await asyncio.wait_for(fut, max(0.0, deadline - time.monotonic()))
+                except asyncio.TimeoutError:
+                    why = " (the queue is paused: resume() lets the kernel process it)" if q._leases.paused else ""
+                    raise ResultTimeout(f"no result for msg_id {msg_id} within {timeout} s{why}") from None
         finally:
             with self._lock:
                 if self._waiting.get(msg_id) is fut:
                     del self._waiting[msg_id]
                     self._dispatched.discard(msg_id)
                     self._version += 1
+        # Woken: take it here, in this task's own step, with no await between the take and the
+        # return, so that a cancel landing after the wake-up (asyncio.timeout(), wait_for on 3.12+)
+        # leaves the result in the queue rather than taking it and dropping it.
+        r = q.try_dequeue_result(msg_id)
+        if r is not None:
+            return r
+        if self._closed:  # woken without a result: say why
+            raise QueueClosed("the AsyncQueue was closed")
+        q._keep_serving()  # raises where the kernel cannot be launched again
+        if q._kernel.exited():
+            raise KernelStopped(f"the kernel has stopped; msg_id {msg_id} was not processed and never will be")
+        raise UnknownMessage(f"msg_id {msg_id} was taken by another consumer")
 
     async def take_results(self, first: int, n: int, timeout: float | None = None, **kwargs):
         """``queue.take_results(first, n, **kwargs)`` once all are done, awaited (timeout: seconds,
@@ -300,32 +313,15 @@ class AsyncQueue:
                     self._version += 1
 
     def _deliver(self, ids: list[int]) -> None:
-        """In the loop's thread: take each result whose await is still there, and wake it."""
-        q = self.queue
+        """In the loop's thread: wake each await still there; it takes its result itself (a wake-up
+        carries no data, so an await cancelled after it loses nothing)."""
         for mid in ids:
             with self._lock:
                 fut = self._waiting.pop(mid, None)
                 self._dispatched.discard(mid)
                 self._version += 1
-            if fut is None or fut.done():
-                continue  # the await gave up: the result stays in the queue
-            try:
-                r = q.try_dequeue_result(mid)
-            except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
-                fut.set_exception(exc)
-                continue
-            if r is not None:
-                fut.set_result(r)
-                continue
-            try:  # woken without a result: say why
-                if self._closed:
-                    raise QueueClosed("the AsyncQueue was closed")
-                q._keep_serving()  # raises where the kernel cannot be launched again
-                if q._kernel.exited():
-                    raise KernelStopped(f"the kernel has stopped; msg_id {mid} was not processed and never will be")
-                raise UnknownMessage(f"msg_id {mid} was taken by another consumer")
-            except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
-                fut.set_exception(exc)
+            if fut is not None:
+                _set_none(fut)
 
     # -- the poller --------------------------------------------------------------------------------
 

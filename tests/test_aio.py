@@ -383,3 +383,29 @@ def test_device_arrays_through_asyncio_on_the_simulator():
         assert np.array_equal(run(main()), rows.reshape(-1, 32))
     finally:
         q.close()
+
+
+def test_a_cancel_landing_after_the_wake_up_leaves_the_result_in_the_queue(make_queue):
+    """asyncio.timeout() (and wait_for on Python 3.12+) cancels the task from a timer callback:
+    one that runs after the poller's wake-up but before the task resumes must not lose the
+    result (it used to be taken at the wake-up, then dropped by the cancelled task)."""
+    q = make_queue(capacity=16, slot_bytes=16)
+
+    async def main():
+        async with AsyncQueue(q) as aq:
+            with q.paused():
+                mid = await aq.enqueue(b"kept")
+                task = asyncio.ensure_future(aq.result(mid))
+                await asyncio.sleep(0.01)
+                wake = aq._deliver
+
+                def wake_then_cancel(ids):  # the timer's cancel, in the same loop iteration
+                    wake(ids)
+                    task.cancel()
+
+                aq._deliver = wake_then_cancel
+            with pytest.raises(asyncio.CancelledError):
+                await asyncio.wait_for(task, 10)
+            assert q.wait_result(mid, 10) == b"kept"
+
+    run(main())
