@@ -47,9 +47,30 @@ from .errors import (
 )
 
 
-def _set_none(fut) -> None:
+def _wake(fut) -> None:
     if not fut.done():
-        fut.set_result(None)
+        fut.set_result(True)
+
+
+def _expire(fut) -> None:
+    if not fut.done():
+        fut.set_result(False)
+
+
+async def _woken(fut, deadline) -> bool:
+    """Await ``fut`` (set by ``_wake``, or failed by ``close()``) until ``deadline`` (monotonic
+    seconds; None = no limit): True if woken, False at the deadline.  A timer on the loop rather
+    than ``asyncio.wait_for``, whose 3.11 version, cancelled once ``fut`` is done, returns or raises
+    ``fut``'s outcome instead of the cancellation (a task cancelled by Ctrl-C as ``close()`` failed
+    its await then ended with QueueClosed, which ``asyncio.run`` logs as unhandled)."""
+    if deadline is None:
+        return await fut
+    loop = fut.get_loop()
+    timer = loop.call_at(loop.time() + max(0.0, deadline - time.monotonic()), _expire, fut)
+    try:
+        return await fut
+    finally:
+        timer.cancel()
 
 
 def _fail(fut, exc) -> None:
@@ -158,26 +179,22 @@ class AsyncQueue:
             self._version += 1
         self._start()
         try:
-            if deadline is None:
-                await fut
-            else:
-                try:
-                    await asyncio.wait_for(fut, max(0.0, deadline - time.monotonic()))
-                except asyncio.TimeoutError:
-                    why = " (the queue is paused: resume() lets the kernel process it)" if q._leases.paused else ""
-                    raise ResultTimeout(f"no result for msg_id {msg_id} within {timeout} s{why}") from None
+            woken = await _woken(fut, deadline)
+            # Take it here, in this task's own step, with no await between the take and the return,
+            # and while still registered (completions() leaves it alone): a cancel landing after the
+            # wake-up (asyncio.timeout(), wait_for on 3.12+) leaves the result in the queue.
+            r = q.try_dequeue_result(msg_id) if woken else None
         finally:
             with self._lock:
                 if self._waiting.get(msg_id) is fut:
                     del self._waiting[msg_id]
                     self._dispatched.discard(msg_id)
                     self._version += 1
-        # Woken: take it here, in this task's own step, with no await between the take and the
-        # return, so that a cancel landing after the wake-up (asyncio.timeout(), wait_for on 3.12+)
-        # leaves the result in the queue rather than taking it and dropping it.
-        r = q.try_dequeue_result(msg_id)
         if r is not None:
             return r
+        if not woken:
+            why = " (the queue is paused: resume() lets the kernel process it)" if q._leases.paused else ""
+            raise ResultTimeout(f"no result for msg_id {msg_id} within {timeout} s{why}")
         if self._closed:  # woken without a result: say why
             raise QueueClosed("the AsyncQueue was closed")
         q._keep_serving()  # raises where the kernel cannot be launched again
@@ -300,13 +317,7 @@ class AsyncQueue:
             self._version += 1
         self._start()
         try:
-            if deadline is None:
-                await fut
-            else:
-                try:
-                    await asyncio.wait_for(fut, max(0.0, deadline - time.monotonic()))
-                except asyncio.TimeoutError:
-                    pass
+            await _woken(fut, deadline)
         finally:
             with self._lock:
                 if self._conds.pop(token, None) is not None:
@@ -314,14 +325,11 @@ class AsyncQueue:
 
     def _deliver(self, ids: list[int]) -> None:
         """In the loop's thread: wake each await still there; it takes its result itself (a wake-up
-        carries no data, so an await cancelled after it loses nothing)."""
+        carries no data, so an await cancelled after it loses nothing) and then unregisters."""
         for mid in ids:
-            with self._lock:
-                fut = self._waiting.pop(mid, None)
-                self._dispatched.discard(mid)
-                self._version += 1
-            if fut is not None:
-                _set_none(fut)
+            fut = self._waiting.get(mid)
+            if fut is not None and fut.get_loop() is asyncio.get_running_loop():
+                _wake(fut)
 
     # -- the poller --------------------------------------------------------------------------------
 
@@ -431,7 +439,7 @@ def _poll(ref) -> None:
                 self._version += 1
             if entry is not None:
                 try:
-                    entry[0].get_loop().call_soon_threadsafe(_set_none, entry[0])
+                    entry[0].get_loop().call_soon_threadsafe(_wake, entry[0])
                 except RuntimeError:  # its loop is closed
                     pass
         if (done is not None and done.size) or fired:

@@ -409,3 +409,53 @@ def test_a_cancel_landing_after_the_wake_up_leaves_the_result_in_the_queue(make_
             assert q.wait_result(mid, 10) == b"kept"
 
     run(main())
+
+
+def test_completions_leaves_an_awaited_result_to_its_await_after_the_wake_up(make_queue):
+    """result() and a completions() iterator on one loop: the iterator, woken with the await, must
+    not take the awaited result in the moment between the await's wake-up and its take."""
+    q = make_queue(capacity=64, slot_bytes=16)
+
+    async def main():
+        async with AsyncQueue(q) as aq:
+            got = []
+
+            async def consume():
+                async for mid, _ in aq.completions():
+                    got.append(mid)
+
+            task = asyncio.create_task(consume())
+            for i in range(40):
+                with q.paused():
+                    mid = await aq.enqueue(b"%d" % i)
+                    awaited = asyncio.ensure_future(aq.result(mid, timeout=10))
+                    await asyncio.sleep(0)
+                assert await awaited == b"%d" % i
+            task.cancel()
+            assert got == []
+
+    run(main())
+
+
+@pytest.mark.parametrize("call", ["enqueue", "result"])
+def test_a_cancel_after_close_failed_the_await_ends_the_task_cancelled(make_queue, call):
+    """A task cancelled (Ctrl-C in asyncio.run, a TaskGroup) just after close() failed its await
+    ends cancelled, as a task should, not with QueueClosed: asyncio.run logs a task that ends with
+    an exception while it cancels the others as 'unhandled exception'."""
+    q = make_queue(capacity=4, slot_bytes=16)
+
+    async def main():
+        aq = AsyncQueue(q)
+        with q.paused():
+            await aq.enqueue_many([b"x"] * 4)
+            task = asyncio.ensure_future(
+                aq.enqueue(b"y", timeout=30) if call == "enqueue" else aq.result(0, timeout=30)
+            )
+            await asyncio.sleep(0.01)
+            aq.close()  # fails the await, from the loop's next callback
+            asyncio.get_running_loop().call_soon(task.cancel)  # the callback after it
+            with pytest.raises(asyncio.CancelledError):
+                await asyncio.wait_for(task, 10)
+        assert q.wait_result(0, 10) == b"x"
+
+    run(main())
