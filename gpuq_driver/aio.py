@@ -416,7 +416,8 @@ def _poll(ref) -> None:
             if not stopped:
                 rings = q._rings()
                 if ids.size:
-                    hit = rings.res_ids[ids & np.uint64(q._mask)] == ids
+                    # below the tail: taken by another consumer, its slot maybe reused already
+                    hit = (rings.res_ids[ids & np.uint64(q._mask)] == ids) | (ids < q._tail)
                     if hit.any():
                         done = ids[hit]
                 for token, (_, predicate) in conds:

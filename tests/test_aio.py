@@ -459,3 +459,24 @@ def test_a_cancel_after_close_failed_the_await_ends_the_task_cancelled(make_queu
         assert q.wait_result(0, 10) == b"x"
 
     run(main())
+
+
+def test_an_await_whose_result_another_consumer_took_raises_unknown_message(make_queue):
+    """result() awaiting a msg_id that a blocking consumer takes, its slot then reused before the
+    poller looks, raises UnknownMessage (it used to wait for ever: the header never showed it)."""
+    q = make_queue(capacity=4, slot_bytes=16)
+
+    async def main():
+        async with AsyncQueue(q, spin_s=0, max_sleep_s=1.0, idle_sleep_s=1.0) as aq:
+            with q.paused():
+                mid = await aq.enqueue(b"a")
+                task = asyncio.ensure_future(aq.result(mid))
+                await asyncio.sleep(0.5)  # the poller's pauses have grown past what follows
+                q.resume()
+                assert q.wait_result(mid, 10) == b"a"  # the loop is blocked meanwhile
+                for _ in range(4):
+                    q.wait_result(q.enqueue(b"b"), 10)
+            with pytest.raises(UnknownMessage, match="taken by another consumer"):
+                await asyncio.wait_for(task, 10)
+
+    run(main())
