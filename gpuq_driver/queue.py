@@ -807,7 +807,9 @@ class GpuQueue(BulkCalls, DeviceCalls):
         possible; unprocessed messages get no result.  A producer waiting for a free slot gets
         QueueClosed at once.  Calling it again (e.g. after an interrupt) waits again; drain=False
         on a later call turns a drain into an abort.  timeout: seconds (None =
-        ``config.shutdown_timeout_s``); past it the kernel is aborted and GpuqError is raised.
+        ``config.shutdown_timeout_s``); past it the kernel is aborted and GpuqError is raised.  It
+        counts from when the producer lock is held: a reservation another thread holds open is
+        waited for first, without a bound (``close()`` too: freeing the ring under it is unsafe).
         Raises KernelFault / PluginHung if a plugin faulted or hung (before or while it waits: the
         kernel cannot be stopped then; ``close()`` still releases what it can), ProtocolError if
         the device reported a broken slot during the queue's life, QueueClosed after ``close()``.
