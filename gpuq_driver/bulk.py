@@ -229,6 +229,14 @@ def _bulk_failure(first: int, flags: np.ndarray, bad: np.ndarray, data, lens, pl
     return exc
 
 
+def acquire_noted(held: list, lock, blocking: bool = True, timeout: float = -1) -> None:
+    """``lock.acquire(blocking, timeout)``, a success noted in ``held`` by C code (``filter``,
+    ``map``, ``list.extend``): CPython runs signal handlers as a call returns, so after
+    ``lock.acquire(); try:`` a KeyboardInterrupt can come with the lock taken and no ``finally``
+    to release it.  Call it inside the ``try`` and release in ``finally: if held:``."""
+    held.extend(filter(None, map(lock.acquire, (blocking,), (timeout,))))
+
+
 class _HeldLock:
     """Stands in for ``GpuQueue._plock`` while a Reservation holds the producer lock: other threads
     wait for the real lock as before; the thread that reserved gets GpuqError instead of a deadlock."""
@@ -258,12 +266,9 @@ class _HeldLock:
 
     def __enter__(self):
         self.refuse_owner()
-        # Not self.acquire(): CPython runs signal handlers after each call returns, so a
-        # KeyboardInterrupt could come with the lock taken and no ``with`` block yet to release it.
-        # C code (map, list.extend) takes it and notes it here first.
-        held: list = []
+        held: list = []  # not self.acquire(): a KeyboardInterrupt could come with the lock taken
         try:
-            held.extend(map(self.real.acquire, (True,)))
+            acquire_noted(held, self.real)
         except BaseException:
             if held:
                 self.real.release()
@@ -420,13 +425,16 @@ def _release_soon(q, rec: list) -> None:
     inside a call that holds the consumer lock.  Without the lock the record waits in
     ``q._dropped``, released under the lock by the next batch take, poll_completions, outstanding,
     stats, or a producer waiting for room."""
-    if q._clock.acquire(blocking=False):
-        try:
+    held: list = []
+    try:
+        acquire_noted(held, q._clock, False)
+        if held:
             q._release_view(rec)
-        finally:
+        else:
+            q._dropped.append(rec)
+    finally:
+        if held:
             q._clock.release()
-    else:
-        q._dropped.append(rec)
 
 
 class _Record(list):
@@ -702,9 +710,9 @@ class BulkCalls:
         if type(lock) is _HeldLock:
             lock.refuse_owner()  # GpuqError if this thread holds the reservation
         real = self._real_plock()
-        held: list = []  # the lock, once taken: noted by C code (see _HeldLock.__enter__), released on error
+        held: list = []
         try:
-            held.extend(map(real.acquire, (True,)))
+            acquire_noted(held, real)
             if self._doorbell is None:
                 raise QueueClosed("queue is closed")
             seq = self._head

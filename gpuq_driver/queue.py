@@ -30,7 +30,7 @@ from zlib import crc32
 import numpy as np
 
 from .backend import Backend
-from .bulk import BulkCalls
+from .bulk import BulkCalls, acquire_noted
 from .device_arrays import DeviceCalls, StagedBytes
 from .errors import (
     ConfigError,
@@ -414,11 +414,12 @@ class GpuQueue(BulkCalls, DeviceCalls):
         """The kernel faulted or hung (lease.Leases.fail): no message is accepted from now on
         (``enqueue`` raises the failure), as after shutdown."""
         self._accepting = False
-        got = self._clock.acquire(timeout=1.0)  # consumers move _limit under _clock, only while accepting
+        held: list = []  # consumers move _limit under _clock, only while accepting
         try:
+            acquire_noted(held, self._clock, True, 1.0)
             self._limit = -1
         finally:
-            if got:
+            if held:
                 self._clock.release()
 
     def _enqueued(self) -> int:
