@@ -167,18 +167,25 @@ def test_a_timed_out_or_cancelled_await_leaves_the_result_in_the_queue(make_queu
     run(main())
 
 
+def collect_completions(aq) -> tuple:
+    """A task appending each ``(msg_id, result)`` of ``aq.completions()`` to a list; it returns
+    "ended" when the iterator ends: (the task, the list)."""
+    got = []
+
+    async def consume():
+        async for item in aq.completions():
+            got.append(item)
+        return "ended"
+
+    return asyncio.create_task(consume()), got
+
+
 def test_completions_in_order_then_the_end_after_shutdown(make_queue):
     q = make_queue(capacity=256, slot_bytes=16)
 
     async def main():
         async with AsyncQueue(q) as aq:
-            got = []
-
-            async def consume():
-                async for mid, r in aq.completions():
-                    got.append((mid, r))
-
-            task = asyncio.create_task(consume())
+            task, got = collect_completions(aq)
             await asyncio.sleep(0.02)
             kept = await aq.enqueue(b"awaited")  # awaited by result(): left to it
             awaited = asyncio.ensure_future(aq.result(kept))
@@ -203,14 +210,7 @@ def test_completions_ends_when_the_async_queue_is_closed(make_queue):
 
     async def main():
         aq = AsyncQueue(q)
-        got = []
-
-        async def consume():
-            async for mid, r in aq.completions():
-                got.append((mid, r))
-            return "ended"
-
-        task = asyncio.create_task(consume())
+        task, got = collect_completions(aq)
         await aq.enqueue(b"one")
         deadline = time.monotonic() + 10
         while not got and time.monotonic() < deadline:
@@ -418,13 +418,7 @@ def test_completions_leaves_an_awaited_result_to_its_await_after_the_wake_up(mak
 
     async def main():
         async with AsyncQueue(q) as aq:
-            got = []
-
-            async def consume():
-                async for mid, _ in aq.completions():
-                    got.append(mid)
-
-            task = asyncio.create_task(consume())
+            task, got = collect_completions(aq)
             for i in range(40):
                 with q.paused():
                     mid = await aq.enqueue(b"%d" % i)
