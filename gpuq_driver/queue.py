@@ -372,6 +372,7 @@ class GpuQueue(BulkCalls, DeviceCalls):
         # (stale entries never match a later msg_id, so nothing needs clearing)
         self._taken = array.array("Q", [NO_MSG]) * cap
         self._taken_ahead = 0  # results taken out of order, at or after _tail
+        self._looks = 0  # non-blocking calls that found nothing (_give_way)
         self._accepting = True
         self._stop_mode = None  # STOP_DRAIN / STOP_ABORT once shutdown has asked
         self._begun = leases.begun  # GpuqCtrlDev.leases_begun, read after every enqueue
@@ -593,6 +594,19 @@ class GpuQueue(BulkCalls, DeviceCalls):
             ) from leases.error
         if not leases.paused and not leases.serving() and self._pending():
             leases.kick()
+        self._give_way()
+
+    def _give_way(self) -> None:
+        """A non-blocking call found nothing: every 8th such call lets other threads have the GIL
+        (``time.sleep(0)``, ~1 µs).  A thread that spins on these calls keeps the GIL, and a
+        thread that let go of it for a CUDA call (a producer's launch, about once a lease) or a
+        sleep (the simulator, the lease keeper) then waits the interpreter's switch interval
+        (5 ms) to get it back: a producer thread beside a consumer thread spinning on
+        ``poll_completions`` (0.2 ms leases) moved ~2,400 msg/s on the H200 host, each launch
+        holding its enqueue 5-30 ms (benchmarks/NOTES.md, tenth session)."""
+        self._looks = n = self._looks + 1  # racy between consumers: a missed count is harmless
+        if not n & 7:
+            time.sleep(0)
 
     def _slot(self, msg_id) -> int:
         """The slot of ``msg_id``; TypeError unless it is an int (numpy integers too, not bool)."""
@@ -617,28 +631,32 @@ class GpuQueue(BulkCalls, DeviceCalls):
             if hdr is None:
                 raise QueueClosed("queue is closed")
             if hdr[(slot << 1) | 1] != msg_id:  # not done (or never issued)
-                return None
-            t = self._tail
-            if msg_id != t and (not t < msg_id < self._head or self._taken[slot] == msg_id):
-                return None  # already taken
-            # Copy the result out before the slot is freed: a producer may refill it at once.
-            len_flags = hdr[slot << 1]
-            off = slot * self._sb
-            data = self._res_data[off : off + (len_flags & 0xFFFFFFFF)].tobytes()
-            # Commit with single stores, so an interrupt leaves either nothing or everything done.
-            if msg_id == t:  # in order: the tail moves past it and past later ones taken early
-                nxt = t + 1
-                if self._taken_ahead:
-                    taken, mask, head = self._taken, self._mask, self._head
-                    while nxt < head and taken[nxt & mask] == nxt:
-                        nxt += 1
-                    self._taken_ahead -= nxt - t - 1
-                self._tail = nxt
-                if self._accepting:
-                    self._limit = nxt + self._cap
+                len_flags = None
             else:
-                self._taken[slot] = msg_id
-                self._taken_ahead += 1
+                t = self._tail
+                if msg_id != t and (not t < msg_id < self._head or self._taken[slot] == msg_id):
+                    return None  # already taken
+                # Copy the result out before the slot is freed: a producer may refill it at once.
+                len_flags = hdr[slot << 1]
+                off = slot * self._sb
+                data = self._res_data[off : off + (len_flags & 0xFFFFFFFF)].tobytes()
+                # Commit with single stores, so an interrupt leaves either nothing or everything done.
+                if msg_id == t:  # in order: the tail moves past it and past later ones taken early
+                    nxt = t + 1
+                    if self._taken_ahead:
+                        taken, mask, head = self._taken, self._mask, self._head
+                        while nxt < head and taken[nxt & mask] == nxt:
+                            nxt += 1
+                        self._taken_ahead -= nxt - t - 1
+                    self._tail = nxt
+                    if self._accepting:
+                        self._limit = nxt + self._cap
+                else:
+                    self._taken[slot] = msg_id
+                    self._taken_ahead += 1
+        if len_flags is None:
+            self._give_way()
+            return None
         flags = len_flags >> 32
         if flags != DONE:  # DONE | protocol error << ERR_SHIFT | RESULT_FAILED | failure code << 16
             if flags & RESULT_FAILED:
