@@ -543,10 +543,11 @@ class GpuQueue(BulkCalls, DeviceCalls):
         Stops at the first message not yet done (a later one that finished early is reported
         once the earlier ones have).  ``max_items`` (int >= 0, numpy integers too, or None) caps
         the list.  Does not wait for the device (only for the consumer lock); finding nothing, it
-        launches a lease if messages wait and none runs.  Raises QueueClosed after ``close()``,
-        ConfigError (a ValueError) for a bad ``max_items``, KernelFault / PluginHung (finding
-        nothing, once a plugin faulted or hung), KernelStopped if the kernel could not be launched
-        again.
+        launches a lease if messages wait and none runs, and every 8th time lets other threads
+        have the GIL (``_give_way``: a loop of polls must not hold back a producer).  Raises
+        QueueClosed after ``close()``, ConfigError (a ValueError) for a bad ``max_items``,
+        KernelFault / PluginHung (finding nothing, once a plugin faulted or hung), KernelStopped if
+        the kernel could not be launched again.
         """
         if max_items is not None:
             max_items = check_int("max_items", max_items, 0)
@@ -615,7 +616,8 @@ class GpuQueue(BulkCalls, DeviceCalls):
         return msg_id & self._mask
 
     def try_dequeue_result(self, msg_id: int) -> bytes | None:
-        """The result of ``msg_id`` as bytes (and its slot freed), or None if not done yet.
+        """The result of ``msg_id`` as bytes (and its slot freed), or None if not done yet (every
+        8th None of that kind lets other threads have the GIL: ``_give_way``).
 
         None also for a msg_id already taken or never issued.  Raises MessageFailed (``.msg_id``,
         ``.code``) if the plugin failed the message (GPUQ_FAIL(code) / plugins.Fail(code)), and
