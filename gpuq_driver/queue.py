@@ -21,6 +21,7 @@ import atexit
 import contextlib
 import math
 import numbers
+import os
 import threading
 import time
 import weakref
@@ -78,6 +79,13 @@ MAX_CAPACITY = 1 << 22
 MAX_RING_BYTES = 1 << 32
 MIN_LEASE_MS, MAX_LEASE_MS = 0.05, 3_600_000.0  # 50 µs .. 1 hour (or math.inf: never leave)
 MAX_SCOUTS = 4  # QueueConfig.scouts: more only add PCIe reads of one line (docs/design.md, "Scouts")
+
+
+# Let go of the GIL and take it back (other threads waiting for it get their turn): sched_yield
+# releases the GIL around a ~1 µs system call; time.sleep(0) costs 50-60 µs on CPython 3.11 and
+# 3.12 (clock_nanosleep with the default timer slack, python/cpython#125997), so it is only the
+# fallback where there is no sched_yield (Windows).
+_yield_gil = getattr(os, "sched_yield", None) or (lambda: time.sleep(0))
 
 
 def _msg_id_int(msg_id) -> int:
@@ -599,15 +607,15 @@ class GpuQueue(BulkCalls, DeviceCalls):
 
     def _give_way(self) -> None:
         """A non-blocking call found nothing: every 8th such call lets other threads have the GIL
-        (``time.sleep(0)``, ~1 µs).  A thread that spins on these calls keeps the GIL, and a
-        thread that let go of it for a CUDA call (a producer's launch, about once a lease) or a
-        sleep (the simulator, the lease keeper) then waits the interpreter's switch interval
-        (5 ms) to get it back: a producer thread beside a consumer thread spinning on
-        ``poll_completions`` (0.2 ms leases) moved ~2,400 msg/s on the H200 host, each launch
-        holding its enqueue 5-30 ms (benchmarks/NOTES.md, tenth session)."""
+        (``_yield_gil``, ~1 µs).  A thread that spins on these calls keeps the GIL, and a thread
+        that let go of it for a CUDA call (a producer's launch, about once a lease) or a sleep
+        (the simulator, the lease keeper) then waits the interpreter's switch interval (5 ms) to
+        get it back: a producer thread beside a consumer thread spinning on ``poll_completions``
+        (0.2 ms leases) moved ~2,400 msg/s on the H200 host, each launch holding its enqueue
+        5-30 ms (benchmarks/NOTES.md, tenth session)."""
         self._looks = n = self._looks + 1  # racy between consumers: a missed count is harmless
         if not n & 7:
-            time.sleep(0)
+            _yield_gil()
 
     def _slot(self, msg_id) -> int:
         """The slot of ``msg_id``; TypeError unless it is an int (numpy integers too, not bool)."""
