@@ -23,10 +23,8 @@ COUNT = int(sys.argv[3]) if len(sys.argv) > 3 else 2000
 
 def main() -> int:
     got: dict[int, bytes] = {}
-    cfg = QueueConfig(backend=BACKEND, capacity=4096, slot_bytes=16)
-    if BACKEND == "cuda":
-        cfg = QueueConfig(capacity=4096, slot_bytes=16, lease_ms=0.2)
-    with GpuQueue(cfg) as q:
+    leases = {"lease_ms": 0.2} if BACKEND == "cuda" else {}  # many leases: a launch each
+    with GpuQueue(QueueConfig(backend=BACKEND, capacity=4096, slot_bytes=16, **leases)) as q:
 
         def consumer() -> None:
             if CALL == "poll":
