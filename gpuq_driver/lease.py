@@ -101,6 +101,9 @@ class Leases:
         self.ended = words[_ENDED : _ENDED + 1]
         self.leaving = words[_LEAVING : _LEAVING + 1]
         self.launches = 0
+        # True while a thread is in a launch: the driver call lets go of the GIL, and a consumer
+        # spinning on empty calls would keep it for CPython's switch interval (GpuQueue._give_way)
+        self.launching = False
         self._unsure = False  # a launch was interrupted: ``launches`` may count one never queued
         self.pauses = 0  # times the kernel was asked to park (0 -> 1 pause in force)
         self._depth = 0  # pause() calls in force: nested and concurrent pauses count
@@ -144,6 +147,7 @@ class Leases:
             if not self._ahead and self.ended[0] != n:
                 return False
             self.launches = n + 1  # first: the device's ended count never passes it
+            self.launching = True  # the driver call lets go of the GIL: spinning consumers give way
             try:
                 self._kernel.launch()
             except Exception as exc:  # the launch failed: nothing was queued
@@ -154,6 +158,8 @@ class Leases:
                 raise
             else:
                 failed = None
+            finally:
+                self.launching = False  # this thread has the GIL back
         if failed is not None:
             fault = self._fault_behind(failed)
             if fault is not None:

@@ -21,7 +21,6 @@ import atexit
 import contextlib
 import math
 import numbers
-import os
 import threading
 import time
 import weakref
@@ -79,13 +78,6 @@ MAX_CAPACITY = 1 << 22
 MAX_RING_BYTES = 1 << 32
 MIN_LEASE_MS, MAX_LEASE_MS = 0.05, 3_600_000.0  # 50 µs .. 1 hour (or math.inf: never leave)
 MAX_SCOUTS = 4  # QueueConfig.scouts: more only add PCIe reads of one line (docs/design.md, "Scouts")
-
-
-# Let go of the GIL and take it back (other threads waiting for it get their turn): sched_yield
-# releases the GIL around a ~1 µs system call; time.sleep(0) costs 50-60 µs on CPython 3.11 and
-# 3.12 (clock_nanosleep with the default timer slack, python/cpython#125997), so it is only the
-# fallback where there is no sched_yield (Windows).
-_yield_gil = getattr(os, "sched_yield", None) or (lambda: time.sleep(0))
 
 
 def _msg_id_int(msg_id) -> int:
@@ -380,7 +372,6 @@ class GpuQueue(BulkCalls, DeviceCalls):
         # (stale entries never match a later msg_id, so nothing needs clearing)
         self._taken = array.array("Q", [NO_MSG]) * cap
         self._taken_ahead = 0  # results taken out of order, at or after _tail
-        self._looks = 0  # non-blocking calls that found nothing (_give_way)
         self._accepting = True
         self._stop_mode = None  # STOP_DRAIN / STOP_ABORT once shutdown has asked
         self._begun = leases.begun  # GpuqCtrlDev.leases_begun, read after every enqueue
@@ -551,8 +542,8 @@ class GpuQueue(BulkCalls, DeviceCalls):
         Stops at the first message not yet done (a later one that finished early is reported
         once the earlier ones have).  ``max_items`` (int >= 0, numpy integers too, or None) caps
         the list.  Does not wait for the device (only for the consumer lock); finding nothing, it
-        launches a lease if messages wait and none runs, and every 8th time lets other threads
-        have the GIL (``_give_way``: a loop of polls must not hold back a producer).  Raises
+        launches a lease if messages wait and none runs, and sleeps(0) while another thread is in
+        a launch (``_give_way``: a loop of polls must not hold back a producer).  Raises
         QueueClosed after ``close()``, ConfigError (a ValueError) for a bad ``max_items``,
         KernelFault / PluginHung (finding nothing, once a plugin faulted or hung), KernelStopped if
         the kernel could not be launched again.
@@ -606,16 +597,19 @@ class GpuQueue(BulkCalls, DeviceCalls):
         self._give_way()
 
     def _give_way(self) -> None:
-        """A non-blocking call found nothing: every 8th such call lets other threads have the GIL
-        (``_yield_gil``, ~1 µs).  A thread that spins on these calls keeps the GIL, and a thread
-        that let go of it for a CUDA call (a producer's launch, about once a lease) or a sleep
-        (the simulator, the lease keeper) then waits the interpreter's switch interval (5 ms) to
-        get it back: a producer thread beside a consumer thread spinning on ``poll_completions``
-        (0.2 ms leases) moved ~2,400 msg/s on the H200 host, each launch holding its enqueue
-        5-30 ms (benchmarks/NOTES.md, tenth session)."""
-        self._looks = n = self._looks + 1  # racy between consumers: a missed count is harmless
-        if not n & 7:
-            _yield_gil()
+        """A non-blocking call found nothing: if another thread of this queue has let go of the GIL
+        for a moment and needs it back (a launch's driver call: ``Leases.launching``; the
+        simulator's kernel thread between its steps: ``wants_gil``), sleep(0) so that it gets it.
+        A thread spinning on these calls otherwise keeps the GIL for CPython's switch interval
+        (5 ms): a producer beside a consumer spinning on ``poll_completions`` moved ~2,400 msg/s
+        on the H200 host with 0.2 ms leases, each launch holding its enqueue 5-30 ms (NOTES.md,
+        tenth session).  ``time.sleep(0)`` (50-60 µs on CPython 3.11 and 3.12) rather than
+        ``os.sched_yield()`` (~1 µs): after a 1 µs yield the spinner took the GIL back before the
+        woken thread could, and CPython restarts that thread's 5 ms wait (the simulator: 10,000 to
+        70,000 msg/s against 100,000-120,000 with sleep(0)).  Only then: a thread spinning alone
+        pays nothing."""
+        if self._leases.launching or self._kernel.wants_gil:
+            time.sleep(0)
 
     def _slot(self, msg_id) -> int:
         """The slot of ``msg_id``; TypeError unless it is an int (numpy integers too, not bool)."""
@@ -624,8 +618,8 @@ class GpuQueue(BulkCalls, DeviceCalls):
         return msg_id & self._mask
 
     def try_dequeue_result(self, msg_id: int) -> bytes | None:
-        """The result of ``msg_id`` as bytes (and its slot freed), or None if not done yet (every
-        8th None of that kind lets other threads have the GIL: ``_give_way``).
+        """The result of ``msg_id`` as bytes (and its slot freed), or None if not done yet (then it
+        sleeps(0) while another thread is in a launch: ``_give_way``).
 
         None also for a msg_id already taken or never issued.  Raises MessageFailed (``.msg_id``,
         ``.code``) if the plugin failed the message (GPUQ_FAIL(code) / plugins.Fail(code)), and
