@@ -372,6 +372,7 @@ class GpuQueue(BulkCalls, DeviceCalls):
         # (stale entries never match a later msg_id, so nothing needs clearing)
         self._taken = array.array("Q", [NO_MSG]) * cap
         self._taken_ahead = 0  # results taken out of order, at or after _tail
+        self._slot_wait = False  # a producer waits for a free slot (_wait_for_slot; _give_way)
         self._accepting = True
         self._stop_mode = None  # STOP_DRAIN / STOP_ABORT once shutdown has asked
         self._begun = leases.begun  # GpuqCtrlDev.leases_begun, read after every enqueue
@@ -499,21 +500,25 @@ class GpuQueue(BulkCalls, DeviceCalls):
         timeout = self.config.enqueue_timeout_s if timeout is None else check_seconds("timeout", timeout)
         deadline = time.monotonic() + timeout
         pause = 0.0
-        while seq >= self._limit:
-            if self._dropped:  # result views dropped unreleased while the consumer lock was busy (bulk.py)
-                with self._clock:
-                    self._release_dropped()
-                continue
-            self._leases.check()
-            if not self._accepting:
-                raise QueueClosed("queue is shut down: enqueue is no longer accepted")
-            if time.monotonic() >= deadline:
-                raise QueueFull(self._full_message(seq, timeout))
-            if self._kernel.exited():
-                raise KernelStopped("the persistent kernel has stopped; the queue cannot make room")
-            self._keep_serving()
-            time.sleep(pause)
-            pause = min(1e-3, pause * 2 or 1e-6)
+        self._slot_wait = True  # this thread lets go of the GIL (sleeps, cuStreamQuery): _give_way
+        try:
+            while seq >= self._limit:
+                if self._dropped:  # result views dropped unreleased while the consumer lock was busy (bulk.py)
+                    with self._clock:
+                        self._release_dropped()
+                    continue
+                self._leases.check()
+                if not self._accepting:
+                    raise QueueClosed("queue is shut down: enqueue is no longer accepted")
+                if time.monotonic() >= deadline:
+                    raise QueueFull(self._full_message(seq, timeout))
+                if self._kernel.exited():
+                    raise KernelStopped("the persistent kernel has stopped; the queue cannot make room")
+                self._keep_serving()
+                time.sleep(pause)
+                pause = min(1e-3, pause * 2 or 1e-6)
+        finally:
+            self._slot_wait = False  # one producer waits at a time: it holds the producer lock
 
     def _full_message(self, seq: int, timeout: float) -> str:
         """Why msg_id ``seq`` has no slot: the slots free in msg_id order, so the oldest message not
@@ -598,8 +603,9 @@ class GpuQueue(BulkCalls, DeviceCalls):
 
     def _give_way(self) -> None:
         """A non-blocking call found nothing: if another thread of this queue has let go of the GIL
-        for a moment and needs it back (a launch's driver call: ``Leases.launching``; the
-        simulator's kernel thread between its steps: ``wants_gil``), sleep(0) so that it gets it.
+        for a moment and needs it back (a launch's driver call: ``Leases.launching``; a producer
+        waiting for a free slot; the simulator's kernel thread between its steps: ``wants_gil``),
+        sleep(0) so that it gets it.
         A thread spinning on these calls otherwise keeps the GIL for CPython's switch interval
         (5 ms): a producer beside a consumer spinning on ``poll_completions`` moved ~2,400 msg/s
         on the H200 host with 0.2 ms leases, each launch holding its enqueue 5-30 ms (NOTES.md,
@@ -608,7 +614,7 @@ class GpuQueue(BulkCalls, DeviceCalls):
         woken thread could, and CPython restarts that thread's 5 ms wait (the simulator: 10,000 to
         70,000 msg/s against 100,000-120,000 with sleep(0)).  Only then: a thread spinning alone
         pays nothing."""
-        if self._leases.launching or self._kernel.wants_gil:
+        if self._leases.launching or self._slot_wait or self._kernel.wants_gil:
             time.sleep(0)
 
     def _slot(self, msg_id) -> int:

@@ -3,11 +3,12 @@ from a running thread (``sys.setswitchinterval(1000)``), so any thread that lets
 simulator's kernel thread when it sleeps; on the GPU a producer's launch) gets it back only when
 the spinner gives way (tests/test_queue.py).
 
-    python tests/gil_child.py BACKEND CALL [COUNT]
+    python tests/gil_child.py BACKEND CALL [COUNT] [CAPACITY]
 
 CALL "poll": the consumer loops on ``poll_completions`` and takes what it reports; "take": it spins
 on ``try_dequeue_result(msg_id)`` for each msg_id in turn (the module docstring's loop).  The main
-thread enqueues COUNT messages (4 bytes each, distinct), then joins the consumer.  Prints OK and
+thread enqueues COUNT messages (4 bytes each, distinct) into a ring of CAPACITY slots (4096; a
+smaller ring makes the producer wait for free slots), then joins the consumer.  Prints OK and
 exits 0 once every result came back right; a consumer that never lets go hangs (the parent's time
 bound fails it).
 """
@@ -19,12 +20,13 @@ from gpuq_driver import GpuQueue, QueueConfig
 
 BACKEND, CALL = sys.argv[1], sys.argv[2]
 COUNT = int(sys.argv[3]) if len(sys.argv) > 3 else 2000
+CAPACITY = int(sys.argv[4]) if len(sys.argv) > 4 else 4096
 
 
 def main() -> int:
     got: dict[int, bytes] = {}
     leases = {"lease_ms": 0.2} if BACKEND == "cuda" else {}  # many leases: a launch each
-    with GpuQueue(QueueConfig(backend=BACKEND, capacity=4096, slot_bytes=16, **leases)) as q:
+    with GpuQueue(QueueConfig(backend=BACKEND, capacity=CAPACITY, slot_bytes=16, **leases)) as q:
 
         def consumer() -> None:
             if CALL == "poll":

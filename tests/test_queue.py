@@ -211,17 +211,18 @@ def test_two_producer_threads(make_queue, backend):
         assert [int.from_bytes(sent[m][1:], "little") for m in mine] == list(range(per_thread))
 
 
-@pytest.mark.parametrize("call", ["poll", "take"])
-def test_a_consumer_spinning_on_a_non_blocking_call_lets_other_threads_run(backend, call):
+@pytest.mark.parametrize("call, capacity", [("poll", 4096), ("take", 4096), ("poll", 64)])
+def test_a_consumer_spinning_on_a_non_blocking_call_lets_other_threads_run(backend, call, capacity):
     """A consumer thread looping on poll_completions (or on try_dequeue_result) kept the GIL, so a
     thread that let go of it (a producer's launch on the GPU, the simulator's kernel thread when it
     slept) waited the interpreter's switch interval (5 ms) to get it back: ~2,400 msg/s with 0.2 ms
     leases on the H200.  The child sets that interval to 1,000 s, so without the calls giving way
-    it hangs (the bound below fails it)."""
+    it hangs (the bound below fails it).  A ring of 64 slots makes the producer wait for free slots
+    (it sleeps: it needs the GIL back too)."""
     child = Path(__file__).with_name("gil_child.py")
     try:
         r = subprocess.run(
-            [sys.executable, str(child), backend, call, "20000" if backend == "cuda" else "2000"],
+            [sys.executable, str(child), backend, call, "20000" if backend == "cuda" else "2000", str(capacity)],
             capture_output=True,
             text=True,
             timeout=120,
