@@ -39,10 +39,6 @@ class Backend(Protocol):
     """``"cuda"`` or ``"sim"``, as QueueStats reports it."""
     plugin: Plugin
     """The plugin it runs (resolved): MessageFailed names it."""
-    wants_gil: bool
-    """True while a thread of the backend's own waits for the GIL after letting go of it (the
-    simulator's kernel thread in its sleeps and waits; the CUDA kernel has none: False), so that a
-    consumer spinning on empty calls gives way (GpuQueue._give_way)."""
     dmem: DeviceMemory
     """Its device memory for device arrays (device_arrays.CudaMemory; the simulator: SimMemory): the
     VRAM slot ring's and the VRAM result ring's addresses, 2-D copies, waits on one stream."""

@@ -842,6 +842,7 @@ class BulkCalls:
                 data, lens = self._take_locked(start, k, mode, None, errors)
                 return start, data, lens
         self._keep_serving()
+        self._give_way()
         empty = np.zeros((0,) if packed else (0, self._sb), np.uint8)
         return start, empty, np.zeros(0, np.uint32)
 

@@ -73,7 +73,6 @@ class PersistentKernel:
     """
 
     backend = "cuda"
-    wants_gil: bool = False  # no thread of its own (Backend.wants_gil; launches: Leases.launching)
     # backend.Backend's data members, set in _setup
     layout: HostLayout
     mem: memoryview

@@ -104,6 +104,9 @@ class Leases:
         # True while a thread is in a launch: the driver call lets go of the GIL, and a consumer
         # spinning on empty calls would keep it for CPython's switch interval (GpuQueue._give_way)
         self.launching = False
+        # time.monotonic() at which the keeper is due back from its wait and wants the GIL (inf:
+        # not waiting), for the same give-way
+        self.wake_at = math.inf
         self._unsure = False  # a launch was interrupted: ``launches`` may count one never queued
         self.pauses = 0  # times the kernel was asked to park (0 -> 1 pause in force)
         self._depth = 0  # pause() calls in force: nested and concurrent pauses count
@@ -166,6 +169,7 @@ class Leases:
                 raise copy.copy(fault) from failed
             raise failed
         if self._keeper_parked:
+            self.wake_at = 0.0
             self._wake.set()
         return True
 
@@ -225,7 +229,10 @@ class Leases:
                 self.fresh_until = now + 2 * self._period if lingering else 0.0
                 awake = flowing or serving
                 self._keeper_parked = not (lingering or awake)
-                self._wake.wait(self._period if lingering else self._flow_period if awake else 20e-3)
+                wait = self._period if lingering else self._flow_period if awake else 20e-3
+                self.wake_at = time.monotonic() + wait
+                self._wake.wait(wait)
+                self.wake_at = math.inf
                 self._wake.clear()
 
         self._thread = thread = threading.Thread(target=run, name="gpuq-lease-keeper", daemon=True)

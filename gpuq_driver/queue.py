@@ -547,8 +547,8 @@ class GpuQueue(BulkCalls, DeviceCalls):
         Stops at the first message not yet done (a later one that finished early is reported
         once the earlier ones have).  ``max_items`` (int >= 0, numpy integers too, or None) caps
         the list.  Does not wait for the device (only for the consumer lock); finding nothing, it
-        launches a lease if messages wait and none runs, and sleeps(0) while another thread is in
-        a launch (``_give_way``: a loop of polls must not hold back a producer).  Raises
+        launches a lease if messages wait and none runs, and sleeps(0) while a thread of the queue
+        waits for the GIL (``_give_way``: a loop of polls must not hold back a producer).  Raises
         QueueClosed after ``close()``, ConfigError (a ValueError) for a bad ``max_items``,
         KernelFault / PluginHung (finding nothing, once a plugin faulted or hung), KernelStopped if
         the kernel could not be launched again.
@@ -571,6 +571,7 @@ class GpuQueue(BulkCalls, DeviceCalls):
             self._polled = seq
         if not out:
             self._keep_serving()
+            self._give_way()
         return out
 
     def outstanding(self) -> list[int]:
@@ -599,22 +600,24 @@ class GpuQueue(BulkCalls, DeviceCalls):
             ) from leases.error
         if not leases.paused and not leases.serving() and self._pending():
             leases.kick()
-        self._give_way()
 
     def _give_way(self) -> None:
-        """A non-blocking call found nothing: if another thread of this queue has let go of the GIL
-        for a moment and needs it back (a launch's driver call: ``Leases.launching``; a producer
-        waiting for a free slot; the simulator's kernel thread between its steps: ``wants_gil``),
-        sleep(0) so that it gets it.
-        A thread spinning on these calls otherwise keeps the GIL for CPython's switch interval
-        (5 ms): a producer beside a consumer spinning on ``poll_completions`` moved ~2,400 msg/s
-        on the H200 host with 0.2 ms leases, each launch holding its enqueue 5-30 ms (NOTES.md,
-        tenth session).  ``time.sleep(0)`` (50-60 µs on CPython 3.11 and 3.12) rather than
-        ``os.sched_yield()`` (~1 µs): after a 1 µs yield the spinner took the GIL back before the
-        woken thread could, and CPython restarts that thread's 5 ms wait (the simulator: 10,000 to
-        70,000 msg/s against 100,000-120,000 with sleep(0)).  Only then: a thread spinning alone
-        pays nothing."""
-        if self._leases.launching or self._slot_wait or self._kernel.wants_gil:
+        """``poll_completions``, ``try_dequeue_result`` or ``take_ready`` found nothing: if a thread
+        of this queue has let go of the GIL for a moment and needs it back (a launch's driver call:
+        ``Leases.launching``; a producer waiting for a free slot: ``_slot_wait``; the lease keeper
+        due back from its wait: ``Leases.wake_at``), sleep(0) so that it gets it.  A thread
+        spinning on these calls otherwise keeps the GIL for CPython's switch interval (5 ms): a
+        producer beside a consumer spinning on ``poll_completions`` moved ~2,400 msg/s on the
+        H200 host with 0.2 ms leases, each launch holding its enqueue 5-30 ms (NOTES.md, tenth
+        session).  ``time.sleep(0)`` costs 50-60 µs on CPython 3.11 and 3.12, so only then: a
+        thread spinning alone pays nothing but the keeper's looks (one sleep per look, every
+        ``lease_ms`` .. 5 ms while messages flow).  Not ``os.sched_yield()`` (~1 µs): after it the
+        spinner took the GIL back before the woken thread could, and CPython restarts that
+        thread's 5 ms wait (simulator: 10,000-70,000 msg/s against 100,000-120,000 with sleep(0)).
+        Not for the simulator's kernel thread: a busy one would keep the GIL for 5 ms after each
+        such hand-over.  ``wait_result`` and asyncio's looks go through these calls too."""
+        leases = self._leases
+        if leases.launching or self._slot_wait or time.monotonic() >= leases.wake_at:
             time.sleep(0)
 
     def _slot(self, msg_id) -> int:
@@ -625,7 +628,7 @@ class GpuQueue(BulkCalls, DeviceCalls):
 
     def try_dequeue_result(self, msg_id: int) -> bytes | None:
         """The result of ``msg_id`` as bytes (and its slot freed), or None if not done yet (then it
-        sleeps(0) while another thread is in a launch: ``_give_way``).
+        sleeps(0) while a thread of the queue waits for the GIL: ``_give_way``).
 
         None also for a msg_id already taken or never issued.  Raises MessageFailed (``.msg_id``,
         ``.code``) if the plugin failed the message (GPUQ_FAIL(code) / plugins.Fail(code)), and

@@ -76,7 +76,6 @@ class SimulatedKernel:
     warps: int
     plugin: Plugin
     dmem: DeviceMemory
-    wants_gil: bool
 
     def __init__(self, config):
         self.plugin = resolve(config.plugin, SIM_NEEDS_TWIN)
@@ -102,7 +101,6 @@ class SimulatedKernel:
         self._claim = 0  # GpuqDevState.claim: the next msg_id, carried from lease to lease
         self._queued = 0  # leases launched and not yet finished (the stream's depth)
         self._cv = threading.Condition()
-        self.wants_gil = False  # True while the thread below sleeps or waits (Backend.wants_gil)
         self._thread = threading.Thread(target=self._stream, name="gpuq-sim-kernel", daemon=True)
 
     def start(self) -> None:
@@ -165,9 +163,7 @@ class SimulatedKernel:
         while True:
             with self._cv:
                 while not self._queued and not self.closed:
-                    self.wants_gil = True
                     self._cv.wait()
-                    self.wants_gil = False
                 if self.closed:
                     return
             if self.fault is None:  # after a fault, leases still queued end at once
@@ -222,15 +218,11 @@ class SimulatedKernel:
                 one = self._one_read(seq, req_hdr, req_data)
             if seq >= head and one is None:
                 idle += 1
-                self.wants_gil = True
                 time.sleep(0 if idle < 100 else min(1e-3, 1e-6 * idle))
-                self.wants_gil = False
                 continue
             idle = 0
             if self.delay_s:
-                self.wants_gil = True
                 time.sleep(self.delay_s)
-                self.wants_gil = False
             slot = slot_of(seq, cap)
             word, mid, code = req_hdr[2 * slot], req_hdr[2 * slot + 1], 0
             n = word & 0xFFFFFFFF

@@ -13,7 +13,7 @@ from gpuq_driver.backend import Backend
 from gpuq_driver.kernel import PersistentKernel
 from gpuq_driver.sim import SimulatedKernel
 
-DATA = ["layout", "mem", "doorbell", "ctrl", "blocks", "threads", "warps", "backend", "plugin", "dmem", "wants_gil"]
+DATA = ["layout", "mem", "doorbell", "ctrl", "blocks", "threads", "warps", "backend", "plugin", "dmem"]
 METHODS = ["start", "launch", "idle", "exited", "close", "abandon"]
 
 
