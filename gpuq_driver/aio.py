@@ -10,8 +10,10 @@
         async for msg_id, result in aq.completions():  # everything finishing, in msg_id order
             ...
 
-The event loop thread never spins or sleeps: it makes the same non-blocking calls as the blocking
-API (an enqueue is a few stores; a take a copy) and otherwise awaits futures.  One background
+The event loop thread never spins: it makes the same non-blocking calls as the blocking API (an
+enqueue is a few stores; a take a copy) and otherwise awaits futures.  Such a call that finds
+nothing sleeps(0) (~57 µs) only while another thread of the queue needs the GIL back (a launch in
+flight, a producer waiting for a slot, the lease keeper's look: ``GpuQueue._give_way``).  One background
 *poller* thread per AsyncQueue watches the mapped result headers for what is awaited (one
 vectorised compare of every awaited msg_id per look) and wakes the awaiting loops with
 ``loop.call_soon_threadsafe``; the awaiting task then takes the result itself, in the step that
