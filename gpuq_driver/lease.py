@@ -104,8 +104,9 @@ class Leases:
         # True while a thread is in a launch: the driver call lets go of the GIL, and a consumer
         # spinning on empty calls would keep it for CPython's switch interval (GpuQueue._give_way)
         self.launching = False
-        # time.monotonic() at which the keeper is due back from its wait and wants the GIL (inf:
-        # not waiting), for the same give-way
+        # time.monotonic() from which the keeper wants the GIL, for the same give-way: the end of
+        # its wait; in the past while its look runs (its driver calls let go of the GIL too); inf
+        # once it has ended
         self.wake_at = math.inf
         self._unsure = False  # a launch was interrupted: ``launches`` may count one never queued
         self.pauses = 0  # times the kernel was asked to park (0 -> 1 pause in force)
@@ -198,7 +199,14 @@ class Leases:
         self._oldest_ref, self._on_failure_ref = oldest_ref, on_failure_ref
 
         def run():
+            try:
+                look()
+            finally:
+                self.wake_at = math.inf  # nobody to give way to
+
+        def look():
             seen, active = -1, 0.0
+            self.wake_at = 0.0  # awake: the look's driver calls (cuStreamQuery, launches) want the GIL back
             while not self.closed and self.failure is None:
                 enqueued, processed = enqueued_ref(), processed_ref()
                 if enqueued is None or processed is None:
@@ -231,8 +239,7 @@ class Leases:
                 self._keeper_parked = not (lingering or awake)
                 wait = self._period if lingering else self._flow_period if awake else 20e-3
                 self.wake_at = time.monotonic() + wait
-                self._wake.wait(wait)
-                self.wake_at = math.inf
+                self._wake.wait(wait)  # wake_at stays in the past until the next wait
                 self._wake.clear()
 
         self._thread = thread = threading.Thread(target=run, name="gpuq-lease-keeper", daemon=True)

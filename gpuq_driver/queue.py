@@ -605,11 +605,12 @@ class GpuQueue(BulkCalls, DeviceCalls):
         """``poll_completions``, ``try_dequeue_result`` or ``take_ready`` found nothing: if a thread
         of this queue has let go of the GIL for a moment and needs it back (a launch's driver call:
         ``Leases.launching``; a producer waiting for a free slot: ``_slot_wait``; the lease keeper
-        due back from its wait: ``Leases.wake_at``), sleep(0) so that it gets it.  A thread
-        spinning on these calls otherwise keeps the GIL for CPython's switch interval (5 ms): a
-        producer beside a consumer spinning on ``poll_completions`` moved ~2,400 msg/s on the
-        H200 host with 0.2 ms leases, each launch holding its enqueue 5-30 ms (NOTES.md, tenth
-        session).  ``time.sleep(0)`` costs 50-60 µs on CPython 3.11 and 3.12, so only then: a
+        due back from its wait, or in its look, whose driver calls let go of the GIL too:
+        ``Leases.wake_at``), sleep(0) so that it gets it.  A thread spinning on these calls
+        otherwise keeps the GIL for CPython's switch interval (5 ms): a producer beside a consumer
+        spinning on ``poll_completions`` moved ~2,400 msg/s on the H200 host with 0.2 ms leases,
+        each launch holding its enqueue 5-30 ms (NOTES.md, tenth session); a keeper held in its
+        look hung a consumer spinning on ``try_dequeue_result`` (eleventh session).  ``time.sleep(0)`` costs 50-60 µs on CPython 3.11 and 3.12, so only then: a
         thread spinning alone pays nothing but the keeper's looks (one sleep per look, every
         ``lease_ms`` .. 5 ms while messages flow).  Not ``os.sched_yield()`` (~1 µs): after it the
         spinner took the GIL back before the woken thread could, and CPython restarts that

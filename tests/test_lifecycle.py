@@ -567,3 +567,34 @@ def test_empty_consumer_calls_give_way_while_a_launch_is_in_flight(make_queue, m
     for _ in range(100):
         assert q.try_dequeue_result(1000) is None
     assert len(slept) <= 1, slept  # the keeper waits >= 0.5 ms between looks; 100 calls take ~0.1 ms
+
+
+def test_empty_consumer_calls_give_way_while_the_keeper_is_in_a_driver_call(make_queue, monkeypatch):
+    """The keeper's look asks the driver too (the watchdog's cuStreamQuery once nothing moved),
+    which lets go of the GIL.  It used to mark itself as wanting the GIL only while waiting between
+    looks, so a consumer spinning on try_dequeue_result kept the GIL for the switch interval, and
+    with no launch left to give way to it hung (H200, eleventh session: gil_child.py "take", 20,000
+    messages, 0.2 ms leases, past 120 s).  A lease that never ends makes the watchdog look at the
+    stream on every look once the queue is quiet."""
+    q = make_queue(capacity=16, slot_bytes=16, lease_ms=math.inf)
+    assert q.wait_result(q.enqueue(b"warm"), 10) == b"warm"
+    keeper, real_sleep, slept = q._leases._thread, time.sleep, []
+
+    def sleep(seconds):
+        if threading.current_thread() is keeper:
+            slept.append(seconds)
+        real_sleep(seconds)
+
+    monkeypatch.setattr(time, "sleep", sleep)
+    kernel, idle, looks = q._kernel, q._kernel.idle, []
+
+    def idle_with_looks():  # a consumer's empty look, as if made while the driver call runs
+        if threading.current_thread() is keeper and not looks:
+            before = len(slept)
+            assert q.try_dequeue_result(1000) is None
+            looks.append(slept[before:])
+        return idle()
+
+    monkeypatch.setattr(kernel, "idle", idle_with_looks)
+    assert wait_for(lambda: looks, 10), "the keeper never asked the stream"
+    assert looks == [[0]]  # it gave way, once
