@@ -610,13 +610,14 @@ class GpuQueue(BulkCalls, DeviceCalls):
         otherwise keeps the GIL for CPython's switch interval (5 ms): a producer beside a consumer
         spinning on ``poll_completions`` moved ~2,400 msg/s on the H200 host with 0.2 ms leases,
         each launch holding its enqueue 5-30 ms (NOTES.md, tenth session); a keeper held in its
-        look hung a consumer spinning on ``try_dequeue_result`` (eleventh session).  ``time.sleep(0)`` costs 50-60 µs on CPython 3.11 and 3.12, so only then: a
-        thread spinning alone pays nothing but the keeper's looks (one sleep per look, every
-        ``lease_ms`` .. 5 ms while messages flow).  Not ``os.sched_yield()`` (~1 µs): after it the
-        spinner took the GIL back before the woken thread could, and CPython restarts that
-        thread's 5 ms wait (simulator: 10,000-70,000 msg/s against 100,000-120,000 with sleep(0)).
-        Not for the simulator's kernel thread: a busy one would keep the GIL for 5 ms after each
-        such hand-over.  ``wait_result`` and asyncio's looks go through these calls too."""
+        look hung a consumer spinning on ``try_dequeue_result`` (eleventh session).
+        ``time.sleep(0)`` costs 50-60 µs on CPython 3.11 and 3.12, so only then: a thread spinning
+        alone pays nothing but the keeper's looks (one sleep per look, every ``lease_ms`` .. 5 ms
+        while messages flow).  Not ``os.sched_yield()`` (~1 µs): after it the spinner took the GIL
+        back before the woken thread could, and CPython restarts that thread's 5 ms wait
+        (simulator: 10,000-70,000 msg/s against 100,000-120,000 with sleep(0)).  Not for the
+        simulator's kernel thread: a busy one would keep the GIL for 5 ms after each such
+        hand-over.  ``wait_result`` and asyncio's looks go through these calls too."""
         leases = self._leases
         if leases.launching or self._slot_wait or time.monotonic() >= leases.wake_at:
             time.sleep(0)
