@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """Where the 64 B round trip's tail comes from (issue 11 diagnostic): one message at a time, as
 bench_latency.queue_round_trip, noting for each whether a lease began while it was in flight
-(GpuqCtrlDev.leases_begun moved).  Prints, per lease_ms and one_read: p50/p99 of all round trips,
-p99 of those with no lease change, the share that met a lease change and their median.
+(GpuqCtrlDev.leases_begun moved) and whether its own enqueue launched a lease (the producer queues
+each successor while messages flow).  Prints, per lease_ms and one_read: p50/p99 of all round
+trips, p99 of those with no lease change, the share that met a lease change and their median, the
+share whose enqueue launched and their median, and the p99 of those with neither.
 
     PYTHONPATH=. python benchmarks/probe_tail.py --iters 5000
     PYTHONPATH=. python benchmarks/probe_tail.py --sim --iters 200   # the script's check on the CPU simulator
@@ -31,16 +33,18 @@ def run(iters: int, flow_ms: float | None = None, backend: str = "cuda", **cfg) 
     with GpuQueue(QueueConfig(capacity=1024, slot_bytes=64, backend=backend, **cfg)) as q:
         if flow_ms is not None:  # the lease keeper's look while messages flow (lease.Leases._flow_period)
             q._leases._flow_period = flow_ms / 1e3
-        res_ids, mask, begun, clock = q._res_hdr, q._mask, q._begun, time.perf_counter_ns
+        res_ids, mask, begun, clock, leases = q._res_hdr, q._mask, q._begun, time.perf_counter_ns, q._leases
         lat = np.empty(iters, np.int64)
         moved = np.zeros(iters, bool)
+        launched = np.zeros(iters, bool)
         bad = 0
         warm = min(1000, iters // 5)
         for i in range(iters + warm):
             p = payloads[i & 15]
-            b0 = begun[0]
+            b0, n0 = begun[0], leases.launches
             t = clock()
             mid = q.enqueue(p)
+            n1 = leases.launches
             idx = ((mid & mask) << 1) | 1
             while res_ids[idx] != mid:
                 pass
@@ -49,13 +53,18 @@ def run(iters: int, flow_ms: float | None = None, backend: str = "cuda", **cfg) 
             if i >= warm:
                 lat[i - warm] = t1 - t
                 moved[i - warm] = begun[0] != b0
+                launched[i - warm] = n1 != n0  # this enqueue (or the keeper meanwhile) launched
     us = lat / 1e3
     calm = us[~moved]
     hit = us[moved]
+    own = us[launched]
+    quiet = us[~moved & ~launched]
     print(
         f"{cfg} keeper look {q._leases._flow_period * 1e3:g} ms: p50 {np.percentile(us, 50):.2f} p99 {np.percentile(us, 99):.2f} us; no lease change: p99 "
         f"{(np.percentile(calm, 99) if calm.size else math.nan):.2f}; lease changed in {moved.mean() * 100:.2f} % (median "
-        f"{(np.median(hit) if hit.size else math.nan):.2f} us); bad {bad}",
+        f"{(np.median(hit) if hit.size else math.nan):.2f} us); a launch in the enqueue in {launched.mean() * 100:.2f} % "
+        f"(median {(np.median(own) if own.size else math.nan):.2f} us); neither: p99 "
+        f"{(np.percentile(quiet, 99) if quiet.size else math.nan):.2f}; bad {bad}",
         flush=True,
     )
     return int(bad)
