@@ -611,14 +611,18 @@ class BulkCalls:
             ring = self._rings().req_data
             segs = _segments(seq, n, self._cap)
             pos = 0
-            for s0, i0, k in segs:  # the payloads first ...
-                if kind == "rows":
-                    ring[s0 : s0 + k, : buf.shape[1]] = buf[i0 : i0 + k]
-                else:
-                    m = int(lens[i0 : i0 + k].sum(dtype=np.int64))
-                    _scatter_packed(ring, s0, buf[pos : pos + m], lens[i0 : i0 + k])
-                    pos += m
-            self._publish_locked(seq, n, lens, 0 if lens is not None else buf.shape[1])  # ... headers, doorbell
+            self._producer_away = True  # NumPy lets go of the GIL for copies of 512 items and more: _give_way
+            try:
+                for s0, i0, k in segs:  # the payloads first ...
+                    if kind == "rows":
+                        ring[s0 : s0 + k, : buf.shape[1]] = buf[i0 : i0 + k]
+                    else:
+                        m = int(lens[i0 : i0 + k].sum(dtype=np.int64))
+                        _scatter_packed(ring, s0, buf[pos : pos + m], lens[i0 : i0 + k])
+                        pos += m
+                self._publish_locked(seq, n, lens, 0 if lens is not None else buf.shape[1])  # ... headers, doorbell
+            finally:
+                self._producer_away = False
         self._after_batch()
         return seq
 

@@ -607,13 +607,17 @@ class DeviceCalls:
                 seq = self._room_locked(n, timeout)
                 if n == 0:
                     return seq
-                if width:
-                    pitch = HEADER_BYTES + sb
-                    for s0, i0, k in _segments(seq, n, self._cap):  # one copy per run of slots ...
-                        dst = dmem.vram_slots + s0 * pitch + HEADER_BYTES
-                        dmem.copy_2d(dst, pitch, src.ptr + i0 * src.pitch, src.pitch, width, k, src.stream)
-                    dmem.wait(src.stream)  # ... done before the headers say so
-                self._publish_locked(seq, n, lens, width, _VRAM_WORD)
+                self._producer_away = True  # the driver calls let go of the GIL: _give_way
+                try:
+                    if width:
+                        pitch = HEADER_BYTES + sb
+                        for s0, i0, k in _segments(seq, n, self._cap):  # one copy per run of slots ...
+                            dst = dmem.vram_slots + s0 * pitch + HEADER_BYTES
+                            dmem.copy_2d(dst, pitch, src.ptr + i0 * src.pitch, src.pitch, width, k, src.stream)
+                        dmem.wait(src.stream)  # ... done before the headers say so
+                    self._publish_locked(seq, n, lens, width, _VRAM_WORD)
+                finally:
+                    self._producer_away = False
         finally:
             src.close()
         self._after_batch()

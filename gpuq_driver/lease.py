@@ -94,6 +94,7 @@ class Leases:
         self._linger = linger_ms / 1e3
         self._wake = threading.Event()
         self._keeper_parked = False  # the keeper waits 20 ms: a launch should wake it
+        self._keeper_ended = False  # the keeper thread has left its loop: nobody to give way to
         self.fresh_until = 0.0  # time.monotonic() until which the keeper queues successors itself
         self.error: BaseException | None = None  # a launch by the keeper that failed
         words = kernel.layout.view(kernel.mem, "ctrl_dev", "Q")
@@ -172,6 +173,8 @@ class Leases:
         if self._keeper_parked:
             self.wake_at = 0.0
             self._wake.set()
+            if self._keeper_ended:  # it has ended (a failed launch): nobody wants the GIL back for it
+                self.wake_at = math.inf
         return True
 
     def after_publish(self) -> bool:
@@ -202,6 +205,7 @@ class Leases:
             try:
                 look()
             finally:
+                self._keeper_ended = True  # first: a kick that sets wake_at after this undoes it
                 self.wake_at = math.inf  # nobody to give way to
 
         def look():
@@ -239,7 +243,8 @@ class Leases:
                 self._keeper_parked = not (lingering or awake)
                 wait = self._period if lingering else self._flow_period if awake else 20e-3
                 self.wake_at = time.monotonic() + wait
-                self._wake.wait(wait)  # wake_at stays in the past until the next wait
+                self._wake.wait(wait)
+                self.wake_at = 0.0  # the look wants the GIL back however its wait ended (a kick wakes it early)
                 self._wake.clear()
 
         self._thread = thread = threading.Thread(target=run, name="gpuq-lease-keeper", daemon=True)

@@ -372,7 +372,9 @@ class GpuQueue(BulkCalls, DeviceCalls):
         # (stale entries never match a later msg_id, so nothing needs clearing)
         self._taken = array.array("Q", [NO_MSG]) * cap
         self._taken_ahead = 0  # results taken out of order, at or after _tail
-        self._slot_wait = False  # a producer waits for a free slot (_wait_for_slot; _give_way)
+        # a producer holding the producer lock lets go of the GIL for a while and wants it back: it
+        # waits for a free slot (_wait_for_slot) or copies a batch (bulk.py, device_arrays.py); _give_way
+        self._producer_away = False
         self._accepting = True
         self._stop_mode = None  # STOP_DRAIN / STOP_ABORT once shutdown has asked
         self._begun = leases.begun  # GpuqCtrlDev.leases_begun, read after every enqueue
@@ -500,7 +502,7 @@ class GpuQueue(BulkCalls, DeviceCalls):
         timeout = self.config.enqueue_timeout_s if timeout is None else check_seconds("timeout", timeout)
         deadline = time.monotonic() + timeout
         pause = 0.0
-        self._slot_wait = True  # this thread lets go of the GIL (sleeps, cuStreamQuery): _give_way
+        self._producer_away = True  # this thread lets go of the GIL (sleeps, cuStreamQuery): _give_way
         try:
             while seq >= self._limit:
                 if self._dropped:  # result views dropped unreleased while the consumer lock was busy (bulk.py)
@@ -518,7 +520,7 @@ class GpuQueue(BulkCalls, DeviceCalls):
                 time.sleep(pause)
                 pause = min(1e-3, pause * 2 or 1e-6)
         finally:
-            self._slot_wait = False  # one producer waits at a time: it holds the producer lock
+            self._producer_away = False  # one producer at a time: it holds the producer lock
 
     def _full_message(self, seq: int, timeout: float) -> str:
         """Why msg_id ``seq`` has no slot: the slots free in msg_id order, so the oldest message not
@@ -604,7 +606,8 @@ class GpuQueue(BulkCalls, DeviceCalls):
     def _give_way(self) -> None:
         """``poll_completions``, ``try_dequeue_result`` or ``take_ready`` found nothing: if a thread
         of this queue has let go of the GIL for a moment and needs it back (a launch's driver call:
-        ``Leases.launching``; a producer waiting for a free slot: ``_slot_wait``; the lease keeper
+        ``Leases.launching``; a producer waiting for a free slot or copying a batch (NumPy and the
+        driver let go of it): ``_producer_away``; the lease keeper
         due back from its wait, or in its look, whose driver calls let go of the GIL too:
         ``Leases.wake_at``), sleep(0) so that it gets it.  A thread spinning on these calls
         otherwise keeps the GIL for CPython's switch interval (5 ms): a producer beside a consumer
@@ -619,7 +622,7 @@ class GpuQueue(BulkCalls, DeviceCalls):
         simulator's kernel thread: a busy one would keep the GIL for 5 ms after each such
         hand-over.  ``wait_result`` and asyncio's looks go through these calls too."""
         leases = self._leases
-        if leases.launching or self._slot_wait or time.monotonic() >= leases.wake_at:
+        if leases.launching or self._producer_away or time.monotonic() >= leases.wake_at:
             time.sleep(0)
 
     def _slot(self, msg_id) -> int:

@@ -598,3 +598,84 @@ def test_empty_consumer_calls_give_way_while_the_keeper_is_in_a_driver_call(make
     monkeypatch.setattr(kernel, "idle", idle_with_looks)
     assert wait_for(lambda: looks, 10), "the keeper never asked the stream"
     assert looks == [[0]]  # it gave way, once
+
+
+@pytest.mark.parametrize("call", ["enqueue_many", "enqueue_device"])
+def test_empty_consumer_calls_give_way_while_a_producer_copies_a_batch(call, monkeypatch):
+    """NumPy lets go of the GIL for copies of 512 items or more, and enqueue_device's copies are
+    driver calls: a batch producer beside a consumer spinning on empty calls waited for the keeper's
+    next look (up to 20 ms) on each batch (a review, eleventh session: enqueue_many of 1 MiB took
+    1-62 ms beside a spinning consumer, 14-170 µs alone).  While a producer copies a batch, an empty
+    call sleeps(0); outside it, none does."""
+    with GpuQueue(QueueConfig(backend="sim", capacity=16, slot_bytes=64)) as q:
+        me, real_sleep, slept, looks = threading.get_ident(), time.sleep, [], []
+
+        def sleep(seconds):
+            if threading.get_ident() == me:
+                slept.append(seconds)
+            real_sleep(seconds)
+
+        monkeypatch.setattr(time, "sleep", sleep)
+        publish = q._publish_locked
+
+        def publish_with_looks(*args):  # a consumer's empty looks, as if made while the copies run
+            before = len(slept)
+            assert q.try_dequeue_result(1000) is None and q.take_ready()[2].size == 0
+            looks.append(slept[before:])
+            publish(*args)
+
+        monkeypatch.setattr(q, "_publish_locked", publish_with_looks)
+        batch = np.arange(4 * 64, dtype=np.uint8).reshape(4, 64)
+        first = getattr(q, call)(batch)
+        assert looks == [[0, 0]]  # both looks gave way, once each
+        assert [q.wait_result(first + i, 10) for i in range(4)] == [bytes(row) for row in batch]
+        monkeypatch.setattr(q._leases, "wake_at", math.inf)  # the keeper's looks aside
+        slept.clear()
+        for _ in range(100):
+            assert q.try_dequeue_result(1000) is None
+        assert slept == []
+
+
+def test_a_keeper_that_ended_leaves_no_give_way_behind(make_queue, monkeypatch):
+    """The keeper ends if its own launch fails without a fault (Leases.error).  A producer's later
+    launch, finding the keeper marked parked, set wake_at = 0.0 to wake it, and with no keeper left
+    to reset it every empty try_dequeue_result slept(0) from then on (~60 µs a call; a review,
+    eleventh session).  Now the launch sees that the keeper has ended."""
+    q = make_queue(capacity=16, slot_bytes=16, linger_ms=0.0)
+    assert q.wait_result(q.enqueue(b"warm"), 10) == b"warm"
+    leases, kernel = q._leases, q._kernel
+    assert wait_for(lambda: leases._keeper_parked and not leases.serving(), 10)
+    keeper, launch = leases._thread, kernel.launch
+
+    def refused_for_the_keeper():
+        if threading.current_thread() is keeper:
+            raise RuntimeError("launch refused (the context is fine)")
+        launch()
+
+    monkeypatch.setattr(kernel, "launch", refused_for_the_keeper)
+    monkeypatch.setattr(leases, "after_publish", lambda: False)  # the keeper rescues this one
+    first = q.enqueue(b"one")
+    assert wait_for(lambda: not keeper.is_alive(), 10) and isinstance(leases.error, RuntimeError)
+    monkeypatch.undo()
+    second = q.enqueue(b"two")  # this producer launches: the keeper was parked
+    assert leases.launches >= 2 and leases.wake_at == math.inf
+    got = {}  # by try_dequeue_result: wait_result raises KernelStopped once the keeper's launch failed
+
+    def taken():
+        for m in (first, second):
+            if got.get(m) is None:
+                got[m] = q.try_dequeue_result(m)
+        return got == {first: b"one", second: b"two"}
+
+    assert wait_for(taken, 10), got
+    me, real_sleep, slept = threading.get_ident(), time.sleep, []
+
+    def sleep(seconds):
+        if threading.get_ident() == me:
+            slept.append(seconds)
+        real_sleep(seconds)
+
+    monkeypatch.setattr(time, "sleep", sleep)
+    for _ in range(100):
+        assert q.try_dequeue_result(1000) is None
+    assert slept == []
