@@ -34,6 +34,20 @@ def parked(q) -> bool:
     return q.stats().launches == s.launches
 
 
+def record_sleeps(monkeypatch, thread: threading.Thread | None = None) -> list[float]:
+    """Patch time.sleep so that each call made by ``thread`` (default: the calling one) notes its
+    seconds in the list returned; the sleeps still happen."""
+    thread, real_sleep, slept = thread or threading.current_thread(), time.sleep, []
+
+    def sleep(seconds):
+        if threading.current_thread() is thread:
+            slept.append(seconds)
+        real_sleep(seconds)
+
+    monkeypatch.setattr(time, "sleep", sleep)
+    return slept
+
+
 def test_stats_never_reports_running_once_every_lease_has_ended():
     """A lease's last warp writes the kernel state, then leases_ended (end_lease, and the simulator
     the same), and stats() reads leases_ended first: so a snapshot that counts every launched lease
@@ -542,14 +556,7 @@ def test_empty_consumer_calls_give_way_while_a_launch_is_in_flight(make_queue, m
     q = make_queue(capacity=16, slot_bytes=16, linger_ms=0.0)
     assert q.wait_result(q.enqueue(b"warm"), 10) == b"warm"
     assert wait_for(lambda: parked(q), 10), q.stats()
-    me, real_sleep, slept = threading.get_ident(), time.sleep, []
-
-    def sleep(seconds):
-        if threading.get_ident() == me:
-            slept.append(seconds)
-        real_sleep(seconds)
-
-    monkeypatch.setattr(time, "sleep", sleep)
+    slept = record_sleeps(monkeypatch)
     kernel, launch, looks = q._kernel, q._kernel.launch, []
 
     def launch_with_looks():  # another consumer's empty looks, as if made while the driver call runs
@@ -578,14 +585,8 @@ def test_empty_consumer_calls_give_way_while_the_keeper_is_in_a_driver_call(make
     stream on every look once the queue is quiet."""
     q = make_queue(capacity=16, slot_bytes=16, lease_ms=math.inf)
     assert q.wait_result(q.enqueue(b"warm"), 10) == b"warm"
-    keeper, real_sleep, slept = q._leases._thread, time.sleep, []
-
-    def sleep(seconds):
-        if threading.current_thread() is keeper:
-            slept.append(seconds)
-        real_sleep(seconds)
-
-    monkeypatch.setattr(time, "sleep", sleep)
+    keeper = q._leases._thread
+    slept = record_sleeps(monkeypatch, keeper)
     kernel, idle, looks = q._kernel, q._kernel.idle, []
 
     def idle_with_looks():  # a consumer's empty look, as if made while the driver call runs
@@ -608,14 +609,7 @@ def test_empty_consumer_calls_give_way_while_a_producer_copies_a_batch(call, mon
     1-62 ms beside a spinning consumer, 14-170 µs alone).  While a producer copies a batch, an empty
     call sleeps(0); outside it, none does."""
     with GpuQueue(QueueConfig(backend="sim", capacity=16, slot_bytes=64)) as q:
-        me, real_sleep, slept, looks = threading.get_ident(), time.sleep, [], []
-
-        def sleep(seconds):
-            if threading.get_ident() == me:
-                slept.append(seconds)
-            real_sleep(seconds)
-
-        monkeypatch.setattr(time, "sleep", sleep)
+        slept, looks = record_sleeps(monkeypatch), []
         publish = q._publish_locked
 
         def publish_with_looks(*args):  # a consumer's empty looks, as if made while the copies run
@@ -668,14 +662,7 @@ def test_a_keeper_that_ended_leaves_no_give_way_behind(make_queue, monkeypatch):
         return got == {first: b"one", second: b"two"}
 
     assert wait_for(taken, 10), got
-    me, real_sleep, slept = threading.get_ident(), time.sleep, []
-
-    def sleep(seconds):
-        if threading.get_ident() == me:
-            slept.append(seconds)
-        real_sleep(seconds)
-
-    monkeypatch.setattr(time, "sleep", sleep)
+    slept = record_sleeps(monkeypatch)
     for _ in range(100):
         assert q.try_dequeue_result(1000) is None
     assert slept == []
