@@ -607,9 +607,9 @@ class GpuQueue(BulkCalls, DeviceCalls):
         """``poll_completions``, ``try_dequeue_result`` or ``take_ready`` found nothing: if a thread
         of this queue has let go of the GIL for a moment and needs it back (a launch's driver call:
         ``Leases.launching``; a producer waiting for a free slot or copying a batch (NumPy and the
-        driver let go of it): ``_producer_away``; the lease keeper
-        due back from its wait, or in its look, whose driver calls let go of the GIL too:
-        ``Leases.wake_at``), sleep(0) so that it gets it.  A thread spinning on these calls
+        driver let go of it): ``_producer_away``; the lease keeper due back from its wait, or in its
+        look, whose driver calls let go of the GIL too: ``Leases.wake_at``), sleep(0) so that it
+        gets it.  A thread spinning on these calls
         otherwise keeps the GIL for CPython's switch interval (5 ms): a producer beside a consumer
         spinning on ``poll_completions`` moved ~2,400 msg/s on the H200 host with 0.2 ms leases,
         each launch holding its enqueue 5-30 ms (NOTES.md, tenth session); a keeper held in its
