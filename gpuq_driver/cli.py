@@ -106,16 +106,19 @@ def gpu_report() -> tuple[list[tuple[str, str]], str | None]:
 
 
 def cmd_info(args) -> int:
+    from rich.markup import escape
     from rich.table import Table
 
     rows, problem = gpu_report()
     table = Table(title="gpuq_driver", show_header=False)
+    table.add_column(no_wrap=True)
+    table.add_column(overflow="fold")  # paths whole, on a narrow terminal or through a pipe
     for what, value in rows:
-        table.add_row(what, value)
+        table.add_row(escape(what), escape(value))  # "[link]" is text, not rich markup
     console = _console()
     console.print(table)
     if problem:
-        console.print(f"[bold]the GPU path cannot run here:[/bold] {problem}")
+        console.print(f"[bold]the GPU path cannot run here:[/bold] {escape(problem)}")
         return 2
     console.print("ready: `gpuq demo` runs the example queue on GPU 0")
     return 0

@@ -1,6 +1,7 @@
 """The ``gpuq`` command (gpuq_driver/cli.py) as a user runs it: exit codes, what it prints."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -32,6 +33,35 @@ def test_info_lists_versions_nvrtc_and_the_cache():
         assert r.returncode == 2 and "no usable CUDA GPU" in r.stdout and "backend='sim'" in r.stdout
     else:
         assert r.returncode == 0 and "device 0" in r.stdout and "sm_" in r.stdout and "ready" in r.stdout
+
+
+def test_info_prints_every_value_whole_on_a_narrow_terminal():
+    """rich read "[link]" in the nvJitLink hint as markup and dropped it, so the hint said to
+    install plain gpuq-driver; and at 80 columns, or piped, long paths ended in "…" (a new user's
+    trial, eleventh session).  Each value must come out whole, wherever the table folds it."""
+    from gpuq_driver.cli import gpu_report
+
+    r = gpuq("info", env={"COLUMNS": "60"})
+    squeezed = re.sub(r"[\s\u2500-\u257f]", "", r.stdout)  # whitespace and box drawing
+    rows, _ = gpu_report()
+    for what, value in rows:
+        if what != "CUBIN cache":  # its entries may change between the two calls
+            assert re.sub(r"\s", "", value) in squeezed, (what, value, r.stdout)
+    assert "…" not in r.stdout, r.stdout
+
+
+def test_info_keeps_the_extra_in_the_nvjitlink_hint(monkeypatch, capsys):
+    """Where nvJitLink is missing, the hint names the extra that brings it: gpuq-driver[link]."""
+    from gpuq_driver import cli, compiler
+    from gpuq_driver.errors import GpuqError
+
+    def missing():
+        raise GpuqError("nvJitLink not found")
+
+    monkeypatch.setattr(compiler, "nvjitlink_info", missing)
+    monkeypatch.setenv("COLUMNS", "200")
+    cli.cmd_info(None)
+    assert "pip install 'gpuq-driver[link]'" in capsys.readouterr().out
 
 
 def test_demo_on_the_simulator_checks_every_message():
