@@ -13,9 +13,10 @@
 The event loop thread never spins: it makes the same non-blocking calls as the blocking API (an
 enqueue is a few stores; a take a copy) and otherwise awaits futures.  Such a call that finds
 nothing sleeps(0) (~57 µs) only while another thread of the queue needs the GIL back (a launch in
-flight, a producer waiting for a slot, the lease keeper's look: ``GpuQueue._give_way``).  One background
-*poller* thread per AsyncQueue watches the mapped result headers for what is awaited (one
-vectorised compare of every awaited msg_id per look) and wakes the awaiting loops with
+flight, a producer waiting for a slot or copying a batch, the lease keeper's look:
+``GpuQueue._give_way``).  One background *poller* thread per AsyncQueue watches the mapped result
+headers for what is awaited (one vectorised compare of every awaited msg_id per look) and wakes the
+awaiting loops with
 ``loop.call_soon_threadsafe``; the awaiting task then takes the result itself, in the step that
 returns it, so a cancelled or timed-out await never loses it (it stays in the queue, takeable).
 The poller looks back to back (yielding the GIL) for ``spin_s`` after the last progress, then
