@@ -16,8 +16,7 @@ nothing sleeps(0) (~57 µs) only while another thread of the queue needs the GIL
 flight, a producer waiting for a slot or copying a batch, the lease keeper's look:
 ``GpuQueue._give_way``).  One background *poller* thread per AsyncQueue watches the mapped result
 headers for what is awaited (one vectorised compare of every awaited msg_id per look) and wakes the
-awaiting loops with
-``loop.call_soon_threadsafe``; the awaiting task then takes the result itself, in the step that
+awaiting loops with ``loop.call_soon_threadsafe``; the awaiting task then takes the result itself, in the step that
 returns it, so a cancelled or timed-out await never loses it (it stays in the queue, takeable).
 The poller looks back to back (yielding the GIL) for ``spin_s`` after the last progress, then
 sleeps with growing pauses up to ``max_sleep_s`` while messages are outstanding and
