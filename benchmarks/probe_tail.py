@@ -27,21 +27,34 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from gpuq_driver import GpuQueue, QueueConfig  # noqa: E402
 
 
-def run(iters: int, flow_ms: float | None = None, backend: str = "cuda", **cfg) -> int:
-    """Prints one line; returns the number of wrong results."""
+def run(iters: int, flow_ms: float | None = None, backend: str = "cuda", second: bool = True, **cfg) -> int:
+    """Prints two lines; returns the number of wrong results.  second: Leases.second (the producer
+    queues a second lease during a hand-over, so that no later enqueue launches)."""
     payloads = [np.random.default_rng(i).integers(0, 256, 64, dtype=np.uint8).tobytes() for i in range(16)]
     with GpuQueue(QueueConfig(capacity=1024, slot_bytes=64, backend=backend, **cfg)) as q:
         if flow_ms is not None:  # the lease keeper's look while messages flow (lease.Leases._flow_period)
             q._leases._flow_period = flow_ms / 1e3
+        q._leases.second = second
+        looks = [0]
+        watch = q._leases.watch
+
+        def counted(*a, _watch=watch):  # the keeper's looks while a lease runs (each takes the GIL)
+            looks[0] += 1
+            return _watch(*a)
+
+        q._leases.watch = counted
         res_ids, mask, begun, clock, leases = q._res_hdr, q._mask, q._begun, time.perf_counter_ns, q._leases
         lat = np.empty(iters, np.int64)
         moved = np.zeros(iters, bool)
         launched = np.zeros(iters, bool)
+        looked = np.zeros(iters, bool)
+        pos = np.zeros(iters, np.int64)  # round trips since the newest lease began (0: met the change)
+        since = 0
         bad = 0
         warm = min(1000, iters // 5)
         for i in range(iters + warm):
             p = payloads[i & 15]
-            b0, n0 = begun[0], leases.launches
+            b0, n0, k0 = begun[0], leases.launches, looks[0]
             t = clock()
             mid = q.enqueue(p)
             n1 = leases.launches
@@ -54,6 +67,10 @@ def run(iters: int, flow_ms: float | None = None, backend: str = "cuda", **cfg) 
                 lat[i - warm] = t1 - t
                 moved[i - warm] = begun[0] != b0
                 launched[i - warm] = n1 != n0  # this enqueue (or the keeper meanwhile) launched
+                looked[i - warm] = looks[0] != k0
+            since = 0 if begun[0] != b0 else since + 1
+            if i >= warm:
+                pos[i - warm] = since
     us = lat / 1e3
     calm = us[~moved]
     hit = us[moved]
@@ -67,6 +84,18 @@ def run(iters: int, flow_ms: float | None = None, backend: str = "cuda", **cfg) 
         f"{(np.percentile(quiet, 99) if quiet.size else math.nan):.2f}; bad {bad}",
         flush=True,
     )
+    parts = [
+        f"both (a launch in the round trip that met the change) {(moved & launched).mean() * 100:.2f} %",
+        f"second={second}: keeper looked in {looked.mean() * 100:.2f} % (median "
+        f"{(np.median(us[looked]) if looked.any() else math.nan):.2f})",
+    ]
+    for lo, hi in ((0, 0), (1, 1), (2, 2), (3, 5), (6, 20), (21, 1 << 62)):
+        sel = us[(pos >= lo) & (pos <= hi) & ~moved & ~launched]
+        if sel.size:
+            parts.append(
+                f"pos {lo}-{hi}: n {sel.size} p50 {np.percentile(sel, 50):.2f} p99 {np.percentile(sel, 99):.2f}"
+            )
+    print("   " + "; ".join(parts), flush=True)
     return int(bad)
 
 
@@ -77,6 +106,7 @@ def main() -> int:
     ap.add_argument(
         "--flow-ms", default="", help="keeper look periods while messages flow to try (ms), comma-separated"
     )
+    ap.add_argument("--second", default="1", help="Leases.second values to try (0/1), comma-separated")
     ap.add_argument(
         "--sim", action="store_true", help="the CPU simulator (checks the script; its figures mean nothing)"
     )
@@ -91,7 +121,15 @@ def main() -> int:
     for lease in args.leases.split(","):
         for flow in flows:
             for one_read in (True, False):
-                bad += run(args.iters, flow, backend=backend, lease_ms=float(lease), one_read=one_read)
+                for second in args.second.split(","):
+                    bad += run(
+                        args.iters,
+                        flow,
+                        backend=backend,
+                        second=second == "1",
+                        lease_ms=float(lease),
+                        one_read=one_read,
+                    )
     return 1 if bad else 0
 
 

@@ -9,9 +9,13 @@ launches the next lease (the device half and the handshakes are in ``device_src/
 
 Two parties launch:
 
-* While messages flow, a *producer*, after publishing, launches lease n + 1 as soon as lease n has
-  begun (``leases_begun == launches``), so one lease always waits queued behind the running one
-  and the GPU never waits for the host between leases (~5 µs once per lease).
+* While messages flow, a *producer*, after publishing, launches lease n + 1 once lease n - 1 is
+  leaving (``leases_leaving``) and lease n, queued behind it, has not begun: the hand-over, which
+  the round trip of that producer's message waits for anyway, so the launch (~5 µs once per
+  lease) lands in that round trip, not in another one (``second``).  If no message came during
+  the hand-over, it launches as soon as lease n has begun.  So one lease always waits queued
+  behind the running one (two during a hand-over) and the GPU never waits for the host between
+  leases.
 * The *keeper*, a daemon thread, keeps the kernel serving for ``linger_ms`` after the last message:
   it looks every ``lease_ms / 2`` (0.2 .. 5 ms) and queues each successor itself, and while it
   does, a producer launches only when no lease will read the doorbell after its store: the newest
@@ -102,6 +106,9 @@ class Leases:
         self.ended = words[_ENDED : _ENDED + 1]
         self.leaving = words[_LEAVING : _LEAVING + 1]
         self.launches = 0
+        # after_publish queues a second lease during a hand-over (kick); False: the rule before
+        # (probe_tail.py compares them)
+        self.second = True
         # True while a thread is in a launch: the driver call lets go of the GIL, and a consumer
         # spinning on empty calls would keep it for CPython's switch interval (GpuQueue._give_way)
         self.launching = False
@@ -130,10 +137,12 @@ class Leases:
         self._oldest_ref = self._on_failure_ref = None
         self._thread: threading.Thread | None = None
 
-    def kick(self, ahead: bool = True) -> bool:
+    def kick(self, ahead: bool = True, second: bool = False) -> bool:
         """Launch the next lease if the newest one has begun (ahead=True: queue a successor behind
         a running lease) or, with ahead=False, only if it has also reached its last doorbell read
-        (nothing launched would see a message published before this call).  True if it launched.
+        (nothing launched would see a message published before this call).  second=True (with
+        ahead) also launches while the lease before the newest is leaving and the newest has not
+        begun (a hand-over), so that two wait queued.  True if it launched.
 
         Does nothing while paused, after the kernel stopped for good (shut down, faulted or hung),
         or after ``close``.  Raises KernelFault if the launch fails because the CUDA context is lost
@@ -145,11 +154,7 @@ class Leases:
             if self.paused or self.closed or self._failing is not None or self._kernel.ctrl.state == KERNEL_EXITED:
                 return False
             n = self.launches
-            if self.begun[0] != n:
-                return False  # a launched lease has not begun yet: it will read the doorbell
-            if not ahead and self.leaving[0] != n:
-                return False  # the running lease has not begun to leave: its last read is to come
-            if not self._ahead and self.ended[0] != n:
+            if not self._due(n, ahead, second):
                 return False
             self.launches = n + 1  # first: the device's ended count never passes it
             self.launching = True  # the driver call lets go of the GIL: spinning consumers give way
@@ -177,11 +182,24 @@ class Leases:
                 self.wake_at = math.inf
         return True
 
+    def _due(self, n: int, ahead: bool, second: bool) -> bool:
+        """kick's rule, with ``n`` leases launched (reads the device's counters, no lock)."""
+        begun = self.begun[0]
+        if begun != n:  # a launched lease has not begun yet: it will read the doorbell
+            return second and self._ahead and begun == n - 1 and self.leaving[0] == n - 1
+        if not ahead and self.leaving[0] != n:
+            return False  # the running lease has not begun to leave: its last read is to come
+        return self._ahead or self.ended[0] == n
+
     def after_publish(self) -> bool:
         """The producer's rule, after its doorbell store and a full fence: launch only if no lease
         will read the doorbell later, unless the keeper has fallen behind (then queue the successor
         now, as the keeper would have).  True if it launched.  Raises CudaError."""
-        return self.kick(ahead=time.monotonic() > self.fresh_until)
+        ahead = time.monotonic() > self.fresh_until
+        second = ahead and self.second
+        if not self._due(self.launches, ahead, second):  # the common case, without the lock
+            return False
+        return self.kick(ahead=ahead, second=second)
 
     def keep(self, enqueued_ref, processed_ref, oldest_ref=None, on_failure_ref=None) -> threading.Thread:
         """Start the keeper, a daemon thread.  ``enqueued_ref()`` and ``processed_ref()`` are weak

@@ -377,7 +377,8 @@ class GpuQueue(BulkCalls, DeviceCalls):
         self._producer_away = False
         self._accepting = True
         self._stop_mode = None  # STOP_DRAIN / STOP_ABORT once shutdown has asked
-        self._begun = leases.begun  # GpuqCtrlDev.leases_begun, read after every enqueue
+        self._begun = leases.begun  # GpuqCtrlDev.leases_begun
+        self._leaving = leases.leaving  # GpuqCtrlDev.leases_leaving, read after every enqueue
         try:
             kernel.start()
             leases.kick()
@@ -491,7 +492,7 @@ class GpuQueue(BulkCalls, DeviceCalls):
             self._doorbell[0] = seq  # the doorbell, last
         # The lock's release is a full fence (x86 locked instruction): the doorbell store is
         # visible before these loads, the host half of the relaunch handshakes (lease.py).
-        if self._begun[0] == self._leases.launches:
+        if self._leaving[0] >= self._leases.launches - 1:
             self._leases.after_publish()
         return seq - 1
 
