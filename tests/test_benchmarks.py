@@ -81,8 +81,10 @@ def test_probe_tail_on_the_simulator(tmp_path):
     --iters below 2 is refused with a usage error, not a traceback."""
     r = run_script("probe_tail.py", "--sim", "--iters", "3")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    lines = [ln for ln in r.stdout.splitlines() if "keeper look" in ln]
+    lines = [ln for ln in r.stdout.splitlines() if "keeper look " in ln]
     assert len(lines) == 1 + 3 * 2 and all(ln.endswith("bad 0") for ln in lines), r.stdout
+    # and under each, where its round trips fell in the lease (the hand-over rule on: second=True)
+    assert sum("second=True: keeper looked in" in ln for ln in r.stdout.splitlines()) == 1 + 3 * 2, r.stdout
     r = run_script("probe_tail.py", "--sim", "--iters", "1", timeout=60)
     assert r.returncode == 2 and "--iters must be at least 2" in r.stderr, r.stderr[-2000:]
 
