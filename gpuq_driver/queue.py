@@ -62,6 +62,7 @@ from .layout import (
     NO_MSG,
     READY,
     RESULT_FAILED,
+    SCOUT_LINE_BYTES,
     STOP_ABORT,
     STOP_DRAIN,
     check_slot_bytes,
@@ -360,6 +361,11 @@ class GpuQueue(BulkCalls, DeviceCalls):
         self._counters = np.frombuffer(lay.view(mem, "warp_counters"), dtype=np.uint64)
         for hdr in (self._req_hdr, self._res_hdr):
             np.frombuffer(hdr, dtype=np.uint64)[1::2] = NO_MSG
+        # each scout's own line of each checked message (one_read with scouts: _copy_for_scouts)
+        self._scouts, self._scout_mask = lay.scouts, lay.scout_lines - 1
+        self._scout_bytes = lay.view(mem, "req_scout")
+        self._scout32, self._scout64 = lay.view(mem, "req_scout", "I"), lay.view(mem, "req_scout", "Q")
+        np.frombuffer(self._scout64, dtype=np.uint64)[1::16] = NO_MSG
         self._ready = READY << 32
         self._one_read = config.one_read
         # producer state (under _plock) and consumer state (under _clock)
@@ -489,12 +495,30 @@ class GpuQueue(BulkCalls, DeviceCalls):
                 hdr[slot] = n | self._ready
             hdr[slot | 1] = seq
             self._head = seq = seq + 1
-            self._doorbell[0] = seq  # the doorbell, last
+            self._doorbell[0] = seq  # the doorbell, last for the front warp
+            if self._scouts and n <= 64:  # then each scout's line (after: the front's path pays nothing)
+                self._copy_for_scouts(seq - 1, payload, n, h32[slot << 1 | 1])
         # The lock's release is a full fence (x86 locked instruction): the doorbell store is
         # visible before these loads, the host half of the relaunch handshakes (lease.py).
         if self._leaving[0] >= self._leases.launches - 1:
             self._leases.after_publish()
         return seq - 1
+
+    def _copy_for_scouts(self, seq: int, payload, n: int, flags: int) -> None:
+        """Write checked message ``seq`` (``n`` <= 64 bytes, its header's ``flags`` word with the
+        check) into each scout's own line, as into the slot: payload, len, flags, msg_id last.  A
+        scout polls its line, not the slot: two warps' reads of one line in flight together slow
+        each other by ~70 % (benchmarks/probe_twopoll.py).  Under the producer lock, after the
+        doorbell."""
+        lines, data, w32, w64 = self._scout_mask + 1, self._scout_bytes, self._scout32, self._scout64
+        e = seq & self._scout_mask
+        for _ in range(self._scouts):
+            off = e * SCOUT_LINE_BYTES
+            data[off + 16 : off + 16 + n] = payload
+            w32[e * 32] = n
+            w32[e * 32 + 1] = flags
+            w64[e * 16 + 1] = seq
+            e += lines
 
     def _wait_for_slot(self, seq: int, timeout: float | None) -> None:
         self._leases.check()  # a fault or hang: say so rather than QueueClosed
