@@ -557,7 +557,6 @@ def main() -> int:
         if size == 64:  # with a scout (QueueConfig.scouts), and the lease's share of the tail: 10 ms and never leaving
             cfgs.update(
                 _one_read_scout={"one_read": True, "scouts": 1},
-                _one_read_2_scouts={"one_read": True, "scouts": 2},
                 _one_read_lease_10ms={"one_read": True, "lease_ms": 10.0},
                 _one_read_never_leaves={"one_read": True, **never},
             )

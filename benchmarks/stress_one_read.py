@@ -35,14 +35,13 @@ def main() -> int:
     ap.add_argument("--producers", type=int, default=4)
     ap.add_argument("--window", type=int, default=8, help="messages each producer keeps in flight")
     ap.add_argument("--max-bytes", type=int, default=1024)
-    ap.add_argument("--scouts", type=int, default=0, help="QueueConfig.scouts: warps polling their own lines too")
     args = ap.parse_args()
     rng = np.random.default_rng(7)
     pool = [rng.bytes(int(k)) for k in rng.integers(0, args.max_bytes + 1, 4096)]
     pool[:8] = [b"", b"a", bytes(15), bytes(16), bytes(17), bytes(63), bytes(64), bytes(65)]
     per = args.messages // args.producers
     wrong, errors = [0] * args.producers, []
-    cfg = QueueConfig(capacity=4096, slot_bytes=args.max_bytes, backend=args.backend, one_read=True, scouts=args.scouts)
+    cfg = QueueConfig(capacity=4096, slot_bytes=args.max_bytes, backend=args.backend, one_read=True)
     with GpuQueue(cfg) as q:
 
         def producer(t: int) -> None:
@@ -75,7 +74,6 @@ def main() -> int:
         "backend": args.backend,
         "messages": per * args.producers,
         "producers": args.producers,
-        "scouts": args.scouts,
         "window": args.window,
         "sizes": f"0..{args.max_bytes} B",
         "seconds": dt,
@@ -90,7 +88,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "stress_one_read.json").write_text(json.dumps(res, indent=2))
     print(
-        f"one-read stress: {res['messages']:,} messages ({res['sizes']}, {args.producers} producers, {args.scouts} scouts) in {dt:.1f} s; "
+        f"one-read stress: {res['messages']:,} messages ({res['sizes']}, {args.producers} producers) in {dt:.1f} s; "
         f"wrong {res['wrong']}, errors {len(errors)}; served from one read {st.spec_reads:,}, "
         f"torn or stale reads retried {st.spec_retries:,}"
     )

@@ -64,9 +64,8 @@
 //                                         launches, launch lease launches + 1 on the queue's stream
 // A lease not yet begun, or begun and not yet leaving, when the host looks will read the doorbell
 // after the host's store; otherwise the host launches one that will.  So every message is read by
-// some lease.  (While traffic flows a producer also queues lease n + 1 once lease n - 1 is leaving
-// and lease n has not begun, the hand-over, so that one lease always waits queued behind the
-// running one; while it lingers the host's lease keeper does; lease.py.)
+// some lease.  (The host's lease keeper also launches lease n + 1 as soon as n has begun, while
+// traffic is recent, so that under traffic one lease waits queued behind the running one; lease.py.)
 //
 // One read (docs/design.md, "One read per message").  The front warp (the one waiting for the
 // message at the head) reads, in one PCIe round trip, the doorbell and slot head's header and
@@ -85,13 +84,7 @@
 // Scouts (GpuqKernelArgs.scouts; docs/design.md, "Scouts").  With the one read, the grid's last
 // `scouts` warps poll the slot the front announced (GpuqDevState.front) between the front's polls
 // (its phase: poll_t, poll_per); the front and the scouts bid for that message (atomicMax on
-// GpuqDevState.grab) and only the first bid serves it (gpuq_queue.cu, bid()).  Two warps' reads of
-// one 64 B line of host memory in flight together slow each other (+70 %: benchmarks/
-// probe_twopoll.py); of two lines, not at all.  So the host also writes each checked message into
-// one scout line per scout (GpuqKernelArgs.req_scout: scout j's line for msg_id s is
-// j * scout_lines + s % scout_lines, 128 B: header, then the first 64 payload bytes), after the
-// doorbell, and scout j polls its own line; the same check validates it (a line still holding
-// msg_id s - scout_lines, or a mix, fails it like a stale or torn slot).
+// GpuqDevState.grab) and only the first bid serves it (gpuq_queue.cu, bid()).
 #pragma once
 
 #ifdef __CUDACC_RTC__
@@ -103,7 +96,7 @@ using cuda::std::uint8_t;
 #include <cstdint>
 #endif
 
-#define GPUQ_LAYOUT_VERSION 7u  // 7: scout lines (GpuqKernelArgs.req_scout, scout_lines); 6: scouts
+#define GPUQ_LAYOUT_VERSION 6u  // 6: scouts (GpuqDevState.front .. poll_per, GpuqKernelArgs.scouts)
 
 // Slot states (GpuqSlotHeader.flags, low byte).
 #define GPUQ_EMPTY 0u
@@ -223,7 +216,6 @@ struct GpuqKernelArgs {
   uint8_t* vram_slots;      // capacity * (16 + slot_bytes) bytes
   GpuqDevState* dev;
   uint64_t* warp_totals;    // VRAM copy of warp_counters, carried from lease to lease
-  uint8_t* req_scout;       // scouts x scout_lines lines of 128 B, host-written ("Scouts" above)
   uint64_t lease_ns;        // a lease leaves after this long (~0ull: never)
   uint32_t capacity;        // power of two
   uint32_t slot_bytes;      // multiple of 16
@@ -231,12 +223,10 @@ struct GpuqKernelArgs {
   uint32_t idle_backoff_ns;
   uint32_t one_read;        // 1: the front warp's polls read the slot too ("One read"); 0: the doorbell alone
   uint32_t scouts;          // with one_read: the grid's last `scouts` warps are scouts (0: none)
-  uint32_t scout_lines;     // lines per scout in req_scout (a power of two; 0 with no scouts)
-  uint32_t pad;
 };
 
 static_assert(sizeof(GpuqSlotHeader) == 16, "GpuqSlotHeader must be 16 bytes");
 static_assert(sizeof(GpuqCtrlHost) == 128, "GpuqCtrlHost must be 128 bytes");
 static_assert(sizeof(GpuqCtrlDev) == 128, "GpuqCtrlDev must be 128 bytes");
 static_assert(sizeof(GpuqDevState) == 256, "GpuqDevState must be 256 bytes");
-static_assert(sizeof(GpuqKernelArgs) == 128, "GpuqKernelArgs must be 128 bytes");
+static_assert(sizeof(GpuqKernelArgs) == 112, "GpuqKernelArgs must be 112 bytes");

@@ -548,17 +548,16 @@ __device__ void scout_loop(const GpuqKernelArgs& p, uint32_t lane, uint32_t warp
     if (act == 2u) break;
     if (act == 0u) continue;
     s = __shfl_sync(kFullMask, s, 0);
+    const uint32_t slot = static_cast<uint32_t>(s & (p.capacity - 1u));
     uint4 v = make_uint4(0u, 0u, 0u, 0u);
 #ifdef GPUQ_TRACE
     if (lane == 0) { t_issue = clock64(); g_issue = globaltimer_ns(); }
 #endif
-    // this scout's own line of s (header, then payload: gpuq_layout.cuh, "Scouts")
-    const uint8_t* line =
-        p.req_scout + (static_cast<size_t>(j) * p.scout_lines + (s & (p.scout_lines - 1u))) * 128u;
     if (lane == kHdrLane) {
-      v = __ldcv(reinterpret_cast<const uint4*>(line));
+      v = __ldcv(reinterpret_cast<const uint4*>(p.req_hdr + slot));
     } else if (lane >= kWordLane && lane - kWordLane < words) {
-      v.x = __ldcv(reinterpret_cast<const uint32_t*>(line + 16) + (lane - kWordLane));
+      v.x = __ldcv(reinterpret_cast<const uint32_t*>(p.req_data + static_cast<size_t>(slot) * p.slot_bytes) +
+                   (lane - kWordLane));
     }
     uint4 hdr = shfl4(v, kHdrLane);
     if (!slot_candidate(p, hdr, s)) continue;
@@ -782,7 +781,6 @@ extern "C" __global__ void gpuq_layout_probe(uint64_t* out) {
       GPUQ_OFFSETOF(GpuqKernelArgs, lease_ns), GPUQ_OFFSETOF(GpuqKernelArgs, capacity), GPUQ_OFFSETOF(GpuqKernelArgs, slot_bytes),
       GPUQ_OFFSETOF(GpuqKernelArgs, front_backoff_ns), GPUQ_OFFSETOF(GpuqKernelArgs, idle_backoff_ns),
       GPUQ_OFFSETOF(GpuqKernelArgs, one_read), GPUQ_OFFSETOF(GpuqKernelArgs, scouts),
-      GPUQ_OFFSETOF(GpuqKernelArgs, req_scout), GPUQ_OFFSETOF(GpuqKernelArgs, scout_lines),
   };
   for (unsigned i = 0; i < sizeof(v) / sizeof(v[0]); ++i) out[i] = v[i];
 }

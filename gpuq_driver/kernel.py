@@ -131,8 +131,7 @@ class PersistentKernel:
         )
         self.threads = config.threads_per_block
         self.warps = self.blocks * self.threads // 32
-        scouts = min(config.scouts, self.warps - 1) if config.one_read else 0
-        self.layout = HostLayout(config.capacity, config.slot_bytes, self.warps, scouts)
+        self.layout = HostLayout(config.capacity, config.slot_bytes, self.warps)
 
         # Everything is allocated before the launch.
         self.stream = driver.Stream(self.ctx)
@@ -162,15 +161,13 @@ class PersistentKernel:
             vram_slots=self.vram.ptr,
             dev=self.dev_state.ptr,
             warp_totals=self.vram.ptr + self.layout.vram_totals_offset,
-            req_scout=base + off["req_scout"],
             lease_ns=config.lease_ns,
             capacity=config.capacity,
             slot_bytes=config.slot_bytes,
             front_backoff_ns=config.front_backoff_ns,
             idle_backoff_ns=config.idle_backoff_ns,
             one_read=int(config.one_read),
-            scouts=scouts,
-            scout_lines=self.layout.scout_lines,
+            scouts=min(config.scouts, self.warps - 1) if config.one_read else 0,
         )
         self._args = driver.LaunchArgs([self.args])
         self.ctrl = CtrlDev.from_buffer(self.mem, off["ctrl_dev"])

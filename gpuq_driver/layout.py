@@ -13,7 +13,7 @@ import zlib
 
 from .errors import ConfigError, check_int
 
-LAYOUT_VERSION = 7
+LAYOUT_VERSION = 6
 
 EMPTY, READY, INFLIGHT, DONE = 0, 1, 2, 3
 REQ_IN_VRAM = 0x10  # request flags: READY | this = the payload is already in the VRAM slot (enqueue_device)
@@ -37,8 +37,6 @@ CRC_POLY = 0xEDB88320  # zlib's CRC-32 (reflected)
 
 HEADER_BYTES = 16
 ALIGN = 128  # each region of the mapped block starts on its own 128-byte line
-SCOUT_LINE_BYTES = 128  # a scout line: the request's 16 B header, then its first 64 payload bytes
-MAX_SCOUT_LINES = 256  # scout lines per scout (fewer if the ring is smaller): 32 KB each
 
 
 class SlotHeader(ctypes.Structure):
@@ -108,21 +106,11 @@ class KernelArgs(ctypes.Structure):
             "vram_slots",
             "dev",
             "warp_totals",
-            "req_scout",
             "lease_ns",
         )
     ] + [
         (name, ctypes.c_uint32)
-        for name in (
-            "capacity",
-            "slot_bytes",
-            "front_backoff_ns",
-            "idle_backoff_ns",
-            "one_read",
-            "scouts",
-            "scout_lines",
-            "pad",
-        )
+        for name in ("capacity", "slot_bytes", "front_backoff_ns", "idle_backoff_ns", "one_read", "scouts")
     ]
 
 
@@ -161,8 +149,6 @@ def expected_probe() -> list[int]:
         _off(KernelArgs, "idle_backoff_ns"),
         _off(KernelArgs, "one_read"),
         _off(KernelArgs, "scouts"),
-        _off(KernelArgs, "req_scout"),
-        _off(KernelArgs, "scout_lines"),
     ]
 
 
@@ -285,14 +271,11 @@ class HostLayout:
     """Byte offsets of each region inside the one mapped pinned block of a queue.
 
     Regions (each 128-byte aligned): ctrl_host (128 B), ctrl_dev (128 B), req_hdr and res_hdr
-    (capacity × 16 B), warp_counters (warps × 8 B), req_data and res_data (capacity × slot_bytes),
-    req_scout (scouts × scout_lines × 128 B: each scout's own copy of the checked messages, line
-    ``j * scout_lines + msg_id % scout_lines`` for scout j; gpuq_layout.cuh, "Scouts").
+    (capacity × 16 B), warp_counters (warps × 8 B), req_data and res_data (capacity × slot_bytes).
     """
 
-    def __init__(self, capacity: int, slot_bytes: int, warps: int, scouts: int = 0):
-        self.capacity, self.slot_bytes, self.warps, self.scouts = capacity, slot_bytes, warps, scouts
-        self.scout_lines = min(capacity, MAX_SCOUT_LINES) if scouts else 0
+    def __init__(self, capacity: int, slot_bytes: int, warps: int):
+        self.capacity, self.slot_bytes, self.warps = capacity, slot_bytes, warps
         off = 0
         self.offsets: dict[str, int] = {}
         self.sizes: dict[str, int] = {}
@@ -304,7 +287,6 @@ class HostLayout:
             ("warp_counters", warps * 8),
             ("req_data", capacity * slot_bytes),
             ("res_data", capacity * slot_bytes),
-            ("req_scout", scouts * self.scout_lines * SCOUT_LINE_BYTES),
         ):
             self.offsets[name], self.sizes[name] = off, size
             off = align_up(off + size)

@@ -62,7 +62,6 @@ from .layout import (
     NO_MSG,
     READY,
     RESULT_FAILED,
-    SCOUT_LINE_BYTES,
     STOP_ABORT,
     STOP_DRAIN,
     check_slot_bytes,
@@ -361,13 +360,6 @@ class GpuQueue(BulkCalls, DeviceCalls):
         self._counters = np.frombuffer(lay.view(mem, "warp_counters"), dtype=np.uint64)
         for hdr in (self._req_hdr, self._res_hdr):
             np.frombuffer(hdr, dtype=np.uint64)[1::2] = NO_MSG
-        # each scout's own line of each checked message (one_read with scouts; enqueue): their start
-        # offsets in req_scout, and the request headers as bytes (a line takes a copy of its message's)
-        self._scouts, self._scout_mask = lay.scouts, lay.scout_lines - 1
-        self._scout_bases = [j * lay.scout_lines * SCOUT_LINE_BYTES for j in range(lay.scouts)]
-        self._scout_bytes = lay.view(mem, "req_scout")
-        self._req_hdr_bytes = lay.view(mem, "req_hdr")
-        np.frombuffer(self._scout_bytes, dtype=np.uint64)[1::16] = NO_MSG
         self._ready = READY << 32
         self._one_read = config.one_read
         # producer state (under _plock) and consumer state (under _clock)
@@ -497,16 +489,7 @@ class GpuQueue(BulkCalls, DeviceCalls):
                 hdr[slot] = n | self._ready
             hdr[slot | 1] = seq
             self._head = seq = seq + 1
-            self._doorbell[0] = seq  # the doorbell, last for the front warp
-            if self._scouts and n <= 64:  # then each scout's own line (gpuq_layout.cuh, "Scouts"): after the
-                # doorbell, so the front's path pays nothing; its bytes, then the header just written (any
-                # order would do: a line read half-written fails the check, like a torn slot)
-                hdr16 = self._req_hdr_bytes[slot << 3 : (slot << 3) + 16]
-                e, lines = ((seq - 1) & self._scout_mask) * SCOUT_LINE_BYTES, self._scout_bytes
-                for base in self._scout_bases:
-                    o = base + e
-                    lines[o + 16 : o + 16 + n] = payload
-                    lines[o : o + 16] = hdr16
+            self._doorbell[0] = seq  # the doorbell, last
         # The lock's release is a full fence (x86 locked instruction): the doorbell store is
         # visible before these loads, the host half of the relaunch handshakes (lease.py).
         if self._leaving[0] >= self._leases.launches - 1:

@@ -82,10 +82,7 @@ class SimulatedKernel:
         self.params = memoryview(config.params)  # read-only: the twin cannot change them
         self.config = config
         self.blocks, self.threads, self.warps = 1, 32, 1
-        # scout lines as on the GPU (the host writes them; the simulator has no scouts and reads none)
-        self.layout = HostLayout(
-            config.capacity, config.slot_bytes, self.warps, config.scouts if config.one_read else 0
-        )
+        self.layout = HostLayout(config.capacity, config.slot_bytes, self.warps)
         self.mem = memoryview(bytearray(self.layout.nbytes))
         self.ctrl = CtrlDev.from_buffer(self.mem, self.layout.offsets["ctrl_dev"])
         self.doorbell = self.layout.view(self.mem, "ctrl_host", "Q")[:1]

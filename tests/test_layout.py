@@ -110,9 +110,8 @@ def test_power_of_two_and_align():
     assert [layout.align_up(n) for n in (0, 1, 128, 129)] == [0, 128, 128, 256]
 
 
-@pytest.mark.parametrize("scouts", [0, 2])
-def test_host_layout_regions_are_aligned_and_disjoint(scouts):
-    lay = layout.HostLayout(capacity=64, slot_bytes=48, warps=5, scouts=scouts)
+def test_host_layout_regions_are_aligned_and_disjoint():
+    lay = layout.HostLayout(capacity=64, slot_bytes=48, warps=5)
     spans = sorted((off, name) for name, off in lay.offsets.items())
     sizes = {
         "ctrl_host": 128,
@@ -122,10 +121,7 @@ def test_host_layout_regions_are_aligned_and_disjoint(scouts):
         "warp_counters": 40,
         "req_data": 64 * 48,
         "res_data": 64 * 48,
-        "req_scout": scouts * 64 * 128,  # a line of 128 B per slot and scout (at most 256 per scout)
     }
-    assert lay.sizes == sizes and lay.scout_lines == (64 if scouts else 0)
-    assert layout.HostLayout(4096, 64, 1, scouts=3).sizes["req_scout"] == 3 * layout.MAX_SCOUT_LINES * 128
     for (off, name), nxt in zip(spans, spans[1:] + [(lay.nbytes, "end")]):
         assert off % layout.ALIGN == 0
         assert off + sizes[name] <= nxt[0]

@@ -8,7 +8,6 @@ where a GPU exists, on the real kernel.
 
 from __future__ import annotations
 
-import struct
 import time
 import zlib
 
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 
 import gpuq_driver.queue as queue_module
-from gpuq_driver.layout import DOORBELL_HEAD_MASK, MAX_SCOUT_LINES, request_word, slot_check
+from gpuq_driver.layout import DOORBELL_HEAD_MASK
 
 
 class FrozenDoorbell:
@@ -68,30 +67,6 @@ def test_served_from_the_slot_alone(make_queue, scouts):
     # each served once from a read that held; a read made while the host wrote the slot is torn
     # and read again (rare: 0.1-0.6 in 10,000 one-reads with a scout, benchmarks/NOTES.md)
     assert st.spec_reads == len(sent) and st.spec_retries <= len(sent) // 20
-
-
-@pytest.mark.parametrize("scouts", [1, 2])
-def test_each_scout_polls_its_own_copy_of_the_message(make_queue, scouts):
-    """Two warps' reads of one 64 B line in flight together slow each other by ~70 % (benchmarks/
-    probe_twopoll.py), so a scout polls a line of its own: the host writes each checked message (at
-    most 64 bytes) there too, its header and first bytes as in the slot, line msg_id % 256 of
-    scout j's 256 (gpuq_layout.cuh, "Scouts")."""
-    q = make_queue(capacity=512, slot_bytes=128, linger_ms=1000.0, one_read=True, scouts=scouts)
-    lines = q._scout_mask + 1
-    assert lines == MAX_SCOUT_LINES and len(q._scout_bytes) == scouts * lines * 128
-    sent = payloads(400, 128, 2)
-    ids = [q.enqueue(p) for p in sent]
-    for msg_id, p in zip(ids, sent):
-        assert q.wait_result(msg_id, timeout=10) == p
-    raw = np.frombuffer(q._scout_bytes, np.uint8).reshape(scouts, lines, 128)
-    newest = {msg_id % lines: (msg_id, p) for msg_id, p in zip(ids, sent) if len(p) <= 64}
-    for e, (msg_id, p) in newest.items():
-        flags = request_word(len(p), slot_check(p, msg_id, len(p))) >> 32
-        for j in range(scouts):
-            assert struct.unpack_from("<IIQ", raw[j, e]) == (len(p), flags, msg_id), (j, e)
-            assert raw[j, e, 16 : 16 + len(p)].tobytes() == p
-    longer = [msg_id for msg_id, p in zip(ids, sent) if len(p) > 64]
-    assert longer and all(struct.unpack_from("<Q", raw[j, m % lines], 8)[0] != m for m in longer for j in range(scouts))
 
 
 @pytest.mark.parametrize("one_read, size", [(False, 40), (True, 65), (True, 1000)])
