@@ -63,27 +63,29 @@ extern "C" __global__ void probe(const volatile unsigned long long* data, const 
 """
 
 
-def main():
-    N = int(sys.argv[1]) if len(sys.argv) > 1 else 100000
+def probe_function(src: bytes, name: bytes = b"probe"):
+    """Device 0's primary context made current, ``src`` compiled by NVRTC to a CUBIN for its exact
+    sm_XY and loaded; returns (the function ``name``, a non-blocking stream).  Raises RuntimeError
+    with NVRTC's log if the source does not compile."""
     ck(cu.cuInit(0))
     dev = ck(cu.cuDeviceGet(0))
-    ctx = ck(cu.cuDevicePrimaryCtxRetain(dev))
-    ck(cu.cuCtxSetCurrent(ctx))
+    ck(cu.cuCtxSetCurrent(ck(cu.cuDevicePrimaryCtxRetain(dev))))
     maj = ck(cu.cuDeviceGetAttribute(cu.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev))
     mnr = ck(cu.cuDeviceGetAttribute(cu.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev))
-    prog = ck(nvrtc.nvrtcCreateProgram(SRC, b"p.cu", 0, [], []))
-    r = nvrtc.nvrtcCompileProgram(prog, 1, [f"--gpu-architecture=sm_{maj}{mnr}".encode()])
-    if int(r[0]) != 0:
-        n = nvrtc.nvrtcGetProgramLogSize(prog)[1]
-        log = b" " * n
+    prog = ck(nvrtc.nvrtcCreateProgram(src, b"p.cu", 0, [], []))
+    if int(nvrtc.nvrtcCompileProgram(prog, 1, [f"--gpu-architecture=sm_{maj}{mnr}".encode()])[0]) != 0:
+        log = b" " * nvrtc.nvrtcGetProgramLogSize(prog)[1]
         nvrtc.nvrtcGetProgramLog(prog, log)
-        print(log.decode())
-        return
-    n = ck(nvrtc.nvrtcGetCUBINSize(prog))
-    cub = b" " * n
+        raise RuntimeError(log.decode())
+    cub = b" " * ck(nvrtc.nvrtcGetCUBINSize(prog))
     nvrtc.nvrtcGetCUBIN(prog, cub)
-    fn = ck(cu.cuModuleGetFunction(ck(cu.cuModuleLoadData(cub)), b"probe"))
-    st = ck(cu.cuStreamCreate(cu.CUstream_flags.CU_STREAM_NON_BLOCKING))
+    fn = ck(cu.cuModuleGetFunction(ck(cu.cuModuleLoadData(cub)), name))
+    return fn, ck(cu.cuStreamCreate(cu.CUstream_flags.CU_STREAM_NON_BLOCKING))
+
+
+def main():
+    N = int(sys.argv[1]) if len(sys.argv) > 1 else 100000
+    fn, st = probe_function(SRC)
     flags = cu.CU_MEMHOSTALLOC_DEVICEMAP | cu.CU_MEMHOSTALLOC_PORTABLE
     bufs = [ck(cu.cuMemHostAlloc(4096, flags)) for _ in range(4)]
     views = [np.ctypeslib.as_array((ctypes.c_uint64 * 512).from_address(int(b))) for b in bufs]
@@ -128,4 +130,5 @@ def main():
         )
 
 
-main()
+if __name__ == "__main__":
+    main()

@@ -19,15 +19,7 @@ import sys
 
 import numpy as np
 from cuda.bindings import driver as cu
-from cuda.bindings import nvrtc
-
-
-def ck(r):
-    err = r[0] if isinstance(r, tuple) else r
-    if int(err) != 0:
-        raise RuntimeError(str(r))
-    return r[1] if isinstance(r, tuple) and len(r) == 2 else None
-
+from probe_lines import ck, probe_function  # the same standalone set-up (cuda-python and numpy only)
 
 SRC = rb"""
 extern "C" __global__ void probe(const volatile unsigned long long* base, const int* line_of_warp,
@@ -53,19 +45,7 @@ extern "C" __global__ void probe(const volatile unsigned long long* base, const 
 
 def main():
     polls = int(sys.argv[1]) if len(sys.argv) > 1 else 20000
-    ck(cu.cuInit(0))
-    dev = ck(cu.cuDeviceGet(0))
-    ctx = ck(cu.cuDevicePrimaryCtxRetain(dev))
-    ck(cu.cuCtxSetCurrent(ctx))
-    maj = ck(cu.cuDeviceGetAttribute(cu.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev))
-    mnr = ck(cu.cuDeviceGetAttribute(cu.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev))
-    prog = ck(nvrtc.nvrtcCreateProgram(SRC, b"p.cu", 0, [], []))
-    if int(nvrtc.nvrtcCompileProgram(prog, 1, [f"--gpu-architecture=sm_{maj}{mnr}".encode()])[0]) != 0:
-        raise RuntimeError("compile failed")
-    cub = b" " * ck(nvrtc.nvrtcGetCUBINSize(prog))
-    nvrtc.nvrtcGetCUBIN(prog, cub)
-    fn = ck(cu.cuModuleGetFunction(ck(cu.cuModuleLoadData(cub)), b"probe"))
-    st = ck(cu.cuStreamCreate(cu.CUstream_flags.CU_STREAM_NON_BLOCKING))
+    fn, st = probe_function(SRC)
     size = 16384
     host = ck(cu.cuMemHostAlloc(size, cu.CU_MEMHOSTALLOC_DEVICEMAP | cu.CU_MEMHOSTALLOC_PORTABLE))
     mem = np.ctypeslib.as_array((ctypes.c_uint64 * (size // 8)).from_address(int(host)))
@@ -113,4 +93,5 @@ def main():
                 )
 
 
-main()
+if __name__ == "__main__":
+    main()
