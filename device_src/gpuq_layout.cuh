@@ -64,8 +64,10 @@
 //                                         launches, launch lease launches + 1 on the queue's stream
 // A lease not yet begun, or begun and not yet leaving, when the host looks will read the doorbell
 // after the host's store; otherwise the host launches one that will.  So every message is read by
-// some lease.  (The host's lease keeper also launches lease n + 1 as soon as n has begun, while
-// traffic is recent, so that under traffic one lease waits queued behind the running one; lease.py.)
+// some lease.  (Besides, so that one lease always waits queued behind the running one: while
+// messages flow a producer launches lease n + 1 once lease n - 1 is leaving and lease n has not
+// begun, the hand-over its message waits for anyway, or else once lease n has begun; while the
+// queue lingers the host's lease keeper does; lease.py.)
 //
 // One read (docs/design.md, "One read per message").  The front warp (the one waiting for the
 // message at the head) reads, in one PCIe round trip, the doorbell and slot head's header and
