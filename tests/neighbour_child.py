@@ -224,6 +224,13 @@ def main():
         default=None,
         help="sys.setswitchinterval for this process (CPython's default is 5 ms)",
     )
+    ap.add_argument(
+        "--launch-rule",
+        choices=["hand-over", "begun"],
+        default="hand-over",
+        help="when a producer queues the next lease (lease.Leases.second): during the hand-over "
+        "(the default), or once the newest lease has begun (the rule before; for comparisons)",
+    )
     args = ap.parse_args()
     if args.switch_interval_ms:
         sys.setswitchinterval(args.switch_interval_ms / 1e3)
@@ -233,6 +240,7 @@ def main():
         torch.ones(1, device="cuda")
     q = None if args.state == "none" else GpuQueue(QueueConfig(capacity=4096, slot_bytes=64, lease_ms=args.lease_ms))
     if q is not None:
+        q._leases.second = args.launch_rule == "hand-over"
         assert q.wait_result(q.enqueue(b"warm"), timeout=10) == b"warm"
     traffic = Traffic(q, args.rate) if args.state == "busy" else None
     if traffic:
