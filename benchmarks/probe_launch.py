@@ -5,7 +5,9 @@ hot path once per lease, and the whole cost of the first message after an idle p
 The queue's own kernel and arguments, with ABORT in the doorbell so that each launch returns at
 once; the stream is synchronised every 50 launches.  Prints p50 / p99 µs per call of:
 cuLaunchCooperativeKernel, cuLaunchKernel, cuGraphLaunch of a one-node graph (cooperative node
-attribute), cuCtxSetCurrent, and a launch + wait until the kernel has begun (leases_begun moved).
+attribute), cuCtxSetCurrent, the queue's own launch (``kernel.launch()``: a graph launch since the
+thirteenth session) beside the one before it (make the context current, then
+cuLaunchCooperativeKernel), and a launch + wait until the kernel has begun (leases_begun moved).
 
     PYTHONPATH=. python benchmarks/probe_launch.py
 """
@@ -22,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cuda.bindings import driver as cu  # noqa: E402
 
-from gpuq_driver import GpuQueue, QueueConfig  # noqa: E402
+from gpuq_driver import GpuQueue, QueueConfig, driver  # noqa: E402
 from gpuq_driver.errors import check  # noqa: E402
 from gpuq_driver.layout import STOP_ABORT, request_stop  # noqa: E402
 
@@ -76,6 +78,7 @@ def main():
         ("cuGraphLaunch (coop node)", graph_launch),
         ("cuCtxSetCurrent", k.ctx.make_current),
         ("kernel.launch() (what a kick does)", k.launch),
+        ("make_current + cuLaunchCooperativeKernel", lambda: driver.launch(fn, k.blocks, k.threads, k._args, s, True)),
         ("cuLaunchCooperativeKernel again", coop),
     ):
         timed(f, 200, sync)  # warm-up

@@ -15,6 +15,7 @@ Exits 1 if any result came back wrong.
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import sys
 import time
@@ -27,14 +28,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from gpuq_driver import GpuQueue, QueueConfig  # noqa: E402
 
 
-def run(iters: int, flow_ms: float | None = None, backend: str = "cuda", second: bool = True, **cfg) -> int:
+def run(
+    iters: int, flow_ms: float | None = None, backend: str = "cuda", second: bool = True, graph: bool = True, **cfg
+) -> int:
     """Prints two lines; returns the number of wrong results.  second: Leases.second (the producer
-    queues a second lease during a hand-over, so that no later enqueue launches)."""
+    queues a second lease during a hand-over, so that no later enqueue launches).  graph=False:
+    each lease launched as before the thirteenth session (cuCtxSetCurrent, then
+    cuLaunchCooperativeKernel) instead of by its graph (driver.CooperativeGraph)."""
     payloads = [np.random.default_rng(i).integers(0, 256, 64, dtype=np.uint8).tobytes() for i in range(16)]
     with GpuQueue(QueueConfig(capacity=1024, slot_bytes=64, backend=backend, **cfg)) as q:
         if flow_ms is not None:  # the lease keeper's look while messages flow (lease.Leases._flow_period)
             q._leases._flow_period = flow_ms / 1e3
         q._leases.second = second
+        if not graph and backend == "cuda":
+            q._kernel.graph = None  # PersistentKernel.launch falls back to the plain call
         looks = [0]
         watch = q._leases.watch
 
@@ -77,7 +84,7 @@ def run(iters: int, flow_ms: float | None = None, backend: str = "cuda", second:
     own = us[launched]
     quiet = us[~moved & ~launched]
     print(
-        f"{cfg} keeper look {q._leases._flow_period * 1e3:g} ms: p50 {np.percentile(us, 50):.2f} p99 {np.percentile(us, 99):.2f} us; no lease change: p99 "
+        f"{cfg} {'graph' if graph else 'call'} keeper look {q._leases._flow_period * 1e3:g} ms: p50 {np.percentile(us, 50):.2f} p99 {np.percentile(us, 99):.2f} us; no lease change: p99 "
         f"{(np.percentile(calm, 99) if calm.size else math.nan):.2f}; lease changed in {moved.mean() * 100:.2f} % (median "
         f"{(np.median(hit) if hit.size else math.nan):.2f} us); a launch in the enqueue in {launched.mean() * 100:.2f} % "
         f"(median {(np.median(own) if own.size else math.nan):.2f} us); neither: p99 "
@@ -107,6 +114,7 @@ def main() -> int:
         "--flow-ms", default="", help="keeper look periods while messages flow to try (ms), comma-separated"
     )
     ap.add_argument("--second", default="1", help="Leases.second values to try (0/1), comma-separated")
+    ap.add_argument("--launch", default="graph", help="lease launches to try (graph, call), comma-separated")
     ap.add_argument(
         "--sim", action="store_true", help="the CPU simulator (checks the script; its figures mean nothing)"
     )
@@ -121,12 +129,13 @@ def main() -> int:
     for lease in args.leases.split(","):
         for flow in flows:
             for one_read in (True, False):
-                for second in args.second.split(","):
+                for second, launch in itertools.product(args.second.split(","), args.launch.split(",")):
                     bad += run(
                         args.iters,
                         flow,
                         backend=backend,
                         second=second == "1",
+                        graph=launch == "graph",
                         lease_ms=float(lease),
                         one_read=one_read,
                     )

@@ -567,10 +567,14 @@ class BulkCalls:
 
     def free_slots(self) -> int:
         """Slots free for enqueueing now (0 after shutdown).  A snapshot: other producers may take
-        them, consumers free more.  A batch of up to this many enqueued at once needs no wait."""
+        them, consumers free more.  A batch of up to this many enqueued at once needs no wait.
+        Finding none, sleeps(0) while a thread of the queue waits for the GIL (``_give_way``)."""
         if not self._accepting:
             return 0
-        return max(0, min(self._cap, self._limit - self._head - self._reserved))
+        free = max(0, min(self._cap, self._limit - self._head - self._reserved))
+        if not free:
+            self._give_way()  # a loop waiting for room must not hold back the queue's threads
+        return free
 
     def enqueue_many(self, payloads, lengths=None, timeout: float | None = None) -> int:
         """Enqueue a batch of messages with one doorbell store; return the first msg_id (the batch
@@ -906,6 +910,7 @@ class BulkCalls:
                     f"the kernel has stopped; msg_id {first + missing} was not processed and never will be"
                 )
             if waited > timeout:
+                self._give_way()  # timeout=0 in a loop must not hold back the queue's threads
                 why = " (the queue is paused: resume() lets the kernel process it)" if self._leases.paused else ""
                 raise ResultTimeout(
                     f"msg_id {first + missing} (of msg_ids {first}..{first + n - 1}) was not done within {timeout} s"

@@ -580,14 +580,18 @@ class GpuQueue(BulkCalls, DeviceCalls):
     def outstanding(self) -> list[int]:
         """msg_ids enqueued and not yet taken, in order: READY, INFLIGHT or DONE with the result
         waiting (a consumer that lost track of one finds it here; the ring frees slots in msg_id
-        order, so an untaken result at the tail blocks every later slot).  Raises QueueClosed."""
+        order, so an untaken result at the tail blocks every later slot).  Sleeps(0) while a thread
+        of the queue waits for the GIL (``_give_way``), as ``poll_completions`` does.  Raises
+        QueueClosed."""
         with self._clock:
             if self._res_hdr is None:
                 raise QueueClosed("queue is closed")
             if self._dropped:
                 self._release_dropped()
             taken, mask = self._taken, self._mask
-            return [m for m in range(self._tail, self._head) if taken[m & mask] != m]
+            out = [m for m in range(self._tail, self._head) if taken[m & mask] != m]
+        self._give_way()  # a loop of these must not hold back the queue's threads either
+        return out
 
     def _keep_serving(self) -> None:
         """Messages wait unprocessed but no lease runs or is queued: launch one (the keeper thread
@@ -605,7 +609,8 @@ class GpuQueue(BulkCalls, DeviceCalls):
             leases.kick()
 
     def _give_way(self) -> None:
-        """``poll_completions``, ``try_dequeue_result`` or ``take_ready`` found nothing: if a thread
+        """``poll_completions``, ``try_dequeue_result`` or ``take_ready`` found nothing (or
+        ``stats``, ``outstanding``, ``free_slots``, a ``take_results`` that timed out ran): if a thread
         of this queue has let go of the GIL for a moment and needs it back (a launch's driver call:
         ``Leases.launching``; a producer waiting for a free slot or copying a batch (NumPy and the
         driver let go of it): ``_producer_away``; the lease keeper due back from its wait, or in its
@@ -737,7 +742,9 @@ class GpuQueue(BulkCalls, DeviceCalls):
         """A QueueStats snapshot (reads device counters in place; no copy, no CUDA call).
 
         The counters are read one after another while producers, consumers and the device go
-        on, so ``pending`` and ``occupied`` are clamped to 0 .. capacity.
+        on, so ``pending`` and ``occupied`` are clamped to 0 .. capacity.  Sleeps(0) while a thread
+        of the queue waits for the GIL (``_give_way``), so that a loop waiting on a counter does not
+        keep a launch or the lease keeper from running.
 
         Raises QueueClosed after ``close()``.
         """
@@ -759,6 +766,7 @@ class GpuQueue(BulkCalls, DeviceCalls):
             exits = int(leases.ended[0])
             state = k.ctrl.state
         head = self._head
+        self._give_way()  # a loop waiting on a counter must not hold back the queue's threads
         failure = leases.failure
         if failure is not None:
             kernel = "hung" if isinstance(failure, PluginHung) else "faulted"

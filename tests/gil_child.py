@@ -6,7 +6,8 @@ the spinner gives way (tests/test_queue.py).
     python tests/gil_child.py BACKEND CALL [COUNT] [CAPACITY]
 
 CALL "poll": the consumer loops on ``poll_completions`` and takes what it reports; "take": it spins
-on ``try_dequeue_result(msg_id)`` for each msg_id in turn (the module docstring's loop).  The main
+on ``try_dequeue_result(msg_id)`` for each msg_id in turn (the module docstring's loop); "stats":
+it spins on ``stats().processed`` until it passes each msg_id, then takes it.  The main
 thread enqueues COUNT messages (4 bytes each, distinct) into a ring of CAPACITY slots (4096; a
 smaller ring makes the producer wait for free slots), then joins the consumer.  Prints OK and
 exits 0 once every result came back right; a consumer that never lets go hangs (the parent's time
@@ -35,6 +36,9 @@ def main() -> int:
                         got[mid] = q.try_dequeue_result(mid)
             else:
                 for mid in range(COUNT):
+                    if CALL == "stats":  # a loop waiting on a counter, then the take
+                        while q.stats().processed <= mid:
+                            pass
                     while (r := q.try_dequeue_result(mid)) is None:
                         pass
                     got[mid] = r

@@ -45,3 +45,76 @@ def test_second_queue_on_the_same_device_is_refused(gpu):
 def test_unknown_device_is_refused(gpu):
     with pytest.raises(ConfigError, match="device=1023"):
         GpuQueue(QueueConfig(device=1023))
+
+
+def _empty_kernel(gpu):
+    ctx = driver.primary_context(0)
+    module = driver.Module(ctx, compile_cubin("gpuq_bench.cu", CompileOptions(arch=gpu.arch)))
+    return ctx, module, module.function("gpuq_empty")
+
+
+def test_the_cooperative_graph_keeps_the_cooperative_limit(gpu):
+    """driver.CooperativeGraph, which launches every lease, is a cooperative launch: a grid of more
+    blocks than fit the device at once is refused, as cuLaunchCooperativeKernel refuses it (a
+    graph whose node had lost the attribute would run it)."""
+    ctx, module, fn = _empty_kernel(gpu)
+    stream = driver.Stream(ctx)
+    too_many = driver.max_active_blocks(fn, 1024) * gpu.sm_count + 1
+    args = driver.LaunchArgs([])
+    try:
+        with pytest.raises(driver.CudaError, match="COOPERATIVE_LAUNCH_TOO_LARGE"):
+            driver.launch(fn, too_many, 1024, args, stream, cooperative=True)
+        with pytest.raises(driver.CudaError, match="COOPERATIVE_LAUNCH_TOO_LARGE"):
+            driver.CooperativeGraph(ctx, fn, too_many, 1024, args).launch(stream)
+        fits = driver.CooperativeGraph(ctx, fn, gpu.sm_count, 1024, args)
+        for _ in range(3):
+            fits.launch(stream)
+        stream.synchronize()
+        fits.close()
+        assert fits.closed
+    finally:
+        stream.close()
+        module.close()
+
+
+def test_leases_launch_from_threads_with_no_context_or_another_one_current(gpu):
+    """The graph launch makes the queue's context current only when the call fails without it: a
+    fresh thread has none current, and a thread where another context is current (one the user
+    created) launches too; every message comes back."""
+    import threading
+    import time
+
+    from cuda.bindings import driver as cu
+
+    with GpuQueue(QueueConfig(capacity=64, slot_bytes=16, lease_ms=0.2)) as q:
+        assert q._kernel.graph is not None  # the driver built it: leases are graph launches
+        (_, dev) = cu.cuDeviceGet(0)
+        err, other = cu.cuCtxCreate(None, 0, dev)
+        assert err == cu.CUresult.CUDA_SUCCESS, err
+        out, errors, kicked = {}, [], {}
+
+        def producer(name, current):
+            try:
+                if current is not None:
+                    assert cu.cuCtxSetCurrent(current)[0] == cu.CUresult.CUDA_SUCCESS
+                kicked[name] = 0
+                for i in range(40):
+                    kicked[name] += q._leases.kick(ahead=True)  # a lease launched from this thread, if due
+                    m = q.enqueue(f"{name}{i}".encode())
+                    out[m] = q.wait_result(m, timeout=10)
+                    time.sleep(5e-4)  # past the 0.2 ms lease: the next kick is due
+            except BaseException as exc:  # noqa: BLE001 (reported below)
+                errors.append(exc)
+
+        try:
+            for name, current in (("fresh", None), ("other", other)):
+                t = threading.Thread(target=producer, args=(name, current))
+                t.start()
+                t.join(60)
+                assert not t.is_alive() and not errors, errors
+                assert kicked[name] > 0  # this thread launched leases
+            assert sorted(out.values()) == sorted(
+                [f"fresh{i}".encode() for i in range(40)] + [f"other{i}".encode() for i in range(40)]
+            )
+        finally:
+            cu.cuCtxDestroy(other)

@@ -211,14 +211,15 @@ def test_two_producer_threads(make_queue, backend):
         assert [int.from_bytes(sent[m][1:], "little") for m in mine] == list(range(per_thread))
 
 
-@pytest.mark.parametrize("call, capacity", [("poll", 4096), ("take", 4096), ("poll", 64)])
+@pytest.mark.parametrize("call, capacity", [("poll", 4096), ("take", 4096), ("poll", 64), ("stats", 4096)])
 def test_a_consumer_spinning_on_a_non_blocking_call_lets_other_threads_run(backend, call, capacity):
     """A consumer thread looping on poll_completions (or on try_dequeue_result) kept the GIL, so a
     thread that let go of it (a producer's launch on the GPU, the simulator's kernel thread when it
     slept) waited the interpreter's switch interval (5 ms) to get it back: ~2,400 msg/s with 0.2 ms
     leases on the H200.  The child sets that interval to 1,000 s, so without the calls giving way
     it hangs (the bound below fails it).  A ring of 64 slots makes the producer wait for free slots
-    (it sleeps: it needs the GIL back too)."""
+    (it sleeps: it needs the GIL back too).  "stats": a loop waiting on ``stats().processed`` (it
+    did not give way before the thirteenth session)."""
     child = Path(__file__).with_name("gil_child.py")
     try:
         r = subprocess.run(
@@ -230,6 +231,28 @@ def test_a_consumer_spinning_on_a_non_blocking_call_lets_other_threads_run(backe
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"the consumer never let the other threads run (> 120 s): {exc.stdout}{exc.stderr}")
     assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr[-2000:]
+
+
+def test_looks_that_find_nothing_to_do_give_way(make_queue):
+    """A loop on outstanding(), on free_slots() with the ring full or on take_results(timeout=0)
+    with the result not done keeps the GIL as a loop on stats() did (the "stats" case above): each
+    such look gives way (GpuQueue._give_way) as poll_completions does when it finds nothing."""
+    q = make_queue(capacity=4, slot_bytes=16)
+    q.pause()  # nothing is processed: the ring fills, no result comes
+    ids = [q.enqueue(b"m%d" % i) for i in range(4)]
+    calls = []
+    q._give_way = lambda: calls.append(1)
+    assert q.outstanding() == ids and len(calls) == 1
+    assert q.free_slots() == 0 and len(calls) == 2
+    with pytest.raises(ResultTimeout):
+        q.take_results(ids[0], 1, timeout=0)
+    assert len(calls) == 3
+    q.stats()
+    assert len(calls) == 4
+    del q._give_way
+    q.resume()
+    assert [q.wait_result(m) for m in ids] == [b"m0", b"m1", b"m2", b"m3"]
+    assert q.free_slots() == 4
 
 
 @pytest.mark.parametrize(
