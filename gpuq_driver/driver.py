@@ -189,9 +189,14 @@ class Stream(_Resource):
         self._finalizer = _finalizer(self, ctx, "cuStreamDestroy", self.handle)
 
     def done(self) -> bool:
-        """True when all work on the stream has finished (``cuStreamQuery``); raises CudaError on a fault."""
+        """True when all work on the stream has finished (``cuStreamQuery``), from any thread; raises
+        CudaError on a fault.  The context is made current only if the query fails without it (as
+        ``CooperativeGraph.launch``): one driver call instead of two, and each lets go of the GIL."""
         d = _driver()
         (status,) = d.cuStreamQuery(self.handle)
+        if status != d.CUresult.CUDA_SUCCESS and status != d.CUresult.CUDA_ERROR_NOT_READY:
+            self.ctx.make_current()  # no context current in this thread, or another one: once more with ours
+            (status,) = d.cuStreamQuery(self.handle)
         if status == d.CUresult.CUDA_ERROR_NOT_READY:
             return False
         check((status,), "cuStreamQuery")

@@ -238,8 +238,7 @@ class PersistentKernel:
         if not self._launched or self.closed:
             return True
         try:
-            self.ctx.make_current()
-            return self.stream.done()
+            return self.stream.done()  # makes the context current where the query needs it
         except CudaError as exc:
             raise kernel_fault(str(exc), self.plugin.name, self.device) from exc
 

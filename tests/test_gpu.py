@@ -78,9 +78,9 @@ def test_the_cooperative_graph_keeps_the_cooperative_limit(gpu):
 
 
 def test_leases_launch_from_threads_with_no_context_or_another_one_current(gpu):
-    """The graph launch makes the queue's context current only when the call fails without it: a
-    fresh thread has none current, and a thread where another context is current (one the user
-    created) launches too; every message comes back."""
+    """The graph launch and the stream query make the queue's context current only when the call
+    fails without it: a fresh thread has none current, and a thread where another context is
+    current (one the user created) launches and asks the stream too; every message comes back."""
     import threading
     import time
 
@@ -91,7 +91,7 @@ def test_leases_launch_from_threads_with_no_context_or_another_one_current(gpu):
         (_, dev) = cu.cuDeviceGet(0)
         err, other = cu.cuCtxCreate(None, 0, dev)
         assert err == cu.CUresult.CUDA_SUCCESS, err
-        out, errors, kicked = {}, [], {}
+        out, errors, kicked, idle = {}, [], {}, {}
 
         def producer(name, current):
             try:
@@ -103,6 +103,9 @@ def test_leases_launch_from_threads_with_no_context_or_another_one_current(gpu):
                     m = q.enqueue(f"{name}{i}".encode())
                     out[m] = q.wait_result(m, timeout=10)
                     time.sleep(5e-4)  # past the 0.2 ms lease: the next kick is due
+                q.pause()  # waits for the stream to be idle: cuStreamQuery from this thread
+                idle[name] = q._kernel.idle()
+                q.resume()
             except BaseException as exc:  # noqa: BLE001 (reported below)
                 errors.append(exc)
 
@@ -113,6 +116,7 @@ def test_leases_launch_from_threads_with_no_context_or_another_one_current(gpu):
                 t.join(60)
                 assert not t.is_alive() and not errors, errors
                 assert kicked[name] > 0  # this thread launched leases
+                assert idle[name] is True  # and asked the stream (no lease runs while paused)
             assert sorted(out.values()) == sorted(
                 [f"fresh{i}".encode() for i in range(40)] + [f"other{i}".encode() for i in range(40)]
             )
