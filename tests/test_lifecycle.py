@@ -358,11 +358,11 @@ def test_a_message_after_a_short_pause_makes_no_cuda_call_in_the_producer(make_q
         finally:
             ruling.pop()
 
-    def timed_kick(ahead=True):
+    def timed_kick(ahead=True, second=False):  # Leases.kick's signature (after_publish passes both)
         if threading.current_thread().name != main:
-            return kick(ahead)
+            return kick(ahead, second)
         before = ruling[-1] if ruling else time.monotonic()
-        launched = kick(ahead)
+        launched = kick(ahead, second)
         if launched:
             producer_launches.append((before, time.monotonic()))
         return launched
