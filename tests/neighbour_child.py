@@ -231,6 +231,14 @@ def main():
         help="when a producer queues the next lease (lease.Leases.second): during the hand-over "
         "(the default), or once the newest lease has begun (the rule before; for comparisons)",
     )
+    ap.add_argument(
+        "--launch",
+        choices=["graph", "call"],
+        default="graph",
+        help="how a lease is launched: its graph, the context made current only where needed (the "
+        "default), or as before the thirteenth session (cuCtxSetCurrent before each launch and each "
+        "stream query, cuLaunchCooperativeKernel; for comparisons)",
+    )
     args = ap.parse_args()
     if args.switch_interval_ms:
         sys.setswitchinterval(args.switch_interval_ms / 1e3)
@@ -241,6 +249,16 @@ def main():
     q = None if args.state == "none" else GpuQueue(QueueConfig(capacity=4096, slot_bytes=64, lease_ms=args.lease_ms))
     if q is not None:
         q._leases.second = args.launch_rule == "hand-over"
+        if args.launch == "call":
+            k = q._kernel
+            k.graph = None  # PersistentKernel.launch: cuCtxSetCurrent + cuLaunchCooperativeKernel
+            done = k.stream.done
+
+            def done_as_before(_done=done, _ctx=k.ctx):
+                _ctx.make_current()
+                return _done()
+
+            k.stream.done = done_as_before
         assert q.wait_result(q.enqueue(b"warm"), timeout=10) == b"warm"
     traffic = Traffic(q, args.rate) if args.state == "busy" else None
     if traffic:
