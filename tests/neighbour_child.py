@@ -233,11 +233,12 @@ def main():
     )
     ap.add_argument(
         "--launch",
-        choices=["graph", "call"],
+        choices=["graph", "call", "graph-current"],
         default="graph",
         help="how a lease is launched: its graph, the context made current only where needed (the "
         "default), or as before the thirteenth session (cuCtxSetCurrent before each launch and each "
-        "stream query, cuLaunchCooperativeKernel; for comparisons)",
+        "stream query, cuLaunchCooperativeKernel), or by its graph but with cuCtxSetCurrent before "
+        "each stream query as before (for comparisons)",
     )
     args = ap.parse_args()
     if args.switch_interval_ms:
@@ -249,9 +250,10 @@ def main():
     q = None if args.state == "none" else GpuQueue(QueueConfig(capacity=4096, slot_bytes=64, lease_ms=args.lease_ms))
     if q is not None:
         q._leases.second = args.launch_rule == "hand-over"
-        if args.launch == "call":
+        if args.launch != "graph":
             k = q._kernel
-            k.graph = None  # PersistentKernel.launch: cuCtxSetCurrent + cuLaunchCooperativeKernel
+            if args.launch == "call":
+                k.graph = None  # PersistentKernel.launch: cuCtxSetCurrent + cuLaunchCooperativeKernel
             done = k.stream.done
 
             def done_as_before(_done=done, _ctx=k.ctx):
