@@ -11,7 +11,7 @@ Two parties launch:
 
 * While messages flow, a *producer*, after publishing, launches lease n + 1 once lease n - 1 is
   leaving (``leases_leaving``) and lease n, queued behind it, has not begun: the hand-over, which
-  the round trip of that producer's message waits for anyway, so the launch (~5 µs once per
+  the round trip of that producer's message waits for anyway, so the launch (~3 µs once per
   lease) lands in that round trip, not in another one (``second``).  If no message came during
   the hand-over, it launches as soon as lease n has begun.  So one lease always waits queued
   behind the running one (two during a hand-over) and the GPU never waits for the host between

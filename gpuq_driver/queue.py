@@ -460,7 +460,7 @@ class GpuQueue(BulkCalls, DeviceCalls):
         not be launched: the message is queued, and ``outstanding()`` lists its msg_id, but the
         CUDA context is unusable).
         Cost: 0.7-1.5 µs from CPython 3.12 on the H200 hosts (by their CPU) and no CUDA call,
-        except a launch (~5 µs, 20-50 µs after the thread slept) for the first message into a
+        except a launch (~3 µs, 20-50 µs after the thread slept) for the first message into a
         parked queue (idle longer than ``linger_ms``) and, once per lease, while the lease keeper
         thread is kept from the GIL.
         """
