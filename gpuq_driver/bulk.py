@@ -547,7 +547,7 @@ class BulkCalls:
     def _after_batch(self) -> None:
         """After a doorbell store and the release of the producer lock (a full fence on x86): the
         relaunch handshake, as ``enqueue`` does it (lease.py)."""
-        if self._leaving[0] >= self._leases.launches - 1:
+        if self._leaving[0] >= self._leases.launches - self._lag:
             self._leases.after_publish()
 
     def _cancel_own_reservation(self) -> None:
