@@ -354,11 +354,12 @@ class CooperativeGraph(_Resource):
     """One cooperative launch of ``function`` (1-D grid, ``args`` fixed) as a one-node CUDA graph,
     instantiated once, so that each launch is a ``cuGraphLaunch``.
 
-    Why: on the lent H200 host a warm ``cuGraphLaunch`` of such a graph took 2.9 µs p50 against 5.7
-    for ``cuLaunchCooperativeKernel``, and ``cuCtxSetCurrent`` 1.6 more (``benchmarks/probe_launch.py``,
-    benchmarks/NOTES.md); a lease's launch lands in a round trip. The kernel node carries
-    ``CU_LAUNCH_ATTRIBUTE_COOPERATIVE``: every block resident at once, as the plain call. The
-    argument values are copied into the node here (values changed later do not apply).  Raises
+    Why: on the lent H200 hosts a warm ``cuGraphLaunch`` of such a graph took 2.5-2.9 µs p50 against
+    5.0-5.7 for ``cuLaunchCooperativeKernel``, and ``cuCtxSetCurrent`` 0.9-1.6 more
+    (``benchmarks/probe_launch.py``, benchmarks/NOTES.md); a lease's launch lands in a round trip.
+    The kernel node carries ``CU_LAUNCH_ATTRIBUTE_COOPERATIVE``: every block resident at once, as
+    the plain call. The argument values are copied into the node here (values changed later do
+    not apply).  Raises
     CudaError where the driver cannot build it (the caller falls back to :func:`launch`).
     """
 

@@ -170,9 +170,9 @@ class PersistentKernel:
             scouts=min(config.scouts, self.warps - 1) if config.one_read else 0,
         )
         self._args = driver.LaunchArgs([self.args])
-        # Each lease is a cuGraphLaunch of a one-node cooperative graph (driver.CooperativeGraph: 2.9
-        # µs against 8.3 for cuCtxSetCurrent + cuLaunchCooperativeKernel); the plain call where the
-        # driver cannot build one.
+        # Each lease is a cuGraphLaunch of a one-node cooperative graph (driver.CooperativeGraph: 2.8
+        # µs against 6.7 for cuCtxSetCurrent + cuLaunchCooperativeKernel, benchmarks/NOTES.md,
+        # thirteenth session); the plain call where the driver cannot build one.
         try:
             self.graph = driver.CooperativeGraph(self.ctx, self._fn, self.blocks, self.threads, self._args)
         except CudaError:
