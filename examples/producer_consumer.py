@@ -149,9 +149,10 @@ def run(argv: list[str] | None, progress, prog: str) -> int:
 
         def show() -> None:
             """A progress line (the rate as the final line computes it)."""
+            got = received  # before the enqueued count: never more received than sent on the line
             print(
-                f"sent {queue.stats().enqueued:,}, received {received:,} of {n:,} messages, "
-                f"{received / (time.perf_counter() - t0):,.0f} messages/s",
+                f"sent {queue.stats().enqueued:,}, received {got:,} of {n:,} messages, "
+                f"{got / (time.perf_counter() - t0):,.0f} messages/s",
                 flush=True,
             )
 

@@ -169,7 +169,7 @@ class AsyncQueue:
         if r is not None:
             return r
         if not q._tail <= msg_id < q._head or q._taken[msg_id & q._mask] == msg_id:
-            raise UnknownMessage(f"msg_id {msg_id} was already taken or never issued")
+            raise UnknownMessage(q._unknown(msg_id))
         msg_id = int(msg_id)
         fut = asyncio.get_running_loop().create_future()
         with self._lock:

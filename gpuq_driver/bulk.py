@@ -666,6 +666,13 @@ class BulkCalls:
             waited = self.config.enqueue_timeout_s if timeout is None else timeout
             raise QueueFull(self._room_message(seq, n, waited)) from None
 
+    def _unknown(self, msg_id: int) -> str:
+        """Why ``wait_result(msg_id)`` has nothing to wait for (UnknownMessage's text)."""
+        for rec in self._views or ():
+            if rec[0] <= msg_id < rec[0] + rec[1]:
+                return f"msg_id {msg_id} is held by a result view ({rec.call}): its result is in the view"
+        return f"msg_id {msg_id} was already taken or never issued"
+
     def _held_why(self) -> str:
         """What holds the oldest slot while a result view is held (the first view starts there)."""
         rec = self._views[0]

@@ -724,7 +724,7 @@ class GpuQueue(BulkCalls, DeviceCalls):
             if result is not None:
                 return result
             if not self._tail <= msg_id < self._head or self._taken[msg_id & self._mask] == msg_id:
-                raise UnknownMessage(f"msg_id {msg_id} was already taken or never issued")
+                raise UnknownMessage(self._unknown(msg_id))
             self._leases.check()  # a fault or hang: it will never come
             waited = time.perf_counter() - start
             if waited > timeout:
