@@ -43,6 +43,9 @@ def main() -> int:
     wrong, errors = [0] * args.producers, []
     cfg = QueueConfig(capacity=4096, slot_bytes=args.max_bytes, backend=args.backend, one_read=True)
     with GpuQueue(cfg) as q:
+        # enqueue checks a message only where the front warp may be waiting for it (no backlog);
+        # here every message of <= 64 bytes is checked, so that the torn-read case is hammered
+        q._check_depth = 1 << 62
 
         def producer(t: int) -> None:
             try:

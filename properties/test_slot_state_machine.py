@@ -81,6 +81,12 @@ def make_machine(backend: str):
             if backend == "sim":
                 self.q._kernel.tear_rate = rate
 
+        @rule(every=st.booleans())
+        def check_every_message(self, every):
+            """enqueue checks a message only where the front warp may be waiting for it (no backlog
+            before it); or every message, as the torn-read stress has it: no result may change."""
+            self.q._check_depth = 1 << 62 if every else 2
+
         @rule(extra=st.integers(1, 64))
         def enqueue_too_large(self, extra):
             with pytest.raises(PayloadError):

@@ -156,6 +156,7 @@ def test_many_producers_mixed_sizes(make_queue, backend, one_read, scouts):
     # in a smaller ring the others could lap it by a whole ring meanwhile (a GIL-starved thread)
     # and its next enqueue would wait for its own result (QueueFull); stress_one_read.py wraps
     q = make_queue(capacity=8192, slot_bytes=512, one_read=one_read, scouts=scouts)
+    q._check_depth = 1 << 62  # every message of <= 64 B checked, though others are in flight
     errors: list = []
 
     def producer(t):
@@ -185,6 +186,40 @@ def test_many_producers_mixed_sizes(make_queue, backend, one_read, scouts):
         assert st.spec_reads == 0 and st.spec_retries == 0
 
 
+def checked(q, msg_id: int) -> bool:
+    """Whether enqueue put the slot check in msg_id's request header."""
+    from gpuq_driver import layout
+
+    return bool(q._req_hdr[2 * (msg_id & q._mask)] >> 32 & layout.REQ_CHECKED)
+
+
+def test_enqueue_checks_only_where_the_front_warp_may_wait_for_the_message(make_queue):
+    """The check costs enqueue ~0.3 µs and helps only a message the front warp may be polling for:
+    it is made while fewer than two older messages are untaken, or message msg_id - 2 is done;
+    behind a longer backlog the doorbell serves the message anyway.  Every result stays right."""
+    q = make_queue(capacity=64, slot_bytes=128, linger_ms=1000.0, one_read=True)
+    p = bytes(range(40))
+    assert q.wait_result(q.enqueue(p), timeout=10) == p
+    with q.paused():  # nothing is processed: the backlog stays
+        ids = [q.enqueue(p) for _ in range(4)]
+        assert [checked(q, i) for i in ids] == [True, True, False, False]
+    done, deadline = [], time.monotonic() + 10
+    while len(done) < len(ids) and time.monotonic() < deadline:  # done, none taken
+        done += q.poll_completions()
+    assert sorted(done) == ids
+    with q.paused():  # four untaken, but message msg_id - 2 is done: checked, until it is not
+        later = [q.enqueue(p) for _ in range(3)]
+        assert [checked(q, i) for i in later] == [True, True, False]
+    assert all(q.wait_result(i, timeout=10) == p for i in ids + later)
+    q._check_depth = 1 << 62  # what the torn-read stress sets: every message checked
+    with q.paused():
+        forced = [q.enqueue(p) for _ in range(4)]
+        assert [checked(q, i) for i in forced] == [True] * 4
+    assert all(q.wait_result(i, timeout=10) == p for i in forced)
+    n = q.enqueue(p)  # idle again
+    assert checked(q, n) and q.wait_result(n, timeout=10) == p
+
+
 def test_enqueue_writes_request_words_header():
     """enqueue's inlined header stores (len, then the flags word (crc | 0xFF) ^ CHECK_LOW, then
     msg_id) give the word layout.request_word makes from layout.slot_check, for every length of
@@ -195,6 +230,7 @@ def test_enqueue_writes_request_words_header():
     q = gpuq_driver.GpuQueue(gpuq_driver.QueueConfig(backend="sim", capacity=256, slot_bytes=128, one_read=True))
     try:
         freeze(q)  # nothing is served: the headers stay as the host wrote them
+        q._check_depth = 1 << 62  # every message checked, though the earlier ones are not done
         rng = np.random.default_rng(5)
         for n in [*range(65), 65, 100, 128]:
             p = rng.bytes(n)
