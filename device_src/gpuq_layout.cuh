@@ -81,7 +81,12 @@
 // system-scope acquire fence after the check, which costs more than the round trip it saves).
 // Anything else, torn, stale, longer or unchecked, is read again
 // (GpuqDevState.spec_retries) or waits for the doorbell, which stays the source of truth for the
-// head, stop requests and the lease handshakes.
+// head, stop requests and the lease handshakes.  The host checks a message only where the front
+// warp may be waiting for it (GpuQueue.enqueue: no backlog before it), and the front warp reads the
+// slot in its polls only while the last message served was checked (GpuqDevState.unchecked), so
+// that a stream of unchecked messages (a backlog, or longer ones) is polled by the doorbell alone,
+// as without the one read.  That flag is a hint: it changes which reads are made, never what is
+// served.
 //
 // Scouts (GpuqKernelArgs.scouts; docs/design.md, "Scouts").  With the one read, the grid's last
 // `scouts` warps poll the slot the front announced (GpuqDevState.front) between the front's polls
@@ -98,7 +103,7 @@ using cuda::std::uint8_t;
 #include <cstdint>
 #endif
 
-#define GPUQ_LAYOUT_VERSION 6u  // 6: scouts (GpuqDevState.front .. poll_per, GpuqKernelArgs.scouts)
+#define GPUQ_LAYOUT_VERSION 7u  // 7: GpuqDevState.unchecked; 6: scouts (GpuqDevState.front .. poll_per, GpuqKernelArgs.scouts)
 
 // Slot states (GpuqSlotHeader.flags, low byte).
 #define GPUQ_EMPTY 0u
@@ -195,7 +200,8 @@ struct __align__(128) GpuqDevState {
   uint64_t lease_start;  // %globaltimer (ns) when this lease was announced
   uint64_t leases;       // leases ended so far
   uint32_t leaving;      // 1 once a front warp has begun this lease's last doorbell read
-  uint32_t pad2;
+  uint32_t unchecked;    // 1 if the last message served had no slot check: the front warp's polls
+                         // then read the doorbell alone ("One read"; carried from lease to lease)
   uint64_t spec_reads;   // GpuqCtrlDev.spec_reads, counted here (atomicAdd)
   uint64_t spec_retries;
   // Scouts ("One read": warps that poll the head slot beside the front warp, staggered in time).

@@ -168,8 +168,17 @@ __device__ uint64_t wait_for(const GpuqKernelArgs& p, uint64_t s, uint32_t lane,
   const uint4* shdr = reinterpret_cast<const uint4*>(p.req_hdr + slot);
   const uint32_t* sword = reinterpret_cast<const uint32_t*>(p.req_data + static_cast<size_t>(slot) * p.slot_bytes);
   const uint32_t words = p.slot_bytes / 4u < 16u ? p.slot_bytes / 4u : 16u;
+  // Read the slot in the polls only while the last message served was checked (gpuq_layout.cuh,
+  // "One read"); every lane reads the hint, again at each poll for the next one.
+#ifdef GPUQ_POLL_HINT_OFF  // a diagnostic (benchmarks): the slot in every poll, as before the hint
+  constexpr bool kHint = false;
+#else
+  constexpr bool kHint = true;
+#endif
+  bool spoll = p.one_read != 0u && (!kHint || volatile_load(&dev->unchecked) == 0u);
   ns = 32u;
   for (uint32_t polls = 0;; ++polls) {
+    const uint32_t unchecked = volatile_load(&dev->unchecked);  // used by the next poll: its latency hides
     // One round trip: the slot's header and first 64 bytes (lanes 1, 16 .. 31, where the queue uses the
     // one read: reading them costs ~0.4 us a poll) beside the doorbell (lane 0).  The lease's VRAM
     // flag, the bids (with scouts) and the clock are read first, so that their latency hides under
@@ -187,7 +196,7 @@ __device__ uint64_t wait_for(const GpuqKernelArgs& p, uint64_t s, uint32_t lane,
     const unsigned long long t_issue = clock64();
     const uint64_t g_issue = now;
 #endif
-    if (p.one_read != 0u) {
+    if (spoll) {
       if (lane == kHdrLane) v = __ldcv(shdr);
       else if (lane >= kWordLane && lane - kWordLane < words) v.x = __ldcv(sword + (lane - kWordLane));
     }
@@ -276,6 +285,7 @@ __device__ uint64_t wait_for(const GpuqKernelArgs& p, uint64_t s, uint32_t lane,
       mine = v;
       return __shfl_sync(kFullMask, ret, 0);
     }
+    spoll = p.one_read != 0u && (!kHint || unchecked == 0u);
   }
 }
 
@@ -425,6 +435,7 @@ __device__ __forceinline__ void serve_read(const GpuqKernelArgs& p, uint64_t s, 
   const uint32_t k = lane >= kWordLane ? lane - kWordLane : 16u;
   if (lane == 0) {
     GPUQ_TRACE_AT(2);
+    *reinterpret_cast<volatile uint32_t*>(&p.dev->unchecked) = 0u;  // the polls' hint (wait_for)
     if (shown > s + 1u) {
       publish_head(p.dev, shown);
     } else {
@@ -455,7 +466,13 @@ __device__ __forceinline__ bool serve_slot(const GpuqKernelArgs& p, uint64_t s, 
   // read, bid()).  The front warp hands over to the next warp now: the release waits for these
   // reads anyway.
   if (__shfl_sync(kFullMask, won ? 1u : 0u, 0) == 0u) return false;  // a scout has s
-  if (lane == 0 && publish != 0) publish_head(p.dev, publish);
+  if (lane == 0) {
+    // The polls' hint for the next message, before the head's release, which waits for this
+    // header's read anyway.
+    if (p.one_read != 0u)
+      *reinterpret_cast<volatile uint32_t*>(&p.dev->unchecked) = (hdr.y & GPUQ_REQ_CHECKED) != 0u ? 0u : 1u;
+    if (publish != 0) publish_head(p.dev, publish);
+  }
   uint32_t len = 0, code = GPUQ_ERR_NONE;
   if (lane == 0) code = check_request(p, hdr, s, len);
   if (lane == 0) GPUQ_TRACE_AT(2);
@@ -615,6 +632,8 @@ __device__ void process_range(const GpuqKernelArgs& p, uint64_t s0, uint32_t m, 
   }
   uint32_t len = 0, code = GPUQ_ERR_NONE;
   const bool in_vram = (hdr.y & GPUQ_REQ_IN_VRAM) != 0u;  // enqueue_device: already in the VRAM slot
+  if (lane == m - 1u && p.one_read != 0u)  // the polls' hint: whether the last of the range was checked
+    *reinterpret_cast<volatile uint32_t*>(&p.dev->unchecked) = (hdr.y & GPUQ_REQ_CHECKED) != 0u ? 0u : 1u;
   if (lane < m) {
     code = check_request(p, hdr, s, len);
 #pragma unroll

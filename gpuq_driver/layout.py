@@ -13,7 +13,7 @@ import zlib
 
 from .errors import ConfigError, check_int
 
-LAYOUT_VERSION = 6
+LAYOUT_VERSION = 7
 
 EMPTY, READY, INFLIGHT, DONE = 0, 1, 2, 3
 REQ_IN_VRAM = 0x10  # request flags: READY | this = the payload is already in the VRAM slot (enqueue_device)
@@ -79,7 +79,7 @@ class DevState(ctypes.Structure):
         ("lease_start", ctypes.c_uint64),
         ("leases", ctypes.c_uint64),
         ("leaving", ctypes.c_uint32),
-        ("pad2", ctypes.c_uint32),
+        ("unchecked", ctypes.c_uint32),
         ("spec_reads", ctypes.c_uint64),
         ("spec_retries", ctypes.c_uint64),
         ("front", ctypes.c_uint64),

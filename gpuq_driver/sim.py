@@ -99,6 +99,7 @@ class SimulatedKernel:
         self.closed = False
         self._lease_s = config.lease_ms / 1e3
         self._claim = 0  # GpuqDevState.claim: the next msg_id, carried from lease to lease
+        self._unchecked = False  # GpuqDevState.unchecked: the last message served had no slot check
         self._queued = 0  # leases launched and not yet finished (the stream's depth)
         self._cv = threading.Condition()
         self._thread = threading.Thread(target=self._stream, name="gpuq-sim-kernel", daemon=True)
@@ -214,7 +215,9 @@ class SimulatedKernel:
             if stop == STOP_ABORT or (seq >= head and (stop == STOP_DRAIN or final is not None)):
                 break
             one = None
-            if final is None and stop == 0:  # the front warp's read of the slot, beside the doorbell's
+            # the front warp's read of the slot, beside the doorbell's, while the last message
+            # served was checked (GpuqDevState.unchecked: the polls' hint)
+            if final is None and stop == 0 and not self._unchecked:
                 one = self._one_read(seq, req_hdr, req_data)
             if seq >= head and one is None:
                 idle += 1
@@ -249,6 +252,7 @@ class SimulatedKernel:
             res_data[slot * sb : slot * sb + len(out)] = out
             res_hdr[2 * slot] = len(out) | (result_flags(code, failed) << 32)
             res_hdr[2 * slot + 1] = seq
+            self._unchecked = not (word >> 32) & REQ_CHECKED
             seq += 1
             counter[0] = seq
             if one is not None:  # counted once processed (GpuQueue.stats reads it first)

@@ -83,6 +83,33 @@ def test_otherwise_the_doorbell_is_needed(make_queue, one_read, size):
     assert q.stats().spec_reads == 0
 
 
+def test_after_an_unchecked_message_the_front_warp_polls_the_doorbell_alone(make_queue):
+    """The front warp reads the slot in its polls only while the last message served was checked
+    (GpuqDevState.unchecked), so that a stream of longer or unchecked messages costs its polls no
+    slot reads: a checked message after an unchecked one needs the doorbell once, and the one
+    after it the slot alone again."""
+    q = make_queue(capacity=64, slot_bytes=256, linger_ms=1000.0, one_read=True)
+    small = bytes(range(40))
+    freeze(q)
+    assert q.wait_result(q.enqueue(small), timeout=10) == small  # the slot alone
+    big = q.enqueue(bytes(100))  # unchecked (longer than 64 bytes): the doorbell serves it
+    time.sleep(0.05)
+    assert q.try_dequeue_result(big) is None
+    thaw(q)
+    assert q.wait_result(big, timeout=10) == bytes(100)
+    freeze(q)
+    msg_id = q.enqueue(small)  # checked, but the front warp no longer reads the slot
+    time.sleep(0.05)
+    assert q.try_dequeue_result(msg_id) is None
+    thaw(q)
+    assert q.wait_result(msg_id, timeout=10) == small
+    freeze(q)
+    assert q.wait_result(q.enqueue(small), timeout=10) == small  # the slot alone again
+    thaw(q)
+    q.shutdown()
+    assert q.stats().spec_reads == 2
+
+
 @pytest.mark.parametrize("scouts", [0, 1, 2])
 def test_a_slot_whose_check_fails_is_read_again_and_never_served(make_queue, monkeypatch, scouts):
     """A stale or torn read looks like a header whose check does not hold over the bytes read: the
