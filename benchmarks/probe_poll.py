@@ -47,7 +47,9 @@ def trace(size: int, iters: int, one_read: bool, defines=(), **cfg) -> None:
             q.try_dequeue_result(mid)
             if pad[5] == mid and i >= iters // 10:
                 t = [int(pad[k]) for k in range(5)]
-                rows.append([t[1] - t[0], t[2] - t[1], t[3] - t[2], t[4] - t[3], int(pad[6]), int(pad[7])])
+                rows.append(
+                    [t[1] - t[0], t[2] - t[1], t[3] - t[2], t[4] - t[3], int(pad[6]) & (1 << 40) - 1, int(pad[6]) >> 40]
+                )
     a = np.array(rows)
     med = np.median(a, axis=0)
     ghz = float(np.median(a[:, :4].sum(axis=1) / np.maximum(a[:, 5], 1)))  # SM cycles per globaltimer ns

@@ -82,10 +82,11 @@
 // Anything else, torn, stale, longer or unchecked, is read again
 // (GpuqDevState.spec_retries) or waits for the doorbell, which stays the source of truth for the
 // head, stop requests and the lease handshakes.  The host checks a message only where the front
-// warp may be waiting for it (GpuQueue.enqueue: no backlog before it), and the front warp reads the
+// warp may be waiting for it (GpuqCtrlDev.front, which the front warp stores as it begins to poll
+// for a message, is that message's msg_id; GpuQueue.enqueue), and the front warp reads the
 // slot in its polls only while the last message served was checked (GpuqDevState.unchecked), so
 // that a stream of unchecked messages (a backlog, or longer ones) is polled by the doorbell alone,
-// as without the one read.  That flag is a hint: it changes which reads are made, never what is
+// as without the one read.  Both are hints: they change which reads are made, never what is
 // served.
 //
 // Scouts (GpuqKernelArgs.scouts; docs/design.md, "Scouts").  With the one read, the grid's last
@@ -103,7 +104,7 @@ using cuda::std::uint8_t;
 #include <cstdint>
 #endif
 
-#define GPUQ_LAYOUT_VERSION 7u  // 7: GpuqDevState.unchecked; 6: scouts (GpuqDevState.front .. poll_per, GpuqKernelArgs.scouts)
+#define GPUQ_LAYOUT_VERSION 7u  // 7: GpuqCtrlDev.front, GpuqDevState.unchecked; 6: scouts (GpuqDevState.front .. poll_per, GpuqKernelArgs.scouts)
 
 // Slot states (GpuqSlotHeader.flags, low byte).
 #define GPUQ_EMPTY 0u
@@ -184,7 +185,9 @@ struct __align__(128) GpuqCtrlDev {
   uint64_t leases_leaving;  // leases whose time is up (set before their last doorbell read)
   uint64_t spec_reads;      // messages served from the front warp's one read (copied at each lease end)
   uint64_t spec_retries;    // such reads that failed the check (torn or stale) and were read again
-  uint64_t pad[8];
+  uint64_t front;           // one_read: the msg_id the front warp polls for (the host checks a message
+                            // only where it may be waiting for it; GpuQueue.enqueue); a hint
+  uint64_t pad[7];
 };
 
 // Device-only scalars in VRAM; zeroed by the host before the first lease, carried from lease to

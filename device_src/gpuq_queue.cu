@@ -74,7 +74,7 @@ __device__ void announce_lease(const GpuqKernelArgs& p) {
 
 // GPUQ_TRACE (a diagnostic build, benchmarks/probe_poll.py --trace): lane 0 of the warp serving a
 // message stamps clock64() at the poll that found it (issued, returned), once its payload is in
-// hand, after the plugin and after the result's release, into GpuqCtrlDev.pad (with the msg_id
+// hand, after the plugin and after the result's release, into GpuqCtrlDev.pad[0 .. 6] (with the msg_id
 // and the polls it took), for the host to read.
 #ifdef GPUQ_TRACE
 __device__ unsigned long long gpuq_trace_g[8];
@@ -163,6 +163,7 @@ __device__ uint64_t wait_for(const GpuqKernelArgs& p, uint64_t s, uint32_t lane,
     if (first) announce_lease(p);
     lease_start = volatile_load(&dev->lease_start);
     if (p.scouts != 0u) *reinterpret_cast<volatile uint64_t*>(&dev->front) = s + 1u;
+    if (p.one_read != 0u) *reinterpret_cast<volatile uint64_t*>(&p.ctrl_dev->front) = s;  // the host's hint
   }
   const uint32_t slot = static_cast<uint32_t>(s & (p.capacity - 1u));
   const uint4* shdr = reinterpret_cast<const uint4*>(p.req_hdr + slot);
@@ -373,8 +374,9 @@ __device__ __forceinline__ void trace_out(const GpuqKernelArgs& p, uint64_t s) {
   GPUQ_TRACE_AT(4);
   volatile uint64_t* out = p.ctrl_dev->pad;
   for (int i = 0; i < 5; ++i) out[i] = gpuq_trace_g[i];
-  out[6] = gpuq_trace_g[6];
-  out[7] = globaltimer_ns() - gpuq_trace_g[7];  // ns from the poll's issue to the release: the SM clock
+  // polls (scouts: 1 << 32 | scout) in the low 40 bits, ns from the poll's issue to the release
+  // (the SM clock) in the high 24
+  out[6] = (gpuq_trace_g[6] & 0xFFFFFFFFFFull) | ((globaltimer_ns() - gpuq_trace_g[7]) << 40);
   out[5] = s;
 #endif
 }
@@ -795,7 +797,7 @@ extern "C" __global__ void gpuq_layout_probe(uint64_t* out) {
       GPUQ_OFFSETOF(GpuqCtrlDev, layout_version), GPUQ_OFFSETOF(GpuqCtrlDev, warps),
       GPUQ_OFFSETOF(GpuqCtrlDev, leases_begun), GPUQ_OFFSETOF(GpuqCtrlDev, leases_ended),
       GPUQ_OFFSETOF(GpuqCtrlDev, leases_leaving), GPUQ_OFFSETOF(GpuqCtrlDev, spec_reads),
-      GPUQ_OFFSETOF(GpuqCtrlDev, spec_retries),
+      GPUQ_OFFSETOF(GpuqCtrlDev, spec_retries), GPUQ_OFFSETOF(GpuqCtrlDev, front),
       sizeof(GpuqDevState), sizeof(GpuqKernelArgs), GPUQ_OFFSETOF(GpuqKernelArgs, warp_totals),
       GPUQ_OFFSETOF(GpuqKernelArgs, lease_ns), GPUQ_OFFSETOF(GpuqKernelArgs, capacity), GPUQ_OFFSETOF(GpuqKernelArgs, slot_bytes),
       GPUQ_OFFSETOF(GpuqKernelArgs, front_backoff_ns), GPUQ_OFFSETOF(GpuqKernelArgs, idle_backoff_ns),

@@ -63,7 +63,8 @@ class CtrlDev(ctypes.Structure):
         ("leases_leaving", ctypes.c_uint64),
         ("spec_reads", ctypes.c_uint64),
         ("spec_retries", ctypes.c_uint64),
-        ("pad", ctypes.c_uint64 * 8),
+        ("front", ctypes.c_uint64),
+        ("pad", ctypes.c_uint64 * 7),
     ]
 
 
@@ -139,6 +140,7 @@ def expected_probe() -> list[int]:
         _off(CtrlDev, "leases_leaving"),
         _off(CtrlDev, "spec_reads"),
         _off(CtrlDev, "spec_retries"),
+        _off(CtrlDev, "front"),
         ctypes.sizeof(DevState),
         ctypes.sizeof(KernelArgs),
         _off(KernelArgs, "warp_totals"),

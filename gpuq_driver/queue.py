@@ -64,6 +64,7 @@ from .layout import (
     RESULT_FAILED,
     STOP_ABORT,
     STOP_DRAIN,
+    CtrlDev,
     check_slot_bytes,
     check_threads_per_block,
     is_power_of_two,
@@ -362,8 +363,9 @@ class GpuQueue(BulkCalls, DeviceCalls):
             np.frombuffer(hdr, dtype=np.uint64)[1::2] = NO_MSG
         self._ready = READY << 32
         self._one_read = config.one_read
-        # enqueue checks a message (one_read) while fewer than this many older ones are untaken, or
-        # message seq - 2 is done; the torn-read stress sets it past the ring to check every one
+        # GpuqCtrlDev.front: the msg_id the front warp polls for (one_read); enqueue checks a message
+        # less than _check_depth ahead of it (the torn-read stress sets it past the ring: every one)
+        self._front = lay.view(mem, "ctrl_dev", "Q")[CtrlDev.front.offset // 8 :][:1]
         self._check_depth = 2
         # producer state (under _plock) and consumer state (under _clock)
         self._plock, self._clock = threading.Lock(), threading.Lock()
@@ -489,16 +491,9 @@ class GpuQueue(BulkCalls, DeviceCalls):
             self._req_data[off : off + n] = payload
             hdr, slot = self._req_hdr, slot << 1
             # The slot check (layout.slot_check, inlined; crc32 masks its seed) where the front warp
-            # may be waiting for this message: nothing older than seq - 1 is still out (the tail,
-            # or message seq - 2's result, shows it).  Behind a backlog the message is served by the
-            # doorbell anyway, and the check would cost the producer ~0.3 µs a message.
-            if (
-                n <= 64
-                and self._one_read
-                and (
-                    seq - self._tail < self._check_depth or self._res_hdr[((seq - 2) & self._mask) << 1 | 1] == seq - 2
-                )
-            ):
+            # polls for this message or the one before (GpuqCtrlDev.front).  Behind a longer backlog
+            # the doorbell serves it anyway, and the check would cost the producer ~0.3 µs.
+            if n <= 64 and self._one_read and seq - self._front[0] < self._check_depth:
                 h32 = self._req_hdr32
                 h32[slot << 1] = n
                 h32[slot << 1 | 1] = (crc32(payload, seq ^ n << 24) | 0xFF) ^ CHECK_LOW

@@ -217,8 +217,10 @@ class SimulatedKernel:
             one = None
             # the front warp's read of the slot, beside the doorbell's, while the last message
             # served was checked (GpuqDevState.unchecked: the polls' hint)
-            if final is None and stop == 0 and not self._unchecked:
-                one = self._one_read(seq, req_hdr, req_data)
+            if final is None and stop == 0 and self.config.one_read:
+                ctrl.front = seq  # GpuqCtrlDev.front: the host's hint
+                if not self._unchecked:
+                    one = self._one_read(seq, req_hdr, req_data)
             if seq >= head and one is None:
                 idle += 1
                 time.sleep(0 if idle < 100 else min(1e-3, 1e-6 * idle))

@@ -222,11 +222,19 @@ def checked(q, msg_id: int) -> bool:
 
 def test_enqueue_checks_only_where_the_front_warp_may_wait_for_the_message(make_queue):
     """The check costs enqueue ~0.3 µs and helps only a message the front warp may be polling for:
-    it is made while fewer than two older messages are untaken, or message msg_id - 2 is done;
+    it is made for the message the front warp polls for (GpuqCtrlDev.front) and the one after;
     behind a longer backlog the doorbell serves the message anyway.  Every result stays right."""
     q = make_queue(capacity=64, slot_bytes=128, linger_ms=1000.0, one_read=True)
     p = bytes(range(40))
+
+    def front_reaches(msg_id):  # the front warp's store may land just after the result
+        deadline = time.monotonic() + 10
+        while q._front[0] != msg_id and time.monotonic() < deadline:
+            time.sleep(0.001)
+        return q._front[0] == msg_id
+
     assert q.wait_result(q.enqueue(p), timeout=10) == p
+    assert front_reaches(1)
     with q.paused():  # nothing is processed: the backlog stays
         ids = [q.enqueue(p) for _ in range(4)]
         assert [checked(q, i) for i in ids] == [True, True, False, False]
@@ -234,7 +242,8 @@ def test_enqueue_checks_only_where_the_front_warp_may_wait_for_the_message(make_
     while len(done) < len(ids) and time.monotonic() < deadline:  # done, none taken
         done += q.poll_completions()
     assert sorted(done) == ids
-    with q.paused():  # four untaken, but message msg_id - 2 is done: checked, until it is not
+    assert front_reaches(ids[-1] + 1)  # the front warp polls for the next message (or did, as it left)
+    with q.paused():  # none taken, but the front warp is at the next one: checked, up to the one after
         later = [q.enqueue(p) for _ in range(3)]
         assert [checked(q, i) for i in later] == [True, True, False]
     assert all(q.wait_result(i, timeout=10) == p for i in ids + later)
@@ -243,6 +252,8 @@ def test_enqueue_checks_only_where_the_front_warp_may_wait_for_the_message(make_
         forced = [q.enqueue(p) for _ in range(4)]
         assert [checked(q, i) for i in forced] == [True] * 4
     assert all(q.wait_result(i, timeout=10) == p for i in forced)
+    q._check_depth = 2
+    assert front_reaches(forced[-1] + 1)
     n = q.enqueue(p)  # idle again
     assert checked(q, n) and q.wait_result(n, timeout=10) == p
 
