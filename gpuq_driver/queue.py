@@ -160,12 +160,14 @@ class QueueConfig:
                         machines) and the front warp's polls read the slot beside the doorbell,
                         serving a message whose check holds at once (a torn or stale read is read
                         again): on the H200, 64 B round trip p50 4.4-5.3 vs 5.4-6.4 µs
-                        (configurations interleaved in one run), but one thread's enqueue rate is
-                        lower (0.41-0.82 M vs 0.57-1.28 M msg/s, medians of interleaved rounds: the
-                        check, and the polls contend with the host's writes to the same lines), so
-                        it is an option, not the default (docs/design.md, "One read per
-                        message").  The batch calls never add the check (their messages are served
-                        in ranges).
+                        (configurations interleaved in one run).  ``enqueue`` checks a message
+                        only where the front warp polls for it or the one before (behind a
+                        backlog the doorbell serves it anyway), and the polls read the slot only
+                        while the last message served was checked; still one thread's enqueue
+                        rate into a backlog is ~7 % lower (1.15 vs 1.24 M msg/s, medians of
+                        interleaved rounds) and a 4 KB round trip 0.4-0.75 µs slower, so it is an
+                        option, not the default (docs/design.md, "One read per message").  The
+                        batch calls never add the check (their messages are served in ranges).
     scouts:             with ``one_read``: how many of the grid's warps are scouts, 0 (default) .. 4
                         (the kernel takes at most its warps - 1; ignored without ``one_read`` and
                         by the simulator).  A scout polls the slot the front warp waits for,
