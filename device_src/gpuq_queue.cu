@@ -179,7 +179,8 @@ __device__ uint64_t wait_for(const GpuqKernelArgs& p, uint64_t s, uint32_t lane,
   bool spoll = p.one_read != 0u && (!kHint || volatile_load(&dev->unchecked) == 0u);
   ns = 32u;
   for (uint32_t polls = 0;; ++polls) {
-    const uint32_t unchecked = volatile_load(&dev->unchecked);  // used by the next poll: its latency hides
+    // the hint for the next poll (its latency hides under this one's round trip); none without the one read
+    const uint32_t unchecked = p.one_read != 0u ? volatile_load(&dev->unchecked) : 1u;
     // One round trip: the slot's header and first 64 bytes (lanes 1, 16 .. 31, where the queue uses the
     // one read: reading them costs ~0.4 us a poll) beside the doorbell (lane 0).  The lease's VRAM
     // flag, the bids (with scouts) and the clock are read first, so that their latency hides under

@@ -165,9 +165,10 @@ class QueueConfig:
                         backlog the doorbell serves it anyway), and the polls read the slot only
                         while the last message served was checked; still one thread's enqueue
                         rate into a backlog is ~7 % lower (1.15 vs 1.24 M msg/s, medians of
-                        interleaved rounds) and a 4 KB round trip 0.4-0.75 µs slower, so it is an
-                        option, not the default (docs/design.md, "One read per message").  The
-                        batch calls never add the check (their messages are served in ranges).
+                        interleaved rounds; 512 B and 4 KB round trips -0.4 to +0.75 µs against
+                        two reads from run to run), so it is an option, not the default
+                        (docs/design.md, "One read per message").  The batch calls never add the
+                        check (their messages are served in ranges).
     scouts:             with ``one_read``: how many of the grid's warps are scouts, 0 (default) .. 4
                         (the kernel takes at most its warps - 1; ignored without ``one_read`` and
                         by the simulator).  A scout polls the slot the front warp waits for,
