@@ -223,6 +223,8 @@ class QueueConfig:
             raise ConfigError(f"capacity*slot_bytes={self.capacity * self.slot_bytes} exceeds {MAX_RING_BYTES} bytes")
         if self.blocks is not None:
             check("blocks", 1, 65535)
+        if isinstance(self.one_read, np.bool_):  # np.True_: accepted, as numpy integers are elsewhere
+            object.__setattr__(self, "one_read", bool(self.one_read))
         if not isinstance(self.one_read, bool):
             raise ConfigError(f"one_read={self.one_read!r} must be True or False")
         object.__setattr__(self, "threads_per_block", check_threads_per_block(self.threads_per_block))

@@ -51,6 +51,17 @@ def test_numpy_integers_are_ints():
     assert (c.capacity, c.slot_bytes) == (8, 32) and type(c.capacity) is int
 
 
+def test_numpy_bools_are_bools():
+    """one_read=np.True_ (a numpy comparison's result) is True, as numpy integers are ints; an int
+    still is not a bool."""
+    import numpy as np
+
+    c = QueueConfig(one_read=np.True_)
+    assert c.one_read is True and QueueConfig(one_read=np.False_).one_read is False
+    with pytest.raises(ConfigError, match="one_read=1 must be True or False"):
+        QueueConfig(one_read=1)
+
+
 def test_config_error_is_a_value_error():
     with pytest.raises(ValueError):
         QueueConfig(capacity=3)
