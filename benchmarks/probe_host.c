@@ -82,3 +82,31 @@ int64_t probe_round_trips(uint8_t* req_data, uint64_t* req_hdr, volatile uint64_
   }
   return wrong;
 }
+
+/* One round trip per call (the "ctypes" host: what a compiled helper called from Python once per
+   message would reach): the queue's pointers and next msg_id in `q`; the result copied into `out`.
+   Returns the result's length, or -1 if no result came within 2 s. */
+typedef struct {
+  uint8_t* req_data;
+  uint64_t* req_hdr;
+  volatile uint64_t* res_hdr;
+  const uint8_t* res_data;
+  volatile uint64_t* doorbell;
+  volatile uint64_t* front;
+  uint64_t head, mask, slot_bytes;
+  int32_t one_read;
+  uint32_t check_low;
+} probe_queue;
+
+int64_t probe_call(probe_queue* q, const uint8_t* p, uint32_t n, uint8_t* out) {
+  int64_t ns[2];
+  const uint64_t head = q->head;
+  q->head = head + 1;
+  if (probe_round_trips(q->req_data, q->req_hdr, q->res_hdr, q->res_data, q->doorbell, q->front, head, q->mask,
+                        q->slot_bytes, p, n, 1, q->one_read, q->check_low, ns) < 0)
+    return -1;
+  const uint64_t slot = head & q->mask;
+  const uint32_t len = (uint32_t)q->res_hdr[slot * 2];
+  memcpy(out, q->res_data + slot * q->slot_bytes, len);
+  return len;
+}

@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
 """What the CPython host costs the 64 B round trip (issue 11): one queue and its kernel, driven
-three ways in interleaved rounds, one message at a time:
+four ways in interleaved rounds, one message at a time:
 
 - ``api``: ``enqueue``, a spin on the result's msg_id word, ``try_dequeue_result`` (as
   bench_latency.py);
 - ``inline``: the same stores from Python with the fewest operations (no call, no lock, no
   argument checks), a spin, then one slice copied out;
-- ``c``: the same stores from C (benchmarks/probe_host.c, built here with the system's C compiler
-  and called once per round through ctypes), a spin, then a memcpy.
+- ``ctypes``: one ctypes call per message into C (benchmarks/probe_host.c, built here with the
+  system's C compiler) that makes the stores, spins and copies the result out, then the result
+  as bytes: what a compiled helper called from Python once per message would reach;
+- ``c``: the same loop wholly in C, called once per round: the floor of the host.
 
 Each way covers two reads, the one read, and the one read with a scout, in a queue that never
 leaves (``lease_ms=inf``: the inline and C hosts publish without telling the lease keeper).  Every
@@ -45,7 +47,7 @@ from gpuq_driver import GpuQueue, QueueConfig  # noqa: E402
 from gpuq_driver.layout import CHECK_LOW  # noqa: E402
 
 CONFIGS = {"two reads": {}, "one read": {"one_read": True}, "one read + scout": {"one_read": True, "scouts": 1}}
-HOSTS = ("api", "inline", "c")
+HOSTS = ("api", "inline", "ctypes", "c")
 
 
 def build(folder: str, prebuilt: str | None = None) -> ctypes.CDLL:
@@ -79,6 +81,8 @@ def build(folder: str, prebuilt: str | None = None) -> ctypes.CDLL:
         data, seed = bytes(range(7, 7 + n)), (12345 + n) ^ n << 24
         if lib.probe_crc32(seed, data, n) != zlib.crc32(data, seed):
             raise SystemExit(f"probe_host.c's CRC-32 differs from zlib's at {n} bytes")
+    lib.probe_call.restype = ctypes.c_int64
+    lib.probe_call.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_uint32, ctypes.c_void_p]
     return lib
 
 
@@ -167,7 +171,43 @@ def c_round(q: GpuQueue, payloads: list, iters: int, lib) -> tuple:
     return out, int(wrong)
 
 
-ROUNDS = {"api": api_round, "inline": inline_round, "c": c_round}
+class ProbeQueue(ctypes.Structure):
+    """probe_host.c's probe_queue."""
+
+    _fields_ = [(name, ctypes.c_void_p) for name in ("req_data", "req_hdr", "res_hdr", "res_data", "doorbell", "front")]
+    _fields_ += [("head", ctypes.c_uint64), ("mask", ctypes.c_uint64), ("slot_bytes", ctypes.c_uint64)]
+    _fields_ += [("one_read", ctypes.c_int32), ("check_low", ctypes.c_uint32)]
+
+
+def ctypes_round(q: GpuQueue, payloads: list, iters: int, lib) -> tuple:
+    """One ctypes call per round trip (probe_call: the stores, the spin and the copy in C), then the
+    result as bytes: what a compiled helper called from Python per message would reach."""
+    clock = time.perf_counter_ns
+    out = np.empty((iters, 2), np.int64)
+    wrong = 0
+    buf = ctypes.create_string_buffer(max(64, q._sb))
+    view = memoryview(buf).cast("B")
+    call = lib.probe_call
+    with q._plock, q._clock:
+        views = (q._req_data, q._req_hdr, q._res_hdr, q._res_data, q._doorbell, q._front)
+        st = ProbeQueue(*[address(v) for v in views], q._head, q._mask, q._sb, int(q._one_read), CHECK_LOW)
+        ref = ctypes.byref(st)
+        for i in range(iters):
+            p = payloads[i & 15]
+            t = clock()
+            n = call(ref, p, len(p), buf)
+            t1 = clock()
+            r = view[:n].tobytes()
+            t2 = clock()
+            if n < 0:
+                raise RuntimeError(f"round trip {i} of the ctypes host saw no result within 2 s")
+            wrong += r != p
+            out[i] = (t1 - t, t2 - t)
+        settle(q, st.head)
+    return out, wrong
+
+
+ROUNDS = {"api": api_round, "inline": inline_round, "ctypes": ctypes_round, "c": c_round}
 
 
 def measure(lib, size: int, iters: int, rounds: int, backend: str) -> dict:
@@ -229,7 +269,7 @@ def plot(results: dict, path: Path) -> None:
     x = np.arange(len(results))
     for ax, key in zip(axes, ("readable_p50_us", "taken_p50_us")):
         for k, host in enumerate(HOSTS):
-            ax.bar(x + (k - 1) * 0.27, [results[c][host][key] for c in results], 0.27, label=host)
+            ax.bar(x + (k - 1.5) * 0.2, [results[c][host][key] for c in results], 0.2, label=host)
         ax.set_xticks(x, list(results))
         ax.set_title(f"64 B round trip, {key.split('_')[0]} p50")
         ax.axhline(4.0 if key.startswith("readable") else 4.8, color="k", lw=0.8, ls="--")
