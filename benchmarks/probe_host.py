@@ -272,7 +272,7 @@ def plot(results: dict, path: Path) -> None:
             ax.bar(x + (k - 1.5) * 0.2, [results[c][host][key] for c in results], 0.2, label=host)
         ax.set_xticks(x, list(results))
         ax.set_title(f"64 B round trip, {key.split('_')[0]} p50")
-        ax.axhline(4.0 if key.startswith("readable") else 4.8, color="k", lw=0.8, ls="--")
+        ax.axhline(4.0 if key.startswith("readable") else 4.8, color="k", lw=0.8, ls="--", label="issue 11's target")
     axes[0].set_ylabel("µs")
     axes[0].legend()
     fig.tight_layout()
