@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """What the CPython host costs the 64 B round trip (issue 11): one queue and its kernel, driven
-four ways in interleaved rounds, one message at a time:
+five ways in interleaved rounds, one message at a time:
 
 - ``api``: ``enqueue``, a spin on the result's msg_id word, ``try_dequeue_result`` (as
   bench_latency.py);
@@ -9,6 +9,9 @@ four ways in interleaved rounds, one message at a time:
 - ``ctypes``: one ctypes call per message into C (benchmarks/probe_host.c, built here with the
   system's C compiler) that makes the stores, spins and copies the result out, then the result
   as bytes: what a compiled helper called from Python once per message would reach;
+- ``ext``: ``api``'s loop with ``enqueue`` and the take in a CPython extension module
+  (benchmarks/probe_host_ext.c, built here where Python's headers are installed, or --ext): what a
+  compiled extension for those two calls would give a Python caller;
 - ``c``: the same loop wholly in C, called once per round: the floor of the host.
 
 Each way covers two reads, the one read, and the one read with a scout, in a queue that never
@@ -20,20 +23,24 @@ probe_host.json and probe_host.png (matplotlib) to --out.
     PYTHONPATH=. python benchmarks/probe_host.py --sim --iters 40   # the script's check on the CPU simulator
 
 Builds probe_host.c with $CC (default ``cc``), or takes one built elsewhere (--lib); exits 2 where
-there is neither, 1 if any result came back wrong.
+there is neither, 1 if any result came back wrong.  Without Python's headers (and no --ext) the
+``ext`` host is left out, with a line saying so.
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import importlib.util
 import json
 import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
+import types
 import zlib
 from pathlib import Path
 
@@ -47,7 +54,7 @@ from gpuq_driver import GpuQueue, QueueConfig  # noqa: E402
 from gpuq_driver.layout import CHECK_LOW  # noqa: E402
 
 CONFIGS = {"two reads": {}, "one read": {"one_read": True}, "one read + scout": {"one_read": True, "scouts": 1}}
-HOSTS = ("api", "inline", "ctypes", "c")
+HOSTS = ("api", "inline", "ctypes", "ext", "c")
 
 
 def build(folder: str, prebuilt: str | None = None) -> ctypes.CDLL:
@@ -86,6 +93,25 @@ def build(folder: str, prebuilt: str | None = None) -> ctypes.CDLL:
     return lib
 
 
+def build_ext(folder: str, prebuilt: str | None = None):
+    """probe_host_ext.c as a module (or ``prebuilt``, built elsewhere for this Python); None, after
+    saying so, where Python's headers are not installed."""
+    path = prebuilt
+    if path is None:
+        include = sysconfig.get_paths()["include"]
+        cc = shutil.which(os.environ.get("CC", "cc"))
+        if not os.path.exists(os.path.join(include, "Python.h")) or cc is None:
+            print(f"no Python headers in {include} (or no C compiler): the ext host not measured")
+            return None
+        path = os.path.join(folder, "probe_host_ext" + sysconfig.get_config_var("EXT_SUFFIX"))
+        cmd = [cc, "-O2", "-shared", "-fPIC", f"-I{include}", "-o", path, str(HERE / "probe_host_ext.c")]
+        subprocess.run(cmd, check=True)
+    spec = importlib.util.spec_from_file_location("probe_host_ext", os.path.abspath(path))
+    ext = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ext)
+    return ext
+
+
 def address(view: memoryview) -> int:
     return np.frombuffer(view, dtype=np.uint8).ctypes.data
 
@@ -97,7 +123,7 @@ def settle(q: GpuQueue, head: int) -> None:
     q._limit = head + q._cap
 
 
-def api_round(q: GpuQueue, payloads: list, iters: int, lib) -> tuple:
+def api_round(q: GpuQueue, payloads: list, iters: int, tools) -> tuple:
     enqueue, take, ids, mask = q.enqueue, q.try_dequeue_result, q._res_hdr, q._mask
     clock = time.perf_counter_ns
     out = np.empty((iters, 2), np.int64)
@@ -117,7 +143,7 @@ def api_round(q: GpuQueue, payloads: list, iters: int, lib) -> tuple:
     return out, wrong
 
 
-def inline_round(q: GpuQueue, payloads: list, iters: int, lib) -> tuple:
+def inline_round(q: GpuQueue, payloads: list, iters: int, tools) -> tuple:
     """GpuQueue.enqueue's stores with the fewest Python operations (what trimming the API could at
     most give), then the result's bytes copied out."""
     crc32 = zlib.crc32
@@ -156,7 +182,7 @@ def inline_round(q: GpuQueue, payloads: list, iters: int, lib) -> tuple:
     return out, wrong
 
 
-def c_round(q: GpuQueue, payloads: list, iters: int, lib) -> tuple:
+def c_round(q: GpuQueue, payloads: list, iters: int, tools) -> tuple:
     n = len(payloads[0])
     flat = ctypes.create_string_buffer(b"".join(payloads), 16 * n)
     out = np.empty((iters, 2), np.int64)
@@ -164,7 +190,7 @@ def c_round(q: GpuQueue, payloads: list, iters: int, lib) -> tuple:
         head = q._head
         views = (q._req_data, q._req_hdr, q._res_hdr, q._res_data, q._doorbell, q._front)
         args = [address(v) for v in views] + [head, q._mask, q._sb, flat, n, iters, int(q._one_read), CHECK_LOW]
-        wrong = lib.probe_round_trips(*args, out.ctypes.data)
+        wrong = tools.lib.probe_round_trips(*args, out.ctypes.data)
         if wrong < 0:
             raise RuntimeError(f"round trip {-1 - wrong} of the C host saw no result within 2 s")
         settle(q, head + iters)
@@ -179,7 +205,7 @@ class ProbeQueue(ctypes.Structure):
     _fields_ += [("one_read", ctypes.c_int32), ("check_low", ctypes.c_uint32)]
 
 
-def ctypes_round(q: GpuQueue, payloads: list, iters: int, lib) -> tuple:
+def ctypes_round(q: GpuQueue, payloads: list, iters: int, tools) -> tuple:
     """One ctypes call per round trip (probe_call: the stores, the spin and the copy in C), then the
     result as bytes: what a compiled helper called from Python per message would reach."""
     clock = time.perf_counter_ns
@@ -187,7 +213,7 @@ def ctypes_round(q: GpuQueue, payloads: list, iters: int, lib) -> tuple:
     wrong = 0
     buf = ctypes.create_string_buffer(max(64, q._sb))
     view = memoryview(buf).cast("B")
-    call = lib.probe_call
+    call = tools.lib.probe_call
     with q._plock, q._clock:
         views = (q._req_data, q._req_hdr, q._res_hdr, q._res_data, q._doorbell, q._front)
         st = ProbeQueue(*[address(v) for v in views], q._head, q._mask, q._sb, int(q._one_read), CHECK_LOW)
@@ -207,10 +233,37 @@ def ctypes_round(q: GpuQueue, payloads: list, iters: int, lib) -> tuple:
     return out, wrong
 
 
-ROUNDS = {"api": api_round, "inline": inline_round, "ctypes": ctypes_round, "c": c_round}
+def ext_round(q: GpuQueue, payloads: list, iters: int, tools) -> tuple:
+    """``api_round``'s loop with enqueue and the take in the extension module (probe_host_ext.c)."""
+    ext = tools.ext
+    ids, mask = q._res_hdr, q._mask
+    clock = time.perf_counter_ns
+    out = np.empty((iters, 2), np.int64)
+    wrong = 0
+    with q._plock, q._clock:
+        views = (q._req_data, q._req_hdr, q._res_hdr, q._res_data, q._doorbell, q._front)
+        ext.bind(*[address(v) for v in views], q._head, q._mask, q._sb, q._one_read, CHECK_LOW)
+        enqueue, take = ext.enqueue, ext.take
+        for i in range(iters):
+            p = payloads[i & 15]
+            t = clock()
+            mid = enqueue(p)
+            idx = ((mid & mask) << 1) | 1
+            while ids[idx] != mid:
+                pass
+            t1 = clock()
+            r = take(mid)
+            t2 = clock()
+            wrong += r != p
+            out[i] = (t1 - t, t2 - t)
+        settle(q, ext.head())
+    return out, wrong
 
 
-def measure(lib, size: int, iters: int, rounds: int, backend: str) -> dict:
+ROUNDS = {"api": api_round, "inline": inline_round, "ctypes": ctypes_round, "ext": ext_round, "c": c_round}
+
+
+def measure(tools, hosts: tuple, size: int, iters: int, rounds: int, backend: str) -> dict:
     """{configuration: {host: figures}}; prints a line per configuration and host."""
     payloads = [np.random.default_rng(i).integers(0, 256, size, dtype=np.uint8).tobytes() for i in range(16)]
     results = {}
@@ -223,20 +276,20 @@ def measure(lib, size: int, iters: int, rounds: int, backend: str) -> dict:
             backend=backend,
             **cfg,
         )
-        samples = {h: [] for h in HOSTS}
-        wrong = dict.fromkeys(HOSTS, 0)
+        samples = {h: [] for h in hosts}
+        wrong = dict.fromkeys(hosts, 0)
         with GpuQueue(qcfg) as q:
-            for host in HOSTS:  # warm-up
-                ROUNDS[host](q, payloads, max(1, iters // 4), lib)
+            for host in hosts:  # warm-up
+                ROUNDS[host](q, payloads, max(1, iters // 4), tools)
             for _ in range(rounds):
-                for host in HOSTS:
-                    a, w = ROUNDS[host](q, payloads, iters, lib)
+                for host in hosts:
+                    a, w = ROUNDS[host](q, payloads, iters, tools)
                     samples[host].append(a)
                     wrong[host] += w
             q.shutdown()
             stats = q.stats()
         row = {}
-        for host in HOSTS:
+        for host in hosts:
             a = np.concatenate(samples[host]) / 1e3
             p50, p99 = np.percentile(a, 50, axis=0), np.percentile(a, 99, axis=0)
             row[host] = {
@@ -259,7 +312,7 @@ def measure(lib, size: int, iters: int, rounds: int, backend: str) -> dict:
     return results
 
 
-def plot(results: dict, path: Path) -> None:
+def plot(results: dict, hosts: tuple, path: Path) -> None:
     from plotting import pyplot
 
     plt = pyplot(f" ({path.name})")
@@ -268,8 +321,9 @@ def plot(results: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     x = np.arange(len(results))
     for ax, key in zip(axes, ("readable_p50_us", "taken_p50_us")):
-        for k, host in enumerate(HOSTS):
-            ax.bar(x + (k - 1.5) * 0.2, [results[c][host][key] for c in results], 0.2, label=host)
+        width = 0.8 / len(hosts)
+        for k, host in enumerate(hosts):
+            ax.bar(x + (k - (len(hosts) - 1) / 2) * width, [results[c][host][key] for c in results], width, label=host)
         ax.set_xticks(x, list(results))
         ax.set_title(f"64 B round trip, {key.split('_')[0]} p50")
         ax.axhline(4.0 if key.startswith("readable") else 4.8, color="k", lw=0.8, ls="--", label="issue 11's target")
@@ -287,12 +341,14 @@ def main() -> int:
     ap.add_argument("--sim", action="store_true", help="the CPU simulator (the script's check, no GPU)")
     ap.add_argument("--out", default=None, help="folder for probe_host.json and probe_host.png")
     ap.add_argument("--lib", default=None, help="probe_host.c built elsewhere (where this machine has no C compiler)")
+    ap.add_argument("--ext", default=None, help="probe_host_ext.c built elsewhere for this Python (no headers here)")
     args = ap.parse_args()
     backend = "sim" if args.sim else "cuda"
     with tempfile.TemporaryDirectory() as folder:
-        lib = build(folder, args.lib)
-        results = measure(lib, args.size, args.iters, args.rounds, backend)
-    wrong = sum(row[h]["wrong"] for row in results.values() for h in HOSTS)
+        tools = types.SimpleNamespace(lib=build(folder, args.lib), ext=build_ext(folder, args.ext))
+        hosts = tuple(h for h in HOSTS if h != "ext" or tools.ext is not None)
+        results = measure(tools, hosts, args.size, args.iters, args.rounds, backend)
+    wrong = sum(row[h]["wrong"] for row in results.values() for h in hosts)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -301,9 +357,10 @@ def main() -> int:
             from gpuq_driver import device_info
 
             device = str(device_info(0))
-        doc = {"device": device, "size": args.size, "iters": args.iters, "rounds": args.rounds, "results": results}
+        doc = {"device": device, "size": args.size, "iters": args.iters, "rounds": args.rounds, "hosts": hosts}
+        doc["results"] = results
         (out / "probe_host.json").write_text(json.dumps(doc, indent=1))
-        plot(results, out / "probe_host.png")
+        plot(results, hosts, out / "probe_host.png")
     print(f"wrong results: {wrong}")
     return 1 if wrong else 0
 

@@ -176,17 +176,23 @@ def test_host_steps_plot_sums_the_steps_as_the_table_does(monkeypatch, tmp_path)
 
 @pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None, reason="no C compiler (cc) to build probe_host.c")
 def test_probe_host_drives_the_queue_from_python_and_from_c_on_the_simulator(tmp_path):
-    """probe_host.py --sim: the API, the inline Python stores, the per-message ctypes call and the C
-    loop (probe_host.c) each bring every result back right, and the queue's books after the rounds
-    that bypass the API let it drain: every message published by any of them is processed (warm-up
-    + rounds, four hosts)."""
+    """probe_host.py --sim: the API, the inline Python stores, the per-message ctypes call, the
+    extension module (probe_host_ext.c, where Python's headers are installed) and the C loop
+    (probe_host.c) each bring every result back right, and the queue's books after the rounds that
+    bypass the API let it drain: every message published by any of them is processed (warm-up +
+    rounds, per host)."""
     r = run_script("probe_host.py", "--sim", "--iters", "20", "--rounds", "2", "--out", str(tmp_path))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    res = json.loads((tmp_path / "probe_host.json").read_text())["results"]
+    doc = json.loads((tmp_path / "probe_host.json").read_text())
+    res, hosts = doc["results"], doc["hosts"]
+    # the extension module needs Python's headers: where they are missing the script says so
+    assert hosts == ["api", "inline", "ctypes", "ext", "c"] or (
+        hosts == ["api", "inline", "ctypes", "c"] and "the ext host not measured" in r.stdout
+    ), hosts
     assert list(res) == ["two reads", "one read", "one read + scout"]
     for name, row in res.items():
-        assert row["processed"] == 4 * (5 + 2 * 20), (name, row["processed"])
-        for host in ("api", "inline", "ctypes", "c"):
+        assert row["processed"] == len(hosts) * (5 + 2 * 20), (name, row["processed"])
+        for host in hosts:
             assert row[host]["n"] == 40 and row[host]["wrong"] == 0, (name, host, row[host])
     assert (tmp_path / "probe_host.png").exists() or "matplotlib not installed" in r.stdout
     assert "wrong results: 0" in r.stdout
