@@ -1,17 +1,17 @@
 #!/usr/bin/env python3
 """What the CPython host costs the 64 B round trip (issue 11): one queue and its kernel, driven
-five ways in interleaved rounds, one message at a time:
+up to five ways in interleaved rounds, one message at a time:
 
-- ``api``: ``enqueue``, a spin on the result's msg_id word, ``try_dequeue_result`` (as
-  bench_latency.py);
+- ``python``: ``GpuQueue.enqueue``, a spin on the result's msg_id word,
+  ``GpuQueue.try_dequeue_result`` (the Python methods, as bench_latency.py ran them before the
+  compiled host path);
+- ``compiled``: the same loop on ``q.enqueue`` and ``q.try_dequeue_result``, the queue's compiled
+  host path (gpuq_driver/hostpath.c), where it could be built (``q.host_path``);
 - ``inline``: the same stores from Python with the fewest operations (no call, no lock, no
   argument checks), a spin, then one slice copied out;
 - ``ctypes``: one ctypes call per message into C (benchmarks/probe_host.c, built here with the
   system's C compiler) that makes the stores, spins and copies the result out, then the result
-  as bytes: what a compiled helper called from Python once per message would reach;
-- ``ext``: ``api``'s loop with ``enqueue`` and the take in a CPython extension module
-  (benchmarks/probe_host_ext.c, built here where Python's headers are installed, or --ext): what a
-  compiled extension for those two calls would give a Python caller;
+  as bytes;
 - ``c``: the same loop wholly in C, called once per round: the floor of the host.
 
 Each way covers two reads, the one read, and the one read with a scout, in a queue that never
@@ -23,21 +23,19 @@ probe_host.json and probe_host.png (matplotlib) to --out.
     PYTHONPATH=. python benchmarks/probe_host.py --sim --iters 40   # the script's check on the CPU simulator
 
 Builds probe_host.c with $CC (default ``cc``), or takes one built elsewhere (--lib); exits 2 where
-there is neither, 1 if any result came back wrong.  Without Python's headers (and no --ext) the
-``ext`` host is left out, with a line saying so.
+there is neither, 1 if any result came back wrong.  Where the queue has no compiled host path
+(no C compiler or no Python headers), the ``compiled`` host is left out, with a line saying why.
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
-import importlib.util
 import json
 import os
 import shutil
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import time
 import types
@@ -50,11 +48,11 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from gpuq_driver import GpuQueue, QueueConfig  # noqa: E402
+from gpuq_driver import GpuQueue, QueueConfig, hostpath  # noqa: E402
 from gpuq_driver.layout import CHECK_LOW  # noqa: E402
 
 CONFIGS = {"two reads": {}, "one read": {"one_read": True}, "one read + scout": {"one_read": True, "scouts": 1}}
-HOSTS = ("api", "inline", "ctypes", "ext", "c")
+HOSTS = ("python", "compiled", "inline", "ctypes", "c")
 
 
 def build(folder: str, prebuilt: str | None = None) -> ctypes.CDLL:
@@ -93,25 +91,6 @@ def build(folder: str, prebuilt: str | None = None) -> ctypes.CDLL:
     return lib
 
 
-def build_ext(folder: str, prebuilt: str | None = None):
-    """probe_host_ext.c as a module (or ``prebuilt``, built elsewhere for this Python); None, after
-    saying so, where Python's headers are not installed."""
-    path = prebuilt
-    if path is None:
-        include = sysconfig.get_paths()["include"]
-        cc = shutil.which(os.environ.get("CC", "cc"))
-        if not os.path.exists(os.path.join(include, "Python.h")) or cc is None:
-            print(f"no Python headers in {include} (or no C compiler): the ext host not measured")
-            return None
-        path = os.path.join(folder, "probe_host_ext" + sysconfig.get_config_var("EXT_SUFFIX"))
-        cmd = [cc, "-O2", "-shared", "-fPIC", f"-I{include}", "-o", path, str(HERE / "probe_host_ext.c")]
-        subprocess.run(cmd, check=True)
-    spec = importlib.util.spec_from_file_location("probe_host_ext", os.path.abspath(path))
-    ext = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ext)
-    return ext
-
-
 def address(view: memoryview) -> int:
     return np.frombuffer(view, dtype=np.uint8).ctypes.data
 
@@ -123,8 +102,18 @@ def settle(q: GpuQueue, head: int) -> None:
     q._limit = head + q._cap
 
 
-def api_round(q: GpuQueue, payloads: list, iters: int, tools) -> tuple:
-    enqueue, take, ids, mask = q.enqueue, q.try_dequeue_result, q._res_hdr, q._mask
+def python_round(q: GpuQueue, payloads: list, iters: int, tools) -> tuple:
+    """The Python methods, whatever the queue has bound."""
+    return api_round(q, payloads, iters, GpuQueue.enqueue.__get__(q), GpuQueue.try_dequeue_result.__get__(q))
+
+
+def compiled_round(q: GpuQueue, payloads: list, iters: int, tools) -> tuple:
+    """The queue's own calls: its compiled host path."""
+    return api_round(q, payloads, iters, q.enqueue, q.try_dequeue_result)
+
+
+def api_round(q: GpuQueue, payloads: list, iters: int, enqueue, take) -> tuple:
+    ids, mask = q._res_hdr, q._mask
     clock = time.perf_counter_ns
     out = np.empty((iters, 2), np.int64)
     wrong = 0
@@ -233,34 +222,13 @@ def ctypes_round(q: GpuQueue, payloads: list, iters: int, tools) -> tuple:
     return out, wrong
 
 
-def ext_round(q: GpuQueue, payloads: list, iters: int, tools) -> tuple:
-    """``api_round``'s loop with enqueue and the take in the extension module (probe_host_ext.c)."""
-    ext = tools.ext
-    ids, mask = q._res_hdr, q._mask
-    clock = time.perf_counter_ns
-    out = np.empty((iters, 2), np.int64)
-    wrong = 0
-    with q._plock, q._clock:
-        views = (q._req_data, q._req_hdr, q._res_hdr, q._res_data, q._doorbell, q._front)
-        ext.bind(*[address(v) for v in views], q._head, q._mask, q._sb, q._one_read, CHECK_LOW)
-        enqueue, take = ext.enqueue, ext.take
-        for i in range(iters):
-            p = payloads[i & 15]
-            t = clock()
-            mid = enqueue(p)
-            idx = ((mid & mask) << 1) | 1
-            while ids[idx] != mid:
-                pass
-            t1 = clock()
-            r = take(mid)
-            t2 = clock()
-            wrong += r != p
-            out[i] = (t1 - t, t2 - t)
-        settle(q, ext.head())
-    return out, wrong
-
-
-ROUNDS = {"api": api_round, "inline": inline_round, "ctypes": ctypes_round, "ext": ext_round, "c": c_round}
+ROUNDS = {
+    "python": python_round,
+    "compiled": compiled_round,
+    "inline": inline_round,
+    "ctypes": ctypes_round,
+    "c": c_round,
+}
 
 
 def measure(tools, hosts: tuple, size: int, iters: int, rounds: int, backend: str) -> dict:
@@ -341,12 +309,14 @@ def main() -> int:
     ap.add_argument("--sim", action="store_true", help="the CPU simulator (the script's check, no GPU)")
     ap.add_argument("--out", default=None, help="folder for probe_host.json and probe_host.png")
     ap.add_argument("--lib", default=None, help="probe_host.c built elsewhere (where this machine has no C compiler)")
-    ap.add_argument("--ext", default=None, help="probe_host_ext.c built elsewhere for this Python (no headers here)")
     args = ap.parse_args()
     backend = "sim" if args.sim else "cuda"
     with tempfile.TemporaryDirectory() as folder:
-        tools = types.SimpleNamespace(lib=build(folder, args.lib), ext=build_ext(folder, args.ext))
-        hosts = tuple(h for h in HOSTS if h != "ext" or tools.ext is not None)
+        tools = types.SimpleNamespace(lib=build(folder, args.lib))
+        compiled = hostpath.status()
+        if compiled != "compiled":
+            print(f"no compiled host path ({compiled}): the compiled host not measured")
+        hosts = tuple(h for h in HOSTS if h != "compiled" or compiled == "compiled")
         results = measure(tools, hosts, args.size, args.iters, args.rounds, backend)
     wrong = sum(row[h]["wrong"] for row in results.values() for h in hosts)
     if args.out:

@@ -29,6 +29,7 @@ from zlib import crc32
 
 import numpy as np
 
+from . import hostpath
 from .backend import Backend
 from .bulk import BulkCalls, acquire_noted
 from .device_arrays import DeviceCalls, StagedBytes
@@ -394,6 +395,13 @@ class GpuQueue(BulkCalls, DeviceCalls):
         # that, every enqueue into such a queue went through Leases.after_publish (~0.3 µs).
         self._lag = 0 if math.isinf(self.config.lease_ms) else 1
         try:
+            # enqueue and try_dequeue_result's common case compiled, where it can be (hostpath.py);
+            # not for a subclass that overrides either
+            self.host_path = "python"
+            if type(self).enqueue is GpuQueue.enqueue and type(self).try_dequeue_result is GpuQueue.try_dequeue_result:
+                fast = hostpath.bind(self, GpuQueue.enqueue, GpuQueue.try_dequeue_result)
+                if fast is not None:
+                    self.enqueue, self.try_dequeue_result, self.host_path = fast.enqueue, fast.take, "compiled"
             kernel.start()
             leases.kick()
             self._wait_for_first_lease(10.0)

@@ -176,18 +176,18 @@ def test_host_steps_plot_sums_the_steps_as_the_table_does(monkeypatch, tmp_path)
 
 @pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None, reason="no C compiler (cc) to build probe_host.c")
 def test_probe_host_drives_the_queue_from_python_and_from_c_on_the_simulator(tmp_path):
-    """probe_host.py --sim: the API, the inline Python stores, the per-message ctypes call, the
-    extension module (probe_host_ext.c, where Python's headers are installed) and the C loop
-    (probe_host.c) each bring every result back right, and the queue's books after the rounds that
-    bypass the API let it drain: every message published by any of them is processed (warm-up +
-    rounds, per host)."""
+    """probe_host.py --sim: the Python methods, the queue's compiled host path (where it can be
+    built), the inline Python stores, the per-message ctypes call and the C loop (probe_host.c)
+    each bring every result back right, and the queue's books after the rounds that bypass the
+    API let it drain: every message published by any of them is processed (warm-up + rounds, per
+    host)."""
     r = run_script("probe_host.py", "--sim", "--iters", "20", "--rounds", "2", "--out", str(tmp_path))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     doc = json.loads((tmp_path / "probe_host.json").read_text())
     res, hosts = doc["results"], doc["hosts"]
-    # the extension module needs Python's headers: where they are missing the script says so
-    assert hosts == ["api", "inline", "ctypes", "ext", "c"] or (
-        hosts == ["api", "inline", "ctypes", "c"] and "the ext host not measured" in r.stdout
+    # the compiled host path needs Python's headers and a C compiler: where it is missing, the script says so
+    assert hosts == ["python", "compiled", "inline", "ctypes", "c"] or (
+        hosts == ["python", "inline", "ctypes", "c"] and "the compiled host not measured" in r.stdout
     ), hosts
     assert list(res) == ["two reads", "one read", "one read + scout"]
     for name, row in res.items():
