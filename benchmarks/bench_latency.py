@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from plotting import pyplot  # noqa: E402  (benchmarks/plotting.py)
 
-from gpuq_driver import GpuQueue, QueueConfig, compile_cubin, driver  # noqa: E402
+from gpuq_driver import GpuQueue, QueueConfig, compile_cubin, driver, hostpath  # noqa: E402
 from gpuq_driver.compiler import CompileOptions, nvrtc_version  # noqa: E402
 
 
@@ -536,6 +536,7 @@ def main() -> int:
         "python": platform.python_version(),
         "numpy": np.__version__,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "host_path": hostpath.status(),  # "compiled": enqueue and the take in C (gpuq_driver/hostpath.py)
     }
     # Host CPUs of the lent machines start slow (clocks ramp up under load): spin 2 s first, and
     # record how long an empty Python loop iteration takes, to compare runs across machines.
@@ -589,7 +590,8 @@ def main() -> int:
 
     print(
         f"\n{env['device']} ({env['arch']}), driver {env['driver']}, cuda-bindings {env['cuda_bindings']}, "
-        f"NVRTC {env['nvrtc']}, Python {env['python']} (empty loop {env['python_empty_loop_ns']} ns/iter)"
+        f"NVRTC {env['nvrtc']}, Python {env['python']} (empty loop {env['python_empty_loop_ns']} ns/iter), "
+        f"host path {env['host_path']}"
     )
     print(f"{'round trip (one at a time); gpuq: to readable | to taken':52s} {'p50 us':>8s} {'p99 us':>8s}")
     for k, v in lat.items():

@@ -7,7 +7,9 @@ Each step is a statement copied from gpuq_driver/queue.py, run in a loop with ``
 ``--repeat``, the empty loop subtracted).  A step runs on one slot, so its lines stay in the CPU's
 cache; the whole calls go round a ring of ``--capacity`` slots, the kernel serving the messages
 as they come (enqueue) or on results already done (take), so their lines are cold and the GPU
-reads them as in a real run: the difference is what the memory costs.  Prints a table; writes host_steps.json and host_steps.png to --out.
+reads them as in a real run: the difference is what the memory costs.  The whole calls are the
+Python methods, then, where the queue has it, its compiled host path (gpuq_driver/hostpath.c).
+Prints a table; writes host_steps.json and host_steps.png to --out.
 
     PYTHONPATH=. python benchmarks/host_steps.py            # on the GPU (mapped pinned memory)
     PYTHONPATH=. python benchmarks/host_steps.py --sim      # on the CPU simulator (its own memory)
@@ -68,11 +70,11 @@ def time_steps(steps: list, ns: dict, number: int, repeat: int) -> dict:
     return out
 
 
-def whole_calls(q: GpuQueue, n: int, repeat: int) -> tuple[dict, int]:
+def whole_calls(q: GpuQueue, n: int, repeat: int, enq, take) -> tuple[dict, int]:
     """ns per enqueue (the kernel serving them as they come) and per try_dequeue_result (on
-    results already done), best of ``repeat`` rounds of n messages each; and the wrong results."""
+    results already done), best of ``repeat`` rounds of n messages each; and the wrong results.
+    ``enq``, ``take``: the calls timed (the Python methods, or the queue's compiled ones)."""
     payloads = [bytes([i % 251]) * 64 for i in range(256)]
-    enq, take = q.enqueue, q.try_dequeue_result
     best_e = best_t = float("inf")
     bad = 0
     for _ in range(repeat):
@@ -188,7 +190,12 @@ def main() -> int:
         enq_steps.update(time_steps(mapped, live, args.number, args.repeat))
         take_steps = time_steps(TAKE_STEPS, ns, args.number, args.repeat)
         q.resume()
-        calls, bad = whole_calls(q, args.messages, max(2, args.repeat // 2))
+        python = GpuQueue.enqueue.__get__(q), GpuQueue.try_dequeue_result.__get__(q)
+        calls, bad = whole_calls(q, args.messages, max(2, args.repeat // 2), *python)
+        if q.host_path == "compiled":  # the queue's own calls: its compiled host path (hostpath.py)
+            more, bad2 = whole_calls(q, args.messages, max(2, args.repeat // 2), q.enqueue, q.try_dequeue_result)
+            calls.update({f"{k} (compiled)": v for k, v in more.items()})
+            bad += bad2
         env = {
             "device": "CPU simulator" if args.sim else device_info(cfg.device).name,
             "python": platform.python_version(),
@@ -216,6 +223,8 @@ def main() -> int:
             print(f"  {name:34s} {v:7.0f} ns")
         print(f"  {'sum of the steps':34s} {steps_sum(steps):7.0f} ns")
         print(f"  {call + ' (ring of ' + str(args.capacity) + ')':34s} {calls[call]:7.0f} ns")
+        if f"{call} (compiled)" in calls:
+            print(f"  {call + ', compiled host path':34s} {calls[call + ' (compiled)']:7.0f} ns")
     print(f"wrong results: {bad}")
     return 1 if bad else 0
 
