@@ -6,7 +6,8 @@
 
    What it does is exactly the Python method's common case, on the queue's own state:
    - enqueue(payload): a bytes payload of at most slot_bytes, no timeout given, the producer lock
-     free (no other thread between its acquire and release, no reservation open) and a free slot:
+     free (no other thread between its acquire and release, no reservation open), a free slot and
+     the doorbell the one bound:
      the payload, the header (with the one read's check where GpuQueue.enqueue makes it), msg_id,
      then the doorbell, in that order (release stores: plain stores on x86-64, as the Python
      method's), then a full fence and the lease look (Leases.after_publish when it is due).
@@ -36,7 +37,7 @@ static uint32_t crc32z(uint32_t seed, const uint8_t* p, Py_ssize_t n) {
 }
 
 static PyObject *s_head, *s_limit, *s_plock, *s_clock, *s_res_hdr, *s_tail, *s_taken_ahead, *s_accepting,
-    *s_check_depth, *s_launches, *s_after_publish, *s_locked;
+    *s_check_depth, *s_launches, *s_after_publish, *s_locked, *s_doorbell;
 
 typedef struct {
   PyObject_HEAD
@@ -131,6 +132,11 @@ static PyObject* hp_enqueue(HostPath* self, PyObject* const* args, Py_ssize_t na
   int64_t head, limit;
   if (get_i64(q, s_head, &head) < 0 || get_i64(q, s_limit, &limit) < 0) goto done;
   if (head >= limit) goto slow; /* the ring is full, or the queue shut down or closed (limit -1) */
+  PyObject* db = PyObject_GetAttr(q, s_doorbell); /* still the doorbell bound (tests stand in for it) */
+  if (db == NULL) goto done;
+  const int same = PyMemoryView_Check(db) && PyMemoryView_GET_BUFFER(db)->buf == (void*)self->doorbell;
+  Py_DECREF(db);
+  if (!same) goto slow;
   int checked = 0;
   if (self->one_read && n <= 64) { /* GpuQueue.enqueue's rule: seq - front < _check_depth */
     int64_t depth;
@@ -334,6 +340,7 @@ PyMODINIT_FUNC PyInit__gpuq_hostpath(void) {
   INTERN(s_launches, "launches");
   INTERN(s_after_publish, "after_publish");
   INTERN(s_locked, "locked");
+  INTERN(s_doorbell, "_doorbell");
   if (PyType_Ready(&HostPathType) < 0) return NULL;
   PyObject* m = PyModule_Create(&module);
   if (m == NULL) return NULL;
