@@ -49,7 +49,7 @@ def _version(dist: str) -> str:
 def gpu_report() -> tuple[list[tuple[str, str]], str | None]:
     """``(rows, problem)``: (what, value) rows about the GPU path, and the first reason it cannot run
     here (None when it can).  Makes no CUDA call beyond cuInit and device queries."""
-    from . import __version__, compiler, driver
+    from . import __version__, compiler, driver, hostpath
     from .errors import GpuqError
 
     rows = [
@@ -90,6 +90,13 @@ def gpu_report() -> tuple[list[tuple[str, str]], str | None]:
         rows.append(("nvJitLink", compiler.nvjitlink_info() + " (links precompiled plugins)"))
     except GpuqError:
         rows.append(("nvJitLink", "not found: only precompiled plugins need it (pip install 'gpuq-driver[link]')"))
+    try:  # enqueue and the take in C where a compiler and Python's headers are found (hostpath.py)
+        host = hostpath.status()
+    except GpuqError as exc:  # a bad GPUQ_HOST_PATH
+        host = str(exc)
+    if host != "compiled":
+        host += " (the Python methods run: install a C compiler and python3-dev for the compiled ones)"
+    rows.append(("host path", host))
     rows.append(("kernel sources", str(compiler.DEVICE_SRC)))
     rows.append(("plugins", ", ".join(compiler.plugins())))
     folder = compiler.cache_dir()

@@ -1,10 +1,11 @@
 """The host's hot path compiled: the common case of ``GpuQueue.enqueue`` and
 ``GpuQueue.try_dequeue_result`` in C (hostpath.c), built at first use, as the kernel is.
 
-Why: in a 64 B round trip on the H200 CPython spends 0.3-0.7 µs in ``enqueue`` before the message
-is visible and 0.5-1.2 µs taking the result; with these two calls compiled the round trip's p50 went
-from 4.51 to 3.77 µs with ``one_read=True`` and from 5.51 to 4.89 µs with two reads
-(``benchmarks/probe_host.py``, docs/design.md "What the host's Python costs").
+Why: each of the two calls costs ~0.8 µs of CPython on the H200 hosts, of which the stores and
+loads are ~0.1 µs (``benchmarks/host_steps.py``).  Compiled, the 64 B round trip's p50 went from
+5.98 to 4.25 µs with ``one_read=True``, from 5.27 to 3.90 µs with a scout and from 6.13 to 5.50 µs
+with two reads (taken: 7.85 to 4.98, 7.03 to 4.62, 7.87 to 6.19; ``benchmarks/probe_host.py``, the
+configurations interleaved in one run; docs/design.md "The compiled host path").
 
 How: hostpath.c is compiled with the system's C compiler (``$CC``, default ``cc``) against this
 Python's headers into a CPython extension module, cached beside the kernels' CUBINs

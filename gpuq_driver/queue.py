@@ -7,7 +7,9 @@
 
 The host side is plain loads and stores into mapped pinned memory: ``enqueue`` copies the
 payload into its request slot, writes the slot header, then rings the doorbell (a 64-bit store);
-no CUDA call is made on the hot path: the kernel leaves every ``lease_ms`` so that the rest of
+no CUDA call is made on the hot path (and where a C compiler and Python's headers are found,
+``enqueue`` and ``try_dequeue_result`` run their common case compiled: hostpath.py, ``host_path``);
+the kernel leaves every ``lease_ms`` so that the rest of
 the process can use the GPU, and a keeper thread launches the next lease ahead while traffic is
 recent (lease.py); a producer launches one only into a parked queue or when the keeper lags.
 ``docs/design.md`` gives the placement and the numbers behind it; ``device_src/gpuq_layout.cuh``
@@ -322,6 +324,12 @@ class GpuQueue(BulkCalls, DeviceCalls):
     current in the calling thread.  Raises on construction: ConfigError, CudaUnavailable,
     CompileError, CudaError, GpuqError (the kernel did not start).
 
+    host_path: "compiled" where ``enqueue`` and ``try_dequeue_result`` are this queue's compiled
+    calls (gpuq_driver/hostpath.c: the Python methods' common case in C, ~3x less host time per
+    call; every other case runs the Python methods), "python" where they are the Python methods
+    (no C compiler or Python headers, ``GPUQ_HOST_PATH=python``, results in VRAM, or a subclass
+    overriding either call).
+
     Batch calls, many messages per Python call (``enqueue_many``, ``reserve``/``commit``,
     ``take_results``, ``view_results``, ``take_ready``, ``free_slots``), are in bulk.py (BulkCalls);
     device arrays in and out (``enqueue_device``, ``view_results_device``) in device_arrays.py.
@@ -481,7 +489,8 @@ class GpuQueue(BulkCalls, DeviceCalls):
         KernelStopped (the kernel stopped for good while waiting), CudaError (the next lease could
         not be launched: the message is queued, and ``outstanding()`` lists its msg_id, but the
         CUDA context is unusable).
-        Cost: 0.7-1.5 µs from CPython 3.12 on the H200 hosts (by their CPU) and no CUDA call,
+        Cost: 0.7-1.5 µs from CPython 3.12 on the H200 hosts (by their CPU; 0.2-0.4 µs on the
+        compiled host path, ``host_path``) and no CUDA call,
         except a launch (~3 µs, 20-50 µs after the thread slept) for the first message into a
         parked queue (idle longer than ``linger_ms``) and, once per lease, while the lease keeper
         thread is kept from the GIL.

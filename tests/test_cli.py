@@ -26,7 +26,16 @@ def gpuq(*args, env=None, timeout=300):
 
 def test_info_lists_versions_nvrtc_and_the_cache():
     r = gpuq("info")
-    for row in ("gpuq_driver", "cuda-bindings", "NVRTC", "CCCL headers", "nvJitLink", "plugins", "CUBIN cache"):
+    for row in (
+        "gpuq_driver",
+        "cuda-bindings",
+        "NVRTC",
+        "CCCL headers",
+        "nvJitLink",
+        "host path",
+        "plugins",
+        "CUBIN cache",
+    ):
         assert row in r.stdout, r.stdout
     assert "crc32c, echo, score" in r.stdout  # the built-ins, by name
     if NO_GPU:
