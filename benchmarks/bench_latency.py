@@ -560,6 +560,9 @@ def main() -> int:
                 _one_read_scout={"one_read": True, "scouts": 1},
                 _one_read_lease_10ms={"one_read": True, "lease_ms": 10.0},
                 _one_read_never_leaves={"one_read": True, **never},
+                # issue 11's configuration: the one read, a scout, and no lease change in the tail
+                _one_read_scout_lease_10ms={"one_read": True, "scouts": 1, "lease_ms": 10.0},
+                _one_read_scout_never_leaves={"one_read": True, "scouts": 1, **never},
             )
         for name, r in round_trips_interleaved(size, args.iters, cfgs).items():
             lat[f"gpuq_round_trip_{size}B{name}"] = r
