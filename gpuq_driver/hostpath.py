@@ -74,6 +74,8 @@ def _load(path: Path):
 
 def _build():
     """(module, "") or (None, why)."""
+    if sysconfig.get_config_var("Py_GIL_DISABLED"):
+        return None, "free-threaded CPython (the compiled calls rely on the GIL to keep other threads out)"
     include = sysconfig.get_paths()["include"]
     if not os.path.exists(os.path.join(include, "Python.h")):
         return None, f"no Python headers in {include}"

@@ -274,3 +274,12 @@ def test_the_build_is_cached_and_reused(tmp_path, monkeypatch):
     assert sum("-shared" in cmd for cmd in runs) == 1
     mod2, _ = hostpath._build()
     assert mod2 is not None and sum("-shared" in cmd for cmd in runs) == 1
+
+
+def test_free_threaded_cpython_keeps_the_python_methods(monkeypatch):
+    """The compiled calls rely on the GIL to keep other threads out between their checks and their
+    stores: on a free-threaded CPython they are not built."""
+    real = hostpath.sysconfig.get_config_var
+    monkeypatch.setattr(hostpath.sysconfig, "get_config_var", lambda n: 1 if n == "Py_GIL_DISABLED" else real(n))
+    mod, why = hostpath._build()
+    assert mod is None and "free-threaded" in why
