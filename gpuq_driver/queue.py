@@ -489,7 +489,7 @@ class GpuQueue(BulkCalls, DeviceCalls):
         KernelStopped (the kernel stopped for good while waiting), CudaError (the next lease could
         not be launched: the message is queued, and ``outstanding()`` lists its msg_id, but the
         CUDA context is unusable).
-        Cost: 0.7-1.5 µs from CPython 3.12 on the H200 hosts (by their CPU; 0.2-0.4 µs on the
+        Cost: 0.7-2.0 µs from CPython 3.12 on the H200 hosts (by their CPU; 0.2-0.6 µs on the
         compiled host path, ``host_path``) and no CUDA call,
         except a launch (~3 µs, 20-50 µs after the thread slept) for the first message into a
         parked queue (idle longer than ``linger_ms``) and, once per lease, while the lease keeper
