@@ -91,11 +91,13 @@ def gpu_report() -> tuple[list[tuple[str, str]], str | None]:
     except GpuqError:
         rows.append(("nvJitLink", "not found: only precompiled plugins need it (pip install 'gpuq-driver[link]')"))
     try:  # enqueue and the take in C where a compiler and Python's headers are found (hostpath.py)
-        host = hostpath.status()
-    except GpuqError as exc:  # a bad GPUQ_HOST_PATH
+        host, mode = hostpath.status(), hostpath.mode()
+        if host != "compiled" and mode == "compiled":
+            host += " (GPUQ_HOST_PATH=compiled: a GpuQueue here raises GpuqError)"
+        elif host != "compiled" and mode == "auto":
+            host += " (the Python methods run: install a C compiler and python3-dev for the compiled ones)"
+    except GpuqError as exc:  # a bad GPUQ_HOST_PATH: a GpuQueue raises it too
         host = str(exc)
-    if host != "compiled":
-        host += " (the Python methods run: install a C compiler and python3-dev for the compiled ones)"
     rows.append(("host path", host))
     rows.append(("kernel sources", str(compiler.DEVICE_SRC)))
     rows.append(("plugins", ", ".join(compiler.plugins())))

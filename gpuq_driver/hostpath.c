@@ -5,18 +5,21 @@
    methods in the same run (taken: 4.98 against 7.85).
 
    What it does is exactly the Python method's common case, on the queue's own state:
-   - enqueue(payload): a bytes payload of at most slot_bytes, no timeout given, the producer lock
+   - enqueue(payload, timeout=None): a bytes payload of at most slot_bytes, a plain timeout (None,
+     or an int or float >= 0: it matters only once the ring is full), the producer lock
      free (no other thread between its acquire and release, no reservation open), a free slot and
      the doorbell the one bound:
      the payload, the header (with the one read's check where GpuQueue.enqueue makes it), msg_id,
      then the doorbell, in that order (release stores: plain stores on x86-64, as the Python
      method's), then a full fence and the lease look (Leases.after_publish when it is due).
-   - take(msg_id): an int msg_id, the consumer lock free, the queue open, the result done and
+   - try_dequeue_result(msg_id): an int msg_id, the consumer lock free, the queue open, the result done and
      plain (DONE, no failure), and msg_id the oldest not taken with none taken out of order: the
      bytes copied out, then the tail and the ring's limit moved.
    Anything else calls the Python method (which raises, waits, or takes out of order as it always
    did).  The GIL is held throughout and no Python code runs between the checks and the stores, so
    no other thread can come between them: the GIL does what the locks do for the Python methods.
+   (Bound to GpuQueue itself only: a subclass's __setattr__, __getattribute__ or properties would
+   run Python code there, and another thread with it.)
    A Ctrl-C cannot land half-way either (handlers run only between bytecodes). */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -107,23 +110,66 @@ static int set_i64(PyObject* q, PyObject* name, int64_t x) {
   return r;
 }
 
+/* fn(q, *args, **kwnames): the Python method, with the arguments as given (so that its own errors,
+   arity included, are what the caller sees). */
 static PyObject* call_slow(PyObject* fn, PyObject* q, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
-  PyObject* stack[8];
-  const Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
-  if (nargs + nkw + 1 > 8) {
-    PyErr_SetString(PyExc_TypeError, "too many arguments");
-    return NULL;
-  }
+  PyObject* small[4];
+  const Py_ssize_t total = nargs + (kwnames ? PyTuple_GET_SIZE(kwnames) : 0) + 1;
+  PyObject** stack = total <= 4 ? small : PyMem_New(PyObject*, total);
+  if (stack == NULL) return PyErr_NoMemory();
   stack[0] = q;
-  for (Py_ssize_t i = 0; i < nargs + nkw; i++) stack[i + 1] = args[i];
-  return PyObject_Vectorcall(fn, stack, nargs + 1, kwnames);
+  for (Py_ssize_t i = 1; i < total; i++) stack[i] = args[i - 1];
+  PyObject* ret = PyObject_Vectorcall(fn, stack, nargs + 1, kwnames);
+  if (stack != small) PyMem_Free(stack);
+  return ret;
+}
+
+/* The timeout argument of enqueue(payload, timeout) as given (positionally or by name), or NULL
+   for none; 0 if the arguments are not (payload) / (payload, timeout) / (payload, timeout=...). */
+static int enqueue_args(PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames, PyObject** timeout) {
+  *timeout = NULL;
+  const Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+  if (nargs == 2 && nkw == 0) {
+    *timeout = args[1];
+    return 1;
+  }
+  if (nargs != 1) return 0;
+  if (nkw == 0) return 1;
+  if (nkw == 1 && PyUnicode_Check(PyTuple_GET_ITEM(kwnames, 0)) &&
+      PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(kwnames, 0), "timeout") == 0) {
+    *timeout = args[1];
+    return 1;
+  }
+  return 0;
+}
+
+/* A timeout the Python method accepts without its check: None, or an int or float (not a
+   subclass) with 0 <= t < 1e18.  It matters only once the ring is full, which the Python method
+   handles. */
+static int plain_timeout(PyObject* t) {
+  if (t == NULL || t == Py_None) return 1;
+  double v;
+  if (PyFloat_CheckExact(t)) {
+    v = PyFloat_AS_DOUBLE(t);
+  } else if (PyLong_CheckExact(t)) {
+    v = PyLong_AsDouble(t);
+    if (v == -1.0 && PyErr_Occurred()) {
+      PyErr_Clear();
+      return 0;
+    }
+  } else {
+    return 0;
+  }
+  return v >= 0.0 && v < 1e18;
 }
 
 static PyObject* hp_enqueue(HostPath* self, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
   PyObject* q = queue_of(self);
   if (q == NULL) return NULL;
   PyObject* ret = NULL;
-  if (nargs != 1 || kwnames != NULL || !PyBytes_CheckExact(args[0])) goto slow;
+  PyObject* timeout;
+  if (!enqueue_args(args, nargs, kwnames, &timeout) || !plain_timeout(timeout) || !PyBytes_CheckExact(args[0]))
+    goto slow;
   const Py_ssize_t n = PyBytes_GET_SIZE(args[0]);
   if ((uint64_t)n > self->slot_bytes) goto slow; /* PayloadError, from the Python method */
   int free = lock_free(self, q, s_plock);
@@ -182,11 +228,12 @@ done:
   return ret;
 }
 
-static PyObject* hp_take(HostPath* self, PyObject* arg) {
+static PyObject* hp_take(HostPath* self, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
   PyObject* q = queue_of(self);
   if (q == NULL) return NULL;
   PyObject* ret = NULL;
-  if (!PyLong_CheckExact(arg)) goto slow;
+  if (nargs != 1 || kwnames != NULL || !PyLong_CheckExact(args[0])) goto slow;
+  PyObject* arg = args[0];
   const unsigned long long mid = PyLong_AsUnsignedLongLong(arg);
   if (mid == (unsigned long long)-1 && PyErr_Occurred()) {
     PyErr_Clear(); /* negative or too large: the Python method says what it says */
@@ -223,7 +270,7 @@ fail:
   Py_CLEAR(ret);
   goto done;
 slow:
-  ret = call_slow(self->slow_take, q, &arg, 1, NULL);
+  ret = call_slow(self->slow_take, q, args, nargs, kwnames);
 done:
   Py_DECREF(q);
   return ret;
@@ -300,9 +347,13 @@ static void hp_dealloc(HostPath* self) {
 
 static PyMethodDef hp_methods[] = {
     {"enqueue", (PyCFunction)(void (*)(void))hp_enqueue, METH_FASTCALL | METH_KEYWORDS,
-     "enqueue(payload, timeout=None) -> msg_id: GpuQueue.enqueue, its common case compiled (gpuq_driver/hostpath.c)"},
-    {"take", (PyCFunction)hp_take, METH_O,
-     "take(msg_id) -> bytes | None: GpuQueue.try_dequeue_result, its common case compiled (gpuq_driver/hostpath.c)"},
+     "enqueue($self, /, payload, timeout=None)\n--\n\n"
+     "GpuQueue.enqueue, its common case compiled (gpuq_driver/hostpath.c): returns the msg_id; "
+     "help(GpuQueue.enqueue) has the whole contract."},
+    {"take", (PyCFunction)(void (*)(void))hp_take, METH_FASTCALL | METH_KEYWORDS,
+     "take($self, /, msg_id)\n--\n\n"
+     "GpuQueue.try_dequeue_result, its common case compiled (gpuq_driver/hostpath.c): the result as "
+     "bytes, or None; help(GpuQueue.try_dequeue_result) has the whole contract."},
     {NULL, NULL, 0, NULL}};
 
 static PyTypeObject HostPathType = {

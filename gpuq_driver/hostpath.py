@@ -10,7 +10,9 @@ configurations interleaved in one run; docs/design.md "The compiled host path").
 How: hostpath.c is compiled with the system's C compiler (``$CC``, default ``cc``) against this
 Python's headers into a CPython extension module, cached beside the kernels' CUBINs
 (``compiler.cache_dir()``/host, keyed by the source, the compiler's version and the Python ABI;
-written atomically), and bound to each queue whose ``result_memory`` is "host": the queue's
+written atomically, with its SHA-256 beside it: a truncated or corrupt file is built again, a cache
+folder that cannot be written builds into a temporary one), and bound to each GpuQueue (not a
+subclass) whose ``result_memory`` is "host": the queue's
 ``enqueue`` and ``try_dequeue_result`` attributes become the compiled ones, which do exactly the
 Python methods' common case on the queue's own state and call the Python methods for everything
 else (hostpath.c says which).  ``GpuQueue.host_path`` says "compiled" or "python"; ``status()``
@@ -24,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import shlex
 import shutil
 import subprocess
 import sysconfig
@@ -53,16 +56,18 @@ def mode() -> str:
     return value
 
 
-def _compiler() -> tuple[str, str] | None:
-    """(path, first line of its ``--version``) of ``$CC`` or ``cc``; None if there is none."""
-    cc = shutil.which(os.environ.get("CC", "cc"))
-    if cc is None:
+def _compiler() -> tuple[list[str], str] | None:
+    """(the command of ``$CC`` or ``cc``, split as a shell would: ``CC="ccache gcc"`` works; the
+    first line of its ``--version``); None if there is none."""
+    cmd = shlex.split(os.environ.get("CC", "cc"))
+    path = shutil.which(cmd[0]) if cmd else None
+    if path is None:
         return None
     try:
-        out = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+        out = subprocess.run([path, *cmd[1:], "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         return None
-    return cc, (out.splitlines() or ["?"])[0]
+    return [path, *cmd[1:]], (out.splitlines() or ["?"])[0]
 
 
 def _load(path: Path):
@@ -70,6 +75,40 @@ def _load(path: Path):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _cached(path: Path) -> bool:
+    """The module at ``path`` is whole: its SHA-256 is the one written beside it when it was built
+    (a truncated shared object can kill the process that loads it with SIGBUS)."""
+    try:
+        return path.with_suffix(".sha256").read_text().strip() == _digest(path)
+    except OSError:
+        return False
+
+
+def _compile(cc: list[str], include: str, folder: Path, path: Path) -> str:
+    """Compile hostpath.c to ``path`` (then its digest beside it), each written atomically: "" or why not."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp"
+    try:
+        done = subprocess.run(
+            [*cc, *CFLAGS, f"-I{include}", "-o", str(tmp), str(SOURCE)], capture_output=True, text=True, timeout=120
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"{' '.join(cc)} failed: {exc}"
+    if done.returncode != 0 or not tmp.exists():
+        tmp.unlink(missing_ok=True)
+        said = (done.stderr or done.stdout).strip()[-500:]
+        return f"{' '.join(cc)} failed (exit status {done.returncode}){': ' + said if said else ''}"
+    digest = tmp.with_suffix(".sha256")
+    digest.write_text(_digest(tmp))
+    os.replace(tmp, path)  # atomic: another process may build the same key at once
+    os.replace(digest, path.with_suffix(".sha256"))
+    return ""
 
 
 def _build():
@@ -85,25 +124,25 @@ def _build():
     cc, version = found
     suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
     key = hashlib.sha256(repr((SOURCE.read_bytes(), version, suffix, include, CFLAGS)).encode()).hexdigest()[:20]
+    name = f"{MODULE}-{key}{suffix}"
     from .compiler import cache_dir
 
     cache = cache_dir()
     with tempfile.TemporaryDirectory() as scratch:
-        folder = cache / "host" if cache is not None else Path(scratch)
-        path = folder / f"{MODULE}-{key}{suffix}"
-        if not path.exists():
-            folder.mkdir(parents=True, exist_ok=True)
-            tmp = folder / f".{path.name}.{os.getpid()}.tmp"
-            cmd = [cc, *CFLAGS, f"-I{include}", "-o", str(tmp), str(SOURCE)]
-            try:
-                done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-            except (OSError, subprocess.SubprocessError) as exc:
-                return None, f"{cc} failed: {exc}"
-            if done.returncode != 0:
-                tmp.unlink(missing_ok=True)
-                return None, f"{cc} failed: {(done.stderr or done.stdout).strip()[-500:]}"
-            os.replace(tmp, path)  # atomic: another process may build the same key at once
-        return _load(path), ""
+        if cache is not None:
+            path = cache / "host" / name
+            if _cached(path):
+                return _load(path), ""
+            try:  # missing, truncated or corrupt: (re)build it there
+                why = _compile(cc, include, path.parent, path)
+                if not why:
+                    return _load(path), ""
+                return None, why
+            except OSError:  # a cache folder that cannot be written: build it for this process alone
+                pass
+        path = Path(scratch) / name
+        why = _compile(cc, include, path.parent, path)
+        return (_load(path), "") if not why else (None, why)
 
 
 def module():

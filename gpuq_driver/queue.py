@@ -328,7 +328,8 @@ class GpuQueue(BulkCalls, DeviceCalls):
     calls (gpuq_driver/hostpath.c: the Python methods' common case in C, ~3x less host time per
     call; every other case runs the Python methods), "python" where they are the Python methods
     (no C compiler or Python headers, ``GPUQ_HOST_PATH=python``, results in VRAM, or a subclass
-    overriding either call).
+    of GpuQueue).  The compiled calls are instance attributes: patch them on the queue, not on the
+    class.
 
     Batch calls, many messages per Python call (``enqueue_many``, ``reserve``/``commit``,
     ``take_results``, ``view_results``, ``take_ready``, ``free_slots``), are in bulk.py (BulkCalls);
@@ -404,9 +405,10 @@ class GpuQueue(BulkCalls, DeviceCalls):
         self._lag = 0 if math.isinf(self.config.lease_ms) else 1
         try:
             # enqueue and try_dequeue_result's common case compiled, where it can be (hostpath.py);
-            # not for a subclass that overrides either
+            # not for a subclass: its __setattr__, properties or overrides would run Python code
+            # where the compiled calls rely on running none
             self.host_path = "python"
-            if type(self).enqueue is GpuQueue.enqueue and type(self).try_dequeue_result is GpuQueue.try_dequeue_result:
+            if type(self) is GpuQueue:
                 fast = hostpath.bind(self, GpuQueue.enqueue, GpuQueue.try_dequeue_result)
                 if fast is not None:
                     self.enqueue, self.try_dequeue_result, self.host_path = fast.enqueue, fast.take, "compiled"

@@ -237,8 +237,11 @@ def test_where_it_cannot_be_built_the_queue_runs_its_python_methods(monkeypatch)
         hostpath.mode()
 
 
-def test_a_subclass_that_overrides_a_call_keeps_its_override(monkeypatch):
-    """The compiled calls replace only GpuQueue's own methods."""
+def test_a_subclass_keeps_the_python_methods(monkeypatch):
+    """Only GpuQueue itself gets the compiled calls: a subclass keeps its overrides, and one that
+    overrides nothing but ``__setattr__`` keeps the Python methods too (the compiled calls store
+    ``_head`` and ``_tail`` as attributes: a Python ``__setattr__`` there let other threads in, and
+    a new user's trial got duplicate msg_ids and results taken twice)."""
     monkeypatch.setenv("GPUQ_HOST_PATH", "auto")
 
     class Counting(GpuQueue):
@@ -248,10 +251,75 @@ def test_a_subclass_that_overrides_a_call_keeps_its_override(monkeypatch):
             Counting.calls += 1
             return super().enqueue(payload, timeout)
 
+    class Watching(GpuQueue):
+        def __setattr__(self, name, value):
+            time.sleep(0)  # lets another thread run, as logging in a __setattr__ would
+            super().__setattr__(name, value)
+
     with Counting(QueueConfig(capacity=8, slot_bytes=64, backend="sim")) as q:
         assert q.host_path == "python"
         q.wait_result(q.enqueue(b"a"), timeout=5)
     assert Counting.calls == 1
+    with Watching(QueueConfig(capacity=256, slot_bytes=64, backend="sim")) as q:
+        assert q.host_path == "python"
+        ids: list = []
+        workers = [threading.Thread(target=lambda: ids.extend(q.enqueue(b"w") for _ in range(50))) for _ in range(4)]
+        for t in workers:
+            t.start()
+        for t in workers:
+            t.join(30)
+        assert sorted(ids) == list(range(200))
+
+
+def test_bad_calls_raise_what_the_python_methods_raise(monkeypatch):
+    """Arguments the compiled calls do not take themselves (keywords, wrong counts, odd timeouts)
+    go to the Python methods as given: the same results and the same errors, word for word."""
+    compiled_or_skip()
+    runs = {}
+    for path in ("python", "compiled"):
+        monkeypatch.setenv("GPUQ_HOST_PATH", path)
+        out = []
+        with GpuQueue(QueueConfig(capacity=16, slot_bytes=64, backend="sim")) as q:
+            assert q.host_path == path
+            calls = [
+                lambda: q.enqueue(),
+                lambda: q.enqueue(b"a", 1, 2),
+                lambda: q.enqueue(b"a", bad=1),
+                lambda: q.enqueue(payload=b"b", timeout=0.5),
+                lambda: q.enqueue(b"c", 0),
+                lambda: q.enqueue(b"d", timeout=1),
+                lambda: q.enqueue(b"e", timeout=-1),
+                lambda: q.enqueue(b"f", timeout=float("nan")),
+                lambda: q.enqueue(b"g", timeout=True),
+                lambda: q.wait_result(2, timeout=5),
+                lambda: q.try_dequeue_result(),
+                lambda: q.try_dequeue_result(0, 1),
+                lambda: q.try_dequeue_result(msg_id=0),
+                lambda: q.try_dequeue_result(msg=0),
+            ]
+            for call in calls:
+                try:
+                    out.append(("ok", call()))
+                except Exception as exc:  # the outcome is what is compared
+                    out.append((type(exc).__name__, str(exc)))
+        runs[path] = out
+    assert runs["compiled"] == runs["python"]
+    out = runs["compiled"]
+    assert [kind for kind, _ in out[:3]] == ["TypeError"] * 3
+    assert out[3:6] == [("ok", 0), ("ok", 1), ("ok", 2)]
+    assert [kind for kind, _ in out[6:9]] == ["ConfigError"] * 3
+    assert out[9] == ("ok", b"d")
+    assert [kind for kind, _ in out[10:12]] == ["TypeError"] * 2
+    assert out[12] == ("ok", b"b") and out[13][0] == "TypeError"
+
+
+def test_the_compiled_calls_have_a_signature(path):
+    """inspect.signature works on both paths, with the Python methods' parameters."""
+    import inspect
+
+    with GpuQueue(QueueConfig(capacity=8, slot_bytes=64, backend="sim")) as q:
+        assert list(inspect.signature(q.enqueue).parameters) == ["payload", "timeout"]
+        assert list(inspect.signature(q.try_dequeue_result).parameters) == ["msg_id"]
 
 
 def test_the_build_is_cached_and_reused(tmp_path, monkeypatch):
@@ -269,11 +337,52 @@ def test_the_build_is_cached_and_reused(tmp_path, monkeypatch):
     monkeypatch.setattr(hostpath.subprocess, "run", spy)
     mod, why = hostpath._build()
     assert mod is not None and why == ""
-    built = list((tmp_path / "cache").rglob("_gpuq_hostpath-*"))
-    assert len(built) == 1 and built[0].parent.name == "host"
+    built = list((tmp_path / "cache").rglob("_gpuq_hostpath-*.so"))
+    assert len(built) == 1 and built[0].parent.name == "host" and hostpath._cached(built[0])
     assert sum("-shared" in cmd for cmd in runs) == 1
     mod2, _ = hostpath._build()
     assert mod2 is not None and sum("-shared" in cmd for cmd in runs) == 1
+
+
+def test_a_truncated_cached_module_is_built_again_not_loaded(tmp_path):
+    """A cached module cut short (a full disk, a killed copy) is found by its digest and built
+    again; loading it killed the process with SIGBUS in a new user's trial.  In child processes,
+    so that such a crash fails the test instead of ending the run."""
+    compiled_or_skip()
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "GPUQ_CACHE_DIR": str(tmp_path / "cache"), "GPUQ_HOST_PATH": "compiled"}
+    code = (
+        "from gpuq_driver import GpuQueue, QueueConfig\n"
+        "with GpuQueue(QueueConfig(capacity=8, slot_bytes=64, backend='sim')) as q:\n"
+        "    print(q.host_path, q.wait_result(q.enqueue(b'ok'), timeout=5))\n"
+    )
+    for cut in (None, 1000, 0):
+        if cut is not None:
+            (built,) = (tmp_path / "cache").rglob("_gpuq_hostpath-*.so")
+            built.write_bytes(built.read_bytes()[:cut])
+        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 and r.stdout.split() == ["compiled", "b'ok'"], (cut, r.returncode, r.stderr[-800:])
+    (built,) = (tmp_path / "cache").rglob("_gpuq_hostpath-*.so")
+    assert hostpath._cached(built)
+
+
+def test_an_unwritable_cache_builds_for_the_process_alone(tmp_path, monkeypatch):
+    """A cache folder that cannot be written (here: under a file) does not turn the compiled path
+    off: it is built in a temporary folder for this process, as an unwritable CUBIN cache costs
+    only a compile.  $CC may carry arguments (``ccache cc``, ``gcc -O0``), as in a Makefile."""
+    compiled_or_skip()
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("GPUQ_CACHE_DIR", str(tmp_path / "file" / "cache"))
+    monkeypatch.setenv("CC", "cc -O0")
+    mod, why = hostpath._build()
+    assert mod is not None and why == "", why
+    monkeypatch.setenv("CC", "cc -no-such-flag-anywhere")
+    monkeypatch.setenv("GPUQ_CACHE_DIR", str(tmp_path / "cache2"))
+    mod, why = hostpath._build()
+    assert mod is None and "exit status" in why and "no-such-flag" in why
 
 
 def test_free_threaded_cpython_keeps_the_python_methods(monkeypatch):
