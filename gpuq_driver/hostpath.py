@@ -128,18 +128,16 @@ def _build():
     from .compiler import cache_dir
 
     cache = cache_dir()
-    with tempfile.TemporaryDirectory() as scratch:
-        if cache is not None:
-            path = cache / "host" / name
-            if _cached(path):
-                return _load(path), ""
-            try:  # missing, truncated or corrupt: (re)build it there
-                why = _compile(cc, include, path.parent, path)
-                if not why:
-                    return _load(path), ""
-                return None, why
-            except OSError:  # a cache folder that cannot be written: build it for this process alone
-                pass
+    if cache is not None:
+        path = cache / "host" / name
+        if _cached(path):
+            return _load(path), ""
+        try:  # missing, truncated or corrupt: (re)build it there
+            why = _compile(cc, include, path.parent, path)
+            return (_load(path), "") if not why else (None, why)
+        except OSError:  # a cache folder that cannot be written: build it for this process alone
+            pass
+    with tempfile.TemporaryDirectory() as scratch:  # loaded before it goes: the module stays mapped
         path = Path(scratch) / name
         why = _compile(cc, include, path.parent, path)
         return (_load(path), "") if not why else (None, why)
@@ -176,17 +174,18 @@ def bind(q, slow_enqueue, slow_take):
     (``result_memory="device"``: the take copies them out with a CUDA call).  ``slow_enqueue`` and
     ``slow_take``: the Python methods, called for every case but the common one.  Raises GpuqError
     with ``GPUQ_HOST_PATH=compiled`` where it would be None."""
+    mod = module() if q.config.result_memory == "host" else None
     why = None
     if q.config.result_memory != "host":
         why = "results in VRAM (result_memory='device')"
-    elif module() is None:
+    elif mod is None:
         why = status()
     if why is not None:
         if mode() == "compiled":
             raise GpuqError(f"GPUQ_HOST_PATH=compiled, but this queue cannot have it: {why}")
         return None
     views = (q._req_data, q._req_hdr, q._doorbell, q._front, q._res_hdr, q._res_data, q._leaving)
-    return module().HostPath(
+    return mod.HostPath(
         weakref.ref(q),
         slow_enqueue,
         slow_take,
